@@ -1,0 +1,35 @@
+# The README's two commands: `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export RAY_USAGE_STATS_ENABLED := 0
+export MLFLOW_DISABLE_TELEMETRY := true
+
+.PHONY: setup test test-fast run stop bench clean
+
+# Re-installs only when pyproject.toml changed since the last install.
+setup: $(STAMP)
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest -q --timeout=900
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow and not services"
+
+run: setup
+	bash scripts/run.sh
+
+stop:
+	bash scripts/stop.sh
+
+bench: setup
+	$(BIN)/python benchmarks/bench_mamba_scan.py
+
+clean:
+	rm -rf .cfcml-state .cfcml-cache

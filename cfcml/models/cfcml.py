@@ -1,0 +1,136 @@
+"""The CFCML model (Fig. 1): image encoders -> token mapping -> MG-CIE -> fusion -> classifier.
+
+Every image encoder exposes the same interface (timm-style): `stage_channels` and a forward
+returning four stage maps [B, C_s, *grid_s]. MG-CIE never asks which encoder it has.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..config import Config
+from .cie import GranularityCIE, GranularityFusion
+from .text import CLIP_TEXT_DIM, MLPTabularEmbedding, TabularTextProjection
+from .tokens import flatten_tokens, make_token_map
+
+DATASETS = {
+    # classes, image modalities, tabular attributes, whether one 2D encoder serves all images
+    "men": dict(classes=("G1", "G2inv", "G2ninv"), modalities=("T1C", "FLAIR_C", "ADC"), num_attributes=6, shared_encoder=False),
+    "derm7pt": dict(classes=("NEV", "MEL"), modalities=("clinic", "derm"), num_attributes=5, shared_encoder=True),
+}
+STAGE_STRIDES = {"nnmamba3d": (2, 4, 8, 16), "swin_t": (4, 8, 16, 32)}
+
+
+def stage_grids(encoder: str, image_size: list[int]) -> list[tuple[int, ...]]:
+    """The spatial grid of each stage map for an input grid (stride-2 steps round up)."""
+    return [tuple(math.ceil(s / stride) for s in image_size) for stride in STAGE_STRIDES[encoder]]
+
+
+def build_image_encoder(cfg: Config) -> nn.Module:
+    m = cfg.model
+    if m.image_encoder == "nnmamba3d":
+        from .nnmamba import NNMambaEncoder3D
+
+        return NNMambaEncoder3D(in_channels=1, base_channels=m.image_channels)
+    from .swin import SwinEncoder2D
+
+    if cfg.data.image_size[0] != cfg.data.image_size[1]:
+        raise ValueError(f"Swin needs square images, got data.image_size={cfg.data.image_size}")
+    return SwinEncoder2D(cfg.data.image_size[0], m.swin_variant, m.image_pretrained, m.swin_detach_early_stages)
+
+
+class CFCML(nn.Module):
+    """images: list of m tensors ([B,1,D,H,W] MRI series or [B,3,H,W] photos);
+    tabular: sentence embeddings [B, t, 512] (clip) or encoded attributes [B, F] (mlp).
+
+    forward -> {"logits": [B, K], "features": M tensors [B, C_t] (images first, tabular last)}.
+    """
+
+    def __init__(self, cfg: Config, num_tabular_features: int | None = None):
+        super().__init__()
+        m, spec = cfg.model, DATASETS[cfg.dataset]
+        self.use_images, self.use_tabular = m.use_images, m.use_tabular
+        self.stages = [0, 1, 2, 3] if m.mg_cie else [m.sg_stage - 1]
+        self.num_images = len(spec["modalities"]) if m.use_images else 0
+        num_modalities = self.num_images + int(m.use_tabular)
+        dim = m.dim
+
+        if m.use_images:
+            n_enc = 1 if spec["shared_encoder"] else self.num_images
+            self.encoders = nn.ModuleList(build_image_encoder(cfg) for _ in range(n_enc))
+            grids = stage_grids(m.image_encoder, cfg.data.image_size)
+            channels = self.encoders[0].stage_channels
+            self.token_grids = [math.prod(grids[s]) for s in self.stages]
+            # token_maps[j][g]: modality j, granularity g (one per modality even with a shared encoder)
+            self.image_token_maps = nn.ModuleList(
+                nn.ModuleList(make_token_map(m.token_mapping, math.prod(grids[s]), m.n_image_tokens, channels[s], dim, m.heads) for s in self.stages)
+                for _ in range(self.num_images)
+            )
+        if m.use_tabular:
+            if m.tabular_embedding == "clip":
+                self.tabular_embed = TabularTextProjection(CLIP_TEXT_DIM, dim)
+            else:
+                if not num_tabular_features:
+                    raise ValueError("model.tabular_embedding=mlp needs the number of encoded tabular features")
+                self.tabular_embed = MLPTabularEmbedding(num_tabular_features, spec["num_attributes"], dim)
+            # One map t -> n_t, shared by all granularities (the tabular tokens have one granularity).
+            self.tabular_token_map = make_token_map(m.token_mapping, spec["num_attributes"], m.n_tabular_tokens, dim, dim, m.heads)
+
+        self.cie = nn.ModuleList(GranularityCIE(num_modalities, dim, m.heads) for _ in self.stages)
+        expand = 2 if num_modalities > 1 else 1  # CIE doubles the tokens (query + attention output)
+        n_tokens = [m.n_image_tokens] * self.num_images + [m.n_tabular_tokens] * int(m.use_tabular)
+        self.fusion = nn.ModuleList(GranularityFusion(expand * len(self.stages) * n, n) for n in n_tokens)
+        self.classifier = nn.Sequential(
+            nn.Linear(dim * num_modalities, 128), nn.ReLU(), nn.Dropout(m.dropout),
+            nn.Linear(128, 16), nn.ReLU(), nn.Dropout(m.dropout),
+            nn.Linear(16, len(spec["classes"])),
+        )  # fmt: skip
+
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        """Parameters of pretrained-capable 2D backbones (trained at backbone_lr_mult x LR)."""
+        from .swin import SwinEncoder2D
+
+        if not self.use_images:
+            return []
+        return [p for e in self.encoders if isinstance(e, SwinEncoder2D) for p in e.parameters()]
+
+    def _image_tokens(self, images: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """-> tokens[j][g] [B, n_i, C_t] for each image modality j and used granularity g."""
+        out = []
+        for j, x in enumerate(images):
+            encoder = self.encoders[j if len(self.encoders) > 1 else 0]
+            maps = encoder(x)
+            tokens = []
+            for g, s in enumerate(self.stages):
+                flat = flatten_tokens(maps[s])
+                if flat.shape[1] != self.token_grids[g]:
+                    raise ValueError(
+                        f"image {j} stage {s + 1} has {flat.shape[1]} tokens, the model was built for "
+                        f"{self.token_grids[g]}: input grid {tuple(x.shape[2:])} differs from data.image_size"
+                    )
+                tokens.append(self.image_token_maps[j][g](flat))
+            out.append(tokens)
+        return out
+
+    def forward(self, images: list[torch.Tensor] | None = None, tabular: torch.Tensor | None = None) -> dict:
+        per_modality = self._image_tokens(images) if self.use_images else []
+        if self.use_tabular:
+            tab = self.tabular_token_map(self.tabular_embed(tabular))
+            per_modality.append([tab] * len(self.stages))
+        enhanced = [[] for _ in per_modality]  # enhanced[j][g]
+        for g, cie in enumerate(self.cie):
+            for j, e in enumerate(cie([tokens[g] for tokens in per_modality])):
+                enhanced[j].append(e)
+        features = [fuse(e) for fuse, e in zip(self.fusion, enhanced)]
+        return {"logits": self.classifier(torch.cat(features, dim=1)), "features": features}
+
+
+def build_model(cfg: Config, num_tabular_features: int | None = None) -> CFCML:
+    return CFCML(cfg, num_tabular_features)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

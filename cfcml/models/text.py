@@ -1,0 +1,197 @@
+"""Tabular attributes as text: the frozen CLIP text tower, its sentence-embedding cache, and
+the paper's MLP alternative (Fig. 9).
+
+The text encoder is frozen and deterministic, so each distinct sentence is encoded once per
+(encoder, weights digest) and kept on disk; the training step only looks embeddings up. The
+encoder is never a submodule of the CFCML model, so its weights never reach a checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+CLIP_MODEL = "ViT-B-32"
+CLIP_TEXT_DIM = 512
+# The parts of a full CLIP state dict that make up the text tower (open_clip names).
+_TEXT_PREFIXES = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")
+
+
+class TextEncoderUnavailable(RuntimeError):
+    pass
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _resolve_weights(pretrained: str) -> Path | None:
+    """A local file for `pretrained` ('none' -> None). Fails in seconds when offline."""
+    if pretrained == "none":
+        return None
+    path = Path(pretrained).expanduser()
+    if path.exists():
+        return path
+    import open_clip
+
+    cfg = open_clip.get_pretrained_cfg(CLIP_MODEL, pretrained)
+    if not cfg:
+        raise TextEncoderUnavailable(
+            f"model.text_pretrained={pretrained!r} is neither an existing file nor an open_clip tag for "
+            f"{CLIP_MODEL} ({', '.join(open_clip.list_pretrained_tags_by_model(CLIP_MODEL))})"
+        )
+    cached = _cached_hub_file(cfg)
+    if cached is not None:
+        return cached
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable():
+        raise TextEncoderUnavailable(
+            f"the {CLIP_MODEL} '{pretrained}' text-encoder weights are not cached and the model hub cannot be "
+            "reached. Download open_clip_pytorch_model.bin (or the .safetensors file) for "
+            f"{cfg.get('hf_hub', CLIP_MODEL)} on a machine with internet access and pass its path: "
+            "--set model.text_pretrained=/path/to/open_clip_model.safetensors "
+            "(or --set model.text_pretrained=none for a random, untrained text encoder)"
+        )
+    return Path(open_clip.download_pretrained(cfg))
+
+
+def _cached_hub_file(cfg: dict) -> Path | None:
+    hub = cfg.get("hf_hub", "")
+    if not hub:
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    repo_id, filename = os.path.split(hub)
+    for name in ([filename] if filename else []) + ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]:
+        found = try_to_load_from_cache(repo_id, name)
+        if isinstance(found, str):
+            return Path(found)
+    return None
+
+
+class ClipTextEncoder:
+    """The open_clip ViT-B-32 text tower, frozen, in eval mode. Not an nn.Module on purpose:
+    it must never be registered inside the trainable model."""
+
+    def __init__(self, pretrained: str = "openai", device: str | torch.device = "cpu"):
+        import open_clip
+        from open_clip.model import _build_text_tower
+
+        weights = _resolve_weights(pretrained)
+        cfg = open_clip.get_model_config(CLIP_MODEL)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # 'none' gives the same random tower everywhere
+            self.tower = _build_text_tower(cfg["embed_dim"], cfg["text_cfg"])
+        if weights is not None:
+            state = open_clip.load_state_dict(str(weights))
+            text_state = {k: v for k, v in state.items() if k.startswith(_TEXT_PREFIXES)}
+            missing, _ = self.tower.load_state_dict(text_state, strict=False)
+            if missing:
+                raise TextEncoderUnavailable(f"{weights} lacks text-tower weights: {missing[:5]}...")
+            self.digest = _file_digest(weights)
+        else:
+            self.digest = "random-init-seed0"
+        self.tower.requires_grad_(False).eval().to(device)
+        self.tokenizer = open_clip.get_tokenizer(CLIP_MODEL)
+        self.device = torch.device(device)
+        self.name = f"clip-{CLIP_MODEL}"
+        self.dim = CLIP_TEXT_DIM
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.tower.parameters())
+
+    @torch.no_grad()
+    def encode(self, sentences: list[str], batch_size: int = 256) -> torch.Tensor:
+        """[n] sentences -> [n, 512] projected EOT embeddings (float32, CPU)."""
+        out = []
+        for i in range(0, len(sentences), batch_size):
+            tokens = self.tokenizer(sentences[i : i + batch_size]).to(self.device)
+            out.append(self.tower(tokens).float().cpu())
+        return torch.cat(out) if out else torch.empty(0, self.dim)
+
+
+class SentenceEmbeddingCache:
+    """Sentence -> embedding, computed once per (encoder, weights digest) and kept on disk.
+
+    `encoder_factory` is only called when a sentence is missing, so a warm cache never even
+    builds the 63 M-parameter text tower. `encoded_count` counts sentences actually encoded.
+    """
+
+    def __init__(self, cache_dir: str | Path, encoder_name: str, digest: str, encoder_factory):
+        self.path = Path(cache_dir) / "text-embeddings" / f"{encoder_name}-{digest}.pt"
+        self._factory = encoder_factory
+        self._encoder = None
+        self._table: dict[str, torch.Tensor] = torch.load(self.path) if self.path.exists() else {}
+        self.encoded_count = 0
+
+    def embed(self, sentences: list[str]) -> torch.Tensor:
+        """[n] sentences -> [n, dim] float32; encodes and saves only the unseen ones."""
+        missing = sorted(set(sentences) - self._table.keys())
+        if missing:
+            if self._encoder is None:
+                self._encoder = self._factory()
+            for s, e in zip(missing, self._encoder.encode(missing)):
+                self._table[s] = e.clone()
+            self.encoded_count += len(missing)
+            self._save()
+        return torch.stack([self._table[s] for s in sentences])
+
+    def _save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".tmp")
+        os.close(fd)
+        torch.save(self._table, tmp)
+        os.replace(tmp, self.path)  # atomic: concurrent trials never read half a file
+
+
+def weights_digest(pretrained: str) -> str:
+    """The cache key of a text-encoder weights choice, without building the encoder."""
+    path = _resolve_weights(pretrained)
+    return "random-init-seed0" if path is None else _file_digest(path)
+
+
+def sentence_cache(cache_dir: str | Path, pretrained: str, device="cpu") -> SentenceEmbeddingCache:
+    return SentenceEmbeddingCache(
+        cache_dir, f"clip-{CLIP_MODEL}", weights_digest(pretrained), lambda: ClipTextEncoder(pretrained, device)
+    )
+
+
+class TabularTextProjection(nn.Module):
+    """Sentence embeddings [B, t, 512] -> [B, t, C_t] (Linear + ReLU), the trainable part."""
+
+    def __init__(self, in_dim: int = CLIP_TEXT_DIM, dim: int = 128):
+        super().__init__()
+        self.proj = nn.Linear(in_dim, dim)
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.proj(emb))
+
+
+class MLPTabularEmbedding(nn.Module):
+    """The Fig. 9 alternative: encoded attributes [B, F] -> t tokens [B, t, C_t] by an MLP."""
+
+    def __init__(self, num_features: int, num_tokens: int, dim: int = 128, hidden: int = 256):
+        super().__init__()
+        self.num_tokens, self.dim = num_tokens, dim
+        self.mlp = nn.Sequential(nn.Linear(num_features, hidden), nn.ReLU(), nn.Linear(hidden, num_tokens * dim), nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x).view(x.shape[0], self.num_tokens, self.dim)
