@@ -57,7 +57,8 @@ def summarize(cfg: Config) -> dict:
         "preset": cfg.name,
         "trainable_params": count_params(model),
         "frozen_params": frozen_text_params(cfg),
-        "gflops": counter.get_total_flops() / 2e9,  # the flop counter counts a multiply-add as 2
+        "gflops": counter.get_total_flops() / 1e9,  # torch's count: a multiply-add is 2 FLOPs
+        "gmacs": counter.get_total_flops() / 2e9,
         "stages": stages,
         "paper": PAPER.get(cfg.dataset),
     }
@@ -68,7 +69,7 @@ def format_summary(s: dict) -> str:
         f"preset            {s['preset']}",
         f"trainable params  {s['trainable_params'] / 1e6:.2f} M",
         f"frozen params     {s['frozen_params'] / 1e6:.2f} M (text encoder, never in checkpoints)",
-        f"forward GFLOPs    {s['gflops']:.2f} per sample (multiply-adds)",
+        f"forward GFLOPs    {s['gflops']:.2f} per sample ({s['gmacs']:.2f} G multiply-adds; conv/matmul/attention only)",
     ]
     if s.get("paper"):
         lines.append(f"paper             {s['paper']['params_m']} M, {s['paper']['gflops']} GFLOPs")

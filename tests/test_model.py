@@ -1,0 +1,111 @@
+import io
+
+import pytest
+import torch
+
+from cfcml.config import build_config
+from cfcml.models.cfcml import build_model, count_params
+from cfcml.models.summary import example_inputs
+
+
+def _forward(cfg, batch=2, seed=0):
+    torch.manual_seed(seed)
+    model = build_model(cfg, num_tabular_features=16)
+    return model, model(**example_inputs(cfg, batch=batch))
+
+
+@pytest.mark.slow
+def test_men_paper_preset_shapes_and_size():
+    cfg = build_config("men")
+    model, out = _forward(cfg, batch=1)
+    assert out["logits"].shape == (1, 3)
+    assert [tuple(f.shape) for f in out["features"]] == [(1, 128)] * 4
+    assert abs(count_params(model) / 35.98e6 - 1) < 0.02
+
+
+def test_derm7pt_paper_preset_shapes_and_size():
+    cfg = build_config("derm7pt")
+    model, out = _forward(cfg, batch=1)
+    assert out["logits"].shape == (1, 2)
+    assert [tuple(f.shape) for f in out["features"]] == [(1, 128)] * 3
+    assert abs(count_params(model) / 29.66e6 - 1) < 0.02
+    # timm's Swin-T body: 27.52 M of it
+    assert abs(sum(p.numel() for p in model.encoders[0].parameters()) / 27.52e6 - 1) < 0.01
+
+
+@pytest.mark.parametrize("preset", ["men-smoke", "derm7pt-smoke"])
+def test_gradient_reaches_every_trainable_parameter(preset):
+    from cfcml.engine.loss import compute_loss
+
+    cfg = build_config(preset)
+    model, out = _forward(cfg, batch=4)
+    labels = torch.tensor([0, 1, 0, 1])
+    compute_loss(out, labels, cfg, out["logits"].shape[1])["loss"].backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing
+
+
+def test_text_encoder_is_not_part_of_the_model():
+    cfg = build_config("men-smoke")
+    model = build_model(cfg)
+    keys = model.state_dict().keys()
+    assert not any(k.startswith(("token_embedding", "transformer.resblocks", "ln_final")) for k in keys)
+    assert not any("text_projection" in k for k in keys)
+    # only the trainable 512->C_t projection of the sentence embeddings is in the model
+    assert model.tabular_embed.proj.in_features == 512
+
+
+@pytest.mark.parametrize(
+    "overrides, n_features",
+    [
+        (["model.mg_cie=false", "model.sg_stage=4"], 4),
+        (["model.mg_cie=false", "model.sg_stage=2"], 4),
+        (["model.tabular_embedding=mlp"], 4),
+        (["model.token_mapping=perceiver"], 4),
+        (["model.use_tabular=false"], 3),
+        (["model.use_images=false"], 1),
+        (["loss.ccrm=false"], 4),
+    ],
+)
+def test_ablation_switches_build_and_run(overrides, n_features):
+    cfg = build_config("men-smoke", overrides)
+    model, out = _forward(cfg)
+    assert out["logits"].shape == (2, 3)
+    assert len(out["features"]) == n_features
+    if cfg.model.use_images and not cfg.model.mg_cie:
+        assert len(model.image_token_maps[0]) == 1  # SG-CIE: one granularity only
+
+
+def test_swin_detach_early_stages_trains_the_backbone_through_stage_four_only():
+    from cfcml.models.swin import SwinEncoder2D
+
+    x = torch.randn(1, 3, 64, 64)
+    detached = SwinEncoder2D(64, "micro", detach_early_stages=True)(x)
+    assert [f.requires_grad for f in detached] == [False, False, False, True]
+    full = SwinEncoder2D(64, "micro")(x)
+    assert all(f.requires_grad for f in full)
+    assert [f.shape[1] for f in full] == [16, 32, 64, 128]  # NCHW
+
+
+def test_wrong_input_grid_is_a_clear_error():
+    cfg = build_config("men-smoke")
+    model = build_model(cfg)
+    inputs = example_inputs(cfg)
+    inputs["images"] = [torch.randn(2, 1, 8, 16, 16) for _ in range(3)]
+    with pytest.raises(ValueError, match="differs from data.image_size"):
+        model(**inputs)
+
+
+def test_checkpoint_round_trip_gives_identical_outputs():
+    cfg = build_config("derm7pt-smoke")
+    model, _ = _forward(cfg)
+    model.eval()
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    torch.manual_seed(123)  # a different init
+    other = build_model(cfg).eval()
+    buf.seek(0)
+    other.load_state_dict(torch.load(buf))
+    x = example_inputs(cfg)
+    with torch.no_grad():
+        assert torch.equal(model(**x)["logits"], other(**x)["logits"])
