@@ -8,6 +8,7 @@ encoder is never a submodule of the CFCML model, so its weights never reach a ch
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import socket
@@ -162,13 +163,16 @@ class SentenceEmbeddingCache:
         os.replace(tmp, self.path)  # atomic: concurrent trials never read half a file
 
 
+@functools.lru_cache(maxsize=None)
 def weights_digest(pretrained: str) -> str:
     """The cache key of a text-encoder weights choice, without building the encoder."""
     path = _resolve_weights(pretrained)
     return "random-init-seed0" if path is None else _file_digest(path)
 
 
+@functools.lru_cache(maxsize=None)
 def sentence_cache(cache_dir: str | Path, pretrained: str, device="cpu") -> SentenceEmbeddingCache:
+    """One cache per (folder, weights) in a process: folds, seeds and trials share it."""
     return SentenceEmbeddingCache(
         cache_dir, f"clip-{CLIP_MODEL}", weights_digest(pretrained), lambda: ClipTextEncoder(pretrained, device)
     )
