@@ -93,6 +93,7 @@ class ClipTextEncoder:
 
     def __init__(self, pretrained: str = "openai", device: str | torch.device = "cpu"):
         import open_clip
+        from open_clip.factory import load_state_dict
         from open_clip.model import _build_text_tower
 
         weights = _resolve_weights(pretrained)
@@ -101,7 +102,7 @@ class ClipTextEncoder:
             torch.manual_seed(0)  # 'none' gives the same random tower everywhere
             self.tower = _build_text_tower(cfg["embed_dim"], cfg["text_cfg"])
         if weights is not None:
-            state = open_clip.load_state_dict(str(weights))
+            state = load_state_dict(str(weights))
             text_state = {k: v for k, v in state.items() if k.startswith(_TEXT_PREFIXES)}
             missing, _ = self.tower.load_state_dict(text_state, strict=False)
             if missing:
