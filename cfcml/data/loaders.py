@@ -21,7 +21,7 @@ def make_dataset(cfg: Config, cases: list[Case], train: bool):
         return MenDataset(cases, cfg.data.image_size, train=train, cache=shared_volume_cache(cfg), aug_prob=cfg.data.aug_prob)
     from .derm_dataset import Derm7ptDataset
 
-    return Derm7ptDataset(cases, cfg.data.image_size, train=train, color=cfg.data.color, cache=shared_image_cache(cfg))
+    return Derm7ptDataset(cases, cfg.data.image_size, train=train, color=cfg.data.color, cache=shared_image_cache(cfg), aug_p=cfg.data.aug_prob)
 
 
 _CACHES: dict = {}

@@ -1,0 +1,61 @@
+"""Derm7pt cases -> tensors: [clinic, derm] float32 images, the case index and the label.
+
+The tabular branch needs no tensors here: the model looks sentence embeddings up by case
+(`dataset.cases[index].sentences`), or one-hot rows from `derm7pt_tabular_features`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import Dataset
+
+from cfcml.data.cohort import Case
+from cfcml.data.transforms2d import ImageCache, PairTransform, as_hw, decode_resized
+
+
+class Derm7ptDataset(Dataset):
+    """`__getitem__(i)` -> {"images": [clinic, derm] float32 [3, H, W], "index": i, "label": int}.
+
+    cache: True (own in-memory cache), False (decode every time) or an `ImageCache` to share
+    between datasets of the same image size (train/valid/test of one run).
+    Picklable, so it works with DataLoader workers (each worker gets a copy of the cache as
+    it was when the workers started: call `warm_cache()` first).
+    """
+
+    def __init__(
+        self,
+        cases: list[Case],
+        image_size,
+        train: bool,
+        color: str = "rgb_imagenet",
+        cache: bool | ImageCache = True,
+        aug_p: float = 0.5,
+    ):
+        self.cases = list(cases)
+        self.image_size = as_hw(image_size)
+        if isinstance(cache, ImageCache):
+            if cache.size != self.image_size:
+                raise ValueError(f"shared ImageCache holds {cache.size} images, dataset wants {self.image_size}")
+            self.cache = cache
+        else:
+            self.cache = ImageCache(self.image_size) if cache else None
+        self.transform = PairTransform(train, color, aug_p)
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    @property
+    def labels(self) -> list[int]:
+        return [c.label for c in self.cases]
+
+    def warm_cache(self, threads: int | None = None) -> None:
+        if self.cache is not None:
+            self.cache.warm([p for c in self.cases for p in c.images], threads)
+
+    def _load(self, path) -> torch.Tensor:
+        return self.cache.get(path) if self.cache is not None else decode_resized(path, self.image_size)
+
+    def __getitem__(self, i: int) -> dict:
+        case = self.cases[i]
+        images = self.transform([self._load(p) for p in case.images])
+        return {"images": images, "index": i, "label": case.label}
