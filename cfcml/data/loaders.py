@@ -14,14 +14,26 @@ from .cohort import Case
 from .samplers import ClassBalancedBatchSampler, DistributedClassBalancedBatchSampler
 
 
-def make_dataset(cfg: Config, cases: list[Case], train: bool):
+def make_datasets(cfg: Config, split) -> dict:
+    """{"train", "val", "test"} datasets of a run, sharing one cache that is filled here, in the
+    main process, before any DataLoader worker starts (a worker's cache dies with it)."""
+    parts = {"train": split.train, "val": split.val, "test": split.test}
+    everyone = [c for cases in parts.values() for c in cases]
     if cfg.dataset == "men":
         from .men_dataset import MenDataset
 
-        return MenDataset(cases, cfg.data.image_size, train=train, cache=shared_volume_cache(cfg), aug_prob=cfg.data.aug_prob)
+        cache = shared_volume_cache(cfg, everyone)
+        cache.warm(everyone, num_workers=cfg.data.num_workers)
+        return {k: MenDataset(v, cfg.data.image_size, train=(k == "train"), cache=cache, aug_prob=cfg.data.aug_prob)
+                for k, v in parts.items()}  # fmt: skip
     from .derm_dataset import Derm7ptDataset
 
-    return Derm7ptDataset(cases, cfg.data.image_size, train=train, color=cfg.data.color, cache=shared_image_cache(cfg), aug_p=cfg.data.aug_prob)
+    cache = shared_image_cache(cfg)
+    datasets = {k: Derm7ptDataset(v, cfg.data.image_size, train=(k == "train"), color=cfg.data.color, cache=cache,
+                                  aug_p=cfg.data.aug_prob) for k, v in parts.items()}  # fmt: skip
+    for ds in datasets.values():
+        ds.warm_cache()
+    return datasets
 
 
 _CACHES: dict = {}
@@ -37,13 +49,14 @@ def shared_image_cache(cfg: Config):
     return _CACHES[key]
 
 
-def shared_volume_cache(cfg: Config):
-    """One preprocessed-volume cache per target size (memory, spilling to cfg.data.cache_dir)."""
-    from .volume_cache import VolumeCache
+def shared_volume_cache(cfg: Config, cases: list[Case]):
+    """One preprocessed-volume cache per target size: in memory when the cohort fits, else on
+    disk under cfg.data.cache_dir (keyed by content hash, so runs and trials reuse it)."""
+    from .volume_cache import make_volume_cache
 
     key = ("3d", tuple(cfg.data.image_size), cfg.data.cache_dir)
     if key not in _CACHES:
-        _CACHES[key] = VolumeCache(cfg.data.image_size, cache_dir=cfg.data.cache_dir)
+        _CACHES[key] = make_volume_cache(cases, cfg.data.image_size, cfg.data.cache_dir)
     return _CACHES[key]
 
 

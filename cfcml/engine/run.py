@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..config import Config, save_config
-from ..data.loaders import build_tabular_inputs, make_dataset, make_train_sampler
+from ..data.loaders import build_tabular_inputs, make_datasets, make_train_sampler
 from ..data.registry import load_cohort
 from ..models.cfcml import DATASETS, build_model
 from .loss import compute_loss
@@ -135,7 +135,7 @@ class TrainingRun:
         self.split = split = run_split(cfg, cohort, fold, seed)
         self.num_classes = len(DATASETS[cfg.dataset]["classes"])
         self.tables, num_features = build_tabular_inputs(cfg, split)
-        self.datasets = {k: make_dataset(cfg, getattr(split, k), train=(k == "train")) for k in ("train", "val", "test")}
+        self.datasets = make_datasets(cfg, split)
 
         self.model = build_model(cfg, num_tabular_features=num_features).to(env.device)
         self.train_model = self.model

@@ -1,0 +1,167 @@
+"""Run the deterministic MEN preprocessing once per case and keep the result.
+
+One cache serves a whole cohort — every fold's train/val/test datasets share it — so each
+patient is decoded (load + resample + crop + resize + normalise) once per process, or once
+ever with a disk cache. Random augmentation runs after the cache, on a copy.
+
+- memory (`cache_dir=None`): a dict of tensors; fine for small cohorts (the smoke presets).
+- disk (`cache_dir=...`): one `.npy` per case, named by a content hash of the case's input
+  files + the target size + `PIPELINE_VERSION`; survives runs and is shared by DataLoader
+  workers and concurrent trials (writes are atomic renames). Changing a file, the size or
+  the pipeline gives a new key, so stale entries are never read.
+
+`make_volume_cache` picks memory when the preprocessed cohort fits a budget, disk otherwise.
+Call `warm(cases)` in the main process before building DataLoaders: memory-cache entries
+filled inside a worker die with it. Counters (`decode_count`, `hits`) count in the process
+that does the work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cfcml.data.men import MODALITIES
+from cfcml.data.transforms3d import (
+    PIPELINE_VERSION,
+    case_to_dict,
+    deterministic_pipeline,
+)
+
+_CHUNK = 1 << 20
+
+
+def file_digest(path, _memo: dict = {}) -> str:  # noqa: B006 - per-process memo on purpose
+    """blake2b of a file's bytes, memoised on (path, size, mtime) so epochs don't re-hash."""
+    st = os.stat(path)
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _memo:
+        h = hashlib.blake2b(digest_size=16)
+        with open(path, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                h.update(chunk)
+        _memo[key] = h.hexdigest()
+    return _memo[key]
+
+
+class VolumeCache:
+    """Preprocessed volumes by case: `get(case)` -> {"T1C": [1,D,H,W], "FLAIR_C": ..., "ADC": ...}."""
+
+    def __init__(self, target_size, cache_dir=None):
+        self.target_size = tuple(int(s) for s in target_size)
+        self.cache_dir = None if cache_dir is None else Path(cache_dir)
+        self._memory: dict[str, np.ndarray] = {}  # by key(case)
+        self._pipeline = None  # built on the first miss
+        self.decode_count = 0  # deterministic pipeline runs in this process
+        self.hits = 0  # gets answered from memory or disk
+
+    @property
+    def kind(self) -> str:
+        return "memory" if self.cache_dir is None else "disk"
+
+    def key(self, case) -> str:
+        """Content hash of the inputs + target size + pipeline version (stable across runs)."""
+        h = hashlib.blake2b(digest_size=16)
+        h.update(f"men-v{PIPELINE_VERSION}|{self.target_size}".encode())
+        for p in (*case.images, case.mask):
+            h.update(b"|none" if p is None else f"|{file_digest(p)}".encode())  # a stat when memoised
+        return h.hexdigest()
+
+    def get(self, case) -> dict[str, torch.Tensor]:
+        """The case's preprocessed series (fresh tensors: callers may modify them)."""
+        arr = self._load(case)
+        return {m: torch.from_numpy(arr[i : i + 1].copy()) for i, m in enumerate(MODALITIES)}
+
+    def warm(self, cases, num_workers: int = 0) -> None:
+        """Decode every case not cached yet (in parallel worker processes if asked)."""
+        todo = [c for c in cases if not self._cached(c)]
+        if num_workers <= 0 or len(todo) < 2:
+            for c in todo:
+                self._load(c)
+            return
+        loader = torch.utils.data.DataLoader(
+            _Decode(todo, self.target_size), batch_size=None, num_workers=num_workers
+        )
+        for case, arr in zip(todo, loader):
+            self.decode_count += 1
+            self._store(case, arr.numpy())
+
+    # ------------------------------------------------------------------ internals
+
+    def _path(self, case) -> Path:
+        return self.cache_dir / f"{self.key(case)}.npy"
+
+    def _cached(self, case) -> bool:
+        if self.cache_dir is None:
+            return self.key(case) in self._memory
+        return self._path(case).is_file()
+
+    def _load(self, case) -> np.ndarray:
+        if self.cache_dir is None:
+            arr = self._memory.get(self.key(case))
+        else:
+            path = self._path(case)
+            arr = np.load(path) if path.is_file() else None
+        if arr is not None:
+            self.hits += 1
+            return arr
+        if self._pipeline is None:
+            self._pipeline = deterministic_pipeline(self.target_size)
+        arr = _decode(self._pipeline, case)
+        self.decode_count += 1
+        self._store(case, arr)
+        return arr
+
+    def _store(self, case, arr: np.ndarray) -> None:
+        if self.cache_dir is None:
+            self._memory[self.key(case)] = arr
+            return
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.cache_dir, suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, arr)
+        os.replace(tmp, self._path(case))  # atomic: readers never see half a file
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_pipeline"] = None  # rebuilt on demand in the worker
+        return state
+
+
+def _decode(pipeline, case) -> np.ndarray:
+    """Run the deterministic pipeline; stack the series as float32 [3, D, H, W]."""
+    out = pipeline(case_to_dict(case))
+    return np.stack([out[m][0].numpy() for m in MODALITIES]).astype(np.float32)
+
+
+class _Decode(torch.utils.data.Dataset):
+    """Decoding as a Dataset, so `warm` can fan out over DataLoader worker processes."""
+
+    def __init__(self, cases, target_size):
+        self.cases, self.target_size, self._pipeline = cases, target_size, None
+
+    def __len__(self):
+        return len(self.cases)
+
+    def __getitem__(self, i):
+        if self._pipeline is None:
+            self._pipeline = deterministic_pipeline(self.target_size)
+        return torch.from_numpy(_decode(self._pipeline, self.cases[i]))
+
+
+def make_volume_cache(cases, target_size, cache_dir=None, memory_budget_mb: float = 1024) -> VolumeCache:
+    """Memory cache when the preprocessed `cases` fit `memory_budget_mb`, else a disk cache
+    under `cache_dir` (required then)."""
+    need_mb = len(cases) * len(MODALITIES) * int(np.prod(target_size)) * 4 / 2**20
+    if need_mb <= memory_budget_mb:
+        return VolumeCache(target_size)
+    if cache_dir is None:
+        raise ValueError(
+            f"preprocessed cohort needs {need_mb:.0f} MiB > budget {memory_budget_mb:.0f} MiB: give a cache_dir"
+        )
+    return VolumeCache(target_size, Path(cache_dir) / "men-volumes")
