@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 EXIT_BAD_INPUT = 2
+EXIT_REFUSED = 3
 
 
 def _add_preset_args(p: argparse.ArgumentParser) -> None:
@@ -90,8 +91,9 @@ def cmd_promote(args) -> int:
     except PromotionError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    print(r.message if hasattr(r, "message") else r)
-    return 0 if getattr(r, "promoted", True) else 1
+    print(r.message)
+    # 0: promoted (or already champion); 3: refused by the gate, champion unchanged
+    return 0 if r.promoted or r.champion == r.candidate_version else EXIT_REFUSED
 
 
 def cmd_predict(args) -> int:

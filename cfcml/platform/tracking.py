@@ -1,0 +1,250 @@
+"""MLflow run lifecycle that never leaves a run RUNNING.
+
+``with mlflow_run(...) as run:`` starts an MLflow run (optionally nested under the active
+run, or under ``parent_run_id`` from another process, e.g. a Ray Tune trial under the
+job's parent run) and ends it, whatever happens inside:
+
+* normal exit → ``FINISHED``;
+* an exception → ``FAILED`` (tags ``error.type``/``error.message``), re-raised;
+* ``KeyboardInterrupt``, or SIGTERM while inside the block (``ray job stop`` sends it;
+  installed only in the main thread when no other handler is set) → ``KILLED``, re-raised;
+* runs started inside the block and left open are ended with the same status;
+* finally the server is asked for the run's status and, if it is still ``RUNNING`` (e.g. the
+  fluent stack was manipulated), it is terminated through the client.
+
+:func:`end_running_children` closes children that died with their process (SIGKILL, OOM):
+call it from the parent after its trials are done.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from types import FrameType, TracebackType
+
+import mlflow
+from mlflow.entities import RunStatus
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+logger = logging.getLogger(__name__)
+
+FINISHED = RunStatus.to_string(RunStatus.FINISHED)
+FAILED = RunStatus.to_string(RunStatus.FAILED)
+KILLED = RunStatus.to_string(RunStatus.KILLED)
+RUNNING = RunStatus.to_string(RunStatus.RUNNING)
+
+
+class RunTerminated(BaseException):
+    """Raised inside :func:`mlflow_run` when the process receives SIGTERM."""
+
+    def __init__(self, signum: int = signal.SIGTERM):
+        super().__init__(f"terminated by signal {signum}")
+        self.signum = signum
+
+
+def status_for(exc: BaseException | None) -> str:
+    """The MLflow run status that an exception (or None) maps to."""
+    if exc is None:
+        return FINISHED
+    if isinstance(exc, KeyboardInterrupt | RunTerminated):
+        return KILLED
+    if isinstance(exc, SystemExit) and exc.code in (None, 0):
+        return FINISHED
+    return FAILED
+
+
+def _active_stack_ids() -> list[str] | None:
+    """Run ids on this thread's fluent active-run stack (None if MLflow hides it)."""
+    try:
+        from mlflow.tracking import fluent
+
+        return [r.info.run_id for r in fluent._active_run_stack.get()]
+    except Exception:  # noqa: BLE001 - private API moved: fall back to active_run()
+        return None
+
+
+def _get_or_create_experiment(client: MlflowClient, name: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name)
+    except mlflow.exceptions.MlflowException:  # created concurrently by another worker
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+class mlflow_run:  # lowercase: used like a function, `with mlflow_run(...) as run`
+    """Context manager around ``mlflow.start_run`` that always ends the run.
+
+    Args:
+        run_name, tags, description: as for ``mlflow.start_run``.
+        experiment_name: created if missing; ignored when ``experiment_id`` is given.
+        experiment_id: the experiment to log to (default: the active experiment).
+        nested: nest under this thread's active run.
+        parent_run_id: nest under a run from another process (sets ``mlflow.parentRunId``).
+        run_id: resume an existing run instead of creating one.
+        tracking_uri: tracking server to use (also becomes the process default).
+        handle_sigterm: turn SIGTERM inside the block into :class:`RunTerminated`
+            (main thread only, and only when no SIGTERM handler is installed).
+        log_system_metrics: as for ``mlflow.start_run``.
+    """
+
+    def __init__(
+        self,
+        run_name: str | None = None,
+        *,
+        experiment_name: str | None = None,
+        experiment_id: str | None = None,
+        nested: bool = False,
+        parent_run_id: str | None = None,
+        run_id: str | None = None,
+        tags: dict[str, str] | None = None,
+        description: str | None = None,
+        tracking_uri: str | None = None,
+        handle_sigterm: bool = True,
+        log_system_metrics: bool | None = None,
+    ):
+        self.run_name = run_name
+        self.experiment_name = experiment_name
+        self.experiment_id = experiment_id
+        self.nested = nested
+        self.parent_run_id = parent_run_id
+        self.run_id = run_id
+        self.tags = dict(tags or {})
+        self.description = description
+        self.tracking_uri = tracking_uri
+        self.handle_sigterm = handle_sigterm
+        self.log_system_metrics = log_system_metrics
+        self.active_run: mlflow.ActiveRun | None = None
+        self.status: str | None = None
+        self._previous_handler = None
+        self._installed_handler = False
+
+    # -- signal handling
+    def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
+        raise RunTerminated(signum)
+
+    def _install_sigterm(self) -> None:
+        if (
+            not self.handle_sigterm
+            or threading.current_thread() is not threading.main_thread()
+        ):
+            return
+        current = signal.getsignal(signal.SIGTERM)
+        if current not in (signal.SIG_DFL, None):
+            return  # someone else (Ray, a parent mlflow_run) owns SIGTERM
+        self._previous_handler = current
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        self._installed_handler = True
+
+    def _restore_sigterm(self) -> None:
+        if self._installed_handler:
+            signal.signal(signal.SIGTERM, self._previous_handler or signal.SIG_DFL)
+            self._installed_handler = False
+
+    # -- context manager
+    def __enter__(self) -> mlflow.ActiveRun:
+        if self.tracking_uri:
+            mlflow.set_tracking_uri(self.tracking_uri)
+        client = MlflowClient()
+        experiment_id = self.experiment_id
+        if experiment_id is None and self.experiment_name:
+            experiment_id = _get_or_create_experiment(client, self.experiment_name)
+        tags = dict(self.tags)
+        if self.parent_run_id:
+            tags.setdefault(MLFLOW_PARENT_RUN_ID, self.parent_run_id)
+        self.active_run = mlflow.start_run(
+            run_id=self.run_id,
+            experiment_id=experiment_id,
+            run_name=self.run_name,
+            nested=self.nested,
+            parent_run_id=self.parent_run_id,
+            tags=tags or None,
+            description=self.description,
+            log_system_metrics=self.log_system_metrics,
+        )
+        self._install_sigterm()
+        return self.active_run
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        self._restore_sigterm()
+        assert self.active_run is not None
+        run_id = self.active_run.info.run_id
+        self.status = status_for(exc)
+        try:
+            if exc is not None and self.status != FINISHED:
+                _tag_error(run_id, exc)
+            _end_fluent(run_id, self.status)
+            terminate_run(MlflowClient(), run_id, self.status)
+        except Exception as end_error:
+            if exc is None:
+                raise
+            logger.warning(
+                "could not end MLflow run %s as %s: %s", run_id, self.status, end_error
+            )
+        return False  # never swallow the exception
+
+
+def _tag_error(run_id: str, exc: BaseException) -> None:
+    try:
+        client = MlflowClient()
+        client.set_tag(run_id, "error.type", type(exc).__name__)
+        client.set_tag(run_id, "error.message", str(exc)[:4000] or type(exc).__name__)
+    except Exception as e:  # noqa: BLE001 - best effort: the status matters more
+        logger.warning("could not tag MLflow run %s with the error: %s", run_id, e)
+
+
+def _end_fluent(run_id: str, status: str) -> None:
+    """End ``run_id`` on the fluent stack, and any run left open above it."""
+    ids = _active_stack_ids()
+    if ids is not None:
+        if run_id not in ids:
+            return
+        for _ in range(len(ids) - ids.index(run_id)):
+            mlflow.end_run(status)
+        return
+    for _ in range(64):  # fallback without the private stack
+        active = mlflow.active_run()
+        if active is None:
+            return
+        mlflow.end_run(status)
+        if active.info.run_id == run_id:
+            return
+
+
+def terminate_run(client: MlflowClient, run_id: str, status: str = KILLED) -> bool:
+    """End ``run_id`` with ``status`` if the server still has it RUNNING; True if it did."""
+    if client.get_run(run_id).info.status != RUNNING:
+        return False
+    client.set_terminated(run_id, status)
+    return True
+
+
+def end_running_children(
+    client: MlflowClient, parent_run_id: str, status: str = KILLED
+) -> list[str]:
+    """Terminate child runs of ``parent_run_id`` that are still RUNNING (their process
+    died without ending them); returns their ids."""
+    parent = client.get_run(parent_run_id)
+    children = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}' "
+        f"and attributes.status = '{RUNNING}'",
+        max_results=10000,
+    )
+    ended = []
+    for child in children:
+        client.set_terminated(child.info.run_id, status)
+        client.set_tag(child.info.run_id, "error.type", "orphaned")
+        ended.append(child.info.run_id)
+    return ended

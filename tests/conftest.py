@@ -1,0 +1,46 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+import pytest
+
+# --------------------------------------------------------------------------- services
+# Real services on 127.0.0.1 (free ports), started once per test session and stopped by
+# process id at the end. Tests that use them are marked `services`.
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server (SQLite + local proxied artifacts)."""
+    from cfcml.platform.services import start_mlflow_server
+
+    service = start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"))
+    yield service
+    service.stop()
+
+
+@pytest.fixture
+def mlflow_tracking(mlflow_server, monkeypatch):
+    """Point the fluent MLflow API at the session server for one test; yields its URL."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    previous = getattr(tracking_utils, "_tracking_uri", None)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    mlflow.set_tracking_uri(mlflow_server.url)
+    yield mlflow_server.url
+    while mlflow.active_run() is not None:  # a failed test must not leak a run
+        mlflow.end_run("KILLED")
+    if hasattr(tracking_utils, "_tracking_uri"):
+        tracking_utils._tracking_uri = previous
+
+
+@pytest.fixture(scope="session")
+def moto_s3():
+    """An in-memory S3 (moto_server); `.url` is the endpoint, `.client_env` credentials."""
+    from cfcml.platform.services import start_moto_s3
+
+    service = start_moto_s3()
+    yield service
+    service.stop()
