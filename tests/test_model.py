@@ -109,3 +109,19 @@ def test_checkpoint_round_trip_gives_identical_outputs():
     x = example_inputs(cfg)
     with torch.no_grad():
         assert torch.equal(model(**x)["logits"], other(**x)["logits"])
+
+
+def test_swin_loads_a_local_imagenet_checkpoint(tmp_path):
+    """A full timm Swin checkpoint (with its ImageNet head) loads into the feature extractor."""
+    import timm
+
+    from cfcml.models.swin import SWIN_VARIANTS, TIMM_NAME, SwinEncoder2D
+
+    torch.manual_seed(7)
+    full = timm.create_model(TIMM_NAME, img_size=64, **SWIN_VARIANTS["micro"])
+    path = tmp_path / "swin.pth"
+    torch.save(full.state_dict(), path)
+    enc = SwinEncoder2D(64, "micro", pretrained=str(path))
+    got = dict(enc.body.named_parameters())
+    assert torch.equal(got["layers_3.blocks.0.mlp.fc1.weight"], full.state_dict()["layers.3.blocks.0.mlp.fc1.weight"])
+    assert torch.equal(got["patch_embed.proj.weight"], full.state_dict()["patch_embed.proj.weight"])

@@ -62,7 +62,7 @@ def resolve_env(cfg: Config) -> Env:
     return Env(device, amp, rank, world)
 
 
-def _loader(dataset, env: Env, cfg: Config, batch_sampler=None, shuffle_seed: int | None = None) -> DataLoader:
+def _loader(dataset, env: Env, cfg: Config, batch_sampler=None) -> DataLoader:
     kwargs = dict(num_workers=cfg.data.num_workers, pin_memory=env.device.type == "cuda", persistent_workers=False)
     if batch_sampler is not None:
         return DataLoader(dataset, batch_sampler=batch_sampler, **kwargs)
@@ -153,6 +153,7 @@ class TrainingRun:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
+            self.sampler.load_state_dict(state["sampler"])
             self.epoch, self.history, self.best = state["epoch"] + 1, state["history"], state["best"]
             set_rng_state(state["rng"])
             log.info("resumed %s at epoch %d", out, self.epoch)
@@ -200,7 +201,7 @@ class TrainingRun:
                 atomic_save({"model": self.model.state_dict(), "config": cfg.to_dict(), "epoch": epoch, "val": val}, self.out / BEST)
             atomic_save({
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "epoch": epoch, "history": self.history,
+                "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict(), "epoch": epoch, "history": self.history,
                 "best": self.best, "rng": rng_state(), "config": cfg.to_dict(),
             }, self.out / LAST)  # fmt: skip
             log.info("%s epoch %d: val %s=%.4f (best epoch %s)", self.split.name, epoch + 1, t.select_metric,

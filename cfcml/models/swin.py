@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import timm
@@ -30,8 +31,8 @@ class SwinEncoder2D(nn.Module):
         if pretrained == "none":
             self.body = timm.create_model(TIMM_NAME, pretrained=False, **kwargs)
         elif Path(pretrained).expanduser().exists():
-            overlay = dict(file=str(Path(pretrained).expanduser()), num_classes=0)
-            self.body = timm.create_model(TIMM_NAME, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+            self.body = timm.create_model(TIMM_NAME, pretrained=False, **kwargs)
+            _load_local_checkpoint(self.body, Path(pretrained).expanduser(), img_size, variant)
         else:
             self.body = timm.create_model(pretrained, pretrained=True, **kwargs)
         self.stage_channels = list(self.body.feature_info.channels())
@@ -42,3 +43,22 @@ class SwinEncoder2D(nn.Module):
         if self.detach_early_stages:
             feats = [f.detach() for f in feats[:3]] + [feats[3]]
         return [f.permute(0, 3, 1, 2).contiguous() for f in feats]
+
+
+def _load_local_checkpoint(body: nn.Module, path: Path, img_size: int, variant: str) -> None:
+    """Load a full timm/Microsoft Swin checkpoint (ImageNet head included) into the feature
+    extractor: strict on the backbone, so a checkpoint of another architecture is an error."""
+    from timm.models import load_state_dict
+    from timm.models.swin_transformer import checkpoint_filter_fn
+
+    full = timm.create_model(TIMM_NAME, pretrained=False, img_size=img_size, **SWIN_VARIANTS[variant])
+    state = checkpoint_filter_fn(load_state_dict(str(path)), full)  # also converts the original Microsoft layout
+    missing, _ = full.load_state_dict({k: v for k, v in state.items() if not k.startswith("head.")}, strict=False)
+    missing = [k for k in missing if not k.startswith("head.")]
+    if missing:
+        raise ValueError(f"{path} does not fit Swin ({variant}): it lacks {missing[:3]}...")
+    # The feature extractor names stages layers_0..3 and has no final norm or head.
+    body.load_state_dict({
+        re.sub(r"^layers\.(\d+)\.", r"layers_\1.", k): v
+        for k, v in full.state_dict().items() if not k.startswith(("head.", "norm."))
+    })  # fmt: skip
