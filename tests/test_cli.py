@@ -12,7 +12,7 @@ def test_summary_json_reports_counts_flops_and_stages(capsys):
     s = json.loads(capsys.readouterr().out)
     assert {"trainable_params", "frozen_params", "gflops", "stages"} <= set(s)
     assert s["frozen_params"] > 60e6 and 0 < s["trainable_params"] < 2e6 and s["gflops"] > 0
-    assert [st["feature_map"] for st in s["stages"]] == [[4, 4, 16, 16], [8, 2, 8, 8], [16, 1, 4, 4], [32, 1, 2, 2]]
+    assert [st["feature_map"] for st in s["stages"]] == [[4, 4, 8, 8], [8, 2, 4, 4], [16, 1, 2, 2], [32, 1, 1, 1]]
 
 
 @pytest.mark.slow

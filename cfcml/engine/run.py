@@ -12,9 +12,9 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -27,11 +27,11 @@ from ..config import Config, save_config
 from ..data.loaders import build_tabular_inputs, make_datasets, make_train_sampler
 from ..data.registry import load_cohort
 from ..models.cfcml import DATASETS, build_model
-from .loss import compute_loss
 from .checkpoint import atomic_save, rng_state, seed_everything, set_rng_state
+from .loss import compute_loss
 from .metrics import compute_metrics
 from .schedule import build_optimizer
-from .splits import RunSplit, run_split
+from .splits import run_split
 
 log = logging.getLogger(__name__)
 LAST, BEST = "last.pt", "best.pt"
@@ -63,7 +63,7 @@ def resolve_env(cfg: Config) -> Env:
 
 
 def _loader(dataset, env: Env, cfg: Config, batch_sampler=None) -> DataLoader:
-    kwargs = dict(num_workers=cfg.data.num_workers, pin_memory=env.device.type == "cuda", persistent_workers=False)
+    kwargs = {"num_workers": cfg.data.num_workers, "pin_memory": env.device.type == "cuda", "persistent_workers": False}
     if batch_sampler is not None:
         return DataLoader(dataset, batch_sampler=batch_sampler, **kwargs)
     return DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=False, **kwargs)

@@ -164,14 +164,14 @@ class SentenceEmbeddingCache:
         os.replace(tmp, self.path)  # atomic: concurrent trials never read half a file
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def weights_digest(pretrained: str) -> str:
     """The cache key of a text-encoder weights choice, without building the encoder."""
     path = _resolve_weights(pretrained)
     return "random-init-seed0" if path is None else _file_digest(path)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def sentence_cache(cache_dir: str | Path, pretrained: str, device="cpu") -> SentenceEmbeddingCache:
     """One cache per (folder, weights) in a process: folds, seeds and trials share it."""
     return SentenceEmbeddingCache(
