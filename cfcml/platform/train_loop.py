@@ -1,0 +1,232 @@
+"""The Ray Train worker function: one trial's runs (MEN folds / Derm7pt seeds) in lockstep.
+
+Every worker of a `ray.train.torch.TorchTrainer` runs :func:`train_loop_per_worker`. Ray Train
+has already initialised torch.distributed (gloo on CPU, NCCL on GPU), so each
+:class:`~cfcml.engine.run.TrainingRun` wraps its model in DDP, draws its share of the
+class-balanced batches, computes CCRM on the all-gathered global batch and gathers validation
+predictions across ranks before metrics — every rank therefore holds the same metrics.
+
+One iteration = one epoch of *every* run of the trial (fold 1, fold 2, fold 3 — or the seeds):
+after it the worker reports the cross-validated objective (``cv_val_auc``), so a Tune
+scheduler's rungs are epochs of the CV objective and stopping a trial stops all its folds.
+
+Each report carries a checkpoint (rank 0): a directory with each run's ``last.pt`` /
+``best.pt`` / ``config.yaml`` and ``state.json``. When Ray Train restarts a failed worker
+group (``FailureConfig(max_failures=...)``), or a resumed study re-launches the trial, the
+workers download that checkpoint and every run continues from its ``last.pt``.
+
+Rank 0 also logs the per-epoch metrics of every run to the trial's MLflow run (``fold1/val_auc``,
+``cv_val_auc``, ...) and samples system metrics there.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.json"
+RUN_FILES = ("last.pt", "best.pt", "config.yaml")
+OBJECTIVE = "cv_val_auc"
+
+
+def _nanmean(values) -> float:
+    arr = np.array([v for v in values if v is not None], dtype=float)
+    if arr.size == 0 or np.isnan(arr).all():
+        return float("nan")
+    return float(np.nanmean(arr))
+
+
+def selected_value(run, key: str = "val_auc") -> float:
+    """`key` at the epoch model selection currently picks for `run` (NaN before any epoch)."""
+    best = run.best.get("epoch")
+    if best is None:
+        return float("nan")
+    return float(run.history[best].get(key, float("nan")))
+
+
+def cv_metrics(runs, records: list[dict]) -> dict:
+    """What a trial reports after one lockstep epoch.
+
+    - ``cv_val_auc``: mean over runs of the validation AUC at each run's selected epoch (the
+      weights each fold would ship with) — the study's objective; it never decreases.
+    - ``cv_val_auc_epoch``, ``cv_val_loss``, ``cv_train_loss``: means over runs of this epoch.
+    - ``<run>/<metric>``: every run's record (train_*, val_*, lr) and ``<run>/selected_epoch``.
+    """
+    epoch = int(records[0]["epoch"]) + 1  # epochs completed (ASHA's time attribute)
+    objective = _nanmean(selected_value(r) for r in runs)
+    out = {
+        "epoch": epoch,
+        OBJECTIVE: 0.0 if math.isnan(objective) else objective,  # NaN would break ASHA/Optuna
+        "cv_val_auc_epoch": _nanmean(rec.get("val_auc") for rec in records),
+        "cv_val_loss": _nanmean(rec.get("val_loss") for rec in records),
+        "cv_train_loss": _nanmean(rec.get("train_loss") for rec in records),
+    }
+    for run, rec in zip(runs, records):
+        name = run.split.name
+        for key, value in rec.items():
+            if key.startswith(("train_", "val_")) or key in ("lr", "seconds"):
+                out[f"{name}/{key}"] = float(value)
+        out[f"{name}/selected_epoch"] = -1 if run.best["epoch"] is None else int(run.best["epoch"]) + 1
+    return out
+
+
+class _Tracker:
+    """Rank 0's MLflow logging into the trial's run (no-op elsewhere or without MLflow)."""
+
+    def __init__(self, spec: dict | None, rank: int, resumed: bool):
+        self.client = self.monitor = None
+        if not spec or rank != 0 or not spec.get("run_id"):
+            return
+        from mlflow.tracking import MlflowClient
+
+        self.run_id = spec["run_id"]
+        self.client = MlflowClient(spec.get("tracking_uri"))
+        if spec.get("system_metrics", True):
+            try:
+                from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+                self.monitor = SystemMetricsMonitor(
+                    self.run_id, sampling_interval=float(spec.get("system_metrics_interval", 10)),
+                    resume_logging=resumed, node_id="train-rank0", tracking_uri=spec.get("tracking_uri"),
+                )  # fmt: skip
+                self.monitor.start()
+            except Exception as e:  # noqa: BLE001 - optional telemetry must not fail training
+                log.warning("system metrics disabled: %s", e)
+                self.monitor = None
+
+    def log(self, metrics: dict, step: int) -> None:
+        if self.client is None:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float)) and k != "epoch"]
+        try:
+            for i in range(0, len(batch), 900):  # the server takes at most 1000 per call
+                self.client.log_batch(self.run_id, metrics=batch[i : i + 900])
+        except Exception as e:  # noqa: BLE001 - tracking trouble must not kill a trial
+            log.warning("could not log metrics to MLflow run %s: %s", self.run_id, e)
+
+    def close(self) -> None:
+        if self.monitor is not None:
+            try:
+                self.monitor.finish()
+            except Exception as e:  # noqa: BLE001
+                log.debug("system metrics monitor: %s", e)
+
+
+def _maybe_inject_fault(fault: dict | None, rank: int, epoch: int) -> None:
+    """Tests only: SIGKILL this worker once, in the middle of epoch `fault['epoch']` (after its
+    first run trained, before the report), so the restarted group must resume from the last
+    reported checkpoint. `fault['marker']` (a file) makes it happen exactly once."""
+    if not fault or rank != int(fault.get("rank", 0)) or epoch != int(fault["epoch"]):
+        return
+    marker = Path(fault["marker"])
+    if marker.exists():
+        return
+    # Reports reach the Train controller asynchronously: wait until the last one is registered,
+    # or the restart could not find the checkpoint this test wants it to resume from.
+    try:
+        import ray.train
+
+        done = ray.train.get_all_reported_checkpoints(timeout_s=60)
+    except Exception as e:  # noqa: BLE001 - an alpha API: fall back to a pause
+        log.warning("get_all_reported_checkpoints failed (%s); sleeping instead", e)
+        time.sleep(10)
+        done = []
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"pid": os.getpid(), "epoch": epoch, "time": time.time(), "checkpoints": len(done)}))
+    log.warning("fault injection: killing train worker rank %d (pid %d) during epoch %d", rank, os.getpid(), epoch)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _restore(checkpoint, work: Path) -> dict:
+    checkpoint.to_directory(str(work))
+    state = json.loads((work / STATE_FILE).read_text())
+    state["restarts"] = int(state.get("restarts", 0)) + 1
+    return state
+
+
+def _checkpoint_dir(runs, state: dict, into: Path) -> Path:
+    for run in runs:
+        dest = into / run.split.name
+        dest.mkdir(parents=True, exist_ok=True)
+        for name in RUN_FILES:
+            src = run.out / name
+            if src.exists():
+                shutil.copy2(src, dest / name)
+    (into / STATE_FILE).write_text(json.dumps(state, indent=2))
+    return into
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train entry point. `config` (built by cfcml.platform.tune):
+
+    - ``cfg``: the trial's resolved Config as a dict; ``data``: cohort folder;
+    - ``runs``: ``[{"name": "fold1", "fold": 1}, ...]`` or ``[{"name": "seed0", "seed": 0}, ...]``;
+    - ``mlflow``: ``{"tracking_uri", "run_id", "system_metrics"}`` or None;
+    - ``fault``: tests only, see :func:`_maybe_inject_fault`.
+    """
+    import ray.train
+    import torch
+
+    from ..config import config_from_dict
+    from ..data.registry import load_cohort
+    from ..engine.run import TrainingRun
+
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    cfg = config_from_dict(config["cfg"])
+    if cfg.train.device == "auto" and not torch.cuda.is_available():
+        cfg.train.device = "cpu"
+    work = Path(tempfile.mkdtemp(prefix=f"cfcml-train-r{rank}-"))
+    checkpoint = ray.train.get_checkpoint()
+    state = {"restarts": 0, "resumed_from_epoch": None, "trial": config.get("trial_id")}
+    if checkpoint is not None:
+        state = _restore(checkpoint, work)
+    try:
+        cohort = load_cohort(cfg.dataset, config["data"])
+        runs = [
+            TrainingRun(cfg, config["data"], work / r["name"], fold=r.get("fold"), seed=r.get("seed"),
+                        resume=checkpoint is not None, cohort=cohort)
+            for r in config["runs"]
+        ]  # fmt: skip
+        if checkpoint is not None:
+            state["resumed_from_epoch"] = runs[0].epoch + 1  # 1-based: the epoch it continues with
+            log.info("rank %d resumed %d runs at epoch %d (restart %d)", rank, len(runs), runs[0].epoch + 1, state["restarts"])
+        tracker = _Tracker(config.get("mlflow"), rank, resumed=checkpoint is not None)
+        try:
+            while not all(r.done for r in runs):
+                records = []
+                for i, run in enumerate(runs):
+                    records.append(run.train_epoch())
+                    if i == 0:
+                        _maybe_inject_fault(config.get("fault"), rank, run.epoch)
+                metrics = cv_metrics(runs, records)
+                metrics["restarts"] = state["restarts"]
+                metrics["resumed_from_epoch"] = state["resumed_from_epoch"] or 0
+                tracker.log(metrics, metrics["epoch"])
+                if rank == 0:
+                    tmp = Path(tempfile.mkdtemp(prefix="cfcml-ckpt-"))
+                    try:
+                        _checkpoint_dir(runs, state, tmp)
+                        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)))
+                    finally:
+                        shutil.rmtree(tmp, ignore_errors=True)
+                else:
+                    ray.train.report(metrics, checkpoint=None)
+        finally:
+            tracker.close()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

@@ -1,0 +1,712 @@
+"""A hyper-parameter study: Ray Tune + Optuna TPE + ASHA over Ray Train trials, in MLflow.
+
+Shape of a study (Ray 2.60, Train V2; see docs/platform.md):
+
+- The Tune trainable :func:`_trial` is a small *driver* (0 CPU): it resolves the trial's
+  config, opens the trial's MLflow child run and runs a ``ray.train.torch.TorchTrainer``
+  whose workers execute :func:`cfcml.platform.train_loop.train_loop_per_worker` (DDP over
+  ``workers_per_trial`` workers). Metrics reach Tune through ``TuneReportCallback``; the
+  Train run is named after the trial id under ``<storage>/<study>_train/``, so a trial that
+  restarts (worker failure, or a resumed study) continues from its last checkpoint.
+- A trial trains all folds (MEN) / seeds (Derm7pt) in lockstep and reports ``cv_val_auc``
+  (mean over runs of the validation AUC at each run's selected epoch) after every epoch:
+  ASHA's rungs (``time_attr="epoch"``) are epochs of the cross-validated objective, and
+  stopping a trial stops all its folds. Test data is never looked at during the search.
+- Optuna's TPE sampler (seeded) proposes configurations; the preset's own values (the
+  paper's hand-tuned point) are enqueued as the first trial. The study lives in an RDB
+  storage (SQLite by default) whose URL is tagged on the MLflow parent run.
+- Concurrency follows resources: at most ``floor(cluster CPUs / (workers x CPUs per
+  worker))`` (and the same for GPUs) trials run at once, capped by ``max_concurrent``.
+- After the search, the best trial's checkpointed runs are tested once (test metrics per
+  fold, mean ± std in the paper's layout), logged, and shipped as an MLflow pyfunc
+  registered as ``cfcml-<dataset>`` with alias ``challenger``.
+- ``resume=True`` restores the Tune experiment (finished trials are not re-run; unfinished
+  ones continue from their checkpoints) and reopens the same MLflow parent run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import Config, build_config, parse_overrides, save_config
+from .search_space import SearchSpace, load_search_space, trial_run_name
+from .train_loop import OBJECTIVE
+
+log = logging.getLogger(__name__)
+
+TAG_STUDY = "cfcml.study"
+TAG_STUDY_PATH = "cfcml.study_path"
+TAG_TRIAL = "cfcml.trial_id"
+TAG_FINAL = "cfcml.final_evaluation"
+SEARCH_SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
+
+
+class StudyError(RuntimeError):
+    pass
+
+
+class StudyInterrupted(KeyboardInterrupt):
+    """The search was stopped (SIGINT/SIGTERM) before every trial finished: resume it."""
+
+
+@dataclass
+class StudySpec:
+    """Everything a study needs; built by jobs/tune_*.py from the command line."""
+
+    preset: str
+    data: str
+    name: str | None = None  # default: the preset name (so `--resume` needs no name)
+    overrides: list[str] = field(default_factory=list)
+    search_space: str | None = None  # default search_spaces/<men|derm7pt|smoke>.yaml
+    num_samples: int = 8
+    max_concurrent: int | None = None
+    workers_per_trial: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    epochs: int | None = None
+    storage: str = "~/ray_results/cfcml"  # local path or URI (s3://bucket/path?endpoint_override=...)
+    resume: bool = False
+    seed: int = 0
+    max_failures: int = 2  # Ray Train worker-group restarts per trial
+    search_runs: int | None = None  # first N folds/seeds only (default: all)
+    tracking_uri: str | None = None
+    experiment: str | None = None  # default cfcml-<dataset>
+    model_name: str | None = None  # default cfcml-<dataset>
+    register: bool = True
+    optuna_storage: str | None = None  # SQLAlchemy URL; default SQLite beside the study
+    git_commit: str | None = None
+    ray_address: str | None = None
+    system_metrics: bool = True
+    system_metrics_interval: float = 10.0
+    work_dir: str | None = None  # local scratch for the final evaluation (default: a temp dir)
+    fault: dict | None = None  # tests: {"epoch": 2, "marker": path}: kill the first trial's worker once
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def join_uri(base: str, *parts: str) -> str:
+    """`base`/parts for a local path or a URI whose query (``?endpoint_override=...``) stays last."""
+    if "://" not in base:
+        return str(Path(base, *parts))
+    head, sep, query = base.partition("?")
+    return head.rstrip("/") + "/" + "/".join(p.strip("/") for p in parts) + (sep + query if sep else "")
+
+
+def normalize_storage(storage: str) -> str:
+    return storage if "://" in storage else str(Path(storage).expanduser().resolve())
+
+
+def storage_filesystem(storage: str):
+    """(pyarrow filesystem, path) of a storage location (query parameters understood)."""
+    import pyarrow.fs
+
+    if "://" not in storage:
+        return pyarrow.fs.LocalFileSystem(), storage
+    return pyarrow.fs.FileSystem.from_uri(storage)
+
+
+def default_search_space(cfg: Config) -> Path:
+    """search_spaces/<men|derm7pt|smoke>.yaml of the checkout (or of the working directory, for
+    a non-editable install)."""
+    name = f"{'smoke' if cfg.name.endswith('-smoke') else cfg.dataset}.yaml"
+    path = SEARCH_SPACES_DIR / name
+    return path if path.exists() else Path.cwd() / "search_spaces" / name
+
+
+def resolve_trial_config(preset: str, overrides: list[str], params: dict, epochs: int | None) -> Config:
+    """The preset + the study's `--set` overrides + the trial's parameters."""
+    items = list(overrides) + [f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in params.items()]
+    cfg = build_config(preset, parse_overrides(items))
+    if epochs:
+        cfg.train.epochs = int(epochs)
+    return cfg
+
+
+def plan_concurrency(resources: dict, spec: StudySpec) -> int:
+    """Trials that fit at once: trials x workers x (CPU, GPU) per worker within the cluster."""
+    w = max(1, spec.workers_per_trial)
+    limits = [spec.num_samples]
+    if spec.cpus_per_worker > 0:
+        limits.append(int(resources.get("CPU", 0) // (w * spec.cpus_per_worker)))
+    if spec.gpus_per_worker > 0:
+        limits.append(int(resources.get("GPU", 0) // (w * spec.gpus_per_worker)))
+    if spec.max_concurrent:
+        limits.append(spec.max_concurrent)
+    fit = min(limits)
+    if fit < 1:
+        raise StudyError(
+            f"one trial needs {w} worker(s) x {spec.cpus_per_worker:g} CPU / {spec.gpus_per_worker:g} GPU, the cluster "
+            f"has {resources.get('CPU', 0):g} CPU / {resources.get('GPU', 0):g} GPU: lower --workers-per-trial"
+        )
+    return fit
+
+
+def warm_caches(cfg: Config, cohort) -> None:
+    """Fill the on-disk sentence-embedding cache once in the driver, so that no trial builds
+    the text encoder (concurrent trials would each build it)."""
+    if cfg.model.use_tabular and cfg.model.tabular_embedding == "clip":
+        from ..models.text import sentence_cache
+
+        sentence_cache(cfg.data.cache_dir, cfg.model.text_pretrained).embed(sorted({s for c in cohort.cases for s in c.sentences}))
+
+
+def find_child_run(client, experiment_id: str, parent_run_id: str, trial_id: str) -> str | None:
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`{TAG_TRIAL}` = '{trial_id}'",
+        max_results=5,
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def find_parent_run(client, experiment_id: str, study_path: str) -> str | None:
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`{TAG_STUDY_PATH}` = '{study_path}'",
+                              order_by=["attributes.start_time DESC"], max_results=1)  # fmt: skip
+    return runs[0].info.run_id if runs else None
+
+
+def _redact(url: str) -> str:
+    if "://" in url and "@" in url.split("://", 1)[1]:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
+    return url
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(series: dict[str, list[tuple[int, float]]], title: str, ylabel: str):
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for label, points in sorted(series.items()):
+        if points:
+            xs, ys = zip(*sorted(points))
+            ax.plot(xs, ys, marker="o", ms=3, label=label, lw=2.2 if label.startswith("cv") else 1.2)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if series:
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def plot_confusion(y, p, classes, title: str):
+    import numpy as np
+    from sklearn.metrics import confusion_matrix
+
+    plt = _plt()
+    cm = confusion_matrix(y, np.asarray(p).argmax(1), labels=list(range(len(classes))))
+    fig, ax = plt.subplots(figsize=(4.2, 3.8))
+    ax.imshow(cm, cmap="Blues")
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", color="black")
+    ax.set_xticks(range(len(classes)), classes)
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_roc(y, p, classes, title: str):
+    import numpy as np
+    from sklearn.metrics import auc, roc_curve
+
+    plt = _plt()
+    y, p = np.asarray(y), np.asarray(p)
+    fig, ax = plt.subplots(figsize=(4.6, 4.0))
+    shown = range(1, 2) if len(classes) == 2 else range(len(classes))
+    for k in shown:
+        positives = y == k
+        if positives.all() or not positives.any():
+            continue
+        fpr, tpr, _ = roc_curve(positives, p[:, k])
+        ax.plot(fpr, tpr, label=f"{classes[k]} (AUC {auc(fpr, tpr):.3f})")
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def _log_figure(client, run_id: str, fig, path: str) -> None:
+    try:
+        client.log_figure(run_id, fig, path)
+    finally:
+        _plt().close(fig)
+
+
+def trial_validation_plot(client, run_id: str, runs: list[str]):
+    """Per-fold validation AUC / loss curves of one trial, read back from MLflow."""
+    series_auc = {"cv (selected epochs)": [(m.step, m.value) for m in client.get_metric_history(run_id, OBJECTIVE)]}
+    series_loss = {}
+    for r in runs:
+        series_auc[f"{r} val"] = [(m.step, m.value) for m in client.get_metric_history(run_id, f"{r}/val_auc")]
+        series_loss[f"{r} val"] = [(m.step, m.value) for m in client.get_metric_history(run_id, f"{r}/val_loss")]
+        series_loss[f"{r} train"] = [(m.step, m.value) for m in client.get_metric_history(run_id, f"{r}/train_loss")]
+    return plot_curves(series_auc, "validation AUC per fold", "AUC"), plot_curves(series_loss, "loss per fold", "loss")
+
+
+# ----------------------------------------------------------------------------- the trial
+
+
+def _trial(config: dict, ctx: dict) -> None:
+    """Tune function trainable: one trial = one TorchTrainer run over all of the trial's folds."""
+    import ray.train
+    from ray import tune
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from .tracking import mlflow_run
+    from .train_loop import train_loop_per_worker
+
+    trial_id = tune.get_context().get_trial_id()
+    params = dict(config)
+    cfg = resolve_trial_config(ctx["preset"], ctx["overrides"], params, ctx["epochs"])
+
+    mlflow_spec, run_cm, created = None, nullcontext(), False
+    if ctx.get("tracking_uri"):
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(ctx["tracking_uri"])
+        existing = find_child_run(client, ctx["experiment_id"], ctx["parent_run_id"], trial_id)
+        created = existing is None
+        run_cm = mlflow_run(
+            run_name=trial_run_name(params), experiment_id=ctx["experiment_id"], parent_run_id=ctx["parent_run_id"],
+            run_id=existing, tags={TAG_TRIAL: trial_id, TAG_STUDY: ctx["study"]}, tracking_uri=ctx["tracking_uri"],
+            log_system_metrics=False,
+        )  # fmt: skip
+    with run_cm as run:
+        if run is not None:
+            import mlflow
+            import yaml
+
+            if created:
+                mlflow.log_params({**params, "trial_id": trial_id, "workers": ctx["workers"],
+                                   "runs": ",".join(r["name"] for r in ctx["runs"])})  # fmt: skip
+                mlflow.log_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), "config.yaml")
+            mlflow_spec = {"tracking_uri": ctx["tracking_uri"], "run_id": run.info.run_id,
+                           "system_metrics": ctx["system_metrics"], "system_metrics_interval": ctx["system_metrics_interval"]}  # fmt: skip
+        fault = ctx.get("fault")
+        loop_config = {
+            "cfg": cfg.to_dict(), "data": ctx["data"], "runs": ctx["runs"], "mlflow": mlflow_spec, "trial_id": trial_id,
+            "fault": fault if fault and params == fault.get("params") else None,
+        }  # fmt: skip
+        gpus = ctx["gpus_per_worker"]
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config=loop_config,
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=ctx["workers"], use_gpu=gpus > 0,
+                resources_per_worker={"CPU": ctx["cpus_per_worker"], **({"GPU": gpus} if gpus > 0 else {})},
+            ),
+            run_config=ray.train.RunConfig(
+                name=trial_id,
+                storage_path=ctx["train_storage"],
+                failure_config=ray.train.FailureConfig(max_failures=ctx["max_failures"]),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                callbacks=[TuneReportCallback()],
+            ),
+        )
+        trainer.fit()
+
+
+def _study_callback_cls():
+    from ray import tune
+
+    class StudyCallback(tune.Callback):
+        """Driver side: closes each trial's MLflow run (ASHA-stopped trials never return from
+        their trainable) and logs its final objective and validation curves."""
+
+        def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, max_epochs: int, runs: list[str]):
+            self.tracking_uri, self.experiment_id, self.parent_run_id = tracking_uri, experiment_id, parent_run_id
+            self.max_epochs, self.runs = max_epochs, runs
+            self._client = None
+
+        def __getstate__(self):  # Tune pickles callbacks with the experiment state
+            state = dict(self.__dict__)
+            state["_client"] = None
+            return state
+
+        @property
+        def client(self):
+            if self._client is None:
+                from mlflow.tracking import MlflowClient
+
+                self._client = MlflowClient(self.tracking_uri)
+            return self._client
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._close(trial, "FINISHED")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._close(trial, "FAILED")
+
+        def _close(self, trial, status: str) -> None:
+            from .tracking import terminate_run
+
+            try:
+                run_id = find_child_run(self.client, self.experiment_id, self.parent_run_id, trial.trial_id)
+                if run_id is None:
+                    return
+                last = trial.last_result or {}
+                epochs = int(last.get("epoch", 0) or 0)
+                if OBJECTIVE in last:
+                    self.client.log_metric(run_id, "val_auc", float(last[OBJECTIVE]), step=epochs)
+                self.client.set_tag(run_id, "cfcml.epochs_trained", str(epochs))
+                if status == "FINISHED" and epochs < self.max_epochs:
+                    self.client.set_tag(run_id, "cfcml.stopped_by", "ASHA")
+                auc_fig, loss_fig = trial_validation_plot(self.client, run_id, self.runs)
+                _log_figure(self.client, run_id, auc_fig, "plots/validation_auc.png")
+                _log_figure(self.client, run_id, loss_fig, "plots/loss.png")
+                terminate_run(self.client, run_id, status)
+            except Exception as e:  # noqa: BLE001 - bookkeeping must not stop the study
+                log.warning("could not close the MLflow run of trial %s: %s", trial.trial_id, e)
+
+    return StudyCallback
+
+
+# ----------------------------------------------------------------------------- the study
+
+
+def _init_ray(spec: StudySpec) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=spec.ray_address, log_to_driver=True)
+
+
+def _finished_trials(name: str, optuna_url: str) -> int:
+    """Trials the Optuna study has closed (COMPLETE, PRUNED or FAIL). After a SIGINT, Tune
+    returns normally and marks its live trials TERMINATED in memory, so the Optuna study (told
+    only when a trial really ends) is what tells a finished search from an interrupted one."""
+    import optuna
+    from optuna.trial import TrialState
+
+    study = optuna.load_study(study_name=name, storage=optuna_url)
+    return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL) for t in study.trials)
+
+
+def run_study(spec: StudySpec) -> dict:
+    """Run (or resume) a study end to end; returns a summary (best trial, test table, model)."""
+    import mlflow
+    import optuna
+    from mlflow.tracking import MlflowClient
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from ..data.registry import load_cohort
+    from ..engine.protocol import protocol_runs
+    from .pyfunc import cohort_digest, git_commit, package_versions
+    from .tracking import end_running_children, mlflow_run
+
+    base = build_config(spec.preset, parse_overrides(spec.overrides))
+    overrides = list(spec.overrides)
+    if not Path(base.data.cache_dir).is_absolute():  # trials run in other working directories
+        overrides.append(f"data.cache_dir={Path(base.data.cache_dir).resolve()}")
+    cfg = resolve_trial_config(spec.preset, overrides, {}, spec.epochs)
+    space_file = Path(spec.search_space) if spec.search_space else default_search_space(cfg)
+    space = load_search_space(space_file, cfg)
+    first = space.first_point(cfg)
+    data = str(Path(spec.data).expanduser().resolve())
+    cohort = load_cohort(cfg.dataset, data)
+    runs = protocol_runs(cfg, cohort)[: spec.search_runs or None]
+    name = spec.name or cfg.name
+    storage = normalize_storage(spec.storage)
+    study_path = join_uri(storage, name)
+    train_storage = join_uri(storage, f"{name}_train")
+    fs, _ = storage_filesystem(study_path)
+    exists = tune.Tuner.can_restore(study_path)
+    if exists and not spec.resume:
+        raise StudyError(f"a study already exists at {study_path}: pass --resume to continue it, or another --name")
+    restoring = spec.resume and exists
+    if spec.resume and not exists:
+        log.warning("nothing to resume at %s: starting the study", study_path)
+    optuna_url = spec.optuna_storage or (
+        f"sqlite:///{Path(storage) / f'{name}.optuna.db'}" if "://" not in storage
+        else f"sqlite:///{Path('~/.cache/cfcml/optuna').expanduser() / f'{name}.db'}"
+    )  # fmt: skip
+    if optuna_url.startswith("sqlite:///"):
+        Path(optuna_url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    if not restoring:
+        try:
+            optuna.load_study(study_name=name, storage=optuna_url)
+            raise StudyError(f"Optuna study {name!r} already exists in {_redact(optuna_url)}; use --resume or another --name")
+        except KeyError:
+            pass
+
+    _init_ray(spec)
+    import ray
+
+    resources = ray.cluster_resources()
+    concurrent = plan_concurrency(resources, spec)
+    log.info("cluster %s: up to %d concurrent trial(s) of %d worker(s)", resources, concurrent, spec.workers_per_trial)
+    warm_caches(cfg, cohort)
+
+    tracking_uri = spec.tracking_uri or mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    experiment = spec.experiment or f"cfcml-{cfg.dataset}"
+    exp = client.get_experiment_by_name(experiment)
+    experiment_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    parent_id = find_parent_run(client, experiment_id, study_path) if restoring else None
+    if parent_id:
+        end_running_children(client, parent_id, "KILLED")  # trials that died with the last driver
+    digest = cohort_digest(cohort)
+    commit = spec.git_commit or git_commit()
+
+    if spec.system_metrics:
+        mlflow.system_metrics.set_system_metrics_sampling_interval(spec.system_metrics_interval)
+    with mlflow_run(
+        run_name=name, experiment_id=experiment_id, run_id=parent_id, tracking_uri=tracking_uri,
+        tags={TAG_STUDY: name, TAG_STUDY_PATH: study_path, "optuna.storage": _redact(optuna_url), "optuna.study_name": name,
+              "ray.storage": study_path, "data.digest": digest, "git.commit": commit},
+        log_system_metrics=spec.system_metrics,
+    ) as parent:  # fmt: skip
+        parent_id = parent.info.run_id
+        if not restoring:
+            mlflow.log_params({
+                "preset": spec.preset, "dataset": cfg.dataset, "data": data, "num_samples": spec.num_samples,
+                "max_concurrent_trials": concurrent, "workers_per_trial": spec.workers_per_trial,
+                "cpus_per_worker": spec.cpus_per_worker, "gpus_per_worker": spec.gpus_per_worker,
+                "epochs": cfg.train.epochs, "search_runs": ",".join(r["name"] for r in runs), "seed": spec.seed,
+                "sampler": "optuna.TPESampler", "scheduler": f"ASHA(time_attr=epoch, grace_period={space.asha['grace_period']}, "
+                f"reduction_factor={space.asha['reduction_factor']})", "metric": space.metric, "mode": space.mode,
+                "max_failures": spec.max_failures, "overrides": " ".join(spec.overrides) or "none",
+                **{f"space.{k}": v for k, v in space.describe().items()},
+            })  # fmt: skip
+            mlflow.log_text(space.source, f"search_space/{space_file.name}")
+            with tempfile.TemporaryDirectory() as tmp:
+                save_config(cfg, Path(tmp) / "config.yaml")
+                mlflow.log_artifact(str(Path(tmp) / "config.yaml"))
+            mlflow.log_text(
+                f"Optuna study '{name}' in {_redact(optuna_url)}\n"
+                f"optuna-dashboard {_redact(optuna_url)}\n"
+                f"python -c \"import optuna; print(optuna.load_study(study_name='{name}', storage='{_redact(optuna_url)}').trials_dataframe())\"\n",
+                "optuna_study.txt",
+            )  # fmt: skip
+            mlflow.set_tags({f"version.{k}": v for k, v in package_versions().items()})
+
+        ctx = {
+            "preset": spec.preset, "overrides": overrides, "epochs": cfg.train.epochs, "data": data, "runs": runs,
+            "study": name, "tracking_uri": tracking_uri, "experiment_id": experiment_id, "parent_run_id": parent_id,
+            "workers": spec.workers_per_trial, "cpus_per_worker": spec.cpus_per_worker,
+            "gpus_per_worker": spec.gpus_per_worker, "max_failures": spec.max_failures, "train_storage": train_storage,
+            "system_metrics": spec.system_metrics, "system_metrics_interval": spec.system_metrics_interval,
+            "fault": spec.fault and {**spec.fault, "params": first},  # the first trial (the preset's point)
+        }  # fmt: skip
+        # the trial driver only waits on its Train run: it takes no CPU (a token of memory, as Tune
+        # refuses an empty request), so CPUs/GPUs go to Train workers and concurrency is set above
+        trainable = tune.with_resources(tune.with_parameters(_trial, ctx=ctx), {"CPU": 0, "memory": 2**20})
+        if restoring:
+            tuner = tune.Tuner.restore(study_path, trainable=trainable, resume_unfinished=True, resume_errored=False,
+                                       restart_errored=False)  # fmt: skip
+        else:
+            searcher = OptunaSearch(
+                space=space.distributions(), metric=space.metric, mode=space.mode, points_to_evaluate=[first],
+                sampler=optuna.samplers.TPESampler(seed=spec.seed), study_name=name,
+                storage=optuna.storages.RDBStorage(optuna_url),
+            )  # fmt: skip
+            scheduler = ASHAScheduler(
+                time_attr="epoch", max_t=cfg.train.epochs, grace_period=min(int(space.asha["grace_period"]), cfg.train.epochs),
+                reduction_factor=float(space.asha["reduction_factor"]),
+            )  # fmt: skip
+            callback = _study_callback_cls()(tracking_uri, experiment_id, parent_id, cfg.train.epochs, [r["name"] for r in runs])
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, search_alg=searcher, scheduler=scheduler,
+                                            num_samples=spec.num_samples, max_concurrent_trials=concurrent),
+                run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=[callback], verbose=1),
+            )  # fmt: skip
+        t0 = time.time()
+        try:
+            results = tuner.fit()
+        finally:
+            end_running_children(client, parent_id, "KILLED")
+        mlflow.log_metric("search_seconds", time.time() - t0)
+        if _finished_trials(name, optuna_url) < spec.num_samples:
+            mlflow.set_tag("cfcml.status", "interrupted")
+            raise StudyInterrupted(f"study {name} interrupted; continue it with --resume (same --name {name} and --storage)")
+        mlflow.set_tag("cfcml.status", "searched")
+        return _after_search(spec, results, cfg, space, cohort, runs, client, parent_id, experiment_id, fs, study_path,
+                             overrides, digest, commit, optuna_url, name)  # fmt: skip
+
+
+def _after_search(spec, results, cfg, space: SearchSpace, cohort, runs, client, parent_id, experiment_id, fs, study_path,
+                  overrides, digest, commit, optuna_url, name) -> dict:  # fmt: skip
+    import mlflow
+    import ray.train
+
+    from .train_loop import OBJECTIVE as objective
+
+    frame = results.get_dataframe()
+    with tempfile.TemporaryDirectory() as tmp:
+        frame.to_csv(Path(tmp) / "trials.csv", index=False)
+        mlflow.log_artifact(str(Path(tmp) / "trials.csv"))
+    curves = {}
+    for r in results:
+        if r.metrics_dataframe is not None and objective in r.metrics_dataframe:
+            df = r.metrics_dataframe
+            curves[r.metrics.get("trial_id", "?")] = list(zip(df["epoch"].astype(int), df[objective].astype(float)))
+    _log_figure(client, parent_id, plot_curves(curves, "cv_val_auc of every trial (ASHA rungs)", "cv_val_auc"),
+                "plots/search_curves.png")  # fmt: skip
+
+    ok = [r for r in results if r.error is None and objective in (r.metrics or {})]
+    if not ok:
+        raise StudyError("no trial finished without error: nothing to evaluate")
+    best = results.get_best_result(metric=objective, mode=space.mode, scope="last")
+    trial_id = best.metrics["trial_id"]
+    params = {k: v for k, v in best.config.items()}
+    best_cfg = resolve_trial_config(spec.preset, overrides, params, cfg.train.epochs)
+    best_run = find_child_run(client, experiment_id, parent_id, trial_id)
+    summary = {
+        "study": name, "study_path": study_path, "parent_run_id": parent_id, "experiment_id": experiment_id,
+        "trials": len(results), "best_trial_id": trial_id, "best_run_id": best_run, "best_params": params,
+        "best_cv_val_auc": float(best.metrics[objective]), "best_epochs": int(best.metrics.get("epoch", 0)),
+        "optuna_storage": _redact(optuna_url), "tracking_uri": mlflow.get_tracking_uri(),
+    }  # fmt: skip
+    mlflow.log_metric("best_cv_val_auc", summary["best_cv_val_auc"])
+    mlflow.set_tags({"cfcml.best_trial_id": trial_id, "cfcml.best_run_id": best_run or ""})
+    parent_tags = client.get_run(parent_id).data.tags
+    if parent_tags.get(TAG_FINAL) == "done":
+        log.info("the best trial was already evaluated and registered; nothing left to do")
+        summary |= json.loads(parent_tags.get("cfcml.final_summary", "{}"))
+        return summary
+
+    work = Path(spec.work_dir) if spec.work_dir else Path(tempfile.mkdtemp(prefix="cfcml-study-"))
+    try:
+        ckpt_dir = work / "best_checkpoint"
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        ray.train.Checkpoint(best.metrics["checkpoint_path"], filesystem=fs).to_directory(str(ckpt_dir))
+        test = evaluate_best(best_cfg, spec.data, cohort, runs, ckpt_dir)
+        _log_test(client, parent_id, best_run, test, best_cfg)
+        summary["test"] = {k: v for k, v in test["summary"]["metrics"].items()}
+        summary["test_markdown"] = test["markdown"]
+        if spec.register:
+            summary |= register_best(spec, best_cfg, cohort, runs, test, ckpt_dir, work, client, best_run, trial_id,
+                                     summary, digest, commit, name)  # fmt: skip
+        final = {k: summary[k] for k in ("model_name", "model_version", "model_uri") if k in summary}
+        client.set_tag(parent_id, "cfcml.final_summary", json.dumps(final))
+        client.set_tag(parent_id, TAG_FINAL, "done")
+    finally:
+        if not spec.work_dir:
+            shutil.rmtree(work, ignore_errors=True)
+    return summary
+
+
+def evaluate_best(cfg: Config, data: str, cohort, runs: list[dict], ckpt_dir: Path) -> dict:
+    """Test the best trial once: each run from its checkpoint, with the weights of its epoch
+    selected on validation; also its validation predictions (for plots)."""
+    import numpy as np
+
+    from ..engine.metrics import METRIC_NAMES
+    from ..engine.run import TrainingRun, predict
+    from ..engine.summary import markdown_table, summarize_runs
+
+    if cfg.train.device == "auto":
+        cfg.train.device = "cpu"  # the driver: no GPU assumed; the models are small at test time
+    per_run, preds = [], {"test": ([], []), "val": ([], [])}
+    for r in runs:
+        run = TrainingRun(cfg, data, ckpt_dir / r["name"], fold=r.get("fold"), seed=r.get("seed"), resume=True, cohort=cohort)
+        result = run.finish()
+        y_val, p_val, _ = predict(run.model, run.val_loader, run.tables["val"], run.env)
+        saved = np.load(ckpt_dir / r["name"] / "test_predictions.npz")
+        preds["test"][0].append(saved["labels"])
+        preds["test"][1].append(saved["probs"])
+        preds["val"][0].append(y_val)
+        preds["val"][1].append(p_val)
+        per_run.append({"name": r["name"], "metrics": result["test"], "selected_epoch": result["selected_epoch"],
+                        "train_cases": run.split.train})  # fmt: skip
+    summary = summarize_runs([{k: v for k, v in r.items() if k != "train_cases"} for r in per_run])
+    unit = "folds" if cfg.dataset == "men" else "seeds"
+    md = markdown_table(summary, cfg.dataset, title=f"best trial: test results (%, mean ± std over {len(per_run)} {unit}; "
+                        "epochs selected on validation, test evaluated once)")  # fmt: skip
+    pooled = {k: (np.concatenate(v[0]), np.concatenate(v[1])) for k, v in preds.items()}
+    return {"runs": per_run, "summary": summary, "markdown": md, "pooled": pooled, "metric_names": METRIC_NAMES[cfg.dataset]}
+
+
+def _log_test(client, parent_id: str, best_run: str | None, test: dict, cfg: Config) -> None:
+    from ..models.cfcml import DATASETS
+
+    classes = DATASETS[cfg.dataset]["classes"]
+    targets = [parent_id] + ([best_run] if best_run else [])
+    for run_id in targets:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = []
+        for name, stats in test["summary"]["metrics"].items():
+            for stat in ("mean", "std"):
+                if not math.isnan(stats[stat]):
+                    metrics.append(Metric(f"test_{name}_{stat}", float(stats[stat]), now, 0))
+        for r in test["runs"]:
+            metrics += [Metric(f"test/{r['name']}/{k}", float(v), now, 0) for k, v in r["metrics"].items() if not math.isnan(v)]
+        client.log_batch(run_id, metrics=metrics)
+        client.log_text(run_id, test["markdown"] + "\n", "best_trial/test_summary.md")
+        client.log_text(run_id, json.dumps({k: v for k, v in test["summary"].items() if k != "runs"} | {
+            "runs": [{k: v for k, v in r.items() if k != "train_cases"} for r in test["runs"]]}, indent=2, default=float),
+            "best_trial/test_summary.json")  # fmt: skip
+        for split, (y, p) in test["pooled"].items():
+            label = "test (pooled over folds)" if split == "test" else "validation at the selected epochs"
+            _log_figure(client, run_id, plot_confusion(y, p, classes, f"confusion matrix, {label}"),
+                        f"plots/confusion_{split}.png")  # fmt: skip
+            _log_figure(client, run_id, plot_roc(y, p, classes, f"ROC, {label}"), f"plots/roc_{split}.png")
+
+
+def register_best(spec, cfg, cohort, runs, test, ckpt_dir: Path, work: Path, client, best_run, trial_id, summary, digest,
+                  commit, study) -> dict:  # fmt: skip
+    """Package the best trial's runs as a pyfunc in its MLflow run and register it."""
+    from .pyfunc import ALIAS, build_package, cohort_frame, log_model, package_versions, tag_version
+    from .tracking import mlflow_run
+
+    by_name = {r["name"]: r for r in test["runs"]}
+    package = build_package(
+        cfg, [{"name": r["name"], "weights": ckpt_dir / r["name"] / "best.pt", "train_cases": by_name[r["name"]]["train_cases"]}
+              for r in runs],
+        cohort, work / "package",
+        extra_meta={"study": study, "trial_id": trial_id, "cv_val_auc": summary["best_cv_val_auc"], "data_digest": digest},
+    )  # fmt: skip
+    model_name = spec.model_name or f"cfcml-{cfg.dataset}"
+    example = cohort_frame(cohort, cohort.cases[:2])
+    with mlflow_run(run_id=best_run, nested=True, tracking_uri=spec.tracking_uri) if best_run else nullcontext():
+        info = log_model(package, cfg.dataset, example, registered_model_name=model_name,
+                         metadata={"trial_id": trial_id, "study": study, "cv_val_auc": summary["best_cv_val_auc"]})
+    version = str(info.registered_model_version)
+    tags = {
+        "trial_id": trial_id, "study": study, "data.digest": digest, "git.commit": commit,
+        "metric.val_auc": summary["best_cv_val_auc"], "selection": "cv_val_auc on validation (never test)",
+        **{f"metric.test_{k}_mean": v["mean"] for k, v in test["summary"]["metrics"].items()},
+        **{f"metric.test_{k}_std": v["std"] for k, v in test["summary"]["metrics"].items()},
+        **{f"version.{k}": v for k, v in package_versions().items()},
+        **{f"param.{k}": v for k, v in summary["best_params"].items()},
+    }  # fmt: skip
+    tag_version(client, model_name, version, tags, alias=ALIAS)
+    uri = f"models:/{model_name}@{ALIAS}"
+    log.info("registered %s version %s (%s)", model_name, version, uri)
+    return {"model_name": model_name, "model_version": version, "model_uri": uri, "model_info_uri": info.model_uri}
