@@ -37,7 +37,9 @@ def test_derm7pt_paper_preset_shapes_and_size():
 def test_gradient_reaches_every_trainable_parameter(preset):
     from cfcml.engine.loss import compute_loss
 
-    cfg = build_config(preset)
+    # 8x32x32 volumes: at the smoke preset's 8x16x16 the last stage is a single voxel, a
+    # length-1 sequence that leaves the Mamba conv's earlier taps without gradient.
+    cfg = build_config(preset, ["data.image_size=[8,32,32]"] if preset == "men-smoke" else [])
     model, out = _forward(cfg, batch=4)
     labels = torch.tensor([0, 1, 0, 1])
     compute_loss(out, labels, cfg, out["logits"].shape[1])["loss"].backward()
@@ -91,7 +93,7 @@ def test_wrong_input_grid_is_a_clear_error():
     cfg = build_config("men-smoke")
     model = build_model(cfg)
     inputs = example_inputs(cfg)
-    inputs["images"] = [torch.randn(2, 1, 8, 16, 16) for _ in range(3)]
+    inputs["images"] = [torch.randn(2, 1, 8, 32, 32) for _ in range(3)]
     with pytest.raises(ValueError, match="differs from data.image_size"):
         model(**inputs)
 
