@@ -86,13 +86,9 @@ def client_env(stack, monkeypatch):
 # --------------------------------------------------------------------------------- Ray Train
 
 
-def test_two_ddp_workers_match_one_process(stack, cohort, cache_dir, client_env, tmp_path):
-    """Same seed, same global batch (12 = 1 x 12 = 2 x 6), 2 epochs of fold 1: the 2-worker
-    Ray Train run (DDP over gloo, distributed class-balanced sampler, CCRM on the all-gathered
-    batch, validation gathered across ranks) lands within 0.05 of the single process on the
-    validation loss and within 0.1 on the training cross-entropy. (The batches differ in
-    composition - each rank draws from its own share - and BatchNorm sees 6 instead of 12
-    samples, so equality is not expected; a broken gather or loss would miss by far more.)"""
+def _ddp_compare(cohort: str, cache_dir: str, out: str) -> None:
+    """Runs in a fresh interpreter (see the test): the 1-process reference and the 2-worker
+    Ray Train run, metrics written to out/compare.json."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -102,33 +98,56 @@ def test_two_ddp_workers_match_one_process(stack, cohort, cache_dir, client_env,
     from cfcml.engine.run import TrainingRun
     from cfcml.platform.train_loop import cv_metrics, train_loop_per_worker
 
+    out = Path(out)
     cfg = build_config("men-smoke", [*SMALL, "train.epochs=2", f"data.cache_dir={cache_dir}", "train.device=cpu"])
     runs = [{"name": "fold1", "fold": 1}]
 
     # the 1-process reference: the engine itself, world size 1
-    ref_run = TrainingRun(cfg, cohort, tmp_path / "ref", fold=1, cohort=load_cohort("men", cohort))
+    ref_run = TrainingRun(cfg, cohort, out / "ref", fold=1, cohort=load_cohort("men", cohort))
     while not ref_run.done:
         record = ref_run.train_epoch()
     ref = cv_metrics([ref_run], [record])
 
-    ray.init(address=stack["ray"].address)
+    ray.init(address=os.environ["CFCML_TEST_RAY_ADDRESS"])
     try:
         t0 = time.time()
         result = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"cfg": cfg.to_dict(), "data": str(cohort), "runs": runs, "mlflow": None},
             scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
-            run_config=ray.train.RunConfig(name="ddp2", storage_path=str(tmp_path / "ray")),
+            run_config=ray.train.RunConfig(name="ddp2", storage_path=str(out / "ray")),
         ).fit()
         print(f"2-worker Train run: {time.time() - t0:.0f} s")
     finally:
         ray.shutdown()
-    ddp = result.metrics
+    (out / "compare.json").write_text(json.dumps({
+        "ref": ref, "ddp": result.metrics, "checkpoint": result.checkpoint is not None,
+    }, default=float))  # fmt: skip
+
+
+def test_two_ddp_workers_match_one_process(stack, cohort, cache_dir, client_env, tmp_path):
+    """Same seed, same global batch (12 = 1 x 12 = 2 x 6), 2 epochs of fold 1: the 2-worker
+    Ray Train run (DDP over gloo, distributed class-balanced sampler, CCRM on the all-gathered
+    batch, validation gathered across ranks) lands within 0.05 of the single process on the
+    validation loss and within 0.1 on the training cross-entropy. (The batches differ in
+    composition - each rank draws from its own share - and BatchNorm sees 6 instead of 12
+    samples, so equality is not expected; a broken gather or loss would miss by far more.)
+
+    The Ray driver runs in a fresh interpreter: Ray reads its auth mode once per process and
+    leaves a SIGTERM handler behind, so an in-process driver would depend on test order."""
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+            f"from test_platform_study import _ddp_compare; "
+            f"_ddp_compare({str(cohort)!r}, {str(cache_dir)!r}, {str(tmp_path)!r})")  # fmt: skip
+    env = {**os.environ, **client_env, "CFCML_TEST_RAY_ADDRESS": stack["ray"].address}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    res = json.loads((tmp_path / "compare.json").read_text())
+    ref, ddp = res["ref"], res["ddp"]
     print({k: (ref[k], ddp[k]) for k in ("fold1/val_loss", "fold1/val_auc", "fold1/train_ce", "cv_val_auc")})
     assert ddp["epoch"] == ref["epoch"] == 2
     assert abs(ddp["fold1/val_loss"] - ref["fold1/val_loss"]) < 0.05
     assert abs(ddp["fold1/train_ce"] - ref["fold1/train_ce"]) < 0.1
-    assert result.checkpoint is not None  # rank 0 checkpointed every epoch
+    assert res["checkpoint"]  # rank 0 checkpointed every epoch
 
 
 # --------------------------------------------------------------------------------- the study

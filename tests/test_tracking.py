@@ -71,7 +71,14 @@ def test_keyboard_interrupt_marks_killed(experiment):
 
 
 def test_sigterm_inside_block_marks_killed(experiment):
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a clean slate, whatever ran before
+    try:
+        _sigterm_inside_block_marks_killed(experiment)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _sigterm_inside_block_marks_killed(experiment):
     with (
         pytest.raises(RunTerminated),
         mlflow_run("sigterm", experiment_name=experiment) as run,
