@@ -18,8 +18,8 @@ from .tokens import flatten_tokens, make_token_map
 
 DATASETS = {
     # classes, image modalities, tabular attributes, whether one 2D encoder serves all images
-    "men": dict(classes=("G1", "G2inv", "G2ninv"), modalities=("T1C", "FLAIR_C", "ADC"), num_attributes=6, shared_encoder=False),
-    "derm7pt": dict(classes=("NEV", "MEL"), modalities=("clinic", "derm"), num_attributes=5, shared_encoder=True),
+    "men": {"classes": ("G1", "G2inv", "G2ninv"), "modalities": ("T1C", "FLAIR_C", "ADC"), "num_attributes": 6, "shared_encoder": False},
+    "derm7pt": {"classes": ("NEV", "MEL"), "modalities": ("clinic", "derm"), "num_attributes": 5, "shared_encoder": True},
 }
 STAGE_STRIDES = {"nnmamba3d": (2, 4, 8, 16), "swin_t": (4, 8, 16, 32)}
 

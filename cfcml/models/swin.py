@@ -11,8 +11,8 @@ from torch import nn
 
 # `tiny` is the paper's Swin-T; `micro` is a narrow, shallow Swin for smoke presets.
 SWIN_VARIANTS = {
-    "tiny": dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7),
-    "micro": dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8), window_size=4),
+    "tiny": {"embed_dim": 96, "depths": (2, 2, 6, 2), "num_heads": (3, 6, 12, 24), "window_size": 7},
+    "micro": {"embed_dim": 16, "depths": (1, 1, 1, 1), "num_heads": (1, 2, 4, 8), "window_size": 4},
 }
 TIMM_NAME = "swin_tiny_patch4_window7_224"
 
