@@ -17,6 +17,12 @@ def _add_preset_args(p: argparse.ArgumentParser) -> None:
                    help="override a config value, e.g. --set train.lr=1e-3 (repeatable)")
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return int(text)
+
+
 def _config(args):
     from .config import build_config
 
@@ -70,12 +76,17 @@ def cmd_train(args) -> int:
 
 
 def cmd_cv(args) -> int:
-    from .engine.protocol import run_protocol
+    from .engine.protocol import ProtocolError, run_protocol
 
     cfg = _config(args)
     if args.epochs:
         cfg.train.epochs = args.epochs
-    summary = run_protocol(cfg, args.data, out_dir=args.out, compare=args.compare)
+    try:
+        summary = run_protocol(cfg, args.data, out_dir=args.out, compare=args.compare, jobs=args.jobs,
+                               report=lambda message: print(message, file=sys.stderr, flush=True))
+    except ProtocolError as e:  # a run failed in a worker; finished runs are kept for the next call
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(summary["markdown"])
     return 0
 
@@ -145,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int)
     p.add_argument("--out", type=Path, default=Path("runs/cv"))
     p.add_argument("--compare", type=Path, help="another protocol run: add Wilcoxon p-values")
+    p.add_argument("--jobs", type=_positive_int, help="runs trained at once in worker processes (default: all while at most two per "
+                   "CPU core, else one per core; one per GPU); CPU threads are split between them")
     p.set_defaults(func=cmd_cv)
 
     p = sub.add_parser("promote", help="move the 'champion' alias if the candidate is better")

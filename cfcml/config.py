@@ -29,6 +29,7 @@ class DataConfig:
 class ModelConfig:
     image_encoder: str = "nnmamba3d"  # nnmamba3d | swin_t
     image_channels: int = 16  # nnMamba base width C
+    mamba_d_state: int = 16  # nnMamba's SSM state size N (smoke presets shrink it for CPU speed)
     image_pretrained: str = "none"  # Swin-T: none | a hub tag | a local checkpoint path
     swin_variant: str = "tiny"  # tiny (the paper's Swin-T) | micro (smoke presets)
     swin_detach_early_stages: bool = False  # the authors' behaviour: only stage 4 trains Swin
@@ -68,9 +69,11 @@ class TrainConfig:
     decay_factor: float = 0.8
     seed: int = 0
     select_metric: str = "auc"  # validation metric that picks the best epoch
+    select_window: int = 1  # pick on the mean of the last N epochs' metric (small val sets)
     deterministic: bool = False
     amp: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int = 0  # torch CPU threads per run; 0 = torch's default (results depend on it)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # Derm7pt protocol
 
 
@@ -209,6 +212,12 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("model.use_images and model.use_tabular cannot both be false")
     if cfg.train.batch_size < 2:
         raise ConfigError("train.batch_size must be at least 2")
+    if cfg.model.mamba_d_state < 1:
+        raise ConfigError("model.mamba_d_state must be at least 1")
+    if cfg.train.select_window < 1:
+        raise ConfigError("train.select_window must be at least 1 (1 = the epoch's own metric)")
+    if cfg.train.threads < 0:
+        raise ConfigError("train.threads must be 0 (torch's default) or a positive count")
     if not 0 < cfg.data.val_fraction < 1:
         raise ConfigError("data.val_fraction must lie in (0, 1)")
 

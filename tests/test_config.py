@@ -33,6 +33,9 @@ def test_overrides_are_parsed_as_yaml_and_type_checked():
         ("model.nope=1", "unknown key(s) ['model.nope']"),
         ("data.image_size=[8,16]", "men needs 3 sizes"),
         ("train.lr", "--set expects key=value"),
+        ("train.select_window=0", "train.select_window must be at least 1"),
+        ("train.threads=-1", "train.threads must be 0"),
+        ("model.mamba_d_state=0", "model.mamba_d_state must be at least 1"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):

@@ -89,3 +89,69 @@ def test_cv_protocol_end_to_end_with_comparison(derm_cohort, cache_dir, tmp_path
                                                                 "train.seeds=[0,1]", "loss.ccrm=false"]),
                          derm_cohort, tmp_path / "noccrm", compare=tmp_path / "cfcml")
     assert set(other["compare"]["wilcoxon_p"]) >= {"auc", "acc"}
+
+
+def test_plan_jobs_splits_cpu_threads_between_parallel_runs():
+    from cfcml.engine.protocol import available_cpus, plan_jobs
+
+    cpus = available_cpus()
+    cfg = build_config("men-smoke", ["train.device=cpu"])
+    auto = plan_jobs(cfg, pending=3)
+    assert auto.jobs == (3 if 3 <= 2 * cpus else cpus) and auto.devices == ["cpu"] * auto.jobs
+    assert plan_jobs(cfg, pending=2 * cpus + 1).jobs == cpus  # beyond two per core: one per core
+    assert auto.threads == (max(1, cpus // auto.jobs) if auto.jobs > 1 else 0)
+    four = plan_jobs(cfg, pending=2, jobs=4)
+    assert four.jobs == 2  # never more workers than runs
+    assert plan_jobs(cfg, pending=3, jobs=1).threads == 0  # one job: torch's default
+    pinned = plan_jobs(build_config("men-smoke", ["train.device=cpu", "train.threads=3"]), pending=3, jobs=3)
+    assert pinned.threads == 3
+
+
+def test_parallel_protocol_matches_sequential_at_the_same_thread_count(derm_cohort, cache_dir, tmp_path):
+    threads = torch.get_num_threads()  # the in-process run keeps this process's count
+    cfg = _cfg(cache_dir, "train.epochs=1", "train.seeds=[0,1]", "train.device=cpu", f"train.threads={threads}")
+    events = []
+    parallel = run_protocol(cfg, derm_cohort, tmp_path / "parallel", jobs=2, report=events.append)
+    sequential = run_protocol(cfg, derm_cohort, tmp_path / "sequential", jobs=1)
+    assert [r["metrics"] for r in parallel["runs"]] == [r["metrics"] for r in sequential["runs"]]
+    assert "2 at a time" in events[0] and sum("finished" in e for e in events) == 2
+    saved = json.loads((tmp_path / "parallel" / "seed1" / "metrics.json").read_text())
+    assert saved["threads"] == threads and saved["device"] == "cpu"
+
+
+def test_a_failed_parallel_run_is_named_and_finished_runs_are_kept(derm_cohort, cache_dir, tmp_path):
+    from cfcml.engine.protocol import ProtocolError
+
+    cfg = _cfg(cache_dir, "train.epochs=1", "train.seeds=[0,1]", "train.device=cpu")
+    out = tmp_path / "cv"
+    out.mkdir()
+    (out / "seed1").write_text("a file where the run directory should go")
+    with pytest.raises(ProtocolError, match="seed1"):
+        run_protocol(cfg, derm_cohort, out, jobs=2)
+    assert json.loads((out / "seed0" / "metrics.json").read_text())["finished"]
+    assert not (out / "summary.json").exists()
+    (out / "seed1").unlink()
+    resumed = run_protocol(cfg, derm_cohort, out, jobs=2)  # seed0 is reused, only seed1 trains
+    assert [r["name"] for r in resumed["runs"]] == ["seed0", "seed1"]
+
+
+def test_selection_window_ignores_a_one_epoch_spike():
+    from cfcml.engine.run import selection_score
+
+    history = [{"val_auc": v} for v in (0.5, 0.9, 0.5, 0.8, 0.8, 0.8)]
+    spiky = [selection_score(history[: i + 1], "auc", 1) for i in range(6)]
+    smooth = [selection_score(history[: i + 1], "auc", 3) for i in range(6)]
+    assert spiky.index(max(spiky)) == 1
+    assert smooth.index(max(smooth)) == 5 and smooth[5] == pytest.approx(0.8)
+    with_nan = [{"val_auc": 0.6}, {"val_auc": float("nan")}]
+    assert selection_score(with_nan, "auc", 2) == pytest.approx(0.6)
+
+
+def test_run_selects_on_the_windowed_validation_score(derm_cohort, cache_dir, tmp_path):
+    from cfcml.engine.run import selection_score
+
+    saved = train_one(_cfg(cache_dir, "train.select_window=2", "train.epochs=4"), derm_cohort, tmp_path, seed=1)
+    history = saved["history"]
+    scores = [selection_score(history[: i + 1], "auc", 2) for i in range(len(history))]
+    assert [h["select_score"] for h in history] == pytest.approx(scores, nan_ok=True)
+    assert saved["selected_epoch"] == scores.index(max(scores)) and saved["select_window"] == 2

@@ -127,3 +127,9 @@ def test_swin_loads_a_local_imagenet_checkpoint(tmp_path):
     got = dict(enc.body.named_parameters())
     assert torch.equal(got["layers_3.blocks.0.mlp.fc1.weight"], full.state_dict()["layers.3.blocks.0.mlp.fc1.weight"])
     assert torch.equal(got["patch_embed.proj.weight"], full.state_dict()["patch_embed.proj.weight"])
+
+
+def test_mamba_state_size_reaches_every_nnmamba_layer():
+    model = build_model(build_config("men-smoke", ["model.mamba_d_state=4"]), num_tabular_features=10)
+    a_logs = [p for name, p in model.named_parameters() if name.endswith("A_log")]
+    assert a_logs and all(p.shape[1] == 4 for p in a_logs)

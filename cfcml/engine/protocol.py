@@ -1,14 +1,120 @@
-"""The paper's protocol: every MEN fold or every Derm7pt seed, then mean ± std (Tables 2/3)."""
+"""The paper's protocol: every MEN fold or every Derm7pt seed, then mean ± std (Tables 2/3).
+
+The runs are independent, so `jobs` of them can train at once in worker processes. On a CPU
+each worker gets cores // jobs torch threads (at least one): the small presets are bound by per-op overhead,
+where one thread is about as fast as two, so parallel runs nearly divide the wall time. On a
+multi-GPU machine each worker owns one GPU. A run's CPU result is bit-identical for a seed
+only at the same thread count; metrics.json records the count.
+"""
 
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
+import os
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import Config
+import torch
+
+from ..config import Config, config_from_dict
 from ..data.registry import load_cohort
 from .run import train_one
 from .summary import markdown_table, summarize_runs, wilcoxon_compare
+
+
+class ProtocolError(RuntimeError):
+    pass
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (respects affinity masks and container CPU sets)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+@dataclass
+class JobPlan:
+    jobs: int  # runs training at once
+    threads: int  # torch threads per run; 0 leaves torch's default
+    devices: list[str]  # worker i trains on devices[i]
+
+
+def plan_jobs(cfg: Config, pending: int, jobs: int | None = None) -> JobPlan:
+    """How many runs train at once and where. `jobs` None: one per GPU; on a CPU all runs at
+    once while they are at most two per core (3 runs on 2 cores take 1.5 run-times at once,
+    2 in two waves), else one per core."""
+    t = cfg.train
+    on_cuda = t.device.startswith("cuda") or (t.device == "auto" and torch.cuda.is_available())
+    slots = torch.cuda.device_count() if on_cuda else available_cpus()
+    if jobs is None:
+        jobs = pending if not on_cuda and pending <= 2 * slots else slots
+    n = max(1, min(jobs, pending))
+    if on_cuda and t.device in ("auto", "cuda"):
+        devices = [f"cuda:{i % slots}" for i in range(n)]  # more jobs than GPUs pack onto them
+    else:
+        devices = [t.device] * n
+    threads = t.threads or (max(1, slots // n) if not on_cuda and n > 1 else 0)
+    return JobPlan(n, threads, devices)
+
+
+def _report_finished(report: Callable[[str], None], cfg: Config, name: str, result: dict, done: int, total: int) -> None:
+    value = result["test"].get(cfg.train.select_metric, float("nan"))
+    report(f"{name} finished ({done}/{total}): test {cfg.train.select_metric}={value:.4f}, "
+           f"epoch {result['selected_epoch']} selected on validation")
+
+
+_WORKER: dict = {}  # this worker process's device and thread count
+
+
+def _init_worker(counter, devices: list[str], threads: int) -> None:
+    with counter.get_lock():
+        index = counter.value
+        counter.value += 1
+    _WORKER.update(device=devices[index % len(devices)], threads=threads)
+
+
+def _train_in_worker(cfg_dict: dict, data_root: str, run_dir: str, fold, seed, resume: bool) -> dict:
+    cfg = config_from_dict(cfg_dict)
+    cfg.train.device = _WORKER["device"]
+    cfg.train.threads = _WORKER["threads"]
+    return train_one(cfg, data_root, run_dir, fold=fold, seed=seed, resume=resume, progress=False)
+
+
+def _train_in_parallel(cfg: Config, data_root, out: Path, pending: list[dict], plan: JobPlan, resume: bool,
+                       report: Callable[[str], None]) -> dict[str, dict]:
+    """Train `pending` runs in `plan.jobs` worker processes; -> {run name: metrics.json}.
+
+    A failed run stops the runs not yet started; runs already training finish (their results
+    are kept on disk, so the next call resumes from them), then ProtocolError names the run.
+    """
+    ctx = mp.get_context("spawn")  # fork after torch's thread pools exist can deadlock
+    counter = ctx.Value("i", 0)
+    results, failures = {}, []
+    with ProcessPoolExecutor(plan.jobs, mp_context=ctx, initializer=_init_worker,
+                             initargs=(counter, plan.devices, plan.threads)) as pool:
+        futures = {
+            pool.submit(_train_in_worker, cfg.to_dict(), str(data_root), str(out / r["name"]),
+                        r.get("fold"), r.get("seed"), resume): r["name"]
+            for r in pending
+        }
+        for future in as_completed(futures):
+            name = futures[future]
+            try:
+                results[name] = future.result()
+            except Exception as e:  # noqa: BLE001 — reported below with the run's name
+                failures.append((name, e))
+                for f in futures:
+                    f.cancel()
+                continue
+            _report_finished(report, cfg, name, results[name], len(results), len(pending))
+    if failures:
+        name, error = failures[0]
+        raise ProtocolError(f"run {name} failed ({out / name}): {type(error).__name__}: {error}") from error
+    return results
 
 
 def protocol_runs(cfg: Config, cohort) -> list[dict]:
@@ -18,23 +124,37 @@ def protocol_runs(cfg: Config, cohort) -> list[dict]:
     return [{"name": f"seed{s}", "seed": s} for s in cfg.train.seeds]
 
 
-def run_protocol(cfg: Config, data_root: str | Path, out_dir: str | Path, compare: str | Path | None = None, resume: bool = True) -> dict:
+def run_protocol(cfg: Config, data_root: str | Path, out_dir: str | Path, compare: str | Path | None = None,
+                 resume: bool = True, jobs: int | None = None, report: Callable[[str], None] | None = None) -> dict:
     """Train every run into out_dir/<run>/, then write summary.json and summary.md.
 
     Runs already finished (their metrics.json exists) are reused, so an interrupted protocol
-    continues where it stopped.
+    continues where it stopped. `jobs`: runs trained at once (None = one per core or GPU).
+    `report` receives one line per event (e.g. print to stderr).
     """
-    out = Path(out_dir)
-    cohort = load_cohort(cfg.dataset, data_root)
-    runs = []
-    for r in protocol_runs(cfg, cohort):
-        run_dir = out / r["name"]
-        done = run_dir / "metrics.json"
+    out, report = Path(out_dir), report or (lambda message: None)
+    cohort = load_cohort(cfg.dataset, data_root)  # bad input fails here, before any worker starts
+    planned = protocol_runs(cfg, cohort)
+    results = {}
+    for r in planned:
+        done = out / r["name"] / "metrics.json"
         if resume and done.exists() and json.loads(done.read_text()).get("finished"):
-            result = json.loads(done.read_text())
+            results[r["name"]] = json.loads(done.read_text())
+    pending = [r for r in planned if r["name"] not in results]
+    if pending:
+        plan = plan_jobs(cfg, len(pending), jobs)
+        report(f"{cfg.name}: training {len(pending)} run(s), {plan.jobs} at a time"
+               + (f", {plan.threads} thread(s) each" if plan.threads else "")
+               + (f", {len(results)} reused from {out}" if results else ""))
+        if plan.jobs == 1:
+            for r in pending:
+                results[r["name"]] = train_one(cfg, data_root, out / r["name"], fold=r.get("fold"), seed=r.get("seed"),
+                                               resume=resume, cohort=cohort)
+                _report_finished(report, cfg, r["name"], results[r["name"]], len(results), len(planned))
         else:
-            result = train_one(cfg, data_root, run_dir, fold=r.get("fold"), seed=r.get("seed"), resume=resume, cohort=cohort)
-        runs.append({"name": r["name"], "metrics": result["test"], "selected_epoch": result["selected_epoch"]})
+            results |= _train_in_parallel(cfg, data_root, out, pending, plan, resume, report)
+    runs = [{"name": r["name"], "metrics": results[r["name"]]["test"], "selected_epoch": results[r["name"]]["selected_epoch"]}
+            for r in planned]
     summary = summarize_runs(runs)
     pvalues = None
     if compare:

@@ -111,6 +111,15 @@ def _better(metric: str, new: float, old: float | None) -> bool:
     return new < old if metric == "loss" else new > old
 
 
+def selection_score(history: list[dict], metric: str, window: int) -> float:
+    """The validation score an epoch is selected on: the mean of `metric` over the last `window`
+    epochs (NaN epochs skipped). A window > 1 keeps a one-epoch spike on a small validation
+    set from picking the weights; the weights kept are still those of the epoch itself."""
+    values = [h[f"val_{metric}"] for h in history[-window:]]
+    values = [v for v in values if not math.isnan(v)]
+    return sum(values) / len(values) if values else math.nan
+
+
 def _epoch_seed(seed: int, epoch: int) -> int:
     return seed * 100_003 + epoch  # every epoch reseeds, so a resumed run repeats the same draws
 
@@ -119,9 +128,12 @@ class TrainingRun:
     """One run's state, stepped an epoch at a time (so a tuner can run K folds in lockstep)."""
 
     def __init__(self, cfg: Config, data_root, out_dir, fold: int | None = None, seed: int | None = None,
-                 resume: bool = False, cohort=None):
+                 resume: bool = False, cohort=None, progress: bool = True):
         self.cfg, self.env = cfg, resolve_env(cfg)
         t, env = cfg.train, self.env
+        self.progress = progress  # a tqdm bar per epoch when stderr is a terminal
+        if t.threads:
+            torch.set_num_threads(t.threads)
         self.seed = t.seed if seed is None else seed
         self.out = out = Path(out_dir)
         if env.rank == 0:
@@ -171,7 +183,7 @@ class TrainingRun:
             self.datasets["train"].set_epoch(_epoch_seed(self.seed, epoch) + env.rank)
         self.train_model.train()
         sums, n, t0 = {}, 0, time.time()
-        show_bar = env.rank == 0 and sys.stderr.isatty()
+        show_bar = self.progress and env.rank == 0 and sys.stderr.isatty()
         bar = tqdm(self.train_loader, desc=f"{self.split.name} epoch {epoch + 1}/{t.epochs}", leave=False, disable=not show_bar)
         for batch in bar:
             inputs, y = _to_inputs(batch, self.tables["train"], env)
@@ -193,9 +205,10 @@ class TrainingRun:
         record = {"epoch": epoch, "lr": lr, "seconds": time.time() - t0}
         record |= {f"train_{k}": v / max(n, 1) for k, v in sums.items()} | {f"val_{k}": v for k, v in val.items()}
         self.history.append(record)
-        improved = _better(t.select_metric, val[t.select_metric], self.best["value"])
+        record["select_score"] = score = selection_score(self.history, t.select_metric, t.select_window)
+        improved = _better(t.select_metric, score, self.best["value"])
         if improved:
-            self.best = {"epoch": epoch, "value": val[t.select_metric]}
+            self.best = {"epoch": epoch, "value": score}
         if env.rank == 0:
             if improved:
                 atomic_save({"model": self.model.state_dict(), "config": cfg.to_dict(), "epoch": epoch, "val": val}, self.out / BEST)
@@ -204,8 +217,8 @@ class TrainingRun:
                 "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict(), "epoch": epoch, "history": self.history,
                 "best": self.best, "rng": rng_state(), "config": cfg.to_dict(),
             }, self.out / LAST)  # fmt: skip
-            log.info("%s epoch %d: val %s=%.4f (best epoch %s)", self.split.name, epoch + 1, t.select_metric,
-                     val[t.select_metric], self.best["epoch"])
+            log.info("%s epoch %d: val %s=%.4f, selection score %.4f (best epoch %s)", self.split.name, epoch + 1,
+                     t.select_metric, val[t.select_metric], score, self.best["epoch"])
         self.epoch += 1
         return record
 
@@ -224,11 +237,14 @@ class TrainingRun:
             "preset": self.cfg.name,
             "selected_epoch": best_epoch,
             "select_metric": self.cfg.train.select_metric,
+            "select_window": self.cfg.train.select_window,
             "selection": "validation (never test)",
             "validation": self.history[best_epoch] if best_epoch is not None else None,
             "test": compute_metrics(self.cfg.dataset, y, p) | {"loss": test_loss},
             "history": self.history,
             "sizes": {"train": len(self.split.train), "val": len(self.split.val), "test": len(self.split.test)},
+            # CPU results are bit-identical for a seed only at the same thread count
+            "device": str(env.device), "threads": torch.get_num_threads(),
             "finished": True,
         }
         if env.rank == 0:
@@ -240,12 +256,13 @@ class TrainingRun:
 
 
 def train_one(cfg: Config, data_root, out_dir, fold: int | None = None, seed: int | None = None, resume: bool = False,
-              reporter: Reporter | None = None, cohort=None, max_epochs_this_call: int | None = None) -> dict:
+              reporter: Reporter | None = None, cohort=None, max_epochs_this_call: int | None = None,
+              progress: bool = True) -> dict:
     """Train one run and return the contents of its metrics.json.
 
     `max_epochs_this_call` stops early without testing (tests use it to simulate a crash).
     """
-    run = TrainingRun(cfg, data_root, out_dir, fold=fold, seed=seed, resume=resume, cohort=cohort)
+    run = TrainingRun(cfg, data_root, out_dir, fold=fold, seed=seed, resume=resume, cohort=cohort, progress=progress)
     for _ in range(max_epochs_this_call or cfg.train.epochs):
         if run.done:
             break
