@@ -41,3 +41,10 @@ def test_data_check_json_and_exit_status(tmp_path, capsys):
     (root / "meta" / "meta.csv").write_text("garbage\n")
     assert main(["data", "check", "derm7pt", "--root", str(root)]) == 2
     assert "meta.csv" in capsys.readouterr().err
+
+
+def test_cv_refuses_a_non_positive_job_count(capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main(["cv", "--preset", "men-smoke", "--data", str(tmp_path), "--jobs", "0"])
+    assert e.value.code == 2
+    assert "--jobs: expected a positive whole number, got '0'" in capsys.readouterr().err
