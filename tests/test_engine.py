@@ -103,6 +103,8 @@ def test_plan_jobs_splits_cpu_threads_between_parallel_runs():
     four = plan_jobs(cfg, pending=2, jobs=4)
     assert four.jobs == 2  # never more workers than runs
     assert plan_jobs(cfg, pending=3, jobs=1).threads == 0  # one job: torch's default
+    if not torch.cuda.is_available():  # asking for a GPU that is not there: the run's own error, no crash here
+        assert plan_jobs(build_config("men-smoke", ["train.device=cuda"]), pending=3).devices == ["cuda"]
     pinned = plan_jobs(build_config("men-smoke", ["train.device=cpu", "train.threads=3"]), pending=3, jobs=3)
     assert pinned.threads == 3
 

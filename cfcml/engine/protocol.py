@@ -53,7 +53,7 @@ def plan_jobs(cfg: Config, pending: int, jobs: int | None = None) -> JobPlan:
     if jobs is None:
         jobs = pending if not on_cuda and pending <= 2 * slots else slots
     n = max(1, min(jobs, pending))
-    if on_cuda and t.device in ("auto", "cuda"):
+    if on_cuda and slots and t.device in ("auto", "cuda"):  # no GPU: the run itself says so
         devices = [f"cuda:{i % slots}" for i in range(n)]  # more jobs than GPUs pack onto them
     else:
         devices = [t.device] * n
