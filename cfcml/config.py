@@ -29,7 +29,7 @@ class DataConfig:
 class ModelConfig:
     image_encoder: str = "nnmamba3d"  # nnmamba3d | swin_t
     image_channels: int = 16  # nnMamba base width C
-    mamba_d_state: int = 16  # nnMamba's SSM state size N (smoke presets shrink it for CPU speed)
+    mamba_d_state: int = 16  # nnMamba's SSM state size N
     image_pretrained: str = "none"  # Swin-T: none | a hub tag | a local checkpoint path
     swin_variant: str = "tiny"  # tiny (the paper's Swin-T) | micro (smoke presets)
     swin_detach_early_stages: bool = False  # the authors' behaviour: only stage 4 trains Swin

@@ -129,7 +129,7 @@ def run_protocol(cfg: Config, data_root: str | Path, out_dir: str | Path, compar
     """Train every run into out_dir/<run>/, then write summary.json and summary.md.
 
     Runs already finished (their metrics.json exists) are reused, so an interrupted protocol
-    continues where it stopped. `jobs`: runs trained at once (None = one per core or GPU).
+    continues where it stopped. `jobs`: runs trained at once (None: see `plan_jobs`).
     `report` receives one line per event (e.g. print to stderr).
     """
     out, report = Path(out_dir), report or (lambda message: None)
@@ -147,10 +147,10 @@ def run_protocol(cfg: Config, data_root: str | Path, out_dir: str | Path, compar
                + (f", {plan.threads} thread(s) each" if plan.threads else "")
                + (f", {len(results)} reused from {out}" if results else ""))
         if plan.jobs == 1:
-            for r in pending:
+            for done, r in enumerate(pending, 1):
                 results[r["name"]] = train_one(cfg, data_root, out / r["name"], fold=r.get("fold"), seed=r.get("seed"),
                                                resume=resume, cohort=cohort)
-                _report_finished(report, cfg, r["name"], results[r["name"]], len(results), len(planned))
+                _report_finished(report, cfg, r["name"], results[r["name"]], done, len(pending))
         else:
             results |= _train_in_parallel(cfg, data_root, out, pending, plan, resume, report)
     runs = [{"name": r["name"], "metrics": results[r["name"]]["test"], "selected_epoch": results[r["name"]]["selected_epoch"]}
