@@ -32,13 +32,16 @@ def _config(args):
 def cmd_summary(args) -> int:
     from .models.summary import format_summary, summarize
 
-    s = summarize(_config(args))
+    from .datasets.registry import cohort_shape
+
+    cfg = _config(args)
+    s = summarize(cfg, cohort_shape(cfg.dataset))
     print(json.dumps(s, indent=2) if args.json else format_summary(s))
     return 0
 
 
 def cmd_synth(args) -> int:
-    from .data.registry import write_synthetic
+    from .datasets.registry import write_synthetic
 
     out = write_synthetic(args.dataset, args.out, args.size, args.seed)
     print(f"wrote a synthetic {args.dataset} cohort to {out}")
@@ -46,7 +49,7 @@ def cmd_synth(args) -> int:
 
 
 def cmd_data_check(args) -> int:
-    from .data.registry import check_cohort
+    from .datasets.registry import check_cohort
 
     cohort, problems = check_cohort(args.dataset, args.root)
     if problems:
@@ -182,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
-    from .data.cohort import CohortError
+    from .datasets.cohort import CohortError
 
     args = build_parser().parse_args(argv)
     try:

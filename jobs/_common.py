@@ -76,12 +76,12 @@ def main(dataset: str, argv: list[str] | None = None) -> int:
     args = build_parser(dataset).parse_args(argv)
 
     from cfcml.config import ConfigError
-    from cfcml.data.cohort import CohortError
+    from cfcml.datasets.cohort import CohortError
     from cfcml.platform.tune import StudyError, StudyInterrupted, StudySpec, run_study
 
     data = args.data
     if data is None:
-        from cfcml.data.registry import write_synthetic
+        from cfcml.datasets.registry import write_synthetic
 
         data = args.synth_dir
         marker = data / ("clinical.csv" if dataset == "men" else "meta/meta.csv")

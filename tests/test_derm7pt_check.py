@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cfcml.data.cohort import CohortError
-from cfcml.data.derm7pt import (
+from cfcml.datasets.cohort import CohortError
+from cfcml.datasets.derm7pt.reader import (
     META_COLUMNS,
     check_derm7pt,
     derm7pt_tabular_feature_names,

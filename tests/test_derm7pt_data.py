@@ -9,17 +9,17 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from cfcml.data.cohort import Case
-from cfcml.data.derm7pt import (
+from cfcml.datasets.cohort import Case
+from cfcml.datasets.derm7pt.reader import (
     check_derm7pt,
     derm7pt_tabular_features,
     diagnosis_label,
     read_derm7pt,
 )
-from cfcml.data.derm_dataset import Derm7ptDataset
-from cfcml.data.samplers import ClassBalancedBatchSampler
-from cfcml.data.synth_derm7pt import plan_counts, write_synthetic_derm7pt
-from cfcml.data.transforms2d import (
+from cfcml.datasets.photo_dataset import Derm7ptDataset
+from cfcml.datasets.samplers import ClassBalancedBatchSampler
+from cfcml.datasets.derm7pt.synthetic import plan_counts, write_synthetic_derm7pt
+from cfcml.datasets.photo_transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ImageCache,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cfcml.config import build_config
-from cfcml.data.registry import write_synthetic
+from cfcml.datasets.registry import write_synthetic
 from cfcml.engine.protocol import run_protocol
 from cfcml.engine.run import TrainingRun, train_one
 from cfcml.engine.schedule import lr_factor
@@ -68,7 +68,7 @@ def test_run_writes_metrics_and_selects_on_validation(derm_cohort, cache_dir, tm
 def test_training_refuses_a_cohort_that_fails_the_check(derm_cohort, cache_dir, tmp_path):
     import shutil
 
-    from cfcml.data.cohort import CohortError
+    from cfcml.datasets.cohort import CohortError
 
     bad = tmp_path / "bad"
     shutil.copytree(derm_cohort, bad)

@@ -11,9 +11,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from cfcml.data.cohort import CohortError
-from cfcml.data.men import check_men, read_men
-from cfcml.data.synth_men import convert_to_layout_b, write_synthetic_men
+from cfcml.datasets.cohort import CohortError
+from cfcml.datasets.men.reader import check_men, read_men
+from cfcml.datasets.men.synthetic import convert_to_layout_b, write_synthetic_men
 
 
 @pytest.fixture(scope="module")

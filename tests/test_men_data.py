@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from cfcml.data.men import (
+from cfcml.datasets.men.reader import (
     ATTRIBUTES,
     CLASSES,
     MODALITIES,
@@ -22,7 +22,7 @@ from cfcml.data.men import (
     men_tabular_features,
     read_men,
 )
-from cfcml.data.synth_men import (
+from cfcml.datasets.men.synthetic import (
     class_counts,
     convert_to_layout_b,
     measure_signal,
@@ -189,7 +189,7 @@ def _grid(spacing, origin):
 
 
 def _pipeline(size):
-    from cfcml.data.transforms3d import deterministic_pipeline
+    from cfcml.datasets.volume_transforms import deterministic_pipeline
 
     return deterministic_pipeline(size)
 
@@ -197,7 +197,7 @@ def _pipeline(size):
 def test_pipeline_output_shape_background_and_zscore(cohort):
     pipe = _pipeline(SIZE)
     for case in cohort.cases[:4]:
-        from cfcml.data.transforms3d import case_to_dict
+        from cfcml.datasets.volume_transforms import case_to_dict
 
         out = pipe(case_to_dict(case))
         assert set(out) == set(MODALITIES)
@@ -269,7 +269,7 @@ def test_series_on_different_grids_are_resampled_onto_t1c(tmp_path):
 
 
 def test_augmentation_changes_values_keeps_shapes(cohort):
-    from cfcml.data.transforms3d import augment_pipeline, case_to_dict
+    from cfcml.datasets.volume_transforms import augment_pipeline, case_to_dict
 
     base = _pipeline(SIZE)(case_to_dict(cohort.cases[0]))
     aug = augment_pipeline(SIZE, prob=1.0)  # every step fires
@@ -294,7 +294,7 @@ def test_augmentation_changes_values_keeps_shapes(cohort):
 
 
 def test_memory_cache_second_pass_decodes_nothing(cohort):
-    from cfcml.data.volume_cache import VolumeCache
+    from cfcml.datasets.volume_cache import VolumeCache
 
     cache = VolumeCache(SIZE)
     cases = cohort.cases[:6]
@@ -309,7 +309,7 @@ def test_memory_cache_second_pass_decodes_nothing(cohort):
 
 
 def test_disk_cache_survives_processes_and_keys_on_content(cohort, tmp_path):
-    from cfcml.data.volume_cache import VolumeCache, make_volume_cache
+    from cfcml.datasets.volume_cache import VolumeCache, make_volume_cache
 
     cases = cohort.cases[:3]
     a = VolumeCache(SIZE, tmp_path / "cache")
@@ -328,8 +328,8 @@ def test_disk_cache_survives_processes_and_keys_on_content(cohort, tmp_path):
 
 
 def test_dataset_items_and_dataloader_workers(cohort):
-    from cfcml.data.men_dataset import MenDataset
-    from cfcml.data.volume_cache import VolumeCache
+    from cfcml.datasets.volume_dataset import MenDataset
+    from cfcml.datasets.volume_cache import VolumeCache
 
     cases = cohort.cases[:6]
     cache = VolumeCache(SIZE)

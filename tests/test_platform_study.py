@@ -65,7 +65,7 @@ def stack(moto_s3):
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
-    from cfcml.data.registry import write_synthetic
+    from cfcml.datasets.registry import write_synthetic
 
     return write_synthetic("men", tmp_path_factory.mktemp("men") / "men45", 45, 0)
 
@@ -94,7 +94,7 @@ def _ddp_compare(cohort: str, cache_dir: str, out: str) -> None:
     from ray.train.torch import TorchTrainer
 
     from cfcml.config import build_config
-    from cfcml.data.registry import load_cohort
+    from cfcml.datasets.registry import load_cohort
     from cfcml.engine.run import TrainingRun
     from cfcml.platform.train_loop import cv_metrics, train_loop_per_worker
 

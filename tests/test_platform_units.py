@@ -117,7 +117,7 @@ def test_cv_objective_uses_each_folds_selected_epoch():
 
 
 def test_pyfunc_rows_round_trip_to_the_same_sentences(tmp_path):
-    from cfcml.data.registry import load_cohort, write_synthetic
+    from cfcml.datasets.registry import load_cohort, write_synthetic
     from cfcml.platform.pyfunc import case_record, model_signature, record_to_case
 
     write_synthetic("men", tmp_path / "men", 9, 0)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from cfcml.data.samplers import (
+from cfcml.datasets.samplers import (
     ClassBalancedBatchSampler,
     DistributedClassBalancedBatchSampler,
 )

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..config import Config, config_from_dict
-from ..data.registry import load_cohort
+from cfcml.datasets.registry import load_cohort
 from .run import train_one
 from .summary import markdown_table, summarize_runs, wilcoxon_compare
 

@@ -24,9 +24,10 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..config import Config, save_config
-from ..data.loaders import build_tabular_inputs, make_datasets, make_train_sampler
-from ..data.registry import load_cohort
-from ..models.cfcml import DATASETS, build_model
+from cfcml.datasets.loaders import build_tabular_inputs, make_datasets, make_train_sampler
+from cfcml.datasets.registry import load_cohort
+from cfcml.datasets.registry import cohort_shape
+from ..models.cfcml import build_model
 from .checkpoint import atomic_save, rng_state, seed_everything, set_rng_state
 from .loss import compute_loss
 from .metrics import compute_metrics
@@ -145,11 +146,12 @@ class TrainingRun:
 
         cohort = cohort or load_cohort(cfg.dataset, data_root)  # refuses a cohort that fails the check
         self.split = split = run_split(cfg, cohort, fold, seed)
-        self.num_classes = len(DATASETS[cfg.dataset]["classes"])
+        shape = cohort_shape(cfg.dataset)
+        self.num_classes = shape.num_classes
         self.tables, num_features = build_tabular_inputs(cfg, split)
         self.datasets = make_datasets(cfg, split)
 
-        self.model = build_model(cfg, num_tabular_features=num_features).to(env.device)
+        self.model = build_model(cfg, shape, num_tabular_features=num_features).to(env.device)
         self.train_model = self.model
         if env.world > 1:
             ids = [env.device.index] if env.device.type == "cuda" else None

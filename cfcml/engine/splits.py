@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from sklearn.model_selection import train_test_split
 
 from ..config import Config
-from ..data.cohort import Case, Cohort
+from cfcml.datasets.cohort import Case, Cohort
 
 
 @dataclass

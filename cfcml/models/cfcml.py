@@ -12,15 +12,11 @@ import torch
 from torch import nn
 
 from ..config import Config
+from .shape import CohortShape
 from .cie import GranularityCIE, GranularityFusion
 from .text import CLIP_TEXT_DIM, MLPTabularEmbedding, TabularTextProjection
 from .tokens import flatten_tokens, make_token_map
 
-DATASETS = {
-    # classes, image modalities, tabular attributes, whether one 2D encoder serves all images
-    "men": {"classes": ("G1", "G2inv", "G2ninv"), "modalities": ("T1C", "FLAIR_C", "ADC"), "num_attributes": 6, "shared_encoder": False},
-    "derm7pt": {"classes": ("NEV", "MEL"), "modalities": ("clinic", "derm"), "num_attributes": 5, "shared_encoder": True},
-}
 STAGE_STRIDES = {"nnmamba3d": (2, 4, 8, 16), "swin_t": (4, 8, 16, 32)}
 
 
@@ -49,17 +45,17 @@ class CFCML(nn.Module):
     forward -> {"logits": [B, K], "features": M tensors [B, C_t] (images first, tabular last)}.
     """
 
-    def __init__(self, cfg: Config, num_tabular_features: int | None = None):
+    def __init__(self, cfg: Config, shape: CohortShape, num_tabular_features: int | None = None):
         super().__init__()
-        m, spec = cfg.model, DATASETS[cfg.dataset]
+        m = cfg.model
         self.use_images, self.use_tabular = m.use_images, m.use_tabular
         self.stages = [0, 1, 2, 3] if m.mg_cie else [m.sg_stage - 1]
-        self.num_images = len(spec["modalities"]) if m.use_images else 0
+        self.num_images = shape.num_images if m.use_images else 0
         num_modalities = self.num_images + int(m.use_tabular)
         dim = m.dim
 
         if m.use_images:
-            n_enc = 1 if spec["shared_encoder"] else self.num_images
+            n_enc = 1 if shape.shared_encoder else self.num_images
             self.encoders = nn.ModuleList(build_image_encoder(cfg) for _ in range(n_enc))
             grids = stage_grids(m.image_encoder, cfg.data.image_size)
             channels = self.encoders[0].stage_channels
@@ -75,9 +71,9 @@ class CFCML(nn.Module):
             else:
                 if not num_tabular_features:
                     raise ValueError("model.tabular_embedding=mlp needs the number of encoded tabular features")
-                self.tabular_embed = MLPTabularEmbedding(num_tabular_features, spec["num_attributes"], dim)
+                self.tabular_embed = MLPTabularEmbedding(num_tabular_features, shape.num_attributes, dim)
             # One map t -> n_t, shared by all granularities (the tabular tokens have one granularity).
-            self.tabular_token_map = make_token_map(m.token_mapping, spec["num_attributes"], m.n_tabular_tokens, dim, dim, m.heads)
+            self.tabular_token_map = make_token_map(m.token_mapping, shape.num_attributes, m.n_tabular_tokens, dim, dim, m.heads)
 
         self.cie = nn.ModuleList(GranularityCIE(num_modalities, dim, m.heads) for _ in self.stages)
         expand = 2 if num_modalities > 1 else 1  # CIE doubles the tokens (query + attention output)
@@ -86,7 +82,7 @@ class CFCML(nn.Module):
         self.classifier = nn.Sequential(
             nn.Linear(dim * num_modalities, 128), nn.ReLU(), nn.Dropout(m.dropout),
             nn.Linear(128, 16), nn.ReLU(), nn.Dropout(m.dropout),
-            nn.Linear(16, len(spec["classes"])),
+            nn.Linear(16, shape.num_classes),
         )  # fmt: skip
 
     def backbone_parameters(self) -> list[nn.Parameter]:
@@ -128,8 +124,8 @@ class CFCML(nn.Module):
         return {"logits": self.classifier(torch.cat(features, dim=1)), "features": features}
 
 
-def build_model(cfg: Config, num_tabular_features: int | None = None) -> CFCML:
-    return CFCML(cfg, num_tabular_features)
+def build_model(cfg: Config, shape: CohortShape, num_tabular_features: int | None = None) -> CFCML:
+    return CFCML(cfg, shape, num_tabular_features)
 
 
 def count_params(model: nn.Module) -> int:

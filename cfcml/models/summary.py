@@ -8,7 +8,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..config import Config
-from .cfcml import DATASETS, build_model, count_params, stage_grids
+from .cfcml import build_model, count_params, stage_grids
+from .shape import CohortShape
 
 PAPER = {"men": {"params_m": 35.98, "gflops": 19.07}, "derm7pt": {"params_m": 30.63, "gflops": 79.79}}
 
@@ -26,21 +27,19 @@ def frozen_text_params(cfg: Config) -> int:
     return sum(p.numel() for p in tower.parameters())
 
 
-def example_inputs(cfg: Config, batch: int = 1, num_tabular_features: int = 16) -> dict:
-    spec = DATASETS[cfg.dataset]
-    channels = 1 if cfg.dataset == "men" else 3
-    images = [torch.randn(batch, channels, *cfg.data.image_size) for _ in spec["modalities"]]
+def example_inputs(cfg: Config, shape: CohortShape, batch: int = 1, num_tabular_features: int = 16) -> dict:
+    images = [torch.randn(batch, shape.in_channels, *cfg.data.image_size) for _ in range(shape.num_images)]
     if cfg.model.tabular_embedding == "clip":
-        tabular = torch.randn(batch, spec["num_attributes"], 512)
+        tabular = torch.randn(batch, shape.num_attributes, 512)
     else:
         tabular = torch.randn(batch, num_tabular_features)
     return {"images": images if cfg.model.use_images else None, "tabular": tabular if cfg.model.use_tabular else None}
 
 
-def summarize(cfg: Config) -> dict:
-    model = build_model(cfg, num_tabular_features=16).eval()
+def summarize(cfg: Config, shape: CohortShape) -> dict:
+    model = build_model(cfg, shape, num_tabular_features=16).eval()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(**example_inputs(cfg))
+        model(**example_inputs(cfg, shape))
     stages = []
     if cfg.model.use_images:
         grids = stage_grids(cfg.model.image_encoder, cfg.data.image_size)

@@ -20,7 +20,7 @@ def load_model(model_uri: str, tracking_uri: str | None = None):
 def predict_cohort(model_uri: str, data_dir, out="preds.csv", tracking_uri: str | None = None) -> Path:
     """Predict every case of the cohort at `data_dir` (read and checked like for training)
     and write a CSV: case_id, split, label (the cohort's class), prob_<class>..., pred."""
-    from ..data.registry import load_cohort
+    from cfcml.datasets.registry import load_cohort
     from .pyfunc import cohort_frame
 
     model = load_model(model_uri, tracking_uri)

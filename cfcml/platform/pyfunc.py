@@ -15,7 +15,7 @@ The model directory holds everything the prediction needs besides the image file
 the resolved config, the class names, the weights of each run of the best trial (one per
 MEN fold / Derm7pt seed, each at its epoch selected on validation; their probabilities are
 averaged), the preprocessing (the same deterministic MONAI / PIL pipelines as training, run
-by the datasets of :mod:`cfcml.data`), the sentence-embedding table (sentence -> frozen
+by the datasets of :mod:`cfcml.datasets`), the sentence-embedding table (sentence -> frozen
 text-encoder vector) of every sentence seen in the cohort, and the ``cfcml`` code itself.
 A sentence that is not in the table (an unseen age or area value) is encoded with the text
 encoder the config names (``model.text_pretrained``); with ``openai`` weights this needs
@@ -39,8 +39,8 @@ import numpy as np
 import torch
 
 from ..config import Config, config_from_dict, save_config
-from ..data.cohort import Case, Cohort
-from ..models.cfcml import DATASETS
+from cfcml.datasets.cohort import Case, Cohort
+from cfcml.datasets.registry import cohort_classes, cohort_series, cohort_shape
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +55,10 @@ REQUIREMENTS = ("torch", "torchvision", "numpy", "pandas", "monai", "nibabel", "
 
 def _dataset_module(dataset: str):
     if dataset == "men":
-        from ..data import men
+        from cfcml.datasets.men import reader as men
 
         return men
-    from ..data import derm7pt
+    from cfcml.datasets.derm7pt import reader as derm7pt
 
     return derm7pt
 
@@ -68,12 +68,12 @@ def attribute_names(dataset: str) -> tuple[str, ...]:
 
 
 def image_columns(dataset: str) -> tuple[str, ...]:
-    return DATASETS[dataset]["modalities"]
+    return cohort_series(dataset)
 
 
 def _men_raw_text(case: Case) -> dict[str, str]:
     """The clinical.csv cell texts behind a case's sentences (sentences insert them verbatim)."""
-    from ..data.men import ATTRIBUTES, TEMPLATES
+    from cfcml.datasets.men.reader import ATTRIBUTES, TEMPLATES
 
     raw = {}
     for attr, sentence in zip(ATTRIBUTES, case.sentences):
@@ -116,13 +116,13 @@ def record_to_case(dataset: str, row: dict) -> Case:
         raise ValueError(f"row {row.get('case_id', '?')}: missing column(s) or value(s) {missing}")
     images = tuple(Path(str(row[m])) for m in image_columns(dataset))
     if dataset == "men":
-        from ..data.men import ATTRIBUTES, men_sentences
+        from cfcml.datasets.men.reader import ATTRIBUTES, men_sentences
 
         raw = {a: str(row[a]).strip() for a in ATTRIBUTES}
         attrs = {a: (int(float(v)) if a in ("location", "sex") else float(v)) for a, v in raw.items()}
         mask = None if _blank(row.get("mask")) else Path(str(row["mask"]))
         return Case(str(row["case_id"]), -1, "predict", images, attrs, men_sentences(raw), mask)
-    from ..data.derm7pt import ATTRIBUTES, derm7pt_sentences
+    from cfcml.datasets.derm7pt.reader import ATTRIBUTES, derm7pt_sentences
 
     attrs = {a: str(row[a]).strip() for a in ATTRIBUTES}
     return Case(str(row["case_id"]), -1, "predict", images, attrs, derm7pt_sentences(attrs))
@@ -139,7 +139,7 @@ def model_signature(dataset: str):
     if dataset == "men":
         inputs.append(ColSpec("string", "mask", required=False))
     inputs += [ColSpec("string", a) for a in attribute_names(dataset)]
-    outputs = [ColSpec("string", "case_id")] + [ColSpec("double", f"prob_{c}") for c in DATASETS[dataset]["classes"]]
+    outputs = [ColSpec("string", "case_id")] + [ColSpec("double", f"prob_{c}") for c in cohort_classes(dataset)]
     outputs.append(ColSpec("string", "pred"))
     return ModelSignature(inputs=Schema(inputs), outputs=Schema(outputs))
 
@@ -166,7 +166,7 @@ def build_package(cfg: Config, runs: list[dict], cohort: Cohort, out_dir: str | 
     (``train_cases`` only matters for the MLP tabular embedding, whose scaling is fitted on
     each run's training part).
     """
-    from ..data.men import NUMERIC_ATTRIBUTES
+    from cfcml.datasets.men.reader import NUMERIC_ATTRIBUTES
 
     out = Path(out_dir)
     (out / "weights").mkdir(parents=True, exist_ok=True)
@@ -183,7 +183,7 @@ def build_package(cfg: Config, runs: list[dict], cohort: Cohort, out_dir: str | 
         torch.save(sentence_table(cfg, cohort.cases), out / "sentences.pt")
     meta = {
         "dataset": cfg.dataset,
-        "classes": list(DATASETS[cfg.dataset]["classes"]),
+        "classes": list(cohort_classes(cfg.dataset)),
         "image_columns": list(image_columns(cfg.dataset)),
         "attribute_columns": list(attribute_names(cfg.dataset)),
         "runs": meta_runs,
@@ -222,7 +222,7 @@ with warnings.catch_warnings():
             self.models = []
             for r in self.meta["runs"]:
                 state = torch.load(package / "weights" / f"{r['name']}.pt", map_location="cpu", weights_only=False)
-                model = build_model(self.cfg, num_tabular_features=num_features)
+                model = build_model(self.cfg, cohort_shape(self.cfg.dataset), num_tabular_features=num_features)
                 model.load_state_dict(state["model"])
                 self.models.append(model.to(self.device).eval())
 
@@ -249,11 +249,11 @@ with warnings.catch_warnings():
                 return None
             if self.cfg.model.tabular_embedding == "mlp":
                 if self.cfg.dataset == "men":
-                    from ..data.men import men_tabular_features
+                    from cfcml.datasets.men.reader import men_tabular_features
 
                     fit_on = [SimpleNamespace(attributes=a) for a in run.get("fit_on", [])] or None
                     return torch.from_numpy(men_tabular_features(cases, fit_on=fit_on))
-                from ..data.derm7pt import derm7pt_tabular_features
+                from cfcml.datasets.derm7pt.reader import derm7pt_tabular_features
 
                 return torch.from_numpy(derm7pt_tabular_features(cases))
             flat = [s for c in cases for s in c.sentences]
@@ -262,11 +262,11 @@ with warnings.catch_warnings():
         def _dataset(self, cases: list[Case]):
             size = self.cfg.data.image_size
             if self.cfg.dataset == "men":
-                from ..data.men_dataset import MenDataset
-                from ..data.volume_cache import VolumeCache
+                from cfcml.datasets.volume_dataset import MenDataset
+                from cfcml.datasets.volume_cache import VolumeCache
 
                 return MenDataset(cases, size, train=False, cache=VolumeCache(size))
-            from ..data.derm_dataset import Derm7ptDataset
+            from cfcml.datasets.photo_dataset import Derm7ptDataset
 
             return Derm7ptDataset(cases, size, train=False, color=self.cfg.data.color, cache=False)
 

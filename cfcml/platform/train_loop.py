@@ -182,7 +182,7 @@ def train_loop_per_worker(config: dict) -> None:
     import torch
 
     from ..config import config_from_dict
-    from ..data.registry import load_cohort
+    from cfcml.datasets.registry import load_cohort
     from ..engine.run import TrainingRun
 
     ctx = ray.train.get_context()

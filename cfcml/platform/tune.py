@@ -421,7 +421,7 @@ def run_study(spec: StudySpec) -> dict:
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from ..data.registry import load_cohort
+    from cfcml.datasets.registry import load_cohort
     from ..engine.protocol import protocol_runs
     from .pyfunc import cohort_digest, git_commit, package_versions
     from .tracking import end_running_children, mlflow_run
@@ -652,9 +652,9 @@ def evaluate_best(cfg: Config, data: str, cohort, runs: list[dict], ckpt_dir: Pa
 
 
 def _log_test(client, parent_id: str, best_run: str | None, test: dict, cfg: Config) -> None:
-    from ..models.cfcml import DATASETS
+    from cfcml.datasets.registry import cohort_classes
 
-    classes = DATASETS[cfg.dataset]["classes"]
+    classes = cohort_classes(cfg.dataset)
     targets = [parent_id] + ([best_run] if best_run else [])
     for run_id in targets:
         from mlflow.entities import Metric

@@ -7,9 +7,9 @@ import os
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from cfcml.data.men import MODALITIES
-from cfcml.data.transforms3d import augment_pipeline
-from cfcml.data.volume_cache import VolumeCache
+from cfcml.datasets.men.reader import MODALITIES
+from cfcml.datasets.volume_transforms import augment_pipeline
+from cfcml.datasets.volume_cache import VolumeCache
 
 
 class MenDataset(Dataset):

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cfcml.data.cohort import Case, Cohort, CohortError, Problem
+from cfcml.datasets.cohort import Case, Cohort, CohortError, Problem
 
 CLASSES = ("G1", "G2inv", "G2ninv")
 MODALITIES = ("T1C", "FLAIR_C", "ADC")

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 
 from ..config import Config
-from .cohort import Case
-from .samplers import ClassBalancedBatchSampler, DistributedClassBalancedBatchSampler
+from cfcml.datasets.cohort import Case
+from cfcml.datasets.samplers import ClassBalancedBatchSampler, DistributedClassBalancedBatchSampler
 
 
 def make_datasets(cfg: Config, split) -> dict:
@@ -20,13 +20,13 @@ def make_datasets(cfg: Config, split) -> dict:
     parts = {"train": split.train, "val": split.val, "test": split.test}
     everyone = [c for cases in parts.values() for c in cases]
     if cfg.dataset == "men":
-        from .men_dataset import MenDataset
+        from cfcml.datasets.volume_dataset import MenDataset
 
         cache = shared_volume_cache(cfg, everyone)
         cache.warm(everyone, num_workers=cfg.data.num_workers)
         return {k: MenDataset(v, cfg.data.image_size, train=(k == "train"), cache=cache, aug_prob=cfg.data.aug_prob)
                 for k, v in parts.items()}  # fmt: skip
-    from .derm_dataset import Derm7ptDataset
+    from cfcml.datasets.photo_dataset import Derm7ptDataset
 
     cache = shared_image_cache(cfg)
     datasets = {k: Derm7ptDataset(v, cfg.data.image_size, train=(k == "train"), color=cfg.data.color, cache=cache,
@@ -41,7 +41,7 @@ _CACHES: dict = {}
 
 def shared_image_cache(cfg: Config):
     """One decoded-image cache per image size, shared by the runs of one process (seeds, folds)."""
-    from .transforms2d import ImageCache, as_hw
+    from cfcml.datasets.photo_transforms import ImageCache, as_hw
 
     key = ("2d", tuple(cfg.data.image_size))
     if key not in _CACHES:
@@ -52,7 +52,7 @@ def shared_image_cache(cfg: Config):
 def shared_volume_cache(cfg: Config, cases: list[Case]):
     """One preprocessed-volume cache per target size: in memory when the cohort fits, else on
     disk under cfg.data.cache_dir (keyed by content hash, so runs and trials reuse it)."""
-    from .volume_cache import make_volume_cache
+    from cfcml.datasets.volume_cache import make_volume_cache
 
     key = ("3d", tuple(cfg.data.image_size), cfg.data.cache_dir)
     if key not in _CACHES:
@@ -73,10 +73,10 @@ def make_train_sampler(cfg: Config, cases: list[Case], seed: int, rank: int = 0,
 def tabular_features(cfg: Config, cases: list[Case], fit_on: list[Case]):
     """Encoded attributes [N, F] for the MLP embedding, scaled with statistics of `fit_on` only."""
     if cfg.dataset == "men":
-        from .men import men_tabular_features
+        from cfcml.datasets.men.reader import men_tabular_features
 
         return torch.from_numpy(men_tabular_features(cases, fit_on=fit_on))
-    from .derm7pt import derm7pt_tabular_features
+    from cfcml.datasets.derm7pt.reader import derm7pt_tabular_features
 
     return torch.from_numpy(derm7pt_tabular_features(cases))
 

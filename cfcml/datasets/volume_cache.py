@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cfcml.data.men import MODALITIES
-from cfcml.data.transforms3d import (
+from cfcml.datasets.men.reader import MODALITIES
+from cfcml.datasets.volume_transforms import (
     PIPELINE_VERSION,
     case_to_dict,
     deterministic_pipeline,

@@ -1,4 +1,4 @@
-"""Synthetic MEN cohort in layout A (see `cfcml.data.men`), for tests, demos and smoke runs.
+"""Synthetic MEN cohort in layout A (see `cfcml.datasets.men.reader`), for tests, demos and smoke runs.
 
 Every patient is a small analytic phantom — a brain-tissue region (zero outside), a
 CSF pocket, a tumour ellipsoid and a peritumoural edema shell — sampled on three different
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cfcml.data.men import CLASSES, MODALITIES
+from cfcml.datasets.men.reader import CLASSES, MODALITIES
 
 CLASS_SHARE = np.array([650, 60, 86]) / 796  # the real cohort's imbalance
 CUE_MEANS = {  # per class (G1, G2inv, G2ninv), in units of the cue's noise s.d.
@@ -300,7 +300,7 @@ def convert_to_layout_b(src, out) -> Path:
     """
     import shutil
 
-    from cfcml.data.men import LAYOUT_B_FILES, LAYOUT_B_GRADE_DIRS, read_men
+    from cfcml.datasets.men.reader import LAYOUT_B_FILES, LAYOUT_B_GRADE_DIRS, read_men
 
     src, out = Path(src), Path(out)
     cohort = read_men(src)
@@ -350,8 +350,8 @@ def measure_signal(patients: int = 796, seed: int = 0, shape=(48, 48, 12)) -> di
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from cfcml.data.cohort import Case
-    from cfcml.data.men import men_tabular_features
+    from cfcml.datasets.cohort import Case
+    from cfcml.datasets.men.reader import men_tabular_features
 
     plans = plan_cohort(patients, seed)
     y = np.array([p.label for p in plans])

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cfcml.data.cohort import Case, Cohort, CohortError, Problem
+from cfcml.datasets.cohort import Case, Cohort, CohortError, Problem
 
 DATASET = "derm7pt"
 CLASSES = ("NEV", "MEL")

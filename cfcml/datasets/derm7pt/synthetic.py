@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from cfcml.data.derm7pt import META_COLUMNS, SPLITS, VOCAB
+from cfcml.datasets.derm7pt.reader import META_COLUMNS, SPLITS, VOCAB
 
 SIGNAL = 1.0  # class shift of each image latent, in noise SDs: single-image AUC ≈ Φ(1/√2) ≈ 0.76
 IMAGE_SIZE = (768, 512)  # (W, H), the typical size of the real photos

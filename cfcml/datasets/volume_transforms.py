@@ -36,7 +36,7 @@ from monai.transforms import (
     Transposed,
 )
 
-from cfcml.data.men import MODALITIES
+from cfcml.datasets.men.reader import MODALITIES
 
 PIPELINE_VERSION = 1  # bump whenever deterministic output changes: it keys the volume cache
 CLIP = (0.0, 1200.0)  # SPEC §1; mostly bounds ADC (CSF ~3000)

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
-from cfcml.data.cohort import Case
-from cfcml.data.transforms2d import ImageCache, PairTransform, as_hw, decode_resized
+from cfcml.datasets.cohort import Case
+from cfcml.datasets.photo_transforms import ImageCache, PairTransform, as_hw, decode_resized
 
 
 class Derm7ptDataset(Dataset):
