@@ -16,9 +16,9 @@ import time
 import torch
 
 from cfcml.config import build_config
+from cfcml.datasets.registry import cohort_shape
 from cfcml.engine.loss import compute_loss
 from cfcml.engine.schedule import build_optimizer
-from cfcml.datasets.registry import cohort_shape
 from cfcml.models.cfcml import build_model
 from cfcml.models.summary import example_inputs
 

@@ -30,9 +30,8 @@ def _config(args):
 
 
 def cmd_summary(args) -> int:
-    from .models.summary import format_summary, summarize
-
     from .datasets.registry import cohort_shape
+    from .models.summary import format_summary, summarize
 
     cfg = _config(args)
     s = summarize(cfg, cohort_shape(cfg.dataset))

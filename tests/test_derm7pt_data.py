@@ -16,9 +16,8 @@ from cfcml.datasets.derm7pt.reader import (
     diagnosis_label,
     read_derm7pt,
 )
-from cfcml.datasets.photo_dataset import Derm7ptDataset
-from cfcml.datasets.samplers import ClassBalancedBatchSampler
 from cfcml.datasets.derm7pt.synthetic import plan_counts, write_synthetic_derm7pt
+from cfcml.datasets.photo_dataset import Derm7ptDataset
 from cfcml.datasets.photo_transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -27,6 +26,7 @@ from cfcml.datasets.photo_transforms import (
     decode_resized,
     to_model_input,
 )
+from cfcml.datasets.samplers import ClassBalancedBatchSampler
 
 PAPER = {"train": {"NEV": 256, "MEL": 90}, "valid": {"NEV": 100, "MEL": 61}, "test": {"NEV": 219, "MEL": 101}}
 

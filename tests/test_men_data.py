@@ -328,8 +328,8 @@ def test_disk_cache_survives_processes_and_keys_on_content(cohort, tmp_path):
 
 
 def test_dataset_items_and_dataloader_workers(cohort):
-    from cfcml.datasets.volume_dataset import MenDataset
     from cfcml.datasets.volume_cache import VolumeCache
+    from cfcml.datasets.volume_dataset import MenDataset
 
     cases = cohort.cases[:6]
     cache = VolumeCache(SIZE)

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from ..config import Config
 from cfcml.datasets.cohort import Case
 from cfcml.datasets.samplers import ClassBalancedBatchSampler, DistributedClassBalancedBatchSampler
+
+from ..config import Config
 
 
 def make_datasets(cfg: Config, split) -> dict:

@@ -8,8 +8,8 @@ import torch
 from torch.utils.data import Dataset, get_worker_info
 
 from cfcml.datasets.men.reader import MODALITIES
-from cfcml.datasets.volume_transforms import augment_pipeline
 from cfcml.datasets.volume_cache import VolumeCache
+from cfcml.datasets.volume_transforms import augment_pipeline
 
 
 class MenDataset(Dataset):

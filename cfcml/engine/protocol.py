@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config, config_from_dict
 from cfcml.datasets.registry import load_cohort
+
+from ..config import Config, config_from_dict
 from .run import train_one
 from .summary import markdown_table, summarize_runs, wilcoxon_compare
 

@@ -23,10 +23,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..config import Config, save_config
 from cfcml.datasets.loaders import build_tabular_inputs, make_datasets, make_train_sampler
-from cfcml.datasets.registry import load_cohort
-from cfcml.datasets.registry import cohort_shape
+from cfcml.datasets.registry import cohort_shape, load_cohort
+
+from ..config import Config, save_config
 from ..models.cfcml import build_model
 from .checkpoint import atomic_save, rng_state, seed_everything, set_rng_state
 from .loss import compute_loss

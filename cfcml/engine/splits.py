@@ -6,8 +6,9 @@ from dataclasses import dataclass
 
 from sklearn.model_selection import train_test_split
 
-from ..config import Config
 from cfcml.datasets.cohort import Case, Cohort
+
+from ..config import Config
 
 
 @dataclass

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from ..config import Config
-from .shape import CohortShape
 from .cie import GranularityCIE, GranularityFusion
+from .shape import CohortShape
 from .text import CLIP_TEXT_DIM, MLPTabularEmbedding, TabularTextProjection
 from .tokens import flatten_tokens, make_token_map
 

@@ -21,6 +21,7 @@ def predict_cohort(model_uri: str, data_dir, out="preds.csv", tracking_uri: str 
     """Predict every case of the cohort at `data_dir` (read and checked like for training)
     and write a CSV: case_id, split, label (the cohort's class), prob_<class>..., pred."""
     from cfcml.datasets.registry import load_cohort
+
     from .pyfunc import cohort_frame
 
     model = load_model(model_uri, tracking_uri)

@@ -38,9 +38,10 @@ import mlflow.pyfunc
 import numpy as np
 import torch
 
-from ..config import Config, config_from_dict, save_config
 from cfcml.datasets.cohort import Case, Cohort
 from cfcml.datasets.registry import cohort_classes, cohort_series, cohort_shape
+
+from ..config import Config, config_from_dict, save_config
 
 log = logging.getLogger(__name__)
 
@@ -262,8 +263,8 @@ with warnings.catch_warnings():
         def _dataset(self, cases: list[Case]):
             size = self.cfg.data.image_size
             if self.cfg.dataset == "men":
-                from cfcml.datasets.volume_dataset import MenDataset
                 from cfcml.datasets.volume_cache import VolumeCache
+                from cfcml.datasets.volume_dataset import MenDataset
 
                 return MenDataset(cases, size, train=False, cache=VolumeCache(size))
             from cfcml.datasets.photo_dataset import Derm7ptDataset

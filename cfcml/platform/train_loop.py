@@ -181,8 +181,9 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import torch
 
-    from ..config import config_from_dict
     from cfcml.datasets.registry import load_cohort
+
+    from ..config import config_from_dict
     from ..engine.run import TrainingRun
 
     ctx = ray.train.get_context()

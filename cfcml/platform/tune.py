@@ -422,6 +422,7 @@ def run_study(spec: StudySpec) -> dict:
     from ray.tune.search.optuna import OptunaSearch
 
     from cfcml.datasets.registry import load_cohort
+
     from ..engine.protocol import protocol_runs
     from .pyfunc import cohort_digest, git_commit, package_versions
     from .tracking import end_running_children, mlflow_run
