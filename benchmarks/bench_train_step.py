@@ -16,7 +16,7 @@ import time
 import torch
 
 from cfcml.config import build_config
-from cfcml.datasets.registry import cohort_shape
+from cfcml.datasets.spec import load_spec
 from cfcml.engine.loss import compute_loss
 from cfcml.engine.schedule import build_optimizer
 from cfcml.models.cfcml import build_model
@@ -33,11 +33,11 @@ def _to(inputs: dict, device) -> dict:
 def check_against_cpu(cfg, model_cpu, device) -> float:
     """Max |logit difference| / max |logit| between CPU fp32 and `device` bf16, eval mode."""
     torch.manual_seed(0)
-    x = example_inputs(cfg, cohort_shape(cfg.dataset), batch=2)
+    x = example_inputs(cfg, load_spec(cfg.dataset).shape(), batch=2)
     model_cpu.eval()
     with torch.no_grad():
         ref = model_cpu(**x)["logits"]
-        model_dev = build_model(cfg, cohort_shape(cfg.dataset), num_tabular_features=16).to(device).eval()
+        model_dev = build_model(cfg, load_spec(cfg.dataset).shape(), num_tabular_features=16).to(device).eval()
         model_dev.load_state_dict(model_cpu.state_dict())
         with torch.autocast(device.type, dtype=torch.bfloat16):
             out = model_dev(**_to(x, device))["logits"].float().cpu()
@@ -55,13 +55,13 @@ def main() -> None:
     cfg = build_config(args.preset, args.overrides)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    model = build_model(cfg, cohort_shape(cfg.dataset), num_tabular_features=16)
+    model = build_model(cfg, load_spec(cfg.dataset).shape(), num_tabular_features=16)
     if device.type == "cuda":
         print(f"cuda bf16 vs cpu fp32 logits: max relative difference {check_against_cpu(cfg, model, device):.4f}")
     model = model.to(device).train()
     optimizer, _ = build_optimizer(model, cfg.train)
-    inputs = _to(example_inputs(cfg, cohort_shape(cfg.dataset), batch=args.batch), device)
-    num_classes = cohort_shape(cfg.dataset).num_classes
+    inputs = _to(example_inputs(cfg, load_spec(cfg.dataset).shape(), batch=args.batch), device)
+    num_classes = load_spec(cfg.dataset).shape().num_classes
     labels = torch.arange(args.batch, device=device) % num_classes
     amp = device.type == "cuda"
     times = []

@@ -13,6 +13,8 @@ EXIT_REFUSED = 3
 
 def _add_preset_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", required=True, help="men | derm7pt | men-smoke | derm7pt-smoke")
+    p.add_argument("--dataset", metavar="NAME|PATH.yaml",
+                   help="the cohort: a built-in one (men, derm7pt) or a schema file (default: the preset's)")  # fmt: skip
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.lr=1e-3 (repeatable)")
 
@@ -23,44 +25,84 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def _dataset_arg(text: str) -> str:
+    """A built-in name stays a name; a schema path becomes absolute (workers run elsewhere)."""
+    from .datasets.spec import builtin_names
+
+    return text if text in builtin_names() else str(Path(text).expanduser().resolve())
+
+
 def _config(args):
     from .config import build_config
 
-    return build_config(args.preset, args.overrides)
+    overrides = list(args.overrides)
+    if getattr(args, "dataset", None):
+        overrides.insert(0, f"dataset={json.dumps(_dataset_arg(args.dataset))}")
+    return build_config(args.preset, overrides)
 
 
 def cmd_summary(args) -> int:
-    from .datasets.registry import cohort_shape
     from .models.summary import format_summary, summarize
 
-    cfg = _config(args)
-    s = summarize(cfg, cohort_shape(cfg.dataset))
+    s = summarize(_config(args))
     print(json.dumps(s, indent=2) if args.json else format_summary(s))
     return 0
 
 
-def cmd_synth(args) -> int:
-    from .datasets.registry import write_synthetic
+def _dataset_of(args) -> str:
+    from .config import ConfigError
 
-    out = write_synthetic(args.dataset, args.out, args.size, args.seed)
-    print(f"wrote a synthetic {args.dataset} cohort to {out}")
+    if args.dataset and args.dataset_opt and args.dataset != args.dataset_opt:
+        raise ConfigError(f"two cohorts named: {args.dataset} and --dataset {args.dataset_opt}")
+    name = args.dataset_opt or args.dataset
+    if not name:
+        raise ConfigError("name the cohort: men | derm7pt, or --dataset NAME|PATH.yaml")
+    return _dataset_arg(name)
+
+
+def cmd_synth(args) -> int:
+    from .datasets import write_synthetic
+
+    dataset = _dataset_of(args)
+    out = write_synthetic(dataset, args.out, args.size, args.seed)
+    print(f"wrote a synthetic {Path(dataset).stem if dataset.endswith('.yaml') else dataset} cohort to {out}")
     return 0
 
 
-def cmd_data_check(args) -> int:
-    from .datasets.registry import check_cohort
+def _min_photo_side(args) -> int | None:
+    if args.allow_small:
+        return 1
+    if args.preset:
+        from .config import build_config
 
-    cohort, problems = check_cohort(args.dataset, args.root)
+        return min(build_config(args.preset).data.image_size)
+    return None
+
+
+def cmd_data_check(args) -> int:
+    from .datasets.reader import check_cohort
+    from .datasets.spec import load_spec
+
+    spec = load_spec(_dataset_of(args))
+    cohort, problems = check_cohort(spec, args.root, deep=True, min_photo_side=_min_photo_side(args))
+    notes = cohort.notes if cohort is not None else []
+    for note in notes if args.json or problems else []:
+        print(f"info: {note}", file=sys.stderr)  # JSON on stdout keeps exactly its contract
     if problems:
-        for p in problems:
-            print(f"error: {p}", file=sys.stderr)
-        print(f"{args.root}: {len(problems)} problem(s); fix them before training", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"problems": [str(p) for p in problems]}))
+        else:
+            for p in problems:
+                print(f"error: {p}", file=sys.stderr)
+            print(f"{args.root}: {len(problems)} problem(s); fix them before training", file=sys.stderr)
         return EXIT_BAD_INPUT
     counts = cohort.counts()
     if args.json:
         print(json.dumps({"splits": counts}))
     else:
-        print(f"{args.dataset} cohort at {args.root}: {len(cohort.cases)} cases, no problems")
+        for note in notes:
+            print(f"info: {note}")
+        print(f"{spec.name} cohort at {args.root}: {len(cohort.cases)} cases, no problems")
         for split, per_class in counts.items():
             print(f"  {split:8s} " + "  ".join(f"{c} {n}" for c, n in per_class.items()) + f"  (total {sum(per_class.values())})")
     return 0
@@ -70,9 +112,10 @@ def cmd_train(args) -> int:
     from .engine.run import train_one
 
     cfg = _config(args)
-    if args.epochs:
+    if args.epochs is not None:
         cfg.train.epochs = args.epochs
-    result = train_one(cfg, args.data, out_dir=args.out, fold=args.fold, seed=args.seed, resume=args.resume)
+    result = train_one(cfg, args.data, out_dir=args.out, fold=args.fold, seed=args.seed, resume=args.resume,
+                       overwrite=args.overwrite)  # fmt: skip
     print(json.dumps(result["test"], indent=2))
     return 0
 
@@ -81,11 +124,12 @@ def cmd_cv(args) -> int:
     from .engine.protocol import ProtocolError, run_protocol
 
     cfg = _config(args)
-    if args.epochs:
+    if args.epochs is not None:
         cfg.train.epochs = args.epochs
     try:
         summary = run_protocol(cfg, args.data, out_dir=args.out, compare=args.compare, jobs=args.jobs,
-                               report=lambda message: print(message, file=sys.stderr, flush=True))
+                               report=lambda message: print(message, file=sys.stderr, flush=True),
+                               overwrite=args.overwrite)  # fmt: skip
     except ProtocolError as e:  # a run failed in a worker; finished runs are kept for the next call
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -112,9 +156,19 @@ def cmd_promote(args) -> int:
 def cmd_predict(args) -> int:
     from .platform.predict import predict_cohort
 
-    out = predict_cohort(args.model, args.data, out=args.out, tracking_uri=args.tracking_uri)
+    out = predict_cohort(args.model, args.data, out=args.out, tracking_uri=args.tracking_uri,
+                         dataset=_dataset_arg(args.dataset) if args.dataset else None)  # fmt: skip
     print(f"wrote predictions to {out}")
     return 0
+
+
+def _epochs(text: str) -> int:
+    return _positive_int(text)
+
+
+def _add_dataset_choice(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dataset", nargs="?", help="men | derm7pt (or give --dataset)")
+    p.add_argument("--dataset", dest="dataset_opt", metavar="NAME|PATH.yaml", help="a built-in cohort or a schema file")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,36 +181,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_summary)
 
     p = sub.add_parser("synth", help="write a synthetic cohort in the real on-disk format")
-    p.add_argument("dataset", choices=["men", "derm7pt"])
+    _add_dataset_choice(p)
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--patients", "--cases", dest="size", type=int, default=None, help="cohort size")
+    p.add_argument("--patients", "--cases", dest="size", type=_positive_int, default=None, help="cohort size")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("data", help="cohort tools")
     data_sub = p.add_subparsers(dest="data_command", required=True)
     c = data_sub.add_parser("check", help="validate a cohort and print counts per split and class")
-    c.add_argument("dataset", choices=["men", "derm7pt"])
+    _add_dataset_choice(c)
     c.add_argument("--root", required=True, type=Path)
     c.add_argument("--json", action="store_true")
+    c.add_argument("--preset", help="also check photos against this preset's input size")
+    c.add_argument("--allow-small", action="store_true", help="accept photos smaller than the model input")
     c.set_defaults(func=cmd_data_check)
 
     p = sub.add_parser("train", help="one training run (a fold or a seed)")
     _add_preset_args(p)
     p.add_argument("--data", required=True, type=Path)
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--fold", type=int, help="MEN: the test fold (1..K)")
-    g.add_argument("--seed", type=int, help="Derm7pt: the run's seed")
-    p.add_argument("--epochs", type=int)
+    g.add_argument("--fold", type=_positive_int, help="cross-validated cohorts: the test fold (1..K)")
+    g.add_argument("--seed", type=int, help="cohorts with a fixed split: the run's seed")
+    p.add_argument("--epochs", type=_epochs)
     p.add_argument("--out", type=Path, default=Path("runs/train"))
     p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace a different run already in --out")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("cv", help="the paper's protocol: all folds (MEN) or seeds (Derm7pt)")
+    p = sub.add_parser("cv", help="the paper's protocol: all folds, or all seeds of a fixed split")
     _add_preset_args(p)
     p.add_argument("--data", required=True, type=Path)
-    p.add_argument("--epochs", type=int)
+    p.add_argument("--epochs", type=_epochs)
     p.add_argument("--out", type=Path, default=Path("runs/cv"))
+    p.add_argument("--overwrite", action="store_true", help="replace different runs already in --out")
     p.add_argument("--compare", type=Path, help="another protocol run: add Wilcoxon p-values")
     p.add_argument("--jobs", type=_positive_int, help="runs trained at once in worker processes (default: all while at most two per "
                    "CPU core, else one per core; one per GPU); CPU threads are split between them")
@@ -176,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="score a cohort with a registered model")
     p.add_argument("--model", required=True, help="e.g. models:/cfcml-men@champion")
     p.add_argument("--data", required=True, type=Path)
+    p.add_argument("--dataset", metavar="NAME|PATH.yaml", help="read --data with this schema (default: the model's own)")
     p.add_argument("--out", type=Path, default=Path("preds.csv"))
     p.add_argument("--tracking-uri", default=None)
     p.set_defaults(func=cmd_predict)
@@ -185,11 +244,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
     from .datasets.cohort import CohortError
+    from .datasets.spec import SpecError
+    from .engine.errors import RunMismatch, TrainingFailed
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, CohortError) as e:
+    except (ConfigError, CohortError, SpecError, RunMismatch, TrainingFailed) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
 

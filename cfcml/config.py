@@ -6,6 +6,8 @@ Every part of cfcml receives a `Config`; nothing below the CLI/jobs reads argv o
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -16,10 +18,9 @@ import yaml
 
 @dataclass
 class DataConfig:
-    image_size: list[int] = field(default_factory=lambda: [24, 128, 128])  # (D,H,W) or (H,W)
-    num_folds: int = 3  # MEN: K-fold stratified CV
-    val_fraction: float = 0.2  # MEN: stratified validation part carved from each training fold
-    color: str = "rgb_imagenet"  # Derm7pt: rgb_imagenet | bgr_255 (the authors' code)
+    image_size: list[int] = field(default_factory=lambda: [24, 128, 128])  # (D,H,W) volumes or (H,W) photos
+    val_fraction: float = 0.2  # cross-validated cohorts: stratified validation part of each training fold
+    color: str = "rgb_imagenet"  # photos: rgb_imagenet | bgr_255 (the authors' code)
     aug_prob: float = 0.3
     num_workers: int = 2
     cache_dir: str = ".cfcml-cache"
@@ -80,7 +81,7 @@ class TrainConfig:
 @dataclass
 class Config:
     name: str = "men"
-    dataset: str = "men"  # men | derm7pt
+    dataset: str = "men"  # a built-in cohort (men, derm7pt) or the path of a cohort schema file
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -95,7 +96,6 @@ class ConfigError(ValueError):
 
 
 CHOICES = {
-    "dataset": {"men", "derm7pt"},
     "data.color": {"rgb_imagenet", "bgr_255"},
     "model.image_encoder": {"nnmamba3d", "swin_t"},
     "model.text_encoder": {"clip"},
@@ -104,7 +104,6 @@ CHOICES = {
     "model.token_mapping": {"conv1d", "perceiver"},
     "model.sg_stage": {1, 2, 3, 4},
     "train.amp": {"auto", "bf16", "fp32"},
-    "train.select_metric": {"auc", "acc", "macro_f1", "weighted_f1", "balanced_acc", "auprc", "g_mean", "loss"},
 }
 
 
@@ -204,22 +203,92 @@ def config_from_dict(values: dict) -> Config:
     return cfg
 
 
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _finite(value: float) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+# (key, test, what is expected) for every bounded value; relations are checked below.
+_RANGES = [
+    ("data.val_fraction", lambda v: 0 < v < 1, "a fraction in (0, 1)"),
+    ("data.aug_prob", lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
+    ("data.num_workers", lambda v: 0 <= v <= 64, "0..64"),
+    ("model.image_channels", lambda v: v >= 1, ">= 1"),
+    ("model.mamba_d_state", lambda v: v >= 1, ">= 1"),
+    ("model.n_image_tokens", lambda v: 1 <= v <= 4096, "1..4096"),
+    ("model.n_tabular_tokens", lambda v: 1 <= v <= 4096, "1..4096"),
+    ("model.dim", lambda v: 1 <= v <= 8192, "1..8192"),
+    ("model.heads", lambda v: v >= 1, ">= 1"),
+    ("model.dropout", lambda v: 0 <= v < 1, "a probability in [0, 1)"),
+    ("loss.tau", lambda v: 1e-3 <= v <= 10, "a temperature in [0.001, 10] (0 divides by zero)"),
+    ("loss.alpha", lambda v: 0 <= v <= 100, ">= 0 (and sensible: <= 100)"),
+    ("loss.beta", lambda v: 0 <= v <= 100, ">= 0 (and sensible: <= 100)"),
+    ("loss.gamma", lambda v: 0 <= v <= 100, ">= 0 (and sensible: <= 100)"),
+    ("train.epochs", lambda v: 1 <= v <= 100_000, ">= 1"),
+    ("train.batch_size", lambda v: 2 <= v <= 4096, "2..4096 (and no larger than the training part)"),
+    ("train.lr", lambda v: 0 < v <= 10, "a learning rate > 0"),
+    ("train.backbone_lr_mult", lambda v: 0 <= v <= 100, ">= 0"),
+    ("train.weight_decay", lambda v: 0 <= v <= 10, ">= 0"),
+    ("train.warmup_epochs", lambda v: v >= 0, ">= 0"),
+    ("train.decay_every", lambda v: v >= 1, ">= 1"),
+    ("train.decay_factor", lambda v: 0 < v <= 1, "a factor in (0, 1]"),
+    ("train.select_window", lambda v: v >= 1, ">= 1 (1 = the epoch's own metric)"),
+    ("train.threads", lambda v: 0 <= v <= 1024, "0 (torch's default) or a positive count"),
+]
+
+
+def _get(cfg: Config, key: str):
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def cohort_spec(cfg: Config):
+    """The cohort schema `cfg.dataset` names; a bad name or schema is a ConfigError."""
+    from .datasets.spec import SpecError, load_spec
+
+    try:
+        return load_spec(cfg.dataset)
+    except SpecError as e:
+        raise ConfigError(f"dataset: {e}") from None
+
+
 def _validate(cfg: Config) -> None:
-    ndim = 3 if cfg.dataset == "men" else 2
-    if len(cfg.data.image_size) != ndim:
-        raise ConfigError(f"data.image_size: {cfg.dataset} needs {ndim} sizes, got {cfg.data.image_size}")
-    if not (cfg.model.use_images or cfg.model.use_tabular):
-        raise ConfigError("model.use_images and model.use_tabular cannot both be false")
-    if cfg.train.batch_size < 2:
-        raise ConfigError("train.batch_size must be at least 2")
-    if cfg.model.mamba_d_state < 1:
-        raise ConfigError("model.mamba_d_state must be at least 1")
-    if cfg.train.select_window < 1:
-        raise ConfigError("train.select_window must be at least 1 (1 = the epoch's own metric)")
-    if cfg.train.threads < 0:
-        raise ConfigError("train.threads must be 0 (torch's default) or a positive count")
-    if not 0 < cfg.data.val_fraction < 1:
-        raise ConfigError("data.val_fraction must lie in (0, 1)")
+    for key, test, expected in _RANGES:
+        value = _get(cfg, key)
+        _check(_finite(value) and test(value), key, f"expected {expected}, got {value!r}")
+    m, t = cfg.model, cfg.train
+    _check(m.dim % m.heads == 0, "model.heads", f"{m.heads} heads do not divide model.dim = {m.dim}")
+    _check(m.use_images or m.use_tabular, "model.use_images", "model.use_images and model.use_tabular cannot both be false")
+    _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", t.device) is not None, "train.device",
+           f"{t.device!r} is not one of auto, cpu, cuda, cuda:N, mps")  # fmt: skip
+    _check(len(t.seeds) >= 1 and len(set(t.seeds)) == len(t.seeds), "train.seeds", f"expected distinct seeds, got {t.seeds}")
+    _check(all(1 <= s <= 8192 for s in cfg.data.image_size), "data.image_size", f"sizes must lie in 1..8192, got {cfg.data.image_size}")
+
+    spec = cohort_spec(cfg)
+    wants = {"nnmamba3d": "volume", "swin_t": "photo"}[m.image_encoder]
+    _check(wants == spec.image_kind, "model.image_encoder",
+           f"the preset {cfg.name}'s encoder {m.image_encoder} reads {wants}s, but the {spec.name} cohort "
+           f"({spec.source}) holds {spec.image_kind}s: choose a {spec.image_kind} preset")  # fmt: skip
+    ndim = 3 if spec.image_kind == "volume" else 2
+    _check(len(cfg.data.image_size) == ndim, "data.image_size",
+           f"the {spec.name} cohort holds {spec.image_kind}s, which need {ndim} sizes "
+           f"({'D, H, W' if ndim == 3 else 'H, W'}), got {cfg.data.image_size}")  # fmt: skip
+    if spec.image_kind == "photo":
+        _check(cfg.data.image_size[0] == cfg.data.image_size[1] and cfg.data.image_size[0] % 32 == 0,
+               "data.image_size", f"Swin needs square photos with a side divisible by 32, got {cfg.data.image_size}")  # fmt: skip
+    else:
+        _check(min(cfg.data.image_size) >= 2, "data.image_size", f"volumes need at least 2 voxels per axis, got {cfg.data.image_size}")
+    _check(t.batch_size >= spec.num_classes, "train.batch_size",
+           f"{t.batch_size} cannot hold one case of each of the {spec.num_classes} classes")  # fmt: skip
+    from .engine.metrics import metric_names
+
+    names = [*metric_names(spec.classes), "loss"]
+    _check(t.select_metric in names, "train.select_metric",
+           f"{t.select_metric!r} is not a metric of the {spec.name} cohort ({', '.join(names)})")  # fmt: skip
 
 
 def save_config(cfg: Config, path: Path) -> None:

@@ -14,17 +14,13 @@ import signal
 import sys
 from pathlib import Path
 
-DEFAULTS = {
-    "men": {"preset": "men", "synth_size": 60},
-    "derm7pt": {"preset": "derm7pt", "synth_size": 120},
-}
 
-
-def build_parser(dataset: str) -> argparse.ArgumentParser:
-    d = DEFAULTS[dataset]
-    p = argparse.ArgumentParser(prog=f"jobs/tune_{dataset}.py",
-                                description=f"Ray Tune + Optuna search for CFCML on {dataset}, tracked in MLflow.")
-    p.add_argument("--preset", default=d["preset"], help=f"{dataset} | {dataset}-smoke (default {d['preset']})")
+def build_parser(prog: str, dataset: str | None, preset: str | None, synth_size: int) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Ray Tune + Optuna search for CFCML on a cohort, tracked in MLflow.")
+    p.add_argument("--dataset", default=dataset, required=dataset is None, metavar="NAME|PATH.yaml",
+                   help="the cohort: a built-in one (men, derm7pt) or a schema file" + (f" (default {dataset})" if dataset else ""))
+    p.add_argument("--preset", default=preset, required=preset is None,
+                   help="the model preset, e.g. men | men-smoke | derm7pt | derm7pt-smoke" + (f" (default {preset})" if preset else ""))
     p.add_argument("--data", type=Path, help="cohort folder; default: write a synthetic cohort first (--synth-dir)")
     p.add_argument("--num-samples", type=int, default=8, help="trials in the study")
     p.add_argument("--max-concurrent", type=int, default=None,
@@ -45,16 +41,16 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="TPE sampler seed")
     p.add_argument("--max-failures", type=int, default=2, help="Ray Train worker-group restarts per trial")
     p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"), help="MLflow server")
-    p.add_argument("--experiment", default=None, help=f"MLflow experiment (default cfcml-{dataset})")
-    p.add_argument("--model-name", default=None, help=f"registered model (default cfcml-{dataset})")
+    p.add_argument("--experiment", default=None, help="MLflow experiment (default cfcml-<cohort name>)")
+    p.add_argument("--model-name", default=None, help="registered model (default cfcml-<cohort name>)")
     p.add_argument("--no-register", action="store_true", help="do not log/register the best model")
     p.add_argument("--optuna-storage", default=None, help="SQLAlchemy URL of the Optuna study (default: SQLite)")
     p.add_argument("--git-commit", default=os.environ.get("CFCML_GIT_COMMIT"), help="recorded on the model version")
     p.add_argument("--ray-address", default=None, help="default: RAY_ADDRESS, else a local Ray")
     p.add_argument("--no-system-metrics", action="store_true", help="do not sample CPU/memory/GPU into MLflow")
     p.add_argument("--system-metrics-interval", type=float, default=10.0, help="seconds between system samples")
-    p.add_argument("--synth-dir", type=Path, default=Path(os.path.expanduser(f"~/.cache/cfcml/synthetic/{dataset}")))
-    p.add_argument("--synth-size", type=int, default=d["synth_size"], help="patients / cases of the synthetic cohort")
+    p.add_argument("--synth-dir", type=Path, default=None, help="default ~/.cache/cfcml/synthetic/<cohort name>")
+    p.add_argument("--synth-size", type=int, default=synth_size, help="patients / cases of the synthetic cohort")
     p.add_argument("--work-dir", default=None, help="keep the final evaluation's files here")
     p.add_argument("--json-out", type=Path, default=None, help="write the study summary (JSON) here")
     # tests: SIGKILL the rank-0 Train worker of the first trial once, during EPOCH (MARKER: a file)
@@ -69,27 +65,34 @@ def _fault(text: str | None) -> dict | None:
     return {"epoch": int(epoch), "marker": marker}
 
 
-def main(dataset: str, argv: list[str] | None = None) -> int:
+def main(prog: str, dataset: str | None = None, preset: str | None = None, synth_size: int = 60,
+         argv: list[str] | None = None) -> int:  # fmt: skip
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = build_parser(dataset).parse_args(argv)
+    args = build_parser(prog, dataset, preset, synth_size).parse_args(argv)
 
     from cfcml.config import ConfigError
+    from cfcml.datasets import write_synthetic
     from cfcml.datasets.cohort import CohortError
+    from cfcml.datasets.spec import SpecError, builtin_names, load_spec
     from cfcml.platform.tune import StudyError, StudyInterrupted, StudySpec, run_study
 
+    try:
+        cohort = args.dataset if args.dataset in builtin_names() else str(Path(args.dataset).expanduser().resolve())
+        schema = load_spec(cohort)
+    except SpecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     data = args.data
     if data is None:
-        from cfcml.datasets.registry import write_synthetic
-
-        data = args.synth_dir
-        marker = data / ("clinical.csv" if dataset == "men" else "meta/meta.csv")
-        if not marker.exists():
-            print(f"no --data: writing a synthetic {dataset} cohort ({args.synth_size}) to {data}", flush=True)
-            write_synthetic(dataset, data, args.synth_size, 0)
+        data = args.synth_dir or Path(os.path.expanduser(f"~/.cache/cfcml/synthetic/{schema.name}"))
+        if not (data / schema.table_file).exists():
+            print(f"no --data: writing a synthetic {schema.name} cohort ({args.synth_size}) to {data}", flush=True)
+            write_synthetic(schema, data, args.synth_size, 0)
     spec = StudySpec(
-        preset=args.preset, data=str(data), name=args.name, overrides=args.overrides, search_space=args.search_space,
+        preset=args.preset, data=str(data), dataset=cohort, name=args.name, overrides=args.overrides,
+        search_space=args.search_space,
         num_samples=args.num_samples, max_concurrent=args.max_concurrent, workers_per_trial=args.workers_per_trial,
         cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker, epochs=args.epochs,
         storage=args.storage, resume=args.resume, seed=args.seed, max_failures=args.max_failures,

@@ -14,4 +14,4 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import main
 
 if __name__ == "__main__":
-    sys.exit(main("derm7pt"))
+    sys.exit(main("jobs/tune_derm7pt.py", dataset="derm7pt", preset="derm7pt", synth_size=120))

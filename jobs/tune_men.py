@@ -14,4 +14,4 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import main
 
 if __name__ == "__main__":
-    sys.exit(main("men"))
+    sys.exit(main("jobs/tune_men.py", dataset="men", preset="men", synth_size=60))

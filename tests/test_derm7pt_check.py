@@ -1,7 +1,8 @@
-"""Derm7pt reader/checker on a tiny hand-made `release_v0` with the real schema and quirks.
+"""Derm7pt through its schema, on a tiny hand-made `release_v0` with the real layout and quirks.
 
 One test per problem kind: each breaks one thing in the fixture and expects a Problem that
-names the case, the file/row and the field.
+names the case, the file/row and the field. Case ids are `case_num` (the release leaves
+`case_id` empty in most rows; nothing reads it).
 """
 
 import csv
@@ -11,13 +12,20 @@ import pytest
 from PIL import Image
 
 from cfcml.datasets.cohort import CohortError
-from cfcml.datasets.derm7pt.reader import (
-    META_COLUMNS,
-    check_derm7pt,
-    derm7pt_tabular_feature_names,
-    derm7pt_tabular_features,
-    read_derm7pt,
-)
+from cfcml.datasets.derm7pt.synthetic import META_COLUMNS
+from cfcml.datasets.reader import check_cohort, load_cohort
+from cfcml.datasets.spec import load_spec
+from cfcml.datasets.tabular import feature_names, tabular_features
+
+SPEC = load_spec("derm7pt")
+
+
+def check_derm7pt(root, **kw):
+    return check_cohort(SPEC, root, **kw)
+
+
+def read_derm7pt(root):
+    return load_cohort(SPEC, root)
 
 # (diagnosis, split, clinic, derm, case_id); the 5 attributes are filled in below.
 ROWS = [
@@ -64,7 +72,7 @@ def write_release(root, rows=ROWS, attrs=ATTRS, splits=None, skip_images=()):
         for rel in {m["clinic"], m["derm"]} - set(skip_images):
             path = root / "images" / rel
             path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(rng.integers(0, 255, (24, 36, 3), dtype=np.uint8)).save(path, format="JPEG")
+            Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(path, format="JPEG")
     return metas
 
 
@@ -93,9 +101,11 @@ def test_reads_the_fixture_with_its_quirks(release):
     c = read_derm7pt(root)
     assert (c.dataset, c.classes, c.modalities, c.splits) == ("derm7pt", ("NEV", "MEL"), ("clinic", "derm"),
                                                               ("train", "valid", "test"))  # fmt: skip
-    assert [x.case_id for x in c.cases] == [ROWS[i][4] for i in sorted(KEPT)]  # meta.csv order, dropped gone
+    assert [x.case_id for x in c.cases] == [str(i + 1) for i in sorted(KEPT)]  # meta.csv order, dropped gone
     assert c.counts() == {s: {"NEV": 1, "MEL": 1} for s in c.splits}
-    same = next(x for x in c.cases if x.case_id == "NEL007")
+    assert c.notes == [("meta/meta.csv: 2 row(s) dropped: diagnosis is none of NEV, MEL "
+                        "(basal cell carcinoma 1, seborrheic keratosis 1)")]
+    same = next(x for x in c.cases if x.case_id == "4")
     assert same.images[0] == same.images[1] == root / "images" / "NEL/NEL007.JPG"
     mel = c.cases[1]
     assert (mel.label, mel.split) == (1, "train")
@@ -111,8 +121,8 @@ def test_reads_the_fixture_with_its_quirks(release):
 
 def test_tabular_features_are_one_hot(release):
     c = read_derm7pt(release[0])
-    x = derm7pt_tabular_features(c.cases)
-    names = derm7pt_tabular_feature_names()
+    x = tabular_features(SPEC, c.cases)
+    names = feature_names(SPEC)
     assert x.shape == (6, 20) and x.dtype == np.float32
     assert (x.sum(1) == 5).all()
     assert x[1, names.index("location=head neck")] == 1 and x[1, names.index("sex=male")] == 1
@@ -128,10 +138,10 @@ def test_missing_image(tmp_path):
     root = tmp_path / "r"
     write_release(root, skip_images={"NEL/NEL010.JPG"})
     cohort, p = only_problem(root)
-    assert (p.case, p.field) == ("NEL009", "derm") and "file images/NEL/NEL010.JPG does not exist" in p.message
-    assert "data row 4" in p.where
+    assert (p.case, p.field) == ("5", "derm") and "file images/NEL/NEL010.JPG does not exist" in p.message
+    assert p.where == "images/NEL/NEL010.JPG"
     assert cohort is not None and len(cohort.cases) == 5  # the valid cases: counts next to problems
-    assert "NEL009" not in {c.case_id for c in cohort.cases}
+    assert "5" not in {c.case_id for c in cohort.cases}
 
 
 def test_case_mismatch_is_reported_with_the_near_miss(release):
@@ -139,7 +149,7 @@ def test_case_mismatch_is_reported_with_the_near_miss(release):
     metas[0]["derm"] = "Aab/AAB002.jpg"  # on disk: AAB002.JPG
     write_meta(root, metas)
     _, p = only_problem(root)
-    assert (p.case, p.field) == ("Aab001", "derm")
+    assert (p.case, p.field) == ("1", "derm")
     assert "on disk as 'AAB002.JPG'" in p.message and "case-sensitive" in p.message
 
 
@@ -157,12 +167,12 @@ def test_corrupt_and_truncated_jpeg(release):
     good = (root / "images/NEL/Nel011.jpg").read_bytes()
     (root / "images/NEL/Nel011.jpg").write_bytes(good[: len(good) // 2])  # truncated scan data
     _, problems = check_derm7pt(root)  # default: full decode
-    assert {(p.case, p.field) for p in problems} == {("Xyz013", "derm"), ("NEL011", "clinic")}
+    assert {(p.case, p.field) for p in problems} == {("7", "derm"), ("6", "clinic")}
     assert all("unreadable image" in p.message for p in problems)
     # Reading only parses headers: it still rejects the non-JPEG.
     with pytest.raises(CohortError) as err:
         read_derm7pt(root)
-    assert any(p.case == "Xyz013" for p in err.value.problems)
+    assert any(p.case == "7" for p in err.value.problems)
 
 
 def test_unknown_category_value(release):
@@ -170,7 +180,7 @@ def test_unknown_category_value(release):
     metas[5]["location"] = "foot"
     write_meta(root, metas)
     _, p = only_problem(root)
-    assert (p.case, p.field) == ("NEL011", "location") and "unknown value 'foot'" in p.message
+    assert (p.case, p.field) == ("6", "location") and "unknown value 'foot'" in p.message
 
 
 def test_missing_attribute(release):
@@ -178,16 +188,41 @@ def test_missing_attribute(release):
     metas[1]["elevation"] = ""
     write_meta(root, metas)
     _, p = only_problem(root)
-    assert (p.case, p.field, p.message) == ("Aab003", "elevation", "missing value")
+    assert (p.case, p.field, p.message) == ("2", "elevation", "missing value")
 
 
-def test_duplicate_case_id(release):
+def test_duplicate_case_num(release):
     root, metas = release
-    metas[4]["case_id"] = "Aab001"
+    metas[4]["case_num"] = "1"
     write_meta(root, metas)
     cohort, p = only_problem(root)
-    assert (p.case, p.field) == ("Aab001", "case_id") and "duplicate" in p.message and "data row 0" in p.message
-    assert [c.case_id for c in cohort.cases].count("Aab001") == 1  # the first one stays
+    assert (p.case, p.field) == ("1", "case_num") and "duplicate" in p.message and "data row 0" in p.message
+    assert [c.case_id for c in cohort.cases].count("1") == 1  # the first one stays
+
+
+def test_the_release_as_distributed_empty_case_id_and_notes_are_fine(release):
+    """The official release leaves case_id empty in 984 of 1011 rows and notes in nearly all:
+    columns the method does not use never make a cohort fail, whatever they hold."""
+    root, metas = release
+    for m in metas:
+        m.update(case_id="", notes="", seven_point_score="?!", streaks="")
+    metas[2]["case_id"] = metas[3]["case_id"] = "dup"
+    write_meta(root, metas)
+    cohort, problems = check_derm7pt(root)
+    assert problems == [] and len(cohort.cases) == len(KEPT)
+
+
+def test_header_only_and_non_utf8_tables_fail_clearly(release):
+    root, metas = release
+    header = (root / "meta/meta.csv").read_text().splitlines()[0]
+    (root / "meta/meta.csv").write_text(header + "\n")
+    cohort, problems = check_derm7pt(root)
+    assert cohort is None and problems[0].where == "meta/meta.csv" and "no data rows" in problems[0].message
+    metas[0]["notes"] = "naevus café"
+    write_meta(root, metas)
+    (root / "meta/meta.csv").write_bytes((root / "meta/meta.csv").read_text().encode("latin-1"))
+    _, problems = check_derm7pt(root)
+    assert problems[0].where == "meta/meta.csv line 2" and "not UTF-8" in problems[0].message
 
 
 def test_index_outside_meta(tmp_path):
@@ -224,8 +259,8 @@ def test_row_in_two_splits(tmp_path):
 def test_missing_meta_and_columns(tmp_path):
     cohort, problems = check_derm7pt(tmp_path)
     assert cohort is None and problems[0].where == "meta/meta.csv"
-    (tmp_path / "release_v0").mkdir()
-    assert "give the release_v0 folder itself" in check_derm7pt(tmp_path)[1][0].message
+    write_release(tmp_path / "release_v0")
+    assert "release_v0" in check_derm7pt(tmp_path)[1][0].message  # points one level down
     root = tmp_path / "r"
     metas = write_release(root)
     for m in metas:
@@ -235,17 +270,18 @@ def test_missing_meta_and_columns(tmp_path):
         w.writeheader()
         w.writerows(metas)
     cohort, problems = check_derm7pt(root)
-    assert cohort is None and "missing column(s) ['management']" in problems[0].message
+    assert cohort is None and len(problems) == 1 and "missing column 'management'" in problems[0].message
 
 
 def test_read_raises_with_every_problem(release):
     root, metas = release
     metas[0]["sex"] = "Male"
-    metas[6]["case_id"] = ""
+    metas[6]["case_num"] = ""
     write_meta(root, metas)
     (root / "images/Aab/AAB004.jpg").unlink()
     with pytest.raises(CohortError) as err:
         read_derm7pt(root)
     assert len(err.value.problems) == 3
     text = str(err.value)
-    assert "field sex" in text and "field case_id" in text and "AAB004.jpg does not exist" in text
+    assert "field sex" in text and "did you mean 'male'" in text and "field case_num" in text
+    assert "AAB004.jpg does not exist" in text

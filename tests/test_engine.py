@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cfcml.config import build_config
-from cfcml.datasets.registry import write_synthetic
+from cfcml.datasets import write_synthetic
 from cfcml.engine.protocol import run_protocol
 from cfcml.engine.run import TrainingRun, train_one
 from cfcml.engine.schedule import lr_factor

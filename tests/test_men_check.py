@@ -1,4 +1,4 @@
-"""`check_men` / `read_men`: every kind of problem is found and named precisely."""
+"""MEN through its schema (and the authors' layout): every kind of problem is found and named precisely."""
 
 from __future__ import annotations
 
@@ -12,8 +12,21 @@ import numpy as np
 import pytest
 
 from cfcml.datasets.cohort import CohortError
-from cfcml.datasets.men.reader import check_men, read_men
 from cfcml.datasets.men.synthetic import convert_to_layout_b, write_synthetic_men
+from cfcml.datasets.reader import check_cohort, load_cohort
+
+
+def check_men(root, deep=True):
+    return check_cohort("men", root, deep=deep)
+
+
+def read_men(root):
+    return load_cohort("men", root)
+
+
+def line(n: int, name: str = "clinical.csv") -> str:
+    """Where a problem on file line n of a table is reported."""
+    return f"{name} data row {n - 2} (line {n})"
 
 
 @pytest.fixture(scope="module")
@@ -136,9 +149,9 @@ def test_unknown_category_values(root):
     cid0 = edit(root, 0, location="4")
     cid1 = edit(root, 1, sex="F")
     _, problems = check_men(root)
-    p = find(problems, case=cid0, field="location", where="clinical.csv line 2")
+    p = find(problems, case=cid0, field="location", where=line(2))
     assert "4" in p.message
-    find(problems, case=cid1, field="sex", where="clinical.csv line 3")
+    find(problems, case=cid1, field="sex", where=line(3))
 
 
 def test_missing_and_non_numeric_attributes(root):
@@ -147,7 +160,7 @@ def test_missing_and_non_numeric_attributes(root):
     _, problems = check_men(root)
     assert "missing" in find(problems, case=cid0, field="age").message
     assert (
-        "not a number" in find(problems, case=cid2, field="tumor_area", where="clinical.csv line 4").message
+        "not a number" in find(problems, case=cid2, field="tumor_area", where=line(4)).message
     )
 
 
@@ -156,14 +169,14 @@ def test_duplicate_patient_id(root):
     table.append(dict(table[0]))
     write_rows(root, table)
     _, problems = check_men(root)
-    p = find(problems, case=table[0]["id"], field="id", where=f"clinical.csv line {len(table) + 1}")
+    p = find(problems, case=table[0]["id"], field="id", where=line(len(table) + 1))
     assert "duplicate" in p.message
 
 
 def test_label_outside_classes(root):
     cid = edit(root, 3, grade="G3")
     _, problems = check_men(root)
-    assert "G3" in find(problems, case=cid, field="grade", where="clinical.csv line 5").message
+    assert "G3" in find(problems, case=cid, field="grade", where=line(5)).message
 
 
 def test_patient_without_images_and_folder_without_row(root):
@@ -171,14 +184,14 @@ def test_patient_without_images_and_folder_without_row(root):
     shutil.rmtree(root / "images" / cid)
     shutil.copytree(root / "images" / rows(root)[1]["id"], root / "images" / "MEN9999")
     _, problems = check_men(root)
-    assert "no image folder" in find(problems, case=cid).message
+    assert "folder images/" + cid + " does not exist" in find(problems, case=cid).message
     assert "without a row" in find(problems, case="MEN9999", where="images/MEN9999").message
 
 
 def test_missing_fold_assignment(root):
     cid = edit(root, 4, fold="")
     _, problems = check_men(root)
-    assert "fold" in find(problems, case=cid, field="fold", where="clinical.csv line 6").message
+    assert "fold" in find(problems, case=cid, field="fold", where=line(6)).message
 
 
 def test_fold_lacking_a_class(root):
@@ -199,7 +212,7 @@ def test_bad_fold_in_splits_file(root):
     table2[0]["fold"] = "zero"
     write_rows(root, table2, "splits.csv")
     _, problems = check_men(root)
-    find(problems, case=table2[0]["id"], field="fold", where="splits.csv line 2")
+    find(problems, case=table2[0]["id"], field="fold", where=line(2, "splits.csv"))
 
 
 def test_read_men_raises_with_every_problem(root):
@@ -216,7 +229,7 @@ def test_read_men_raises_with_every_problem(root):
 
 def test_not_a_cohort(tmp_path):
     cohort, problems = check_men(tmp_path)
-    assert cohort is None and "not a MEN cohort" in problems[0].message
+    assert cohort is None and problems[0].where == "clinical.csv" and "file not found" in problems[0].message
 
 
 # ----------------------------------------------------------------------------- layout B

@@ -1,4 +1,4 @@
-"""MEN data: synthetic cohort, readers (both layouts), sentences, tabular features,
+"""MEN data: synthetic cohort, its schema read in both layouts, sentences, tabular features,
 3D preprocessing, augmentation, volume cache and the torch Dataset."""
 
 from __future__ import annotations
@@ -13,23 +13,31 @@ import numpy as np
 import pytest
 import torch
 
-from cfcml.datasets.men.reader import (
-    ATTRIBUTES,
-    CLASSES,
-    MODALITIES,
-    grid_mismatch,
-    men_sentences,
-    men_tabular_features,
-    read_men,
-)
 from cfcml.datasets.men.synthetic import (
     class_counts,
     convert_to_layout_b,
     measure_signal,
     write_synthetic_men,
 )
+from cfcml.datasets.reader import load_cohort
+from cfcml.datasets.rows import RowParser
+from cfcml.datasets.spec import load_spec
+from cfcml.datasets.tabular import tabular_features
+from cfcml.datasets.volume_checks import grid_mismatch
 
 SIZE = (8, 32, 32)  # (D, H, W), the smoke preset's
+MEN = load_spec("men")
+CLASSES, MODALITIES, ATTRIBUTES = MEN.classes, MEN.series, MEN.attribute_names
+
+
+def read_men(root):
+    return load_cohort(MEN, root)
+
+
+def men_sentences(raw: dict) -> tuple:
+    _, _, sentences, problems = RowParser(MEN).attributes(raw, "test", "x")
+    assert not problems, problems
+    return sentences
 
 
 @pytest.fixture(scope="module")
@@ -105,9 +113,9 @@ def test_folds_from_a_splits_file(men_root, tmp_path):
         w = csv.DictWriter(f, [k for k in table[0] if k != "fold"], extrasaction="ignore")
         w.writeheader()
         w.writerows(table)
-    with open(root / "my_splits.csv", "w") as f:
+    with open(root / "splits.csv", "w") as f:  # the schema's split.folds_file
         f.write("id,fold\n" + "".join(f"{r['id']},{4 - int(r['fold'])}\n" for r in table))
-    got = read_men(root, folds="my_splits.csv")
+    got = read_men(root)
     want = {r["id"]: f"fold{4 - int(r['fold'])}" for r in table}
     assert {c.case_id: c.split for c in got.cases} == want
 
@@ -143,14 +151,13 @@ def test_read_sentences_insert_csv_cells_verbatim(men_root, cohort):
         r = table[c.case_id]
         assert c.sentences[2] == f"The age of patient is {r['age']}"
         assert c.sentences[4] == f"The tumor area in the brain is {r['tumor_area']}"
-        assert c.attributes["location"] == int(r["location"]) and c.attributes["tumor_area"] == float(
-            r["tumor_area"]
-        )
+        assert MEN.attributes[0].values[r["location"]] == c.attributes["location"]
+        assert c.attributes["tumor_area"] == float(r["tumor_area"]) and c.raw["location"] == r["location"]
 
 
 def test_tabular_features_fit_on_training_cases_only(cohort):
     train, test = cohort.split("fold1", "fold2"), cohort.split("fold3")
-    x_train, x_test = men_tabular_features(train, fit_on=train), men_tabular_features(test, fit_on=train)
+    x_train, x_test = tabular_features(MEN, train, fit_on=train), tabular_features(MEN, test, fit_on=train)
     assert x_train.shape == (len(train), 9) and x_test.dtype == np.float32
     assert np.allclose(x_train[:, :3].sum(1), 1) and np.allclose(x_train[:, 3:5].sum(1), 1)
     assert np.allclose(x_train[:, 5:].mean(0), 0, atol=1e-5)  # standardised on train...
@@ -191,7 +198,7 @@ def _grid(spacing, origin):
 def _pipeline(size):
     from cfcml.datasets.volume_transforms import deterministic_pipeline
 
-    return deterministic_pipeline(size)
+    return deterministic_pipeline(size, MODALITIES)
 
 
 def test_pipeline_output_shape_background_and_zscore(cohort):
@@ -199,7 +206,7 @@ def test_pipeline_output_shape_background_and_zscore(cohort):
     for case in cohort.cases[:4]:
         from cfcml.datasets.volume_transforms import case_to_dict
 
-        out = pipe(case_to_dict(case))
+        out = pipe(case_to_dict(case, MODALITIES))
         assert set(out) == set(MODALITIES)
         for m in MODALITIES:
             x = out[m]
@@ -208,7 +215,7 @@ def test_pipeline_output_shape_background_and_zscore(cohort):
             assert abs(fg.mean().item()) < 1e-4 and abs(fg.std(unbiased=False).item() - 1) < 1e-3
     # No mask: the whole volume is kept, so the zero corners outside the head survive.
     nomask = next(c for c in cohort.cases if c.mask is None)
-    out = pipe(case_to_dict(nomask))
+    out = pipe(case_to_dict(nomask, MODALITIES))
     assert (out["T1C"][0, :, 0, 0] == 0).all() and (out["T1C"][0, :, 16, 16] != 0).all()
 
 
@@ -271,8 +278,8 @@ def test_series_on_different_grids_are_resampled_onto_t1c(tmp_path):
 def test_augmentation_changes_values_keeps_shapes(cohort):
     from cfcml.datasets.volume_transforms import augment_pipeline, case_to_dict
 
-    base = _pipeline(SIZE)(case_to_dict(cohort.cases[0]))
-    aug = augment_pipeline(SIZE, prob=1.0)  # every step fires
+    base = _pipeline(SIZE)(case_to_dict(cohort.cases[0], MODALITIES))
+    aug = augment_pipeline(SIZE, MODALITIES, prob=1.0)  # every step fires
     aug.set_random_state(seed=0)
     out = aug({k: v.clone() for k, v in base.items()})
     for m in MODALITIES:
@@ -282,7 +289,7 @@ def test_augmentation_changes_values_keeps_shapes(cohort):
     zero = [(out[m][0] == 0).all(0) for m in MODALITIES]
     assert zero[0].any() and torch.equal(zero[0], zero[1]) and torch.equal(zero[0], zero[2])
     # Default probability: some draws leave a sample untouched, others do not.
-    aug = augment_pipeline(SIZE)
+    aug = augment_pipeline(SIZE, MODALITIES)
     aug.set_random_state(seed=1)
     changed = [
         not torch.equal(aug({k: v.clone() for k, v in base.items()})["T1C"], base["T1C"]) for _ in range(20)
@@ -296,7 +303,7 @@ def test_augmentation_changes_values_keeps_shapes(cohort):
 def test_memory_cache_second_pass_decodes_nothing(cohort):
     from cfcml.datasets.volume_cache import VolumeCache
 
-    cache = VolumeCache(SIZE)
+    cache = VolumeCache(SIZE, MODALITIES)
     cases = cohort.cases[:6]
     first = [cache.get(c) for c in cases]
     assert cache.decode_count == 6 and cache.hits == 0
@@ -312,30 +319,30 @@ def test_disk_cache_survives_processes_and_keys_on_content(cohort, tmp_path):
     from cfcml.datasets.volume_cache import VolumeCache, make_volume_cache
 
     cases = cohort.cases[:3]
-    a = VolumeCache(SIZE, tmp_path / "cache")
+    a = VolumeCache(SIZE, MODALITIES, tmp_path / "cache")
     a.warm(cases)
     assert a.decode_count == 3 and len(list((tmp_path / "cache").glob("*.npy"))) == 3
-    b = pickle.loads(pickle.dumps(VolumeCache(SIZE, tmp_path / "cache")))  # e.g. a new run
+    b = pickle.loads(pickle.dumps(VolumeCache(SIZE, MODALITIES, tmp_path / "cache")))  # e.g. a new run
     got = [b.get(c) for c in cases]
     assert b.decode_count == 0 and b.hits == 3
     assert all(torch.equal(got[0][m], a.get(cases[0])[m]) for m in MODALITIES)
-    assert VolumeCache((4, 16, 16), tmp_path / "cache").key(cases[0]) != a.key(cases[0])
-    parallel = VolumeCache(SIZE)
+    assert VolumeCache((4, 16, 16), MODALITIES, tmp_path / "cache").key(cases[0]) != a.key(cases[0])
+    parallel = VolumeCache(SIZE, MODALITIES)
     parallel.warm(cases, num_workers=2)  # decoded in worker processes, kept in this one
     assert parallel.decode_count == 3 and torch.equal(parallel.get(cases[1])["ADC"], a.get(cases[1])["ADC"])
-    assert make_volume_cache(cohort.cases, SIZE).kind == "memory"
-    assert make_volume_cache(cohort.cases, (24, 128, 128), tmp_path, memory_budget_mb=1).kind == "disk"
+    assert make_volume_cache(cohort.cases, SIZE, MODALITIES).kind == "memory"
+    assert make_volume_cache(cohort.cases, (24, 128, 128), MODALITIES, tmp_path, memory_budget_mb=1).kind == "disk"
 
 
 def test_dataset_items_and_dataloader_workers(cohort):
     from cfcml.datasets.volume_cache import VolumeCache
-    from cfcml.datasets.volume_dataset import MenDataset
+    from cfcml.datasets.volume_dataset import VolumeDataset
 
     cases = cohort.cases[:6]
-    cache = VolumeCache(SIZE)
+    cache = VolumeCache(SIZE, MODALITIES)
     cache.warm(cases)
-    train = MenDataset(cases, SIZE, train=True, cache=cache)
-    test = MenDataset(cases, SIZE, train=False, cache=cache)
+    train = VolumeDataset(cases, MODALITIES, SIZE, train=True, cache=cache)
+    test = VolumeDataset(cases, MODALITIES, SIZE, train=False, cache=cache)
     item = test[2]
     assert (
         set(item) == {"images", "index", "label"} and item["index"] == 2 and item["label"] == cases[2].label

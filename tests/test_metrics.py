@@ -18,14 +18,21 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from cfcml.engine.metrics import (
-    METRIC_NAMES,
-    PAPER_RESULTS,
-    compute_metrics,
-    derm7pt_metrics,
-    men_metrics,
-)
+from cfcml.datasets.spec import load_spec, spec_from_dict
+from cfcml.engine.metrics import binary_metrics, compute_metrics, metric_names, multiclass_metrics
 from cfcml.engine.summary import markdown_table, summarize_runs, wilcoxon_compare
+
+MEN, DERM = load_spec("men"), load_spec("derm7pt")
+METRIC_NAMES = {"men": metric_names(MEN.classes), "derm7pt": metric_names(DERM.classes)}
+PAPER_RESULTS = {"men": MEN.paper["metrics"], "derm7pt": DERM.paper["metrics"]}
+
+
+def men_metrics(y, p):
+    return multiclass_metrics(y, p, MEN.classes)
+
+
+def derm7pt_metrics(y, p):
+    return binary_metrics(y, p, positive=1)
 
 # --- fixed MEN example: 10 samples, 3 classes, some errors in every class -------------
 MEN_Y = np.array([0, 0, 0, 0, 1, 1, 1, 2, 2, 2])
@@ -106,8 +113,9 @@ def test_derm7pt_metrics_match_sklearn():
     assert m["balanced_acc"] == pytest.approx(balanced_accuracy_score(DERM_Y, pred))
     assert m["auprc"] == pytest.approx(average_precision_score(DERM_Y, DERM_P1))
     assert m["auc"] == pytest.approx(roc_auc_score(DERM_Y, DERM_P1))
-    # AUPRC is on probabilities, not hard labels (they differ on this example)
-    assert m["auprc"] != pytest.approx(average_precision_score(DERM_Y, pred))
+    # AUPRC is on probabilities; auprc_label (the paper's definition) on hard labels; they differ here
+    assert m["auprc_label"] == pytest.approx(average_precision_score(DERM_Y, pred))
+    assert m["auprc"] != pytest.approx(m["auprc_label"])
 
 
 def test_derm7pt_absent_positive():
@@ -118,14 +126,19 @@ def test_derm7pt_absent_positive():
     assert m["spe"] == pytest.approx(recall_score(y, DERM_P[:4].argmax(1), pos_label=0))
 
 
-def test_compute_metrics_dispatch():
-    assert compute_metrics("men", MEN_Y, MEN_P) == men_metrics(MEN_Y, MEN_P)
-    assert compute_metrics("derm7pt", DERM_Y, DERM_P) == derm7pt_metrics(DERM_Y, DERM_P)
-    with pytest.raises(ValueError):
-        compute_metrics("mnist", MEN_Y, MEN_P)
+def test_compute_metrics_follows_the_class_count():
+    assert compute_metrics(MEN, MEN_Y, MEN_P) == men_metrics(MEN_Y, MEN_P)
+    assert compute_metrics(DERM, DERM_Y, DERM_P) == derm7pt_metrics(DERM_Y, DERM_P)
     for ds, names in METRIC_NAMES.items():
-        assert list(PAPER_RESULTS[ds]) == names
+        assert set(PAPER_RESULTS[ds]) <= set(names)
         assert all(0.0 < v < 1.0 for v in PAPER_RESULTS[ds].values())
+    # a binary cohort whose positive class is listed first: SEN is the recall of class 0
+    flipped = spec_from_dict({**DERM.to_dict(), "classes": ["MEL", "NEV"], "positive": "MEL"}, "test")
+    m = compute_metrics(flipped, 1 - DERM_Y, DERM_P[:, ::-1])
+    assert m == pytest.approx(derm7pt_metrics(DERM_Y, DERM_P))
+    # four classes: per-class accuracy named after each class
+    names = metric_names(("LGG", "HGG II", "HGG-III", "GBM"))
+    assert names == ["acc", "acc_lgg", "acc_hgg_ii", "acc_hgg_iii", "acc_gbm", "weighted_f1", "macro_f1", "auc"]
 
 
 def _runs(values_by_metric, names=("fold0", "fold1", "fold2")):
@@ -150,7 +163,7 @@ def test_markdown_table_men_headers_and_values():
     vals["auc"] = [0.99, 0.97, 0.98]
     s = summarize_runs(_runs(vals))
     pvals = {n: 0.25 for n in METRIC_NAMES["men"]}
-    md = markdown_table(s, "men", title="MEN test", pvalues=pvals)
+    md = markdown_table(s, MEN, title="MEN test", pvalues=pvals)
     lines = md.strip().splitlines()
     assert lines[0] == "### MEN test"
     header = [c.strip() for c in lines[2].strip("|").split("|")]
@@ -166,12 +179,20 @@ def test_markdown_table_men_headers_and_values():
 
 def test_markdown_table_derm7pt_headers_without_paper():
     s = summarize_runs(_runs({n: [0.5, 0.6, 0.7] for n in METRIC_NAMES["derm7pt"]}))
-    md = markdown_table(s, "derm7pt", include_paper=False)
+    md = markdown_table(s, DERM, include_paper=False)
     lines = md.strip().splitlines()
     header = [c.strip() for c in lines[2].strip("|").split("|")]
-    assert header == ["Method", "SEN", "SPE", "ACC", "G-Mean", "BA", "AUPRC", "AUC"]
+    assert header == ["Method", "SEN", "SPE", "ACC", "G-Mean", "BA", "AUPRC", "AUPRC (labels)", "AUC"]
     assert len(lines) == 5  # title, blank, header, separator, one method row
     assert "3 seeds" in lines[0]
+
+
+def test_markdown_table_puts_the_papers_auprc_under_auprc_label_with_a_footnote():
+    s = summarize_runs(_runs({n: [0.5, 0.6, 0.7] for n in METRIC_NAMES["derm7pt"]}))
+    lines = markdown_table(s, DERM).strip().splitlines()
+    paper = [c.strip() for c in lines[5].strip("|").split("|")]
+    assert paper[6] == "n/a" and paper[7] == "66.07"  # AUPRC | AUPRC (labels)
+    assert "hard predictions" in lines[-1] and "AUPRC (labels)" in lines[-1]
 
 
 def test_wilcoxon_compare_matches_scipy():

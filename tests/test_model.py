@@ -4,15 +4,15 @@ import pytest
 import torch
 
 from cfcml.config import build_config
-from cfcml.datasets.registry import cohort_shape
+from cfcml.datasets.spec import load_spec
 from cfcml.models.cfcml import build_model, count_params
 from cfcml.models.summary import example_inputs
 
 
 def _forward(cfg, batch=2, seed=0):
     torch.manual_seed(seed)
-    model = build_model(cfg, cohort_shape(cfg.dataset), num_tabular_features=16)
-    return model, model(**example_inputs(cfg, cohort_shape(cfg.dataset), batch=batch))
+    model = build_model(cfg, load_spec(cfg.dataset).shape(), num_tabular_features=16)
+    return model, model(**example_inputs(cfg, load_spec(cfg.dataset).shape(), batch=batch))
 
 
 @pytest.mark.slow
@@ -50,7 +50,7 @@ def test_gradient_reaches_every_trainable_parameter(preset):
 
 def test_text_encoder_is_not_part_of_the_model():
     cfg = build_config("men-smoke")
-    model = build_model(cfg, cohort_shape(cfg.dataset))
+    model = build_model(cfg, load_spec(cfg.dataset).shape())
     keys = model.state_dict().keys()
     assert not any(k.startswith(("token_embedding", "transformer.resblocks", "ln_final")) for k in keys)
     assert not any("text_projection" in k for k in keys)
@@ -92,8 +92,8 @@ def test_swin_detach_early_stages_trains_the_backbone_through_stage_four_only():
 
 def test_wrong_input_grid_is_a_clear_error():
     cfg = build_config("men-smoke")
-    model = build_model(cfg, cohort_shape(cfg.dataset))
-    inputs = example_inputs(cfg, cohort_shape(cfg.dataset))
+    model = build_model(cfg, load_spec(cfg.dataset).shape())
+    inputs = example_inputs(cfg, load_spec(cfg.dataset).shape())
     inputs["images"] = [torch.randn(2, 1, 8, 32, 32) for _ in range(3)]
     with pytest.raises(ValueError, match="differs from data.image_size"):
         model(**inputs)
@@ -106,10 +106,10 @@ def test_checkpoint_round_trip_gives_identical_outputs():
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
     torch.manual_seed(123)  # a different init
-    other = build_model(cfg, cohort_shape(cfg.dataset)).eval()
+    other = build_model(cfg, load_spec(cfg.dataset).shape()).eval()
     buf.seek(0)
     other.load_state_dict(torch.load(buf))
-    x = example_inputs(cfg, cohort_shape(cfg.dataset))
+    x = example_inputs(cfg, load_spec(cfg.dataset).shape())
     with torch.no_grad():
         assert torch.equal(model(**x)["logits"], other(**x)["logits"])
 
@@ -131,6 +131,6 @@ def test_swin_loads_a_local_imagenet_checkpoint(tmp_path):
 
 
 def test_mamba_state_size_reaches_every_nnmamba_layer():
-    model = build_model(build_config("men-smoke", ["model.mamba_d_state=4"]), cohort_shape("men"), num_tabular_features=10)
+    model = build_model(build_config("men-smoke", ["model.mamba_d_state=4"]), load_spec("men").shape(), num_tabular_features=10)
     a_logs = [p for name, p in model.named_parameters() if name.endswith("A_log")]
     assert a_logs and all(p.shape[1] == 4 for p in a_logs)

@@ -65,7 +65,7 @@ def stack(moto_s3):
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
-    from cfcml.datasets.registry import write_synthetic
+    from cfcml.datasets import write_synthetic
 
     return write_synthetic("men", tmp_path_factory.mktemp("men") / "men45", 45, 0)
 
@@ -94,7 +94,8 @@ def _ddp_compare(cohort: str, cache_dir: str, out: str) -> None:
     from ray.train.torch import TorchTrainer
 
     from cfcml.config import build_config
-    from cfcml.datasets.registry import load_cohort
+    from cfcml.datasets.reader import load_cohort
+    from cfcml.datasets.spec import load_spec, shipped
     from cfcml.engine.run import TrainingRun
     from cfcml.platform.train_loop import cv_metrics, train_loop_per_worker
 
@@ -113,7 +114,8 @@ def _ddp_compare(cohort: str, cache_dir: str, out: str) -> None:
         t0 = time.time()
         result = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config={"cfg": cfg.to_dict(), "data": str(cohort), "runs": runs, "mlflow": None},
+            train_loop_config={"cfg": cfg.to_dict(), "data": str(cohort), "runs": runs, "mlflow": None,
+                               "spec": shipped(load_spec("men"))},
             scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
             run_config=ray.train.RunConfig(name="ddp2", storage_path=str(out / "ray")),
         ).fit()
@@ -321,4 +323,18 @@ def test_study_end_to_end_with_fault_interrupt_resume_registry_and_predict(stack
     assert len(preds) == 45 and set(preds["split"]) == {"fold1", "fold2", "fold3"}
     probs = preds[["prob_G1", "prob_G2inv", "prob_G2ninv"]].to_numpy()
     assert (abs(probs.sum(1) - 1) < 1e-4).all()
-    assert set(preds["pred"]) <= {"G1", "G2inv", "G2ninv"}
+    assert set(preds["pred"]) <= {"G1", "G2inv", "G2ninv"} and (preds["status"] == "ok").all()
+    # the registered model is code + plain data (models from code): nothing in it is a pickle
+    local = Path(mlflow.artifacts.download_artifacts("models:/cfcml-men@champion"))
+    assert not list(local.rglob("*.pkl")) and "python_model.pkl" not in (local / "MLmodel").read_text()
+    # a patient with a series and an attribute missing is still scored, and the output says so
+    from cfcml.datasets.reader import load_cohort
+    from cfcml.platform.pyfunc import cohort_frame
+
+    frame = cohort_frame(load_cohort("men", cohort)).head(2)
+    frame.loc[0, ["FLAIR_C", "age"]] = ""
+    frame.loc[1, "ADC"] = "/nowhere/ADC.nii.gz"
+    out = mlflow.pyfunc.load_model("models:/cfcml-men@champion").predict(frame)
+    assert out.loc[0, "status"] == "ok" and out.loc[0, "inputs_missing"] == "FLAIR_C,age"
+    assert "FLAIR_C" not in out.loc[0, "inputs_used"].split(",") and abs(out.loc[0, ["prob_G1", "prob_G2inv", "prob_G2ninv"]].sum() - 1) < 1e-4
+    assert out.loc[1, "status"].startswith("not scored: ADC: image file") and out.loc[1, "pred"] == ""

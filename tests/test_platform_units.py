@@ -117,17 +117,34 @@ def test_cv_objective_uses_each_folds_selected_epoch():
 
 
 def test_pyfunc_rows_round_trip_to_the_same_sentences(tmp_path):
-    from cfcml.datasets.registry import load_cohort, write_synthetic
-    from cfcml.platform.pyfunc import case_record, model_signature, record_to_case
+    from cfcml.datasets import write_synthetic
+    from cfcml.datasets.reader import load_cohort
+    from cfcml.datasets.spec import load_spec
+    from cfcml.platform.pyfunc import MISSING_WORD, case_record, example_frame, model_signature, record_to_case
 
-    write_synthetic("men", tmp_path / "men", 9, 0)
-    cohort = load_cohort("men", tmp_path / "men")
+    men = load_spec("men")
+    write_synthetic(men, tmp_path / "men", 9, 0)
+    cohort = load_cohort(men, tmp_path / "men")
     for case in cohort.cases:
-        row = case_record("men", case)
-        back = record_to_case("men", row)
+        row = case_record(men, case)
+        back, missing = record_to_case(men, row)
         assert back.sentences == case.sentences and back.images == case.images and back.mask == case.mask
-    sig = model_signature("men")
+        assert back.attributes == case.attributes and missing == []
+    sig = model_signature(men)
     assert [c.name for c in sig.inputs.inputs][:5] == ["case_id", "T1C", "FLAIR_C", "ADC", "mask"]
-    assert [c.name for c in sig.outputs.inputs] == ["case_id", "prob_G1", "prob_G2inv", "prob_G2ninv", "pred"]
-    with pytest.raises(ValueError, match="missing"):
-        record_to_case("men", {"case_id": "x"})
+    assert [c.name for c in sig.inputs.inputs if c.required] == ["case_id"]
+    assert [c.name for c in sig.outputs.inputs] == ["case_id", "prob_G1", "prob_G2inv", "prob_G2ninv", "pred",
+                                                    "inputs_used", "inputs_missing", "status"]  # fmt: skip
+    # a patient without FLAIR-C and without age is read, and says so
+    row = case_record(men, cohort.cases[0]) | {"FLAIR_C": "", "age": ""}
+    back, missing = record_to_case(men, row)
+    assert missing == ["FLAIR_C", "age"] and back.images[1] is None
+    assert back.sentences[2] == f"The age of patient is {MISSING_WORD}"
+    with pytest.raises(ValueError, match="no input at all"):
+        record_to_case(men, {"case_id": "x"})
+    with pytest.raises(ValueError, match="location: unknown location code '7'"):
+        record_to_case(men, case_record(men, cohort.cases[0]) | {"location": "7"})
+    # the input example is synthetic: no case id, path or value of the cohort appears in it
+    example = example_frame(men).iloc[0].to_dict()
+    assert example["case_id"] not in {c.case_id for c in cohort.cases}
+    assert not any(str(tmp_path) in str(v) for v in example.values())

@@ -1,23 +1,29 @@
 """The reader-independent view of a cohort: cases, splits, classes and problems.
 
-Every reader (MEN, Derm7pt, either on-disk layout) returns a `Cohort`; everything after
-the reader (datasets, samplers, the engine, `cfcml data check`) only sees this.
+The schema-driven reader (and the MEN authors' layout behind the same interface) returns a
+`Cohort`; everything after it (datasets, samplers, the engine, `cfcml data check`) only
+sees this and the cohort's `DatasetSpec`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cfcml.datasets.spec import DatasetSpec
+
 
 @dataclass(frozen=True)
 class Case:
-    """One patient (MEN) or lesion (Derm7pt).
+    """One patient (or lesion).
 
-    `images` are in the cohort's modality order; `attributes` hold the raw tabular values
-    keyed by the cohort's attribute names; `sentences` are the Table 1 sentences, one per
-    attribute, in attribute order.
+    `images` are in the cohort's series order; `attributes` hold the tabular values keyed by
+    column (float for numeric, the word for categorical); `raw` the table cells they came
+    from; `sentences` one per attribute, in attribute order. `label` is -1 when unknown
+    (prediction).
     """
 
     case_id: str
@@ -27,17 +33,32 @@ class Case:
     attributes: dict
     sentences: tuple[str, ...]
     mask: Path | None = None
+    raw: dict = field(default_factory=dict, compare=False)
 
 
 @dataclass
 class Cohort:
-    dataset: str  # "men" | "derm7pt"
+    spec: DatasetSpec
     root: Path
-    classes: tuple[str, ...]
-    modalities: tuple[str, ...]
-    attribute_names: tuple[str, ...]
     splits: tuple[str, ...]
     cases: list[Case] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # info lines (rows dropped and why, ...)
+
+    @property
+    def dataset(self) -> str:
+        return self.spec.name
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.spec.classes
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return self.spec.series
+
+    @property
+    def attribute_names(self) -> tuple[str, ...]:
+        return self.spec.attribute_names
 
     def split(self, *names: str) -> list[Case]:
         """The cases of the given split(s), in cohort order."""
@@ -45,6 +66,20 @@ class Cohort:
         if unknown:
             raise KeyError(f"unknown split(s) {sorted(unknown)}; this cohort has {list(self.splits)}")
         return [c for c in self.cases if c.split in names]
+
+    def digest(self) -> str:
+        """sha256 over the schema, the cases (id, label, split, sentences) and each image's
+        relative path and size: cheap for thousands of volumes, and changes with the data."""
+        h = hashlib.sha256(json.dumps(self.spec.to_dict(), sort_keys=True, default=str).encode())
+        for c in sorted(self.cases, key=lambda c: c.case_id):
+            h.update(f"|{c.case_id}|{c.label}|{c.split}|{'/'.join(c.sentences)}".encode())
+            for p in (*c.images, c.mask):
+                if p is None:
+                    continue
+                p = Path(p)
+                rel = p.relative_to(self.root) if p.is_relative_to(self.root) else p.name
+                h.update(f"|{rel}:{p.stat().st_size if p.exists() else -1}".encode())
+        return h.hexdigest()
 
     def counts(self) -> dict[str, dict[str, int]]:
         """{"<split>": {"<class>": count}} with every class listed, zeros included."""

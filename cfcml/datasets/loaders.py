@@ -2,7 +2,7 @@
 tabular inputs (sentence embeddings through the on-disk cache, or MLP features).
 
 Text is encoded here, in the main process, once per distinct sentence — never in DataLoader
-workers and never in the training step.
+workers and never in the training step. The registered model calls the same builders.
 """
 
 from __future__ import annotations
@@ -11,53 +11,58 @@ import torch
 
 from cfcml.datasets.cohort import Case
 from cfcml.datasets.samplers import ClassBalancedBatchSampler, DistributedClassBalancedBatchSampler
+from cfcml.datasets.spec import DatasetSpec
 
 from ..config import Config
 
 
-def make_datasets(cfg: Config, split) -> dict:
+def make_dataset(cfg: Config, spec: DatasetSpec, cases: list[Case], train: bool, cache=None):
+    """One torch Dataset of `cases` for the cohort's image kind (volumes or photos)."""
+    if spec.image_kind == "volume":
+        from cfcml.datasets.volume_dataset import VolumeDataset
+
+        return VolumeDataset(cases, spec.series, cfg.data.image_size, train=train, cache=cache, aug_prob=cfg.data.aug_prob)
+    from cfcml.datasets.photo_dataset import PhotoDataset
+
+    return PhotoDataset(cases, cfg.data.image_size, train=train, color=cfg.data.color,
+                        cache=cache if cache is not None else True, aug_p=cfg.data.aug_prob)  # fmt: skip
+
+
+def make_datasets(cfg: Config, spec: DatasetSpec, split) -> dict:
     """{"train", "val", "test"} datasets of a run, sharing one cache that is filled here, in the
     main process, before any DataLoader worker starts (a worker's cache dies with it)."""
     parts = {"train": split.train, "val": split.val, "test": split.test}
     everyone = [c for cases in parts.values() for c in cases]
-    if cfg.dataset == "men":
-        from cfcml.datasets.volume_dataset import MenDataset
-
-        cache = shared_volume_cache(cfg, everyone)
+    cache = shared_cache(cfg, spec, everyone)
+    if spec.image_kind == "volume":
         cache.warm(everyone, num_workers=cfg.data.num_workers)
-        return {k: MenDataset(v, cfg.data.image_size, train=(k == "train"), cache=cache, aug_prob=cfg.data.aug_prob)
-                for k, v in parts.items()}  # fmt: skip
-    from cfcml.datasets.photo_dataset import Derm7ptDataset
-
-    cache = shared_image_cache(cfg)
-    datasets = {k: Derm7ptDataset(v, cfg.data.image_size, train=(k == "train"), color=cfg.data.color, cache=cache,
-                                  aug_p=cfg.data.aug_prob) for k, v in parts.items()}  # fmt: skip
-    for ds in datasets.values():
-        ds.warm_cache()
-    return datasets
+    else:
+        cache.warm([p for c in everyone for p in c.images if p is not None])
+    return {k: make_dataset(cfg, spec, v, train=(k == "train"), cache=cache) for k, v in parts.items()}
 
 
 _CACHES: dict = {}
 
 
-def shared_image_cache(cfg: Config):
-    """One decoded-image cache per image size, shared by the runs of one process (seeds, folds)."""
+def shared_cache(cfg: Config, spec: DatasetSpec, cases: list[Case]):
+    """One decoded-image cache per (kind, size, series), shared by the runs of one process.
+
+    Volumes: in memory when the cohort fits, else on disk under cfg.data.cache_dir (keyed by
+    content hash, so runs and trials reuse it). Photos: decoded uint8 images in memory.
+    """
+    size = tuple(cfg.data.image_size)
+    if spec.image_kind == "volume":
+        from cfcml.datasets.volume_cache import make_volume_cache
+
+        key = ("volume", size, spec.series, cfg.data.cache_dir)
+        if key not in _CACHES:
+            _CACHES[key] = make_volume_cache(cases, size, spec.series, cfg.data.cache_dir)
+        return _CACHES[key]
     from cfcml.datasets.photo_transforms import ImageCache, as_hw
 
-    key = ("2d", tuple(cfg.data.image_size))
+    key = ("photo", size)
     if key not in _CACHES:
-        _CACHES[key] = ImageCache(as_hw(cfg.data.image_size))
-    return _CACHES[key]
-
-
-def shared_volume_cache(cfg: Config, cases: list[Case]):
-    """One preprocessed-volume cache per target size: in memory when the cohort fits, else on
-    disk under cfg.data.cache_dir (keyed by content hash, so runs and trials reuse it)."""
-    from cfcml.datasets.volume_cache import make_volume_cache
-
-    key = ("3d", tuple(cfg.data.image_size), cfg.data.cache_dir)
-    if key not in _CACHES:
-        _CACHES[key] = make_volume_cache(cases, cfg.data.image_size, cfg.data.cache_dir)
+        _CACHES[key] = ImageCache(as_hw(size))
     return _CACHES[key]
 
 
@@ -71,17 +76,6 @@ def make_train_sampler(cfg: Config, cases: list[Case], seed: int, rank: int = 0,
     return DistributedClassBalancedBatchSampler(labels, cfg.train.batch_size // world, world, rank, seed=seed)
 
 
-def tabular_features(cfg: Config, cases: list[Case], fit_on: list[Case]):
-    """Encoded attributes [N, F] for the MLP embedding, scaled with statistics of `fit_on` only."""
-    if cfg.dataset == "men":
-        from cfcml.datasets.men.reader import men_tabular_features
-
-        return torch.from_numpy(men_tabular_features(cases, fit_on=fit_on))
-    from cfcml.datasets.derm7pt.reader import derm7pt_tabular_features
-
-    return torch.from_numpy(derm7pt_tabular_features(cases))
-
-
 def sentence_embeddings(cfg: Config, cases: list[Case]) -> torch.Tensor:
     """[N, t, 512] frozen-text-encoder embeddings of each case's attribute sentences."""
     from ..models.text import sentence_cache
@@ -93,12 +87,23 @@ def sentence_embeddings(cfg: Config, cases: list[Case]) -> torch.Tensor:
     return cache.embed(flat).view(len(cases), len(cases[0].sentences), -1)
 
 
-def build_tabular_inputs(cfg: Config, split) -> tuple[dict, int | None]:
-    """-> ({"train"|"val"|"test": tensor indexed by dataset position or None}, MLP feature count)."""
-    parts = {"train": split.train, "val": split.val, "test": split.test}
+def tabular_inputs(cfg: Config, spec: DatasetSpec, cases: list[Case], numeric_stats: dict | None) -> torch.Tensor | None:
+    """The tabular input tensor of `cases` (row i = case i): sentence embeddings [N, t, 512]
+    or MLP features [N, F] scaled with `numeric_stats` (fitted on the training part)."""
     if not cfg.model.use_tabular:
-        return {k: None for k in parts}, None
+        return None
     if cfg.model.tabular_embedding == "mlp":
-        tables = {k: tabular_features(cfg, v, fit_on=split.train) for k, v in parts.items()}
-        return tables, tables["train"].shape[1]
-    return {k: sentence_embeddings(cfg, v) for k, v in parts.items()}, None
+        from cfcml.datasets.tabular import tabular_features
+
+        return torch.from_numpy(tabular_features(spec, cases, stats=numeric_stats))
+    return sentence_embeddings(cfg, cases)
+
+
+def build_tabular_inputs(cfg: Config, spec: DatasetSpec, split) -> tuple[dict, dict | None]:
+    """-> ({"train"|"val"|"test": tensor indexed by dataset position or None}, numeric scaling
+    statistics of the training part (MLP embedding) or None)."""
+    from cfcml.datasets.tabular import numeric_stats
+
+    parts = {"train": split.train, "val": split.val, "test": split.test}
+    stats = numeric_stats(spec, split.train) if cfg.model.use_tabular and cfg.model.tabular_embedding == "mlp" else None
+    return {k: tabular_inputs(cfg, spec, v, stats) for k, v in parts.items()}, stats

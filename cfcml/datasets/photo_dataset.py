@@ -1,7 +1,7 @@
-"""Derm7pt cases -> tensors: [clinic, derm] float32 images, the case index and the label.
+"""Photo cohort cases -> tensors: one float32 image per photo, the case index and the label.
 
 The tabular branch needs no tensors here: the model looks sentence embeddings up by case
-(`dataset.cases[index].sentences`), or one-hot rows from `derm7pt_tabular_features`.
+(`dataset.cases[index].sentences`), or rows of `cfcml.datasets.tabular.tabular_features`.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from cfcml.datasets.cohort import Case
 from cfcml.datasets.photo_transforms import ImageCache, PairTransform, as_hw, decode_resized
 
 
-class Derm7ptDataset(Dataset):
-    """`__getitem__(i)` -> {"images": [clinic, derm] float32 [3, H, W], "index": i, "label": int}.
+class PhotoDataset(Dataset):
+    """`__getitem__(i)` -> {"images": one float32 [3, H, W] per photo, "index": i, "label": int}.
 
     cache: True (own in-memory cache), False (decode every time) or an `ImageCache` to share
     between datasets of the same image size (train/valid/test of one run).
@@ -50,12 +50,15 @@ class Derm7ptDataset(Dataset):
 
     def warm_cache(self, threads: int | None = None) -> None:
         if self.cache is not None:
-            self.cache.warm([p for c in self.cases for p in c.images], threads)
+            self.cache.warm([p for c in self.cases for p in c.images if p is not None], threads)
 
     def _load(self, path) -> torch.Tensor:
+        if path is None:  # a missing photo: a placeholder through the joint transform, zeroed after
+            return torch.zeros(3, *self.image_size, dtype=torch.uint8)
         return self.cache.get(path) if self.cache is not None else decode_resized(path, self.image_size)
 
     def __getitem__(self, i: int) -> dict:
         case = self.cases[i]
         images = self.transform([self._load(p) for p in case.images])
+        images = [torch.zeros_like(x) if p is None else x for x, p in zip(images, case.images)]
         return {"images": images, "index": i, "label": case.label}

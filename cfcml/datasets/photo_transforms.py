@@ -18,6 +18,8 @@ from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from cfcml.datasets.photo_checks import to_rgb
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 COLORS = ("rgb_imagenet", "bgr_255")
@@ -41,7 +43,8 @@ def decode_resized(path, size) -> torch.Tensor:
     try:
         with Image.open(path) as im:
             im.draft("RGB", (w, h))
-            im = im.convert("RGB").resize((w, h), Image.BILINEAR)
+            im.load()
+            im = to_rgb(im).resize((w, h), Image.BILINEAR)  # 16-bit, palette and alpha converted right
     except Exception as e:
         raise OSError(f"cannot decode image {path}: {type(e).__name__}: {e}") from e
     return torch.from_numpy(np.array(im)).permute(2, 0, 1).contiguous()

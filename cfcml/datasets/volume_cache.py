@@ -1,4 +1,4 @@
-"""Run the deterministic MEN preprocessing once per case and keep the result.
+"""Run the deterministic 3D preprocessing once per case and keep the result.
 
 One cache serves a whole cohort — every fold's train/val/test datasets share it — so each
 patient is decoded (load + resample + crop + resize + normalise) once per process, or once
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cfcml.datasets.men.reader import MODALITIES
+from cfcml.datasets.volume_checks import blank_reason
 from cfcml.datasets.volume_transforms import (
     PIPELINE_VERSION,
     case_to_dict,
@@ -49,14 +49,19 @@ def file_digest(path, _memo: dict = {}) -> str:  # noqa: B006 - per-process memo
     return _memo[key]
 
 
-class VolumeCache:
-    """Preprocessed volumes by case: `get(case)` -> {"T1C": [1,D,H,W], "FLAIR_C": ..., "ADC": ...}."""
+class BlankSeriesError(ValueError):
+    """A series holds no image after preprocessing (blank or near-constant): refuse to train on it."""
 
-    def __init__(self, target_size, cache_dir=None):
+
+class VolumeCache:
+    """Preprocessed volumes by case: `get(case)` -> {series: [1,D,H,W], ...} in `series` order."""
+
+    def __init__(self, target_size, series, cache_dir=None):
         self.target_size = tuple(int(s) for s in target_size)
+        self.series = tuple(series)
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self._memory: dict[str, np.ndarray] = {}  # by key(case)
-        self._pipeline = None  # built on the first miss
+        self._pipelines = _Pipelines(self.target_size)
         self.decode_count = 0  # deterministic pipeline runs in this process
         self.hits = 0  # gets answered from memory or disk
 
@@ -67,7 +72,7 @@ class VolumeCache:
     def key(self, case) -> str:
         """Content hash of the inputs + target size + pipeline version (stable across runs)."""
         h = hashlib.blake2b(digest_size=16)
-        h.update(f"men-v{PIPELINE_VERSION}|{self.target_size}".encode())
+        h.update(f"volumes-v{PIPELINE_VERSION}|{self.target_size}|{','.join(self.series)}".encode())
         for p in (*case.images, case.mask):
             h.update(b"|none" if p is None else f"|{file_digest(p)}".encode())  # a stat when memoised
         return h.hexdigest()
@@ -75,7 +80,7 @@ class VolumeCache:
     def get(self, case) -> dict[str, torch.Tensor]:
         """The case's preprocessed series (fresh tensors: callers may modify them)."""
         arr = self._load(case)
-        return {m: torch.from_numpy(arr[i : i + 1].copy()) for i, m in enumerate(MODALITIES)}
+        return {m: torch.from_numpy(arr[i : i + 1].copy()) for i, m in enumerate(self.series)}
 
     def warm(self, cases, num_workers: int = 0) -> None:
         """Decode every case not cached yet (in parallel worker processes if asked)."""
@@ -85,7 +90,7 @@ class VolumeCache:
                 self._load(c)
             return
         loader = torch.utils.data.DataLoader(
-            _Decode(todo, self.target_size), batch_size=None, num_workers=num_workers
+            _Decode(todo, self.target_size, self.series), batch_size=None, num_workers=num_workers
         )
         for case, arr in zip(todo, loader):
             self.decode_count += 1
@@ -110,9 +115,7 @@ class VolumeCache:
         if arr is not None:
             self.hits += 1
             return arr
-        if self._pipeline is None:
-            self._pipeline = deterministic_pipeline(self.target_size)
-        arr = _decode(self._pipeline, case)
+        arr = _decode(self._pipelines, case, self.series)
         self.decode_count += 1
         self._store(case, arr)
         return arr
@@ -127,41 +130,64 @@ class VolumeCache:
             np.save(f, arr)
         os.replace(tmp, self._path(case))  # atomic: readers never see half a file
 
+
+
+class _Pipelines:
+    """One deterministic pipeline per set of present series (a patient may lack one); built
+    on first use, dropped when pickled (DataLoader workers rebuild theirs)."""
+
+    def __init__(self, target_size):
+        self.target_size, self._built = target_size, {}
+
+    def __call__(self, present: tuple[str, ...]):
+        if present not in self._built:
+            self._built[present] = deterministic_pipeline(self.target_size, present)
+        return self._built[present]
+
     def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_pipeline"] = None  # rebuilt on demand in the worker
-        return state
+        return {"target_size": self.target_size, "_built": {}}
 
 
-def _decode(pipeline, case) -> np.ndarray:
-    """Run the deterministic pipeline; stack the series as float32 [3, D, H, W]."""
-    out = pipeline(case_to_dict(case))
-    return np.stack([out[m][0].numpy() for m in MODALITIES]).astype(np.float32)
+def _decode(pipelines: _Pipelines, case, series) -> np.ndarray:
+    """Run the deterministic pipeline; stack the series as float32 [S, D, H, W] (a missing
+    series is all zeros, which is the mean after z-scoring); refuse blank ones."""
+    present = tuple(m for m, p in zip(series, case.images) if p is not None)
+    arr = np.zeros((len(series), *pipelines.target_size), dtype=np.float32)
+    if not present:
+        return arr
+    out = pipelines(present)(case_to_dict(case, series))
+    for i, m in enumerate(series):
+        if m in present:
+            arr[i] = out[m][0].numpy()
+    for m, vol in zip(present, [arr[series.index(m)] for m in present]):
+        why = blank_reason(vol)
+        if why:
+            raise BlankSeriesError(f"case {case.case_id}, series {m} ({case.images[series.index(m)]}): {why} "
+                                   "after the ROI crop and resize; fix or drop this case")  # fmt: skip
+    return arr
 
 
 class _Decode(torch.utils.data.Dataset):
     """Decoding as a Dataset, so `warm` can fan out over DataLoader worker processes."""
 
-    def __init__(self, cases, target_size):
-        self.cases, self.target_size, self._pipeline = cases, target_size, None
+    def __init__(self, cases, target_size, series):
+        self.cases, self.series, self._pipelines = cases, tuple(series), _Pipelines(tuple(target_size))
 
     def __len__(self):
         return len(self.cases)
 
     def __getitem__(self, i):
-        if self._pipeline is None:
-            self._pipeline = deterministic_pipeline(self.target_size)
-        return torch.from_numpy(_decode(self._pipeline, self.cases[i]))
+        return torch.from_numpy(_decode(self._pipelines, self.cases[i], self.series))
 
 
-def make_volume_cache(cases, target_size, cache_dir=None, memory_budget_mb: float = 1024) -> VolumeCache:
+def make_volume_cache(cases, target_size, series, cache_dir=None, memory_budget_mb: float = 1024) -> VolumeCache:
     """Memory cache when the preprocessed `cases` fit `memory_budget_mb`, else a disk cache
     under `cache_dir` (required then)."""
-    need_mb = len(cases) * len(MODALITIES) * int(np.prod(target_size)) * 4 / 2**20
+    need_mb = len(cases) * len(series) * int(np.prod(target_size)) * 4 / 2**20
     if need_mb <= memory_budget_mb:
-        return VolumeCache(target_size)
+        return VolumeCache(target_size, series)
     if cache_dir is None:
         raise ValueError(
             f"preprocessed cohort needs {need_mb:.0f} MiB > budget {memory_budget_mb:.0f} MiB: give a cache_dir"
         )
-    return VolumeCache(target_size, Path(cache_dir) / "men-volumes")
+    return VolumeCache(target_size, series, Path(cache_dir) / "volumes")

@@ -1,4 +1,4 @@
-"""MEN torch Dataset: cached preprocessed volumes, plus random augmentation when training."""
+"""3D torch Dataset: cached preprocessed series, plus random augmentation when training."""
 
 from __future__ import annotations
 
@@ -7,13 +7,12 @@ import os
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from cfcml.datasets.men.reader import MODALITIES
 from cfcml.datasets.volume_cache import VolumeCache
 from cfcml.datasets.volume_transforms import augment_pipeline
 
 
-class MenDataset(Dataset):
-    """`ds[i]` -> {"images": [T1C, FLAIR_C, ADC] each float32 [1, D, H, W], "index": i, "label": int}.
+class VolumeDataset(Dataset):
+    """`ds[i]` -> {"images": one float32 [1, D, H, W] per series, "index": i, "label": int}.
 
     `index` is the position in `cases`, so callers can look up per-case data kept elsewhere
     (sentence embeddings, tabular vectors). Pass one shared `cache` for all datasets of a
@@ -22,17 +21,18 @@ class MenDataset(Dataset):
     """
 
     def __init__(
-        self, cases, target_size, train: bool, cache: VolumeCache | None = None, aug_prob: float = 0.3
+        self, cases, series, target_size, train: bool, cache: VolumeCache | None = None, aug_prob: float = 0.3
     ):
         self.cases = list(cases)
+        self.series = tuple(series)
         self.target_size = tuple(int(s) for s in target_size)
         self.train = train
-        self.cache = cache if cache is not None else VolumeCache(self.target_size)
+        self.cache = cache if cache is not None else VolumeCache(self.target_size, self.series)
         if self.cache.target_size != self.target_size:
             raise ValueError(
                 f"cache holds {self.cache.target_size} volumes, dataset wants {self.target_size}"
             )
-        self.augment = augment_pipeline(self.target_size, prob=aug_prob) if train else None
+        self.augment = augment_pipeline(self.target_size, self.series, prob=aug_prob) if train else None
         self._seeded_for = None
 
     def __len__(self) -> int:
@@ -44,7 +44,7 @@ class MenDataset(Dataset):
         if self.augment is not None:
             self._seed_augment()
             vols = self.augment(vols)
-        return {"images": [vols[m] for m in MODALITIES], "index": i, "label": case.label}
+        return {"images": [vols[m] for m in self.series], "index": i, "label": case.label}
 
     def _seed_augment(self) -> None:
         """MONAI transforms carry their own RNG, which forked workers would all share: reseed

@@ -1,10 +1,11 @@
-"""MEN 3D preprocessing (deterministic, cacheable) and augmentation (random), as MONAI
-dictionary transforms.
+"""3D preprocessing (deterministic, cacheable) and augmentation (random) of a patient's MRI
+series, as MONAI dictionary transforms (SPEC §1; any number of series, named by the cohort).
 
-Input of `deterministic_pipeline`: {"T1C": path, "FLAIR_C": path, "ADC": path[, "mask": path]}
-(see `case_to_dict`). Output: {"T1C": tensor, "FLAIR_C": tensor, "ADC": tensor}, each plain
-float32 [1, D, H, W] with D the slice axis — the paper's 24x128x128 is (D, H, W) = (Z, Y, X),
-while NIfTI/MONAI arrays are (X, Y, Z), hence the transpose at the end.
+Input of `deterministic_pipeline`: {series: path, ...[, "mask": path]} (see `case_to_dict`);
+the first series is the reference grid the others are resampled onto (T1C for MEN).
+Output: {series: tensor}, each plain float32 [1, D, H, W] with D the slice axis — the
+paper's 24x128x128 is (D, H, W) = (Z, Y, X), while NIfTI/MONAI arrays are (X, Y, Z), hence
+the transpose at the end.
 
 `augment_pipeline` takes and returns that same dictionary; the cache sits between the two.
 """
@@ -36,16 +37,14 @@ from monai.transforms import (
     Transposed,
 )
 
-from cfcml.datasets.men.reader import MODALITIES
-
-PIPELINE_VERSION = 1  # bump whenever deterministic output changes: it keys the volume cache
+PIPELINE_VERSION = 2  # bump whenever deterministic output changes: it keys the volume cache
 CLIP = (0.0, 1200.0)  # SPEC §1; mostly bounds ADC (CSF ~3000)
 MASK = "mask"
 
 
-def case_to_dict(case) -> dict:
-    """The pipeline input for one `Case`: series paths by modality, plus the mask if any."""
-    d = {m: str(p) for m, p in zip(MODALITIES, case.images)}
+def case_to_dict(case, series: Sequence[str]) -> dict:
+    """The pipeline input for one `Case`: series paths by name, plus the mask if any."""
+    d = {m: str(p) for m, p in zip(series, case.images) if p is not None}
     if case.mask is not None:
         d[MASK] = str(case.mask)
     return d
@@ -54,7 +53,7 @@ def case_to_dict(case) -> dict:
 class EnsureMaskd(MapTransform):
     """Add an all-ones ROI on the reference grid when a patient has no mask (= whole volume)."""
 
-    def __init__(self, ref_key: str = "T1C", mask_key: str = MASK):
+    def __init__(self, ref_key: str, mask_key: str = MASK):
         super().__init__([mask_key], allow_missing_keys=True)
         self.ref_key, self.mask_key = ref_key, mask_key
 
@@ -76,12 +75,12 @@ class PadToSquareInPlaned(MapTransform):
         return d
 
 
-def deterministic_pipeline(target_size: Sequence[int], clip: tuple[float, float] = CLIP) -> Compose:
-    """Load, put all series on the T1C grid, ROI-crop, pad square, resize to `target_size`
-    = (D, H, W), clip and z-score each series over its non-zero voxels.
+def deterministic_pipeline(target_size: Sequence[int], series: Sequence[str], clip: tuple[float, float] = CLIP) -> Compose:
+    """Load, put all series on the first series' grid, ROI-crop, pad square, resize to
+    `target_size` = (D, H, W), clip and z-score each series over its non-zero voxels.
     """
     d, h, w = (int(s) for s in target_size)
-    series = list(MODALITIES)
+    series = list(series)
     ref, others = series[0], series[1:]
     return Compose(
         [
@@ -120,6 +119,7 @@ def deterministic_pipeline(target_size: Sequence[int], clip: tuple[float, float]
 
 def augment_pipeline(
     target_size: Sequence[int],
+    series: Sequence[str],
     prob: float = 0.3,
     noise_std: float = 0.1,
     crop_area: tuple[float, float] = (0.75, 1.0),
@@ -135,7 +135,7 @@ def augment_pipeline(
     - random erasing: one box through all slices, 10-40 % of each in-plane side, set to 0.
     """
     d, h, w = (int(s) for s in target_size)
-    keys = list(MODALITIES)
+    keys = list(series)
     side_min = crop_area[0] ** 0.5
     crop = Compose(
         [

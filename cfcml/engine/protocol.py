@@ -1,4 +1,5 @@
-"""The paper's protocol: every MEN fold or every Derm7pt seed, then mean ± std (Tables 2/3).
+"""The paper's protocol: every fold (cross-validated cohorts) or every seed (cohorts with a
+fixed split), then mean ± std (Tables 2/3).
 
 The runs are independent, so `jobs` of them can train at once in worker processes. On a CPU
 each worker gets cores // jobs torch threads (at least one): the small presets are bound by per-op overhead,
@@ -19,10 +20,13 @@ from pathlib import Path
 
 import torch
 
-from cfcml.datasets.registry import load_cohort
+from cfcml.datasets.reader import load_cohort
 
-from ..config import Config, config_from_dict
-from .run import train_one
+from ..config import Config, cohort_spec, config_from_dict
+from .errors import RunMismatch
+from .identity import explain_mismatch, run_identity
+from .run import LAST, _write_json, clear_run, finished_result, train_one
+from .splits import protocol_runs
 from .summary import markdown_table, summarize_runs, wilcoxon_compare
 
 
@@ -118,29 +122,45 @@ def _train_in_parallel(cfg: Config, data_root, out: Path, pending: list[dict], p
     return results
 
 
-def protocol_runs(cfg: Config, cohort) -> list[dict]:
-    """[{"name": ..., "fold": k} | {"name": ..., "seed": s}] for this dataset's protocol."""
-    if cfg.dataset == "men":
-        return [{"name": s, "fold": int(s.removeprefix("fold"))} for s in cohort.splits]
-    return [{"name": f"seed{s}", "seed": s} for s in cfg.train.seeds]
+def check_run_folders(cfg: Config, cohort, out: Path, planned: list[dict], overwrite: bool) -> dict[str, dict]:
+    """{name: metrics.json} of the planned runs already finished in `out` (reused); refuses,
+    before anything trains, when a folder holds a different run (unless `overwrite`)."""
+    import torch
+
+    digest = cohort.digest()
+    reused = {}
+    for r in planned:
+        folder = out / r["name"]
+        if overwrite:
+            clear_run(folder)
+            continue
+        wanted = run_identity(cfg, digest, r["name"])
+        finished = finished_result(folder)
+        if finished is not None:
+            if finished.get("identity", {}).get("digest") != wanted["digest"]:
+                raise RunMismatch(explain_mismatch(finished.get("identity"), wanted, folder))
+            reused[r["name"]] = finished
+        elif (folder / LAST).exists():
+            stored = torch.load(folder / LAST, map_location="cpu", weights_only=False).get("identity")
+            if (stored or {}).get("digest") != wanted["digest"]:
+                raise RunMismatch(explain_mismatch(stored, wanted, folder))
+    return reused
 
 
 def run_protocol(cfg: Config, data_root: str | Path, out_dir: str | Path, compare: str | Path | None = None,
-                 resume: bool = True, jobs: int | None = None, report: Callable[[str], None] | None = None) -> dict:
+                 jobs: int | None = None, report: Callable[[str], None] | None = None, overwrite: bool = False) -> dict:
     """Train every run into out_dir/<run>/, then write summary.json and summary.md.
 
-    Runs already finished (their metrics.json exists) are reused, so an interrupted protocol
-    continues where it stopped. `jobs`: runs trained at once (None: see `plan_jobs`).
-    `report` receives one line per event (e.g. print to stderr).
+    Runs already finished with the same config, cohort and code are reused (and unfinished
+    ones resumed), so an interrupted protocol continues where it stopped; a folder holding a
+    different run is refused unless `overwrite`. `jobs`: runs trained at once (None: see
+    `plan_jobs`). `report` receives one line per event (e.g. print to stderr).
     """
     out, report = Path(out_dir), report or (lambda message: None)
-    cohort = load_cohort(cfg.dataset, data_root)  # bad input fails here, before any worker starts
+    spec = cohort_spec(cfg)
+    cohort = load_cohort(spec, data_root)  # bad input fails here, before any worker starts
     planned = protocol_runs(cfg, cohort)
-    results = {}
-    for r in planned:
-        done = out / r["name"] / "metrics.json"
-        if resume and done.exists() and json.loads(done.read_text()).get("finished"):
-            results[r["name"]] = json.loads(done.read_text())
+    results = check_run_folders(cfg, cohort, out, planned, overwrite)
     pending = [r for r in planned if r["name"] not in results]
     if pending:
         plan = plan_jobs(cfg, len(pending), jobs)
@@ -150,10 +170,10 @@ def run_protocol(cfg: Config, data_root: str | Path, out_dir: str | Path, compar
         if plan.jobs == 1:
             for done, r in enumerate(pending, 1):
                 results[r["name"]] = train_one(cfg, data_root, out / r["name"], fold=r.get("fold"), seed=r.get("seed"),
-                                               resume=resume, cohort=cohort)
+                                               resume=True, cohort=cohort)
                 _report_finished(report, cfg, r["name"], results[r["name"]], done, len(pending))
         else:
-            results |= _train_in_parallel(cfg, data_root, out, pending, plan, resume, report)
+            results |= _train_in_parallel(cfg, data_root, out, pending, plan, True, report)
     runs = [{"name": r["name"], "metrics": results[r["name"]]["test"], "selected_epoch": results[r["name"]]["selected_epoch"]}
             for r in planned]
     summary = summarize_runs(runs)
@@ -162,13 +182,14 @@ def run_protocol(cfg: Config, data_root: str | Path, out_dir: str | Path, compar
         other = json.loads((Path(compare) / "summary.json").read_text())
         pvalues = wilcoxon_compare(summary, other)
         summary["compare"] = {"against": str(compare), "wilcoxon_p": pvalues}
-    unit = "folds" if cfg.dataset == "men" else "seeds"
     summary["markdown"] = markdown_table(
-        summary, cfg.dataset, title=f"{cfg.name}: test results (%, mean ± std over {len(runs)} {unit}; epoch selected on validation)",
-        pvalues=pvalues,
-    )
-    summary["preset"] = cfg.name
+        summary, spec, title=f"{cfg.name} on {spec.name}: test results (%, mean ± std over {len(runs)} {spec.run_unit}; "
+        "epoch selected on validation)", pvalues=pvalues,
+    )  # fmt: skip
+    summary |= {"preset": cfg.name, "dataset": spec.name, "data": str(Path(data_root).resolve()),
+                "cohort_digest": cohort.digest(), "config": cfg.to_dict()}  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
-    (out / "summary.md").write_text(summary["markdown"] + "\n")
+    _write_json(out / "summary.json", summary)
+    (out / "summary.md.tmp").write_text(summary["markdown"] + "\n")
+    (out / "summary.md.tmp").replace(out / "summary.md")
     return summary

@@ -1,8 +1,12 @@
-"""One training run (a MEN fold or a Derm7pt seed): train, select on validation, test once.
+"""One training run (a fold or a seed): train, select on validation, test once.
 
 Also the body of every Ray Train worker: under torch.distributed each rank trains on its
 share of the class-balanced batches, CCRM sees the all-gathered global batch, and validation
 predictions are gathered before metrics so every rank selects the same epoch.
+
+A run folder knows what it holds (`engine.identity`): a finished run is reused only when
+config, cohort and code match; a different run is never silently overwritten. Everything
+is written atomically (temp file, then rename), `metrics.json` last.
 """
 
 from __future__ import annotations
@@ -24,18 +28,22 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from cfcml.datasets.loaders import build_tabular_inputs, make_datasets, make_train_sampler
-from cfcml.datasets.registry import cohort_shape, load_cohort
+from cfcml.datasets.reader import load_cohort
+from cfcml.datasets.tabular import num_features
 
-from ..config import Config, save_config
+from ..config import Config, cohort_spec, save_config
 from ..models.cfcml import build_model
 from .checkpoint import atomic_save, rng_state, seed_everything, set_rng_state
+from .errors import RunMismatch, TrainingFailed
+from .identity import explain_mismatch, run_identity
 from .loss import compute_loss
-from .metrics import compute_metrics
+from .metrics import compute_metrics, higher_is_better
 from .schedule import build_optimizer
 from .splits import run_split
 
 log = logging.getLogger(__name__)
-LAST, BEST = "last.pt", "best.pt"
+LAST, BEST, METRICS, PREDICTIONS = "last.pt", "best.pt", "metrics.json", "predictions.npz"
+RUN_FILES = (LAST, BEST, METRICS, PREDICTIONS, "config.yaml")
 
 # reporter(epoch, metrics, run_dir) is called after every epoch (rank 0 and others alike:
 # Ray Train wants every rank to report) — e.g. to forward metrics to Ray Tune or MLflow.
@@ -55,6 +63,8 @@ def resolve_env(cfg: Config) -> Env:
     want = t.device
     if want == "auto":
         want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want.startswith("cuda") and not torch.cuda.is_available():
+        raise TrainingFailed(f"train.device={t.device}: this machine has no CUDA device (use cpu or auto)")
     device = torch.device(want)
     if device.type == "cuda" and device.index is None and dist.is_initialized():
         device = torch.device("cuda", torch.cuda.current_device())
@@ -76,27 +86,56 @@ def _to_inputs(batch: dict, tabular_table: torch.Tensor | None, env: Env) -> tup
     return {"images": images, "tabular": tabular}, batch["label"].to(env.device)
 
 
+def fused_features(out: dict) -> torch.Tensor | None:
+    """The fused feature of a model output (the classifier's input), for t-SNE and reports."""
+    if out.get("fused") is not None:
+        return out["fused"]
+    feats = out.get("features")
+    return torch.cat([f.float() for f in feats], dim=1) if feats else None
+
+
 @torch.no_grad()
-def predict(model, loader, tabular_table, env: Env) -> tuple[np.ndarray, np.ndarray, float]:
-    """-> (labels [N], probabilities [N, K], mean CE) over this rank's loader, gathered across ranks."""
+def predict(model, loader, tabular_table, env: Env, keep: bool = False) -> dict:
+    """Predictions over this rank's loader, gathered across ranks, in dataset order.
+
+    -> {"labels" [N], "probs" [N, K], "loss" (mean CE)} and, with `keep`, "index" [N],
+    "logits" [N, K] and "features" [N, F] (fused features, when the model gives them).
+    """
     model.eval()
-    labels, probs, losses = [], [], []
+    parts = {"index": [], "labels": [], "logits": [], "features": []}
+    total = 0.0
     for batch in loader:
         inputs, y = _to_inputs(batch, tabular_table, env)
         with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=env.amp):
-            logits = model(**inputs)["logits"].float()
-        losses.append(F.cross_entropy(logits, y, reduction="sum").item())
-        labels.append(y.cpu())
-        probs.append(logits.softmax(-1).cpu())
-    y, p = torch.cat(labels).numpy(), torch.cat(probs).numpy()
-    total = sum(losses)
+            out = model(**inputs)
+        logits = out["logits"].float()
+        if (y >= 0).all():  # prediction cases carry label -1: no loss to report
+            total += F.cross_entropy(logits, y, reduction="sum").item()
+        else:
+            total = math.nan
+        parts["index"].append(batch["index"].cpu())
+        parts["labels"].append(y.cpu())
+        parts["logits"].append(logits.cpu())
+        if keep and (f := fused_features(out)) is not None:
+            parts["features"].append(f.float().cpu())
+    arrays = {k: torch.cat(v).numpy() for k, v in parts.items() if v}
     if env.world > 1:
-        parts = [None] * env.world
-        dist.all_gather_object(parts, (y, p, total))
-        y = np.concatenate([a for a, _, _ in parts])
-        p = np.concatenate([b for _, b, _ in parts])
-        total = sum(c for _, _, c in parts)
-    return y, p, total / max(len(y), 1)
+        gathered = [None] * env.world
+        dist.all_gather_object(gathered, (arrays, total))
+        arrays = {k: np.concatenate([a[k] for a, _ in gathered]) for k in arrays}
+        total = sum(t for _, t in gathered)
+    order = np.argsort(arrays["index"], kind="stable") if "index" in arrays else None
+    arrays = {k: v[order] for k, v in arrays.items()} if order is not None else arrays
+    n = len(arrays.get("labels", []))
+    logits = arrays.get("logits", np.zeros((0, 0), dtype=np.float32))
+    result = {
+        "labels": arrays.get("labels", np.zeros(0, dtype=np.int64)),
+        "probs": torch.from_numpy(logits).softmax(-1).numpy() if n else logits,
+        "loss": total / max(n, 1),
+    }
+    if keep:
+        result |= {k: arrays[k] for k in ("index", "logits", "features") if k in arrays}
+    return result
 
 
 def _shard(dataset, env: Env):
@@ -109,7 +148,7 @@ def _shard(dataset, env: Env):
 def _better(metric: str, new: float, old: float | None) -> bool:
     if old is None or (isinstance(old, float) and math.isnan(old)):
         return not math.isnan(new)
-    return new < old if metric == "loss" else new > old
+    return new > old if higher_is_better(metric) else new < old
 
 
 def selection_score(history: list[dict], metric: str, window: int) -> float:
@@ -125,11 +164,45 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return seed * 100_003 + epoch  # every epoch reseeds, so a resumed run repeats the same draws
 
 
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=float))
+    tmp.replace(path)
+
+
+def _save_npz(path: Path, **arrays) -> None:
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
+
+
+def finished_result(out: Path) -> dict | None:
+    """The metrics.json of a finished run in `out`, or None."""
+    path = Path(out) / METRICS
+    if not path.is_file():
+        return None
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return result if result.get("finished") else None
+
+
+def clear_run(out: Path) -> None:
+    """Remove the files a run writes (nothing else in the folder)."""
+    for name in RUN_FILES:
+        (Path(out) / name).unlink(missing_ok=True)
+
+
 class TrainingRun:
-    """One run's state, stepped an epoch at a time (so a tuner can run K folds in lockstep)."""
+    """One run's state, stepped an epoch at a time (so a tuner can run K folds in lockstep).
+
+    `resume`: continue from `out/last.pt` (only if it holds this very run); without it an
+    existing run in `out` is refused unless `overwrite`.
+    """
 
     def __init__(self, cfg: Config, data_root, out_dir, fold: int | None = None, seed: int | None = None,
-                 resume: bool = False, cohort=None, progress: bool = True):
+                 resume: bool = False, cohort=None, progress: bool = True, overwrite: bool = False):
         self.cfg, self.env = cfg, resolve_env(cfg)
         t, env = cfg.train, self.env
         self.progress = progress  # a tqdm bar per epoch when stderr is a terminal
@@ -137,21 +210,27 @@ class TrainingRun:
             torch.set_num_threads(t.threads)
         self.seed = t.seed if seed is None else seed
         self.out = out = Path(out_dir)
-        if env.rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, out / "config.yaml")
+        self.spec = cohort.spec if cohort is not None else cohort_spec(cfg)
+        cohort = cohort or load_cohort(self.spec, data_root)  # refuses a cohort that fails the check
+        self.split = split = run_split(cfg, cohort, fold, seed)
+        self.identity = run_identity(cfg, cohort.digest(), split.name)
+        if t.batch_size > len(split.train):
+            raise RunMismatch(f"train.batch_size {t.batch_size} is larger than the training part of "
+                              f"{split.name} ({len(split.train)} cases): lower it")  # fmt: skip
+        state = self._claim_folder(resume, overwrite)  # refuses before anything is written
+        if self.finished is not None:
+            return  # the folder holds this very run, finished: nothing to build
+
         if t.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=env.device.type == "cuda")
         seed_everything(self.seed)
+        self.shape = self.spec.shape()
+        self.num_classes = self.shape.num_classes
+        self.tables, self.numeric_stats = build_tabular_inputs(cfg, self.spec, split)
+        self.datasets = make_datasets(cfg, self.spec, split)
 
-        cohort = cohort or load_cohort(cfg.dataset, data_root)  # refuses a cohort that fails the check
-        self.split = split = run_split(cfg, cohort, fold, seed)
-        shape = cohort_shape(cfg.dataset)
-        self.num_classes = shape.num_classes
-        self.tables, num_features = build_tabular_inputs(cfg, split)
-        self.datasets = make_datasets(cfg, split)
-
-        self.model = build_model(cfg, shape, num_tabular_features=num_features).to(env.device)
+        n_tab = num_features(self.spec) if cfg.model.tabular_embedding == "mlp" else None
+        self.model = build_model(cfg, self.shape, num_tabular_features=n_tab).to(env.device)
         self.train_model = self.model
         if env.world > 1:
             ids = [env.device.index] if env.device.type == "cuda" else None
@@ -162,8 +241,7 @@ class TrainingRun:
         self.val_loader = _loader(_shard(self.datasets["val"], env), env, cfg)
 
         self.epoch, self.history, self.best = 0, [], {"epoch": None, "value": None}
-        if resume and (out / LAST).exists():
-            state = torch.load(out / LAST, map_location=env.device, weights_only=False)
+        if state is not None:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
@@ -171,10 +249,40 @@ class TrainingRun:
             self.epoch, self.history, self.best = state["epoch"] + 1, state["history"], state["best"]
             set_rng_state(state["rng"])
             log.info("resumed %s at epoch %d", out, self.epoch)
+        if env.rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, out / "config.yaml")
+
+    def _claim_folder(self, resume: bool, overwrite: bool) -> dict | None:
+        """The checkpoint to resume from, or None; refuses a folder holding another run."""
+        out = self.out
+        for tmp in out.glob("*.tmp*") if out.is_dir() and self.env.rank == 0 else []:
+            tmp.unlink(missing_ok=True)  # leftovers of an interrupted write
+        if overwrite:
+            if self.env.rank == 0:
+                clear_run(out)
+            return None
+        finished = finished_result(out)
+        if finished is not None:
+            if finished.get("identity", {}).get("digest") != self.identity["digest"]:
+                raise RunMismatch(explain_mismatch(finished.get("identity"), self.identity, out))
+            self.finished = finished
+            return None
+        if not (out / LAST).exists():
+            return None
+        state = torch.load(out / LAST, map_location=self.env.device, weights_only=False)
+        if state.get("identity", {}).get("digest") != self.identity["digest"]:
+            raise RunMismatch(explain_mismatch(state.get("identity"), self.identity, out))
+        if not resume:
+            raise RunMismatch(f"{out} holds an unfinished run of this configuration: pass --resume to continue it, "
+                              "or --overwrite to start again")  # fmt: skip
+        return state
+
+    finished: dict | None = None  # set when the folder already holds this run, finished
 
     @property
     def done(self) -> bool:
-        return self.epoch >= self.cfg.train.epochs
+        return self.finished is not None or self.epoch >= self.cfg.train.epochs
 
     def train_epoch(self) -> dict:
         """Train one epoch, validate, checkpoint; -> the epoch's record (train_*, val_* metrics)."""
@@ -192,6 +300,10 @@ class TrainingRun:
             with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=env.amp):
                 out_m = self.train_model(**inputs)
             parts = compute_loss(out_m, y, cfg, self.num_classes)
+            if not torch.isfinite(parts["loss"]):
+                terms = ", ".join(f"{k}={v.item():.4g}" for k, v in parts.items())
+                raise TrainingFailed(f"{self.split.name}: non-finite loss at epoch {epoch + 1}, step {n + 1} ({terms}); "
+                                     f"stopped, the last good checkpoint is kept in {self.out} (try a lower train.lr)")  # fmt: skip
             self.optimizer.zero_grad(set_to_none=True)
             parts["loss"].backward()
             self.optimizer.step()
@@ -202,8 +314,8 @@ class TrainingRun:
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
 
-        y_val, p_val, val_loss = predict(self.model, self.val_loader, self.tables["val"], env)
-        val = compute_metrics(cfg.dataset, y_val, p_val) | {"loss": val_loss}
+        pred = predict(self.model, self.val_loader, self.tables["val"], env)
+        val = compute_metrics(self.spec, pred["labels"], pred["probs"]) | {"loss": pred["loss"]}
         record = {"epoch": epoch, "lr": lr, "seconds": time.time() - t0}
         record |= {f"train_{k}": v / max(n, 1) for k, v in sums.items()} | {f"val_{k}": v for k, v in val.items()}
         self.history.append(record)
@@ -213,11 +325,12 @@ class TrainingRun:
             self.best = {"epoch": epoch, "value": score}
         if env.rank == 0:
             if improved:
-                atomic_save({"model": self.model.state_dict(), "config": cfg.to_dict(), "epoch": epoch, "val": val}, self.out / BEST)
+                atomic_save({"model": self.model.state_dict(), "config": cfg.to_dict(), "epoch": epoch, "val": val,
+                             "identity": self.identity}, self.out / BEST)  # fmt: skip
             atomic_save({
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict(), "epoch": epoch, "history": self.history,
-                "best": self.best, "rng": rng_state(), "config": cfg.to_dict(),
+                "best": self.best, "rng": rng_state(), "config": cfg.to_dict(), "identity": self.identity,
             }, self.out / LAST)  # fmt: skip
             log.info("%s epoch %d: val %s=%.4f, selection score %.4f (best epoch %s)", self.split.name, epoch + 1,
                      t.select_metric, val[t.select_metric], score, self.best["epoch"])
@@ -225,46 +338,59 @@ class TrainingRun:
         return record
 
     def finish(self) -> dict:
-        """Test once, with the weights of the epoch selected on validation; write metrics.json."""
+        """Test once, with the weights of the epoch selected on validation; write the
+        predictions, then metrics.json (last: its presence means the run is complete)."""
+        if self.finished is not None:
+            return self.finished
         env, out = self.env, self.out
         if env.world > 1:
             dist.barrier()  # rank 0 has written best.pt
+        if not (out / BEST).exists():
+            raise TrainingFailed(f"{self.split.name}: no epoch had a finite validation {self.cfg.train.select_metric}, "
+                                 f"so no weights were selected (see {out / LAST}); nothing to test")  # fmt: skip
         state = torch.load(out / BEST, map_location=env.device, weights_only=False)
         self.model.load_state_dict(state["model"])
         test_loader = _loader(_shard(self.datasets["test"], env), env, self.cfg)
-        y, p, test_loss = predict(self.model, test_loader, self.tables["test"], env)
+        test = predict(self.model, test_loader, self.tables["test"], env, keep=True)
+        val = predict(self.model, self.val_loader, self.tables["val"], env, keep=True)
         best_epoch = self.best["epoch"]
         result = {
             "run": self.split.name,
             "preset": self.cfg.name,
+            "dataset": self.spec.name,
             "selected_epoch": best_epoch,
             "select_metric": self.cfg.train.select_metric,
             "select_window": self.cfg.train.select_window,
             "selection": "validation (never test)",
             "validation": self.history[best_epoch] if best_epoch is not None else None,
-            "test": compute_metrics(self.cfg.dataset, y, p) | {"loss": test_loss},
+            "test": compute_metrics(self.spec, test["labels"], test["probs"]) | {"loss": test["loss"]},
             "history": self.history,
             "sizes": {"train": len(self.split.train), "val": len(self.split.val), "test": len(self.split.test)},
             # CPU results are bit-identical for a seed only at the same thread count
             "device": str(env.device), "threads": torch.get_num_threads(),
+            "identity": self.identity,
             "finished": True,
         }
         if env.rank == 0:
-            tmp = out / "metrics.json.tmp"
-            tmp.write_text(json.dumps(result, indent=2, default=float))
-            tmp.replace(out / "metrics.json")
-            np.savez(out / "test_predictions.npz", labels=y, probs=p)
+            arrays = {}
+            for part, cases, p in (("val", self.split.val, val), ("test", self.split.test, test)):
+                arrays[f"{part}_case_ids"] = np.array([cases[i].case_id for i in p["index"]])
+                arrays |= {f"{part}_{k}": p[k] for k in ("labels", "probs", "logits", "features") if k in p}
+            _save_npz(out / PREDICTIONS, **arrays)
+            _write_json(out / METRICS, result)
         return result
 
 
 def train_one(cfg: Config, data_root, out_dir, fold: int | None = None, seed: int | None = None, resume: bool = False,
               reporter: Reporter | None = None, cohort=None, max_epochs_this_call: int | None = None,
-              progress: bool = True) -> dict:
-    """Train one run and return the contents of its metrics.json.
-
-    `max_epochs_this_call` stops early without testing (tests use it to simulate a crash).
-    """
-    run = TrainingRun(cfg, data_root, out_dir, fold=fold, seed=seed, resume=resume, cohort=cohort, progress=progress)
+              progress: bool = True, overwrite: bool = False) -> dict:
+    """Train one run and return the contents of its metrics.json (reusing the run when the
+    folder already holds it, finished). `max_epochs_this_call` stops early without testing
+    (tests use it to simulate a crash)."""
+    run = TrainingRun(cfg, data_root, out_dir, fold=fold, seed=seed, resume=resume, cohort=cohort, progress=progress,
+                      overwrite=overwrite)  # fmt: skip
+    if run.finished is not None:
+        return run.finished
     for _ in range(max_epochs_this_call or cfg.train.epochs):
         if run.done:
             break

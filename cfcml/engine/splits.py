@@ -8,7 +8,7 @@ from sklearn.model_selection import train_test_split
 
 from cfcml.datasets.cohort import Case, Cohort
 
-from ..config import Config
+from ..config import Config, ConfigError
 
 
 @dataclass
@@ -19,25 +19,41 @@ class RunSplit:
     test: list[Case]
 
 
-def men_split(cohort: Cohort, fold: int, val_fraction: float, seed: int = 0) -> RunSplit:
+def fold_split(cohort: Cohort, fold: int, val_fraction: float, seed: int = 0) -> RunSplit:
     """Test = fold `fold`; validation = a stratified, patient-level part of the other folds."""
     name = f"fold{fold}"
     if name not in cohort.splits:
-        raise ValueError(f"--fold {fold}: the cohort has folds {list(cohort.splits)}")
+        raise ConfigError(f"--fold {fold}: the cohort has folds 1..{len(cohort.splits)}")
     rest = [c for c in cohort.cases if c.split != name]
-    train, val = train_test_split(rest, test_size=val_fraction, stratify=[c.label for c in rest], random_state=seed + fold)
+    labels = [c.label for c in rest]
+    try:
+        train, val = train_test_split(rest, test_size=val_fraction, stratify=labels, random_state=seed + fold)
+    except ValueError as e:  # a class too rare to put one case on each side
+        raise ConfigError(f"fold {fold}: cannot carve a stratified {val_fraction:.0%} validation part from "
+                          f"{len(rest)} training cases ({e}); use a larger data.val_fraction or more cases") from None  # fmt: skip
     return RunSplit(name, sorted(train, key=_key), sorted(val, key=_key), cohort.split(name))
 
 
-def derm7pt_split(cohort: Cohort, seed: int) -> RunSplit:
-    """The creator's split; runs differ by seed only."""
+def fixed_split(cohort: Cohort, seed: int) -> RunSplit:
+    """The cohort's own train/valid/test split; runs differ by seed only."""
     return RunSplit(f"seed{seed}", cohort.split("train"), cohort.split("valid"), cohort.split("test"))
 
 
 def run_split(cfg: Config, cohort: Cohort, fold: int | None, seed: int | None) -> RunSplit:
-    if cfg.dataset == "men":
-        return men_split(cohort, fold or 1, cfg.data.val_fraction)
-    return derm7pt_split(cohort, cfg.train.seed if seed is None else seed)
+    if cohort.spec.split.kind == "folds":
+        if seed is not None and fold is None:
+            raise ConfigError(f"{cohort.dataset} is cross-validated: choose a run with --fold, not --seed")
+        return fold_split(cohort, fold or 1, cfg.data.val_fraction)
+    if fold is not None:
+        raise ConfigError(f"{cohort.dataset} has a fixed train/valid/test split: choose a run with --seed, not --fold")
+    return fixed_split(cohort, cfg.train.seed if seed is None else seed)
+
+
+def protocol_runs(cfg: Config, cohort: Cohort) -> list[dict]:
+    """[{"name": "fold1", "fold": 1}, ...] (cross-validation) or [{"name": "seed0", "seed": 0}, ...]."""
+    if cohort.spec.split.kind == "folds":
+        return [{"name": s, "fold": int(s.removeprefix("fold"))} for s in cohort.splits]
+    return [{"name": f"seed{s}", "seed": s} for s in cfg.train.seeds]
 
 
 def _key(c: Case) -> str:

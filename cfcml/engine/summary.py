@@ -1,6 +1,6 @@
 """Aggregation of per-fold / per-seed results into the paper's table format.
 
-A *run* is one fold (MEN) or one seed (Derm7pt): ``{"name": "fold0", "metrics": {...}}``
+A *run* is one fold or one seed: ``{"name": "fold1", "metrics": {...}}``
 with metric values as fractions (see :mod:`cfcml.engine.metrics`).  A *summary* is
 ``{"metrics": {name: {"mean": m, "std": s}}, "runs": runs}``.
 """
@@ -13,7 +13,7 @@ import warnings
 import numpy as np
 from scipy.stats import wilcoxon
 
-from cfcml.engine.metrics import METRIC_LABELS, METRIC_NAMES, PAPER_RESULTS
+from cfcml.engine.metrics import metric_labels, metric_names
 
 NAN = float("nan")
 
@@ -52,7 +52,7 @@ def _row(cells: list[str]) -> str:
 
 def markdown_table(
     summary: dict,
-    dataset: str,
+    spec,
     title: str | None = None,
     method: str = "CFCML (ours)",
     include_paper: bool = True,
@@ -61,38 +61,37 @@ def markdown_table(
 ) -> str:
     """Render ``summary`` as a Markdown table laid out like the paper's Table 2 / 3.
 
-    Columns are the paper's (MEN: ACC, ACC_G1, ACC_G2inv, ACC_G2ninv, W-F1, M-F1, AUC;
-    Derm7pt: SEN, SPE, ACC, G-Mean, BA, AUPRC, AUC).  Rows: ``method`` with
-    ``mean ± std`` in percent (2 decimals); the paper's reported means if
-    ``include_paper``; the Wilcoxon p-values (``pvalues``, e.g. from
-    :func:`wilcoxon_compare`, printed as plain p with 3 decimals) if given.
-    Undefined values are shown as ``n/a``.  ``title`` (default: generated from the
-    dataset and number of runs) is printed as a level-3 heading above the table.
+    Columns follow the cohort's metric set (`metric_names(spec.classes)`), in percent with
+    ``mean ± std``; a row of the paper's reported means when the schema carries them
+    (``paper.metrics``) and ``include_paper``; a row of Wilcoxon p-values when given.
+    Undefined values are ``n/a``. The paper's Derm7pt AUPRC is average precision on hard
+    labels, so it sits in the ``auprc_label`` column and a footnote says so.
     """
-    dataset = dataset.lower()
-    names = METRIC_NAMES[dataset]
-    labels = METRIC_LABELS[dataset]
+    names = metric_names(spec.classes)
+    labels = metric_labels(spec.classes)
     if title is None:
-        unit = "folds" if dataset == "men" else "seeds"
         n = len(summary.get("runs", []))
-        shown = {"men": "MEN", "derm7pt": "Derm7pt"}[dataset]
-        title = f"{shown} results (%, mean ± std over {n} {unit})"
+        title = f"{spec.name} results (%, mean ± std over {n} {spec.run_unit})"
 
     lines = [f"### {title}", "", _row(["Method"] + [labels[n] for n in names]),
-             _row(["---"] * (len(names) + 1))]
+             _row(["---"] * (len(names) + 1))]  # fmt: skip
     cells = []
     for name in names:
         stats = summary["metrics"].get(name, {"mean": NAN, "std": NAN})
         cells.append(f"{_pct(stats['mean'])} ± {_pct(stats['std'])}")
     lines.append(_row([method] + cells))
-    if include_paper:
-        paper = PAPER_RESULTS[dataset]
-        lines.append(_row(["CFCML (paper)"] + [_pct(paper[n]) for n in names]))
+    paper = (spec.paper or {}).get("metrics") if include_paper else None
+    if paper:
+        lines.append(_row(["CFCML (paper)"] + [_pct(paper[n]) if n in paper else "n/a" for n in names]))
     if pvalues is not None:
         lines.append(_row([pvalue_label] + [
             "n/a" if math.isnan(pvalues.get(n, NAN)) else f"{pvalues[n]:.3f}" for n in names
         ]))
-    return "\n".join(lines) + "\n"
+    notes = []
+    if paper and "auprc_label" in paper and "auprc" not in paper:
+        notes.append("The paper's AUPRC is average precision on hard predictions: compare it with AUPRC (labels); "
+                     "our AUPRC is on probabilities.")
+    return "\n".join(lines + ([""] + [f"_{n}_" for n in notes] if notes else [])) + "\n"
 
 
 def _runs_by_name(summary: dict, which: str) -> dict[str, dict]:

@@ -11,8 +11,6 @@ from ..config import Config
 from .cfcml import build_model, count_params, stage_grids
 from .shape import CohortShape
 
-PAPER = {"men": {"params_m": 35.98, "gflops": 19.07}, "derm7pt": {"params_m": 30.63, "gflops": 79.79}}
-
 
 def frozen_text_params(cfg: Config) -> int:
     """Parameters of the frozen text tower, counted on the meta device (nothing allocated)."""
@@ -36,7 +34,14 @@ def example_inputs(cfg: Config, shape: CohortShape, batch: int = 1, num_tabular_
     return {"images": images if cfg.model.use_images else None, "tabular": tabular if cfg.model.use_tabular else None}
 
 
-def summarize(cfg: Config, shape: CohortShape) -> dict:
+def summarize(cfg: Config, shape: CohortShape | None = None, paper: dict | None = None) -> dict:
+    """Counts, FLOPs and token shapes of the model `cfg` builds for its cohort (`shape`,
+    default: the cohort `cfg.dataset` names; `paper`: that schema's reference numbers)."""
+    if shape is None:
+        from ..config import cohort_spec
+
+        spec = cohort_spec(cfg)
+        shape, paper = spec.shape(), spec.paper
     model = build_model(cfg, shape, num_tabular_features=16).eval()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(**example_inputs(cfg, shape))
@@ -59,7 +64,7 @@ def summarize(cfg: Config, shape: CohortShape) -> dict:
         "gflops": counter.get_total_flops() / 1e9,  # torch's count: a multiply-add is 2 FLOPs
         "gmacs": counter.get_total_flops() / 2e9,
         "stages": stages,
-        "paper": PAPER.get(cfg.dataset),
+        "paper": {k: paper[k] for k in ("params_m", "gflops") if k in paper} if paper else None,
     }
 
 

@@ -1,30 +1,27 @@
 """The shipped model: an MLflow pyfunc that scores patients from image paths + attributes.
 
-In: one row per patient (a pandas DataFrame) —
+In: one row per patient (a pandas DataFrame), columns named by the cohort's schema —
+``case_id``, one column per image series holding the file's path (volume cohorts also take
+an optional ``mask``), and one column per attribute holding the table cell as written
+(codes such as ``1`` for categorical attributes with `values`, words otherwise, numbers as
+text). A series or attribute may be left empty: the model then runs without it (a blank
+series, an "unknown" sentence) and says so in ``inputs_missing``.
 
-- MEN: ``case_id``, ``T1C``, ``FLAIR_C``, ``ADC`` (NIfTI paths), optional ``mask`` (ROI path or
-  empty), and the clinical attributes ``location, sex, age, adc_value, tumor_area,
-  edema_area`` as the text of the clinical.csv cells (location 1/2/3, sex 0/1);
-- Derm7pt: ``case_id``, ``clinic``, ``derm`` (image paths) and
-  ``level_of_diagnostic_difficulty, elevation, location, sex, management`` (meta.csv words).
+Out: ``case_id``, one ``prob_<class>`` column per class (softmax probabilities averaged over
+the packaged runs), ``pred`` (the class name), ``inputs_used`` / ``inputs_missing`` and
+``status`` (``ok``, or why the row could not be scored: its probabilities are then NaN).
 
-Out: ``case_id``, one ``prob_<class>`` column per class (softmax probabilities, averaged over
-the packaged models) and ``pred`` (the class name).
-
-The model directory holds everything the prediction needs besides the image files:
-the resolved config, the class names, the weights of each run of the best trial (one per
-MEN fold / Derm7pt seed, each at its epoch selected on validation; their probabilities are
-averaged), the preprocessing (the same deterministic MONAI / PIL pipelines as training, run
-by the datasets of :mod:`cfcml.datasets`), the sentence-embedding table (sentence -> frozen
-text-encoder vector) of every sentence seen in the cohort, and the ``cfcml`` code itself.
-A sentence that is not in the table (an unseen age or area value) is encoded with the text
-encoder the config names (``model.text_pretrained``); with ``openai`` weights this needs
-them in the local Hugging Face cache or a local file (see docs/platform.md).
+The model directory (the `package` artifact) holds plain data only: the resolved config,
+the cohort schema, each packaged run's weights (tensors only, loaded with
+``weights_only=True``), the sentence-embedding table and the numeric scaling of the MLP
+embedding. The code is cfcml itself, shipped with the model and loaded through MLflow's
+models-from-code (`cfcml/platform/mlflow_model.py`): nothing is unpickled. Preprocessing
+and prediction are the very functions training uses (`cfcml.datasets.loaders.make_dataset`,
+`cfcml.engine.run.predict`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -32,14 +29,13 @@ import subprocess
 import warnings
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from types import SimpleNamespace
 
-import mlflow.pyfunc
 import numpy as np
 import torch
 
 from cfcml.datasets.cohort import Case, Cohort
-from cfcml.datasets.registry import cohort_classes, cohort_series, cohort_shape
+from cfcml.datasets.rows import parse_attribute
+from cfcml.datasets.spec import DatasetSpec
 
 from ..config import Config, config_from_dict, save_config
 
@@ -47,6 +43,7 @@ log = logging.getLogger(__name__)
 
 PACKAGE_ARTIFACT = "package"
 ALIAS = "challenger"
+MISSING_WORD = "unknown"  # what an empty attribute becomes in its sentence
 REQUIREMENTS = ("torch", "torchvision", "numpy", "pandas", "monai", "nibabel", "pillow", "pyyaml", "scikit-learn",
                 "scipy", "timm", "open_clip_torch", "mlflow")  # fmt: skip
 
@@ -54,47 +51,17 @@ REQUIREMENTS = ("torch", "torchvision", "numpy", "pandas", "monai", "nibabel", "
 # ----------------------------------------------------------------------------- rows <-> cases
 
 
-def _dataset_module(dataset: str):
-    if dataset == "men":
-        from cfcml.datasets.men import reader as men
-
-        return men
-    from cfcml.datasets.derm7pt import reader as derm7pt
-
-    return derm7pt
+def input_columns(spec: DatasetSpec) -> list[str]:
+    return ["case_id", *spec.series, *(["mask"] if spec.image_kind == "volume" else []), *spec.attribute_names]
 
 
-def attribute_names(dataset: str) -> tuple[str, ...]:
-    return _dataset_module(dataset).ATTRIBUTES
-
-
-def image_columns(dataset: str) -> tuple[str, ...]:
-    return cohort_series(dataset)
-
-
-def _men_raw_text(case: Case) -> dict[str, str]:
-    """The clinical.csv cell texts behind a case's sentences (sentences insert them verbatim)."""
-    from cfcml.datasets.men.reader import ATTRIBUTES, TEMPLATES
-
-    raw = {}
-    for attr, sentence in zip(ATTRIBUTES, case.sentences):
-        if attr in ("location", "sex"):
-            raw[attr] = str(int(case.attributes[attr]))
-            continue
-        prefix = TEMPLATES[attr].split("{v}")[0]
-        raw[attr] = sentence[len(prefix) :] if sentence.startswith(prefix) else f"{case.attributes[attr]:g}"
-    return raw
-
-
-def case_record(dataset: str, case: Case) -> dict:
-    """One input row for the pyfunc from a cohort case."""
+def case_record(spec: DatasetSpec, case: Case) -> dict:
+    """One input row for the pyfunc from a cohort case (the table cells as written)."""
     row = {"case_id": case.case_id}
-    row |= {m: str(p) for m, p in zip(image_columns(dataset), case.images)}
-    if dataset == "men":
+    row |= {s: "" if p is None else str(p) for s, p in zip(spec.series, case.images)}
+    if spec.image_kind == "volume":
         row["mask"] = str(case.mask) if case.mask else ""
-        row |= _men_raw_text(case)
-    else:
-        row |= {a: str(case.attributes[a]) for a in attribute_names(dataset)}
+    row |= {a: str(case.raw.get(a, "")) for a in spec.attribute_names}
     return row
 
 
@@ -102,224 +69,237 @@ def cohort_frame(cohort: Cohort, cases: list[Case] | None = None):
     """The pyfunc input DataFrame for (some of) a cohort's cases."""
     import pandas as pd
 
-    rows = [case_record(cohort.dataset, c) for c in (cohort.cases if cases is None else cases)]
-    return pd.DataFrame(rows)
+    rows = [case_record(cohort.spec, c) for c in (cohort.cases if cases is None else cases)]
+    return pd.DataFrame(rows, columns=input_columns(cohort.spec))
+
+
+def example_frame(spec: DatasetSpec):
+    """A synthetic input example (no patient's data): made-up paths, the first word of each
+    categorical attribute, the middle of each numeric range."""
+    import pandas as pd
+
+    row = {"case_id": "example-1"}
+    row |= {s: f"/path/to/example-1/{s}{'.nii.gz' if spec.image_kind == 'volume' else '.jpg'}" for s in spec.series}
+    if spec.image_kind == "volume":
+        row["mask"] = ""
+    for a in spec.attributes:
+        if a.type == "categorical":
+            row[a.column] = next(iter(a.values)) if a.values is not None else a.vocabulary[0]
+        else:
+            lo, hi = a.min if a.min is not None else 0.0, a.max if a.max is not None else 100.0
+            row[a.column] = f"{(lo + hi) / 2:g}"
+    return pd.DataFrame([row], columns=input_columns(spec))
 
 
 def _blank(value) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value)) or str(value).strip() == ""
 
 
-def record_to_case(dataset: str, row: dict) -> Case:
-    """A pyfunc input row -> a Case (label -1) the training datasets can preprocess."""
-    missing = [c for c in ("case_id", *image_columns(dataset), *attribute_names(dataset)) if c not in row or _blank(row[c])]
-    if missing:
-        raise ValueError(f"row {row.get('case_id', '?')}: missing column(s) or value(s) {missing}")
-    images = tuple(Path(str(row[m])) for m in image_columns(dataset))
-    if dataset == "men":
-        from cfcml.datasets.men.reader import ATTRIBUTES, men_sentences
+def record_to_case(spec: DatasetSpec, row: dict) -> tuple[Case, list[str]]:
+    """A pyfunc input row -> (a Case with label -1 that the training datasets preprocess, the
+    names of the inputs left empty). Bad values raise ValueError naming the column."""
+    cid = "" if _blank(row.get("case_id")) else str(row["case_id"]).strip()
+    if not cid:
+        raise ValueError("missing case_id")
+    missing = [s for s in spec.series if _blank(row.get(s))]
+    if len(missing) == len(spec.series) and all(_blank(row.get(a)) for a in spec.attribute_names):
+        raise ValueError("no input at all: every image and attribute is empty")
+    images = tuple(None if s in missing else Path(str(row[s]).strip()) for s in spec.series)
+    for s, p in zip(spec.series, images):
+        if p is not None and not p.is_file():
+            raise ValueError(f"{s}: image file {p} does not exist")
+    values, raw, shown = {}, {}, []
+    for a in spec.attributes:
+        text = "" if _blank(row.get(a.column)) else str(row[a.column]).strip()
+        raw[a.column] = text
+        if not text:
+            missing.append(a.column)
+            values[a.column], word = None, MISSING_WORD
+        else:
+            values[a.column], word, why = parse_attribute(a, text)
+            if why:
+                raise ValueError(f"{a.column}: {why}")
+        shown.append(word)
+    sentences = tuple(a.sentence_for(w) for a, w in zip(spec.attributes, shown))
+    mask = None if spec.image_kind != "volume" or _blank(row.get("mask")) else Path(str(row["mask"]).strip())
+    return Case(cid, -1, "predict", images, values, sentences, mask, raw), missing
 
-        raw = {a: str(row[a]).strip() for a in ATTRIBUTES}
-        attrs = {a: (int(float(v)) if a in ("location", "sex") else float(v)) for a, v in raw.items()}
-        mask = None if _blank(row.get("mask")) else Path(str(row["mask"]))
-        return Case(str(row["case_id"]), -1, "predict", images, attrs, men_sentences(raw), mask)
-    from cfcml.datasets.derm7pt.reader import ATTRIBUTES, derm7pt_sentences
 
-    attrs = {a: str(row[a]).strip() for a in ATTRIBUTES}
-    return Case(str(row["case_id"]), -1, "predict", images, attrs, derm7pt_sentences(attrs))
-
-
-# ----------------------------------------------------------------------------- signature
-
-
-def model_signature(dataset: str):
+def model_signature(spec: DatasetSpec):
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, Schema
 
-    inputs = [ColSpec("string", "case_id")] + [ColSpec("string", m) for m in image_columns(dataset)]
-    if dataset == "men":
-        inputs.append(ColSpec("string", "mask", required=False))
-    inputs += [ColSpec("string", a) for a in attribute_names(dataset)]
-    outputs = [ColSpec("string", "case_id")] + [ColSpec("double", f"prob_{c}") for c in cohort_classes(dataset)]
-    outputs.append(ColSpec("string", "pred"))
+    # only the id is required: a patient may lack a series or an attribute
+    inputs = [ColSpec("string", c, required=c == "case_id") for c in input_columns(spec)]
+    outputs = [ColSpec("string", "case_id"), *[ColSpec("double", f"prob_{c}") for c in spec.classes],
+               ColSpec("string", "pred"), ColSpec("string", "inputs_used"), ColSpec("string", "inputs_missing"),
+               ColSpec("string", "status")]  # fmt: skip
     return ModelSignature(inputs=Schema(inputs), outputs=Schema(outputs))
 
 
 # ----------------------------------------------------------------------------- the package
 
 
-def sentence_table(cfg: Config, cases: list[Case]) -> dict:
-    """{"sentences": [...], "embeddings": [n, 512]} for every distinct sentence of `cases`,
-    through the on-disk embedding cache (the same vectors training looked up)."""
+def sentence_table(cfg: Config, cases: list[Case], spec: DatasetSpec) -> tuple[list[str], np.ndarray]:
+    """Every distinct sentence of `cases` (and each attribute's "unknown" sentence) with its
+    frozen text-encoder embedding, through the on-disk cache (the vectors training used)."""
     from ..models.text import sentence_cache
 
-    sentences = sorted({s for c in cases for s in c.sentences})
+    sentences = sorted({s for c in cases for s in c.sentences} | {a.sentence_for(MISSING_WORD) for a in spec.attributes})
     cache = sentence_cache(cfg.data.cache_dir, cfg.model.text_pretrained)
-    emb = cache.embed(sentences) if sentences else torch.empty(0, 512)
-    return {"sentences": sentences, "embeddings": emb.float().contiguous(), "encoder": cache.path.stem,
-            "text_pretrained": cfg.model.text_pretrained}  # fmt: skip
+    return sentences, cache.embed(sentences).float().numpy()
 
 
 def build_package(cfg: Config, runs: list[dict], cohort: Cohort, out_dir: str | Path, extra_meta: dict | None = None) -> Path:
-    """Write the model directory.
+    """Write the model directory (plain data only).
 
-    `runs`: ``[{"name": "fold1", "weights": Path to best.pt, "train_cases": [Case, ...]}, ...]``
-    (``train_cases`` only matters for the MLP tabular embedding, whose scaling is fitted on
-    each run's training part).
+    `runs`: ``[{"name": "fold1", "weights": Path to best.pt, "numeric_stats": {...} or None}, ...]``
+    (``numeric_stats``: the MLP embedding's scaling, fitted on that run's training part).
     """
-    from cfcml.datasets.men.reader import NUMERIC_ATTRIBUTES
+    from ..engine.checkpoint import atomic_save
 
     out = Path(out_dir)
     (out / "weights").mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
+    (out / "cohort.json").write_text(json.dumps({"source": cohort.spec.source, "raw": cohort.spec.to_dict()}, indent=2))
     meta_runs = []
     for r in runs:
-        state = torch.load(r["weights"], map_location="cpu", weights_only=False)
-        torch.save({"model": state["model"], "epoch": state.get("epoch"), "val": state.get("val")}, out / "weights" / f"{r['name']}.pt")
-        entry = {"name": r["name"], "selected_epoch": None if state.get("epoch") is None else int(state["epoch"]) + 1}
-        if cfg.model.tabular_embedding == "mlp" and cfg.dataset == "men":
-            entry["fit_on"] = [{a: c.attributes[a] for a in NUMERIC_ATTRIBUTES} for c in r.get("train_cases", [])]
-        meta_runs.append(entry)
+        state = torch.load(r["weights"], map_location="cpu", weights_only=False)  # our own checkpoint
+        atomic_save({k: v.contiguous() for k, v in state["model"].items()}, out / "weights" / f"{r['name']}.pt")
+        meta_runs.append({"name": r["name"], "selected_epoch": None if state.get("epoch") is None else int(state["epoch"]) + 1,
+                          "numeric_stats": r.get("numeric_stats")})  # fmt: skip
     if cfg.model.use_tabular and cfg.model.tabular_embedding == "clip":
-        torch.save(sentence_table(cfg, cohort.cases), out / "sentences.pt")
-    meta = {
-        "dataset": cfg.dataset,
-        "classes": list(cohort_classes(cfg.dataset)),
-        "image_columns": list(image_columns(cfg.dataset)),
-        "attribute_columns": list(attribute_names(cfg.dataset)),
-        "runs": meta_runs,
-        **(extra_meta or {}),
-    }
+        sentences, emb = sentence_table(cfg, cohort.cases, cohort.spec)
+        np.savez(out / "sentences.npz", sentences=np.array(sentences, dtype=str), embeddings=emb)
+    meta = {"dataset": cohort.spec.name, "classes": list(cohort.spec.classes), "columns": input_columns(cohort.spec),
+            "runs": meta_runs, **(extra_meta or {})}  # fmt: skip
     (out / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
     return out
 
 
+class PackagedModel:
+    """A model directory loaded for prediction (plain Python; the MLflow wrapper delegates here)."""
+
+    def __init__(self, package: str | Path, device: str | None = None):
+        import yaml
+
+        from cfcml.datasets.spec import remember
+        from cfcml.datasets.tabular import num_features
+
+        from ..engine.run import Env
+        from ..models.cfcml import build_model
+
+        package = Path(package)
+        self.meta = json.loads((package / "meta.json").read_text())
+        shipped = json.loads((package / "cohort.json").read_text())
+        self.spec = remember(shipped)  # the packaged schema, also where its file does not exist
+        self.cfg = config_from_dict(yaml.safe_load((package / "config.yaml").read_text()))
+        self.cfg.data.num_workers = 0
+        self.env = Env(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")), amp=False)
+        self.table = None
+        if (package / "sentences.npz").exists():
+            with np.load(package / "sentences.npz", allow_pickle=False) as t:
+                self.table = {str(s): torch.from_numpy(e.copy()) for s, e in zip(t["sentences"], t["embeddings"])}
+        self._encoder = None
+        n_tab = num_features(self.spec) if self.cfg.model.tabular_embedding == "mlp" else None
+        self.models = []
+        for r in self.meta["runs"]:
+            weights = torch.load(package / "weights" / f"{r['name']}.pt", map_location="cpu", weights_only=True)
+            model = build_model(self.cfg, self.spec.shape(), num_tabular_features=n_tab)
+            model.load_state_dict(weights)
+            self.models.append(model.to(self.env.device).eval())
+
+    def _embed(self, sentences: list[str]) -> torch.Tensor:
+        unseen = sorted({s for s in sentences if s not in self.table})
+        if unseen:
+            if self._encoder is None:
+                from ..models.text import ClipTextEncoder
+
+                log.info("%d sentence(s) not in the packaged table: building the text encoder", len(unseen))
+                self._encoder = ClipTextEncoder(self.cfg.model.text_pretrained)
+            for s, e in zip(unseen, self._encoder.encode(unseen)):
+                self.table[s] = e
+        return torch.stack([self.table[s] for s in sentences])
+
+    def _tabular(self, cases: list[Case], run: dict) -> torch.Tensor | None:
+        from cfcml.datasets.tabular import tabular_features
+
+        if not self.cfg.model.use_tabular:
+            return None
+        if self.cfg.model.tabular_embedding == "mlp":
+            stats = {k: tuple(v) for k, v in (run.get("numeric_stats") or {}).items()}
+            return torch.from_numpy(tabular_features(self.spec, cases, stats=stats))
+        flat = [s for c in cases for s in c.sentences]
+        return self._embed(flat).view(len(cases), len(self.spec.attributes), -1)
+
+    def predict_cases(self, cases: list[Case]) -> np.ndarray:
+        """[N, K] class probabilities, averaged over the packaged runs."""
+        from cfcml.datasets.loaders import make_dataset
+
+        from ..engine.run import predict
+
+        if not cases:
+            return np.zeros((0, self.spec.num_classes), dtype=np.float32)
+        dataset = make_dataset(self.cfg, self.spec, cases, train=False)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=8, shuffle=False, num_workers=0)
+        probs = [predict(m, loader, self._tabular(cases, r), self.env)["probs"] for m, r in zip(self.models, self.meta["runs"])]
+        return np.mean(probs, axis=0)
+
+    def predict_frame(self, frame):
+        """The output DataFrame for an input DataFrame (one row each, in order)."""
+        import pandas as pd
+
+        rows = frame.to_dict("records")
+        cases, status, missing = [], [], []
+        for row in rows:
+            try:
+                case, gone = record_to_case(self.spec, row)
+                cases.append(case)
+                status.append("ok")
+                missing.append(gone)
+            except ValueError as e:
+                cases.append(None)
+                status.append(f"not scored: {e}")
+                missing.append([])
+        good = [c for c in cases if c is not None]
+        try:
+            probs = self.predict_cases(good)
+        except (OSError, ValueError, RuntimeError) as e:  # unreadable image files: say so per row
+            probs = np.full((len(good), self.spec.num_classes), np.nan)
+            status = [s if c is None else f"not scored: {e}" for s, c in zip(status, cases)]
+        full = np.full((len(rows), self.spec.num_classes), np.nan)
+        full[[i for i, c in enumerate(cases) if c is not None]] = probs
+        names = [*self.spec.series, *self.spec.attribute_names]
+        out = pd.DataFrame({"case_id": [str(r.get("case_id", "")) for r in rows]})
+        for k, name in enumerate(self.spec.classes):
+            out[f"prob_{name}"] = full[:, k].astype(float)
+        out["pred"] = ["" if np.isnan(p).any() else self.spec.classes[int(p.argmax())] for p in full]
+        out["inputs_used"] = [",".join(n for n in names if n not in m) if s == "ok" else "" for s, m in zip(status, missing)]
+        out["inputs_missing"] = [",".join(m) for m in missing]
+        out["status"] = status
+        return out
+
+
 # MLflow nags about type hints on predict (for its own input validation); the signature
-# below already describes and enforces the input, so silence it at class creation.
+# already describes and enforces the input, so silence it at class creation.
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message=".*[Tt]ype hint.*")
+    import mlflow.pyfunc
 
     class CfcmlModel(mlflow.pyfunc.PythonModel):
-        """pyfunc wrapper: preprocessing + the packaged models (ensemble mean of probabilities)."""
+        """The MLflow face of `PackagedModel` (set by models-from-code, never pickled)."""
 
         def load_context(self, context) -> None:
-            self._load(Path(context.artifacts[PACKAGE_ARTIFACT]))
-
-        def _load(self, package: Path) -> None:
-            import yaml
-
-            from ..models.cfcml import build_model
-
-            self.meta = json.loads((package / "meta.json").read_text())
-            self.cfg = config_from_dict(yaml.safe_load((package / "config.yaml").read_text()))
-            self.cfg.data.num_workers = 0
-            self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-            self.table = None
-            if (package / "sentences.pt").exists():
-                t = torch.load(package / "sentences.pt", map_location="cpu", weights_only=False)
-                self.table = {s: e for s, e in zip(t["sentences"], t["embeddings"])}
-            self._encoder = None
-            num_features = self._num_tabular_features()
-            self.models = []
-            for r in self.meta["runs"]:
-                state = torch.load(package / "weights" / f"{r['name']}.pt", map_location="cpu", weights_only=False)
-                model = build_model(self.cfg, cohort_shape(self.cfg.dataset), num_tabular_features=num_features)
-                model.load_state_dict(state["model"])
-                self.models.append(model.to(self.device).eval())
-
-        # -- tabular inputs
-        def _num_tabular_features(self) -> int | None:
-            if not self.cfg.model.use_tabular or self.cfg.model.tabular_embedding != "mlp":
-                return None
-            return 9 if self.cfg.dataset == "men" else 20
-
-        def _embed(self, sentences: list[str]) -> torch.Tensor:
-            missing = sorted({s for s in sentences if s not in self.table})
-            if missing:
-                if self._encoder is None:
-                    from ..models.text import ClipTextEncoder
-
-                    log.info("%d sentence(s) not in the packaged table: building the text encoder", len(missing))
-                    self._encoder = ClipTextEncoder(self.cfg.model.text_pretrained)
-                for s, e in zip(missing, self._encoder.encode(missing)):
-                    self.table[s] = e
-            return torch.stack([self.table[s] for s in sentences])
-
-        def _tabular(self, cases: list[Case], run: dict) -> torch.Tensor | None:
-            if not self.cfg.model.use_tabular:
-                return None
-            if self.cfg.model.tabular_embedding == "mlp":
-                if self.cfg.dataset == "men":
-                    from cfcml.datasets.men.reader import men_tabular_features
-
-                    fit_on = [SimpleNamespace(attributes=a) for a in run.get("fit_on", [])] or None
-                    return torch.from_numpy(men_tabular_features(cases, fit_on=fit_on))
-                from cfcml.datasets.derm7pt.reader import derm7pt_tabular_features
-
-                return torch.from_numpy(derm7pt_tabular_features(cases))
-            flat = [s for c in cases for s in c.sentences]
-            return self._embed(flat).view(len(cases), len(cases[0].sentences), -1)
-
-        def _dataset(self, cases: list[Case]):
-            size = self.cfg.data.image_size
-            if self.cfg.dataset == "men":
-                from cfcml.datasets.volume_cache import VolumeCache
-                from cfcml.datasets.volume_dataset import MenDataset
-
-                return MenDataset(cases, size, train=False, cache=VolumeCache(size))
-            from cfcml.datasets.photo_dataset import Derm7ptDataset
-
-            return Derm7ptDataset(cases, size, train=False, color=self.cfg.data.color, cache=False)
-
-        @torch.no_grad()
-        def predict_cases(self, cases: list[Case]) -> np.ndarray:
-            """[N, K] class probabilities, averaged over the packaged models."""
-            if not cases:
-                return np.zeros((0, len(self.meta["classes"])), dtype=np.float32)
-            loader = torch.utils.data.DataLoader(self._dataset(cases), batch_size=8, shuffle=False, num_workers=0)
-            tabular = [self._tabular(cases, r) for r in self.meta["runs"]]
-            total = None
-            for batch in loader:
-                images = [x.to(self.device) for x in batch["images"]] if self.cfg.model.use_images else None
-                probs = 0.0
-                for model, tab in zip(self.models, tabular):
-                    t = tab[batch["index"]].to(self.device) if tab is not None else None
-                    probs = probs + model(images=images, tabular=t)["logits"].float().softmax(-1)
-                probs = (probs / len(self.models)).cpu().numpy()
-                total = probs if total is None else np.concatenate([total, probs])
-            return total
+            self.model = PackagedModel(context.artifacts[PACKAGE_ARTIFACT])
 
         def predict(self, context, model_input, params=None):
             import pandas as pd
 
             frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
-            cases = [record_to_case(self.meta["dataset"], row) for row in frame.to_dict("records")]
-            probs = self.predict_cases(cases)
-            classes = self.meta["classes"]
-            out = pd.DataFrame({"case_id": [c.case_id for c in cases]})
-            for k, name in enumerate(classes):
-                out[f"prob_{name}"] = probs[:, k].astype(float)
-            out["pred"] = [classes[int(i)] for i in probs.argmax(1)] if len(cases) else []
-            return out
+            return self.model.predict_frame(frame)
 
 
 # ----------------------------------------------------------------------------- provenance
-
-
-def cohort_digest(cohort: Cohort) -> str:
-    """sha256 over the cohort's cases (id, label, split, sentences) and each image's relative
-    path and size — cheap enough for thousands of volumes, and changes with the data."""
-    h = hashlib.sha256(f"{cohort.dataset}|{','.join(cohort.classes)}".encode())
-    root = Path(cohort.root)
-    for c in sorted(cohort.cases, key=lambda c: c.case_id):
-        h.update(f"|{c.case_id}|{c.label}|{c.split}|{'/'.join(c.sentences)}".encode())
-        for p in (*c.images, c.mask):
-            if p is None:
-                continue
-            p = Path(p)
-            rel = p.relative_to(root) if p.is_relative_to(root) else p.name
-            h.update(f"|{rel}:{p.stat().st_size if p.exists() else -1}".encode())
-    return h.hexdigest()
 
 
 def package_versions() -> dict[str, str]:
@@ -357,21 +337,23 @@ def _requirements() -> list[str]:
 # ----------------------------------------------------------------------------- logging
 
 
-def log_model(package_dir: str | Path, dataset: str, input_example, registered_model_name: str | None = None,
+def log_model(package_dir: str | Path, spec: DatasetSpec, registered_model_name: str | None = None,
               metadata: dict | None = None, name: str = "model"):
-    """Log the package as a pyfunc in the active run (signature, input example, the cfcml code);
-    register it when `registered_model_name` is given. Returns MLflow's ModelInfo."""
+    """Log the package as a pyfunc in the active run, the MLflow way that pickles nothing
+    (models from code), with its signature and a synthetic input example; register it when
+    `registered_model_name` is given. Returns MLflow's ModelInfo."""
     import cfcml
 
+    code = Path(__file__).with_name("mlflow_model.py")
     return mlflow.pyfunc.log_model(
         name=name,
-        python_model=CfcmlModel(),
+        python_model=str(code),
         artifacts={PACKAGE_ARTIFACT: str(package_dir)},
         code_paths=[str(Path(cfcml.__file__).resolve().parent)],
-        signature=model_signature(dataset),
-        input_example=input_example,
+        signature=model_signature(spec),
+        input_example=example_frame(spec),
         pip_requirements=_requirements(),
-        metadata={"dataset": dataset, **(metadata or {})},
+        metadata={"dataset": spec.name, **(metadata or {})},
         registered_model_name=registered_model_name,
     )
 
@@ -383,3 +365,5 @@ def tag_version(client, name: str, version: str, tags: dict, alias: str | None =
         client.set_model_version_tag(name, str(version), key, text[:5000])
     if alias:
         client.set_registered_model_alias(name, alias, str(version))
+
+

@@ -173,7 +173,8 @@ def _checkpoint_dir(runs, state: dict, into: Path) -> Path:
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point. `config` (built by cfcml.platform.tune):
 
-    - ``cfg``: the trial's resolved Config as a dict; ``data``: cohort folder;
+    - ``cfg``: the trial's resolved Config as a dict; ``data``: cohort folder; ``spec``: the
+      cohort schema (`cfcml.datasets.spec.shipped`);
     - ``runs``: ``[{"name": "fold1", "fold": 1}, ...]`` or ``[{"name": "seed0", "seed": 0}, ...]``;
     - ``mlflow``: ``{"tracking_uri", "run_id", "system_metrics"}`` or None;
     - ``fault``: tests only, see :func:`_maybe_inject_fault`.
@@ -181,13 +182,15 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import torch
 
-    from cfcml.datasets.registry import load_cohort
+    from cfcml.datasets.reader import load_cohort
+    from cfcml.datasets.spec import remember
 
     from ..config import config_from_dict
     from ..engine.run import TrainingRun
 
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
+    spec = remember(config["spec"])  # the schema file may not exist on this node
     cfg = config_from_dict(config["cfg"])
     if cfg.train.device == "auto" and not torch.cuda.is_available():
         cfg.train.device = "cpu"
@@ -197,7 +200,7 @@ def train_loop_per_worker(config: dict) -> None:
     if checkpoint is not None:
         state = _restore(checkpoint, work)
     try:
-        cohort = load_cohort(cfg.dataset, config["data"])
+        cohort = load_cohort(spec, config["data"])
         runs = [
             TrainingRun(cfg, config["data"], work / r["name"], fold=r.get("fold"), seed=r.get("seed"),
                         resume=checkpoint is not None, cohort=cohort)

@@ -36,6 +36,8 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cfcml.datasets.spec import load_spec
+
 from ..config import Config, build_config, parse_overrides, save_config
 from .search_space import SearchSpace, load_search_space, trial_run_name
 from .train_loop import OBJECTIVE
@@ -46,7 +48,7 @@ TAG_STUDY = "cfcml.study"
 TAG_STUDY_PATH = "cfcml.study_path"
 TAG_TRIAL = "cfcml.trial_id"
 TAG_FINAL = "cfcml.final_evaluation"
-SEARCH_SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
+SEARCH_SPACES_DIR = Path(__file__).resolve().parents[1] / "search_spaces"  # package data
 
 
 class StudyError(RuntimeError):
@@ -63,6 +65,7 @@ class StudySpec:
 
     preset: str
     data: str
+    dataset: str | None = None  # a built-in cohort or a schema path (default: the preset's)
     name: str | None = None  # default: the preset name (so `--resume` needs no name)
     overrides: list[str] = field(default_factory=list)
     search_space: str | None = None  # default search_spaces/<men|derm7pt|smoke>.yaml
@@ -78,8 +81,8 @@ class StudySpec:
     max_failures: int = 2  # Ray Train worker-group restarts per trial
     search_runs: int | None = None  # first N folds/seeds only (default: all)
     tracking_uri: str | None = None
-    experiment: str | None = None  # default cfcml-<dataset>
-    model_name: str | None = None  # default cfcml-<dataset>
+    experiment: str | None = None  # default cfcml-<cohort name>
+    model_name: str | None = None  # default cfcml-<cohort name>
     register: bool = True
     optuna_storage: str | None = None  # SQLAlchemy URL; default SQLite beside the study
     git_commit: str | None = None
@@ -115,15 +118,18 @@ def storage_filesystem(storage: str):
 
 
 def default_search_space(cfg: Config) -> Path:
-    """search_spaces/<men|derm7pt|smoke>.yaml of the checkout (or of the working directory, for
-    a non-editable install)."""
-    name = f"{'smoke' if cfg.name.endswith('-smoke') else cfg.dataset}.yaml"
+    """The search space shipped for the preset: search_spaces/<preset>.yaml (smoke.yaml for the
+    *-smoke presets). The space is about the model's size, so it follows the preset, not the cohort."""
+    name = f"{'smoke' if cfg.name.endswith('-smoke') else cfg.name}.yaml"
     path = SEARCH_SPACES_DIR / name
-    return path if path.exists() else Path.cwd() / "search_spaces" / name
+    if not path.exists():
+        known = ", ".join(sorted(p.name for p in SEARCH_SPACES_DIR.glob("*.yaml")))
+        raise StudyError(f"no search space ships for preset {cfg.name!r} ({known}): pass --search-space FILE")
+    return path
 
 
 def resolve_trial_config(preset: str, overrides: list[str], params: dict, epochs: int | None) -> Config:
-    """The preset + the study's `--set` overrides + the trial's parameters."""
+    """The preset + the study's `--set` overrides (the cohort among them) + the trial's parameters."""
     items = list(overrides) + [f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in params.items()]
     cfg = build_config(preset, parse_overrides(items))
     if epochs:
@@ -315,6 +321,7 @@ def _trial(config: dict, ctx: dict) -> None:
         fault = ctx.get("fault")
         loop_config = {
             "cfg": cfg.to_dict(), "data": ctx["data"], "runs": ctx["runs"], "mlflow": mlflow_spec, "trial_id": trial_id,
+            "spec": ctx["spec"],
             "fault": fault if fault and params == fault.get("params") else None,
         }  # fmt: skip
         gpus = ctx["gpus_per_worker"]
@@ -421,14 +428,17 @@ def run_study(spec: StudySpec) -> dict:
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from cfcml.datasets.registry import load_cohort
+    from cfcml.datasets.reader import load_cohort
+    from cfcml.datasets.spec import shipped
 
     from ..engine.protocol import protocol_runs
-    from .pyfunc import cohort_digest, git_commit, package_versions
+    from .pyfunc import git_commit, package_versions
     from .tracking import end_running_children, mlflow_run
 
-    base = build_config(spec.preset, parse_overrides(spec.overrides))
     overrides = list(spec.overrides)
+    if spec.dataset:
+        overrides.insert(0, f"dataset={json.dumps(spec.dataset)}")
+    base = build_config(spec.preset, parse_overrides(overrides))
     if not Path(base.data.cache_dir).is_absolute():  # trials run in other working directories
         overrides.append(f"data.cache_dir={Path(base.data.cache_dir).resolve()}")
     cfg = resolve_trial_config(spec.preset, overrides, {}, spec.epochs)
@@ -436,7 +446,8 @@ def run_study(spec: StudySpec) -> dict:
     space = load_search_space(space_file, cfg)
     first = space.first_point(cfg)
     data = str(Path(spec.data).expanduser().resolve())
-    cohort = load_cohort(cfg.dataset, data)
+    cohort_spec = load_spec(cfg.dataset)
+    cohort = load_cohort(cohort_spec, data)
     runs = protocol_runs(cfg, cohort)[: spec.search_runs or None]
     name = spec.name or cfg.name
     storage = normalize_storage(spec.storage)
@@ -473,13 +484,13 @@ def run_study(spec: StudySpec) -> dict:
     tracking_uri = spec.tracking_uri or mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
-    experiment = spec.experiment or f"cfcml-{cfg.dataset}"
+    experiment = spec.experiment or f"cfcml-{cohort_spec.name}"
     exp = client.get_experiment_by_name(experiment)
     experiment_id = exp.experiment_id if exp else client.create_experiment(experiment)
     parent_id = find_parent_run(client, experiment_id, study_path) if restoring else None
     if parent_id:
         end_running_children(client, parent_id, "KILLED")  # trials that died with the last driver
-    digest = cohort_digest(cohort)
+    digest = cohort.digest()
     commit = spec.git_commit or git_commit()
 
     if spec.system_metrics:
@@ -493,7 +504,7 @@ def run_study(spec: StudySpec) -> dict:
         parent_id = parent.info.run_id
         if not restoring:
             mlflow.log_params({
-                "preset": spec.preset, "dataset": cfg.dataset, "data": data, "num_samples": spec.num_samples,
+                "preset": spec.preset, "dataset": cohort_spec.name, "data": data, "num_samples": spec.num_samples,
                 "max_concurrent_trials": concurrent, "workers_per_trial": spec.workers_per_trial,
                 "cpus_per_worker": spec.cpus_per_worker, "gpus_per_worker": spec.gpus_per_worker,
                 "epochs": cfg.train.epochs, "search_runs": ",".join(r["name"] for r in runs), "seed": spec.seed,
@@ -516,6 +527,7 @@ def run_study(spec: StudySpec) -> dict:
 
         ctx = {
             "preset": spec.preset, "overrides": overrides, "epochs": cfg.train.epochs, "data": data, "runs": runs,
+            "spec": shipped(cohort_spec),
             "study": name, "tracking_uri": tracking_uri, "experiment_id": experiment_id, "parent_run_id": parent_id,
             "workers": spec.workers_per_trial, "cpus_per_worker": spec.cpus_per_worker,
             "gpus_per_worker": spec.gpus_per_worker, "max_failures": spec.max_failures, "train_storage": train_storage,
@@ -626,8 +638,8 @@ def evaluate_best(cfg: Config, data: str, cohort, runs: list[dict], ckpt_dir: Pa
     selected on validation; also its validation predictions (for plots)."""
     import numpy as np
 
-    from ..engine.metrics import METRIC_NAMES
-    from ..engine.run import TrainingRun, predict
+    from ..engine.metrics import metric_names
+    from ..engine.run import PREDICTIONS, TrainingRun
     from ..engine.summary import markdown_table, summarize_runs
 
     if cfg.train.device == "auto":
@@ -636,26 +648,24 @@ def evaluate_best(cfg: Config, data: str, cohort, runs: list[dict], ckpt_dir: Pa
     for r in runs:
         run = TrainingRun(cfg, data, ckpt_dir / r["name"], fold=r.get("fold"), seed=r.get("seed"), resume=True, cohort=cohort)
         result = run.finish()
-        y_val, p_val, _ = predict(run.model, run.val_loader, run.tables["val"], run.env)
-        saved = np.load(ckpt_dir / r["name"] / "test_predictions.npz")
-        preds["test"][0].append(saved["labels"])
-        preds["test"][1].append(saved["probs"])
-        preds["val"][0].append(y_val)
-        preds["val"][1].append(p_val)
+        saved = np.load(ckpt_dir / r["name"] / PREDICTIONS)
+        for part in ("test", "val"):
+            preds[part][0].append(saved[f"{part}_labels"])
+            preds[part][1].append(saved[f"{part}_probs"])
         per_run.append({"name": r["name"], "metrics": result["test"], "selected_epoch": result["selected_epoch"],
-                        "train_cases": run.split.train})  # fmt: skip
-    summary = summarize_runs([{k: v for k, v in r.items() if k != "train_cases"} for r in per_run])
-    unit = "folds" if cfg.dataset == "men" else "seeds"
-    md = markdown_table(summary, cfg.dataset, title=f"best trial: test results (%, mean ± std over {len(per_run)} {unit}; "
+                        "numeric_stats": run.numeric_stats})  # fmt: skip
+    summary = summarize_runs([{k: v for k, v in r.items() if k != "numeric_stats"} for r in per_run])
+    spec = cohort.spec
+    md = markdown_table(summary, spec, title=f"best trial: test results (%, mean ± std over {len(per_run)} {spec.run_unit}; "
                         "epochs selected on validation, test evaluated once)")  # fmt: skip
     pooled = {k: (np.concatenate(v[0]), np.concatenate(v[1])) for k, v in preds.items()}
-    return {"runs": per_run, "summary": summary, "markdown": md, "pooled": pooled, "metric_names": METRIC_NAMES[cfg.dataset]}
+    return {"runs": per_run, "summary": summary, "markdown": md, "pooled": pooled, "metric_names": metric_names(spec.classes)}
 
 
 def _log_test(client, parent_id: str, best_run: str | None, test: dict, cfg: Config) -> None:
-    from cfcml.datasets.registry import cohort_classes
+    from ..config import cohort_spec
 
-    classes = cohort_classes(cfg.dataset)
+    classes = cohort_spec(cfg).classes
     targets = [parent_id] + ([best_run] if best_run else [])
     for run_id in targets:
         from mlflow.entities import Metric
@@ -671,7 +681,7 @@ def _log_test(client, parent_id: str, best_run: str | None, test: dict, cfg: Con
         client.log_batch(run_id, metrics=metrics)
         client.log_text(run_id, test["markdown"] + "\n", "best_trial/test_summary.md")
         client.log_text(run_id, json.dumps({k: v for k, v in test["summary"].items() if k != "runs"} | {
-            "runs": [{k: v for k, v in r.items() if k != "train_cases"} for r in test["runs"]]}, indent=2, default=float),
+            "runs": [{k: v for k, v in r.items() if k != "numeric_stats"} for r in test["runs"]]}, indent=2, default=float),
             "best_trial/test_summary.json")  # fmt: skip
         for split, (y, p) in test["pooled"].items():
             label = "test (pooled over folds)" if split == "test" else "validation at the selected epochs"
@@ -683,20 +693,19 @@ def _log_test(client, parent_id: str, best_run: str | None, test: dict, cfg: Con
 def register_best(spec, cfg, cohort, runs, test, ckpt_dir: Path, work: Path, client, best_run, trial_id, summary, digest,
                   commit, study) -> dict:  # fmt: skip
     """Package the best trial's runs as a pyfunc in its MLflow run and register it."""
-    from .pyfunc import ALIAS, build_package, cohort_frame, log_model, package_versions, tag_version
+    from .pyfunc import ALIAS, build_package, log_model, package_versions, tag_version
     from .tracking import mlflow_run
 
     by_name = {r["name"]: r for r in test["runs"]}
     package = build_package(
-        cfg, [{"name": r["name"], "weights": ckpt_dir / r["name"] / "best.pt", "train_cases": by_name[r["name"]]["train_cases"]}
+        cfg, [{"name": r["name"], "weights": ckpt_dir / r["name"] / "best.pt", "numeric_stats": by_name[r["name"]]["numeric_stats"]}
               for r in runs],
         cohort, work / "package",
         extra_meta={"study": study, "trial_id": trial_id, "cv_val_auc": summary["best_cv_val_auc"], "data_digest": digest},
     )  # fmt: skip
-    model_name = spec.model_name or f"cfcml-{cfg.dataset}"
-    example = cohort_frame(cohort, cohort.cases[:2])
+    model_name = spec.model_name or f"cfcml-{cohort.spec.name}"
     with mlflow_run(run_id=best_run, nested=True, tracking_uri=spec.tracking_uri) if best_run else nullcontext():
-        info = log_model(package, cfg.dataset, example, registered_model_name=model_name,
+        info = log_model(package, cohort.spec, registered_model_name=model_name,
                          metadata={"trial_id": trial_id, "study": study, "cv_val_auc": summary["best_cv_val_auc"]})
     version = str(info.registered_model_version)
     tags = {

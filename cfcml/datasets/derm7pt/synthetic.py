@@ -3,7 +3,7 @@
 Nothing of the real release is used: images are drawn here, values are sampled from the
 SPEC §1 vocabularies. The tree keeps the real format's quirks (header row, 0-based index
 files, dropped diagnoses inside the index files, mixed .jpg/.JPG, mixed-case names, a few
-rows with clinic == derm).
+rows with clinic == derm, `case_id` empty in most rows and `notes` in nearly all).
 
 Class signal (docs/synthetic_cohorts.md has the measured AUCs): three independent noisy
 cues, each weak alone, strong together.
@@ -28,7 +28,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from cfcml.datasets.derm7pt.reader import META_COLUMNS, SPLITS, VOCAB
+from cfcml.datasets.spec import load_spec
+
+SPLITS = ("train", "valid", "test")
+VOCAB = {a.column: a.words for a in load_spec("derm7pt").attributes}
+# The release's meta.csv header, in its order (most columns are not read by cfcml).
+META_COLUMNS = (
+    "case_num", "diagnosis", "seven_point_score", "pigment_network", "streaks", "pigmentation",
+    "regression_structures", "dots_and_globules", "blue_whitish_veil", "vascular_structures",
+    "level_of_diagnostic_difficulty", "elevation", "location", "sex", "management",
+    "clinic", "derm", "case_id", "notes",
+)  # fmt: skip
 
 SIGNAL = 1.0  # class shift of each image latent, in noise SDs: single-image AUC ≈ Φ(1/√2) ≈ 0.76
 IMAGE_SIZE = (768, 512)  # (W, H), the typical size of the real photos
@@ -37,6 +47,7 @@ IMAGE_SIZE = (768, 512)  # (W, H), the typical size of the real photos
 # its index files also list: 413 / 203 / 395 rows, 1011 in all.
 RELEASE_COUNTS = {"train": (256, 90, 67), "valid": (100, 61, 42), "test": (219, 101, 75)}  # NEV, MEL, other
 RELEASE_ROWS = 1011
+CASE_ID_FILLED = 27 / 1011  # the release leaves case_id empty in 984 rows (the reader never uses it)
 
 NEV_DIAGNOSES = {
     "clark nevus": 0.55, "reed or spitz nevus": 0.12, "dermal nevus": 0.12, "blue nevus": 0.05,
@@ -250,7 +261,9 @@ def write_synthetic_derm7pt(out, cases: int = 1011, seed: int = 0) -> Path:
         else:
             jobs.append((clinic, "clinic", z_clinic, [seed, 13, i]))
         jobs.append((derm, "derm", z_derm, [seed, 17, i]))
-        rec.update(case_num=str(i + 1), clinic=clinic, derm=derm, case_id=f"{folder}{num:03d}",
+        # As in the release: case_id is empty in 984 of 1011 rows and notes in nearly all.
+        case_id = f"{folder}{num:03d}" if r.random() < CASE_ID_FILLED else ""
+        rec.update(case_num=str(i + 1), clinic=clinic, derm=derm, case_id=case_id,
                    notes="synthetic case" if r.random() < 0.03 else "")  # fmt: skip
         rows.append(rec)
 

@@ -30,7 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
-from cfcml.datasets.men.reader import CLASSES, MODALITIES
+from cfcml.datasets.spec import load_spec
+
+MEN = load_spec("men")
+CLASSES, MODALITIES = MEN.classes, MEN.series
 
 CLASS_SHARE = np.array([650, 60, 86]) / 796  # the real cohort's imbalance
 CUE_MEANS = {  # per class (G1, G2inv, G2ninv), in units of the cue's noise s.d.
@@ -300,19 +303,20 @@ def convert_to_layout_b(src, out) -> Path:
     """
     import shutil
 
-    from cfcml.datasets.men.reader import LAYOUT_B_FILES, LAYOUT_B_GRADE_DIRS, read_men
+    from cfcml.datasets.men.authors_layout import GRADE_DIRS, SERIES_FILES
+    from cfcml.datasets.reader import load_cohort
 
     src, out = Path(src), Path(out)
-    cohort = read_men(src)
+    cohort = load_cohort(MEN, src)
     k = len(cohort.splits)
     for case in cohort.cases:
         test_fold = int(case.split.removeprefix("fold"))
         for f in range(1, k + 1):
             part = "test" if f == test_fold else "train"
-            folder = out / f"{f}fold" / part / LAYOUT_B_GRADE_DIRS[case.label] / case.case_id
+            folder = out / f"{f}fold" / part / GRADE_DIRS[case.label] / case.case_id
             folder.mkdir(parents=True, exist_ok=True)
-            for path, name in zip(case.images, LAYOUT_B_FILES):
-                shutil.copyfile(path, folder / name)
+            for path, series in zip(case.images, MODALITIES):
+                shutil.copyfile(path, folder / SERIES_FILES[series])
     with open(src / "clinical.csv", newline="") as fin, open(out / "clinical.csv", "w", newline="") as fout:
         rows = list(csv.DictReader(fin))
         keep = [c for c in rows[0] if c != "fold"]
@@ -351,20 +355,17 @@ def measure_signal(patients: int = 796, seed: int = 0, shape=(48, 48, 12)) -> di
     from sklearn.preprocessing import StandardScaler
 
     from cfcml.datasets.cohort import Case
-    from cfcml.datasets.men.reader import men_tabular_features
+    from cfcml.datasets.rows import parse_attribute
+    from cfcml.datasets.tabular import tabular_features
 
     plans = plan_cohort(patients, seed)
     y = np.array([p.label for p in plans])
     per = [summary_features(p, shape) for p in plans]
     cases = [
-        Case(p.case_id, p.label, "", (), {k: float(v) for k, v in p.attributes.items()}, ()) for p in plans
+        Case(p.case_id, p.label, "", (), {a.column: parse_attribute(a, p.attributes[a.column])[0] for a in MEN.attributes}, ())
+        for p in plans
     ]
-    for c in cases:
-        c.attributes["location"], c.attributes["sex"] = (
-            int(c.attributes["location"]),
-            int(c.attributes["sex"]),
-        )
-    tab = men_tabular_features(cases)
+    tab = tabular_features(MEN, cases)
     blocks = {m: np.stack([f[m] for f in per]) for m in MODALITIES} | {"tabular": tab}
     blocks["images"] = np.concatenate([blocks[m] for m in MODALITIES], axis=1)
     blocks["all"] = np.concatenate([blocks["images"], tab], axis=1)
