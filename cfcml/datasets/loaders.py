@@ -62,13 +62,16 @@ def shared_volume_cache(cfg: Config, cases: list[Case]):
 
 
 def make_train_sampler(cfg: Config, cases: list[Case], seed: int, rank: int = 0, world: int = 1):
-    """Class-balanced batches; under DDP each rank draws batch_size / world from its own share."""
+    """Class-balanced batches; under DDP each rank draws batch_size / world from its own share.
+    `train.epoch_steps` sets the epoch's length (majority: the authors' budget; see samplers)."""
     labels = [c.label for c in cases]
+    steps = cfg.train.epoch_steps
     if world == 1:
-        return ClassBalancedBatchSampler(labels, cfg.train.batch_size, seed=seed)
+        return ClassBalancedBatchSampler(labels, cfg.train.batch_size, seed=seed, epoch_steps=steps)
     if cfg.train.batch_size % world:
         raise ValueError(f"train.batch_size {cfg.train.batch_size} is not divisible by {world} workers")
-    return DistributedClassBalancedBatchSampler(labels, cfg.train.batch_size // world, world, rank, seed=seed)
+    return DistributedClassBalancedBatchSampler(labels, cfg.train.batch_size // world, world, rank, seed=seed,
+                                                epoch_steps=steps)  # fmt: skip
 
 
 def tabular_features(cfg: Config, cases: list[Case], fit_on: list[Case]):

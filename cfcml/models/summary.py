@@ -9,6 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..config import Config
 from .cfcml import build_model, count_params, stage_grids
+from .pretrained import without_pretrained_weights
 from .shape import CohortShape
 
 PAPER = {"men": {"params_m": 35.98, "gflops": 19.07}, "derm7pt": {"params_m": 30.63, "gflops": 79.79}}
@@ -37,7 +38,8 @@ def example_inputs(cfg: Config, shape: CohortShape, batch: int = 1, num_tabular_
 
 
 def summarize(cfg: Config, shape: CohortShape) -> dict:
-    model = build_model(cfg, shape, num_tabular_features=16).eval()
+    # Random weights: a summary counts and times the model, it trains nothing (no refusal, no download).
+    model = build_model(without_pretrained_weights(cfg), shape, num_tabular_features=16).eval()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(**example_inputs(cfg, shape))
     stages = []
