@@ -31,7 +31,7 @@ def make_datasets(cfg: Config, split) -> dict:
 
     cache = shared_image_cache(cfg)
     datasets = {k: Derm7ptDataset(v, cfg.data.image_size, train=(k == "train"), color=cfg.data.color, cache=cache,
-                                  aug_p=cfg.data.aug_prob) for k, v in parts.items()}  # fmt: skip
+                                  aug_p=cfg.data.aug_prob, augment=cfg.data.augment) for k, v in parts.items()}  # fmt: skip
     for ds in datasets.values():
         ds.warm_cache()
     return datasets
