@@ -246,11 +246,12 @@ def main(argv: list[str] | None = None) -> int:
     from .datasets.cohort import CohortError
     from .datasets.spec import SpecError
     from .engine.errors import RunMismatch, TrainingFailed
+    from .models.text import TextEncoderUnavailable
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, CohortError, SpecError, RunMismatch, TrainingFailed) as e:
+    except (ConfigError, CohortError, SpecError, RunMismatch, TrainingFailed, TextEncoderUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
 

@@ -22,6 +22,7 @@ class DataConfig:
     val_fraction: float = 0.2  # cross-validated cohorts: stratified validation part of each training fold
     color: str = "rgb_imagenet"  # photos: rgb_imagenet | bgr_255 (the authors' code)
     aug_prob: float = 0.3
+    augment: str = "default"  # Derm7pt: authors (their albumentations pipeline) | default (milder, both photos)
     num_workers: int = 2
     cache_dir: str = ".cfcml-cache"
 
@@ -31,11 +32,11 @@ class ModelConfig:
     image_encoder: str = "nnmamba3d"  # nnmamba3d | swin_t
     image_channels: int = 16  # nnMamba base width C
     mamba_d_state: int = 16  # nnMamba's SSM state size N
-    image_pretrained: str = "none"  # Swin-T: none | a hub tag | a local checkpoint path
+    image_pretrained: str = "none"  # Swin-T: required (refuse to train without) | none | a checkpoint path | a timm hub name
     swin_variant: str = "tiny"  # tiny (the paper's Swin-T) | micro (smoke presets)
     swin_detach_early_stages: bool = False  # the authors' behaviour: only stage 4 trains Swin
     text_encoder: str = "clip"  # clip (open_clip ViT-B-32 text tower)
-    text_pretrained: str = "openai"  # openai | none | a local checkpoint path
+    text_pretrained: str = "openai"  # an open_clip tag | TAG:/path/to/file (a bare path is openai) | none
     tabular_embedding: str = "clip"  # clip | mlp (Fig. 9 ablation)
     token_mapping: str = "conv1d"  # conv1d | perceiver (Fig. 10 ablation)
     n_image_tokens: int = 48
@@ -69,6 +70,7 @@ class TrainConfig:
     decay_every: int = 5
     decay_factor: float = 0.8
     seed: int = 0
+    epoch_steps: str = "dataset"  # majority (the authors' epoch: the majority class once through) | dataset
     select_metric: str = "auc"  # validation metric that picks the best epoch
     select_window: int = 1  # pick on the mean of the last N epochs' metric (small val sets)
     deterministic: bool = False
@@ -97,6 +99,7 @@ class ConfigError(ValueError):
 
 CHOICES = {
     "data.color": {"rgb_imagenet", "bgr_255"},
+    "data.augment": {"authors", "default"},
     "model.image_encoder": {"nnmamba3d", "swin_t"},
     "model.text_encoder": {"clip"},
     "model.swin_variant": {"tiny", "micro"},
@@ -104,6 +107,7 @@ CHOICES = {
     "model.token_mapping": {"conv1d", "perceiver"},
     "model.sg_stage": {1, 2, 3, 4},
     "train.amp": {"auto", "bf16", "fp32"},
+    "train.epoch_steps": {"majority", "dataset"},
 }
 
 

@@ -142,3 +142,74 @@ def test_distributed_reproducible_and_epochs_reshuffle_the_partition():
         DistributedClassBalancedBatchSampler([0] * 10 + [1], 4, 2, 0)
     with pytest.raises(ValueError, match="rank"):
         DistributedClassBalancedBatchSampler(DERM, 4, 2, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# epoch_steps: the authors' epoch (the majority class once through) vs len(labels) // batch_size
+
+# A MEN training fold as the authors had it (no validation part; their loader's G1 count, 434)
+# and as we have it (a fifth held out for validation).
+MEN_AUTHORS = np.random.default_rng(2).permutation([0] * 434 + [1] * 40 + [2] * 57)
+MEN_OURS = np.random.default_rng(3).permutation([0] * 347 + [1] * 32 + [2] * 46)
+
+
+@pytest.mark.parametrize(
+    "labels,bs,majority,dataset",
+    [(MEN_AUTHORS, 36, 36, 14), (MEN_OURS, 36, 28, 11), (DERM, 64, 8, 5), (DERM, 36, 14, 9), (MEN, 7, 85, 35)],
+)
+def test_epoch_steps_counts(labels, bs, majority, dataset):
+    assert len(ClassBalancedBatchSampler(labels, bs, epoch_steps="majority")) == majority
+    assert len(ClassBalancedBatchSampler(labels, bs, epoch_steps="dataset")) == dataset
+    s = ClassBalancedBatchSampler(labels, bs, seed=1, epoch_steps="majority")
+    k = len(set(labels.tolist()))
+    for batches in epochs(s, 2):
+        assert len(batches) == majority
+        for b in batches:
+            n = Counter(labels[b].tolist())
+            assert len(b) == bs and set(n) == set(range(k)) and max(n.values()) - min(n.values()) <= 1
+
+
+def test_majority_epoch_goes_once_through_the_majority_class():
+    nev = set(np.flatnonzero(DERM == 0).tolist())
+    s = ClassBalancedBatchSampler(DERM, 64, seed=4, epoch_steps="majority")
+    for batches in epochs(s, 3):
+        drawn = Counter(i for b in batches for i in b if DERM[i] == 0)
+        assert set(drawn) == nev and set(drawn.values()) == {1}  # 8 batches x 32 = all 256 nevi, once each
+
+
+def test_majority_epochs_replay_and_resume():
+    s = ClassBalancedBatchSampler(MEN_OURS, 36, seed=2, epoch_steps="majority")
+    full = epochs(s, 3)
+    assert epochs(ClassBalancedBatchSampler(MEN_OURS, 36, seed=2, epoch_steps="majority"), 3) == full
+    s.set_epoch(2)
+    first = list(islice(iter(s), 10))
+    resumed = ClassBalancedBatchSampler(MEN_OURS, 36, seed=0, epoch_steps="majority")
+    resumed.load_state_dict(s.state_dict())
+    resumed.set_epoch(2)
+    assert first + list(resumed) == full[2]
+    assert resumed.state_dict()["position"] == 0
+
+
+@pytest.mark.parametrize("labels,world,bs", [(DERM, 2, 32), (MEN_OURS, 3, 12), (MEN_AUTHORS, 4, 9)])
+def test_distributed_majority_epochs_are_aligned_disjoint_and_as_long_as_one_process(labels, world, bs):
+    single = len(ClassBalancedBatchSampler(labels, bs * world, epoch_steps="majority"))
+    lengths, per_rank = set(), []
+    for rank in range(world):
+        s = DistributedClassBalancedBatchSampler(labels, bs, world, rank, seed=5, epoch_steps="majority")
+        s.set_epoch(1)
+        batches = list(s)
+        lengths.add(len(batches))
+        per_rank.append({i for b in batches for i in b})
+    assert len(lengths) == 1  # every rank runs the same number of batches
+    (n,) = lengths
+    k = len(set(labels.tolist()))
+    assert n == (k * (max(Counter(labels.tolist()).values()) // world)) // bs
+    assert abs(n - single) <= 1
+    for r in range(world):
+        for q in range(r + 1, world):
+            assert not per_rank[r] & per_rank[q]
+
+
+def test_unknown_epoch_steps_is_refused():
+    with pytest.raises(ValueError, match="epoch_steps"):
+        ClassBalancedBatchSampler(DERM, 64, epoch_steps="authors")

@@ -25,7 +25,7 @@ def make_dataset(cfg: Config, spec: DatasetSpec, cases: list[Case], train: bool,
     from cfcml.datasets.photo_dataset import PhotoDataset
 
     return PhotoDataset(cases, cfg.data.image_size, train=train, color=cfg.data.color,
-                        cache=cache if cache is not None else True, aug_p=cfg.data.aug_prob)  # fmt: skip
+                        cache=cache if cache is not None else True, aug_p=cfg.data.aug_prob, augment=cfg.data.augment)  # fmt: skip
 
 
 def make_datasets(cfg: Config, spec: DatasetSpec, split) -> dict:
@@ -67,13 +67,16 @@ def shared_cache(cfg: Config, spec: DatasetSpec, cases: list[Case]):
 
 
 def make_train_sampler(cfg: Config, cases: list[Case], seed: int, rank: int = 0, world: int = 1):
-    """Class-balanced batches; under DDP each rank draws batch_size / world from its own share."""
+    """Class-balanced batches; under DDP each rank draws batch_size / world from its own share.
+    `train.epoch_steps` sets the epoch's length (majority: the authors' budget; see samplers)."""
     labels = [c.label for c in cases]
+    steps = cfg.train.epoch_steps
     if world == 1:
-        return ClassBalancedBatchSampler(labels, cfg.train.batch_size, seed=seed)
+        return ClassBalancedBatchSampler(labels, cfg.train.batch_size, seed=seed, epoch_steps=steps)
     if cfg.train.batch_size % world:
         raise ValueError(f"train.batch_size {cfg.train.batch_size} is not divisible by {world} workers")
-    return DistributedClassBalancedBatchSampler(labels, cfg.train.batch_size // world, world, rank, seed=seed)
+    return DistributedClassBalancedBatchSampler(labels, cfg.train.batch_size // world, world, rank, seed=seed,
+                                                epoch_steps=steps)  # fmt: skip
 
 
 def sentence_embeddings(cfg: Config, cases: list[Case]) -> torch.Tensor:

@@ -30,6 +30,7 @@ class PhotoDataset(Dataset):
         color: str = "rgb_imagenet",
         cache: bool | ImageCache = True,
         aug_p: float = 0.5,
+        augment: str = "default",
     ):
         self.cases = list(cases)
         self.image_size = as_hw(image_size)
@@ -39,7 +40,7 @@ class PhotoDataset(Dataset):
             self.cache = cache
         else:
             self.cache = ImageCache(self.image_size) if cache else None
-        self.transform = PairTransform(train, color, aug_p)
+        self.transform = PairTransform(train, color, aug_p, augment)
 
     def __len__(self) -> int:
         return len(self.cases)

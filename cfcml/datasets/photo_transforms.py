@@ -2,18 +2,28 @@
 
 The deterministic part (JPEG decode, RGB, resize to the model size) runs once per file and is
 kept in memory as uint8 [3, H, W] (224² × 3 B = 150 KB; 827 cases × 2 images ≈ 250 MB).
-Augmentation (SPEC §4) runs on that cached tensor every time and is *joint*: torchvision v2
-samples one set of parameters per call, so the clinical and dermoscopic image of a case get
-the same flips, rotation, shift-scale-rotate and brightness/contrast.
+Augmentation (SPEC §4) runs on that cached tensor every time; the photos of a case always
+share one geometric draw (flips, shift-scale-rotate, rotate-90). Two pipelines
+(`data.augment`):
+- `authors` (`AuthorsAugmentation`), what the authors' code did with albumentations: the
+  whole pipeline runs with probability p and then each step with p (their p = 0.5, so each
+  step fires in a quarter of the samples and half of them are left untouched); shift ±6.25 %,
+  scale ±50 %, rotate ±45° with mirrored borders; brightness/contrast ±20 % on the *clinical
+  photo only* (they passed the dermoscopy photo as albumentations' `mask`, which photometric
+  steps skip and geometric steps resample with nearest-neighbour interpolation; we do the same).
+- `default`, ours (`train_augmentation`): each step independently with p, scale ±10 %,
+  black borders, brightness/contrast on both photos alike.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import v2
@@ -23,6 +33,7 @@ from cfcml.datasets.photo_checks import to_rgb
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 COLORS = ("rgb_imagenet", "bgr_255")
+AUGMENTS = ("authors", "default")
 
 
 def as_hw(size) -> tuple[int, int]:
@@ -109,11 +120,12 @@ class RandomRotate90(v2.Transform):
 
 
 def train_augmentation(p: float = 0.5) -> v2.Compose:
-    """SPEC §4 Derm7pt augmentation, each step with probability p.
+    """Our (`default`) Derm7pt augmentation: each step independently with probability p, one
+    parameter draw for all photos of a case.
 
-    Limits follow albumentations' defaults, which the authors used: shift ±6.25 %,
-    scale ±10 %, rotate ±45°, brightness/contrast ±20 %. Pixels moved in from outside are
-    black (torchvision has no reflect border for affine; dermoscopy corners are dark anyway).
+    Limits are albumentations' ShiftScaleRotate/RandomBrightnessContrast defaults (shift ±6.25 %,
+    scale ±10 %, rotate ±45°, brightness/contrast ±20 %), milder than the authors' scale ±50 %.
+    Pixels moved in from outside are black (dermoscopy corners are dark anyway).
     """
     return v2.Compose(
         [
@@ -136,6 +148,98 @@ def train_augmentation(p: float = 0.5) -> v2.Compose:
     )
 
 
+class AuthorsAugmentation:
+    """The authors' Derm7pt augmentation on uint8 [3, H, W] photos (clinical photo first).
+
+    Their albumentations pipeline, step by step: vertical flip, horizontal flip,
+    shift-scale-rotate (shift ±0.0625 of the size, scale 1 ± 0.5, angle ±45°, rotation about the
+    centre, mirrored (reflect-101) borders), rotate by k·90° with k uniform in {0, 1, 2, 3},
+    brightness/contrast (x·α + 255·β, α ∈ 1 ± 0.2, β ∈ ±0.2, clipped). The whole pipeline runs
+    with probability p, then each step with p. Geometry is drawn once per case and applied to
+    every photo; the first photo is resampled bilinearly and gets brightness/contrast, the others
+    (their `mask`) are resampled nearest-neighbour and keep their colours.
+    """
+
+    shift, scale, degrees = 0.0625, 0.5, 45.0
+    brightness, contrast = 0.2, 0.2
+
+    def __init__(self, p: float = 0.5):
+        self.p = float(p)
+
+    def _fires(self) -> bool:
+        return torch.rand(1).item() < self.p
+
+    def draw(self, height: int, width: int) -> dict:
+        """One parameter set (torch's RNG, so DataLoader workers seed it); None = step skipped."""
+        out = {"vflip": False, "hflip": False, "ssr": None, "k": 0, "bc": None}
+        if not self._fires():
+            return out
+        out["vflip"], out["hflip"] = self._fires(), self._fires()
+        if self._fires():
+            u = torch.rand(4).tolist()
+            out["ssr"] = {
+                "angle": (2 * u[0] - 1) * self.degrees,
+                "scale": 1 + (2 * u[1] - 1) * self.scale,
+                "dx": (2 * u[2] - 1) * self.shift,
+                "dy": (2 * u[3] - 1) * self.shift,
+            }
+        if self._fires():  # k = 0 is one of the four outcomes, as in albumentations
+            k = int(torch.randint(0, 4, (1,)).item())
+            out["k"] = k if height == width else 2 * (k % 2)  # non-square: only shape-keeping turns
+        if self._fires():
+            u = torch.rand(2).tolist()
+            out["bc"] = {"alpha": 1 + (2 * u[0] - 1) * self.contrast, "beta": (2 * u[1] - 1) * self.brightness}
+        return out
+
+    def apply(self, images: list[torch.Tensor], params: dict) -> list[torch.Tensor]:
+        out = []
+        for i, img in enumerate(images):
+            x = img.as_subclass(torch.Tensor)
+            if params["vflip"]:
+                x = x.flip(-2)
+            if params["hflip"]:
+                x = x.flip(-1)
+            if params["ssr"] is not None:
+                x = shift_scale_rotate(x, **params["ssr"], nearest=i > 0)
+            if params["k"]:
+                x = torch.rot90(x, params["k"], dims=(-2, -1))
+            if i == 0 and params["bc"] is not None:
+                x = brightness_contrast(x, **params["bc"])
+            out.append(x.contiguous())
+        return out
+
+    def __call__(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        h, w = images[0].shape[-2:]
+        return self.apply(images, self.draw(h, w))
+
+
+def shift_scale_rotate(img: torch.Tensor, angle: float, scale: float, dx: float, dy: float, nearest: bool = False) -> torch.Tensor:
+    """uint8 [C, H, W] -> uint8 [C, H, W], as OpenCV's warpAffine with getRotationMatrix2D about
+    the centre (angle in degrees, counter-clockwise), the shift in fractions of the size, and
+    reflect-101 borders (grid_sample's reflection about the edge pixels' centres)."""
+    h, w = img.shape[-2:]
+    a = math.radians(angle)
+    alpha, beta = scale * math.cos(a), scale * math.sin(a)
+    cx, cy = w / 2, h / 2
+    # forward map (source -> output pixel), then inverted to sample the source for each output pixel
+    fwd = torch.tensor([[alpha, beta, (1 - alpha) * cx - beta * cy + dx * w],
+                        [-beta, alpha, beta * cx + (1 - alpha) * cy + dy * h],
+                        [0.0, 0.0, 1.0]], dtype=torch.float64)  # fmt: skip
+    inv = torch.linalg.inv(fwd)[:2].to(torch.float32)
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
+    src = torch.stack([xs, ys, torch.ones_like(xs)], dim=-1) @ inv.T  # [H, W, 2] source (x, y) in pixels
+    grid = torch.stack([2 * src[..., 0] / max(w - 1, 1) - 1, 2 * src[..., 1] / max(h - 1, 1) - 1], dim=-1)
+    out = F.grid_sample(img[None].to(torch.float32), grid[None], mode="nearest" if nearest else "bilinear",
+                        padding_mode="reflection", align_corners=True)[0]  # fmt: skip
+    return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def brightness_contrast(img: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+    """uint8 -> uint8: x·alpha + 255·beta, clipped and truncated (albumentations' uint8 table
+    for RandomBrightnessContrast with brightness_by_max)."""
+    return (img.to(torch.float32) * alpha + 255.0 * beta).clamp_(0, 255).to(torch.uint8)
+
+
 def to_model_input(img: torch.Tensor, color: str = "rgb_imagenet") -> torch.Tensor:
     """uint8 RGB [3, H, W] -> float32 [3, H, W].
 
@@ -153,16 +257,26 @@ def to_model_input(img: torch.Tensor, color: str = "rgb_imagenet") -> torch.Tens
 
 
 class PairTransform:
-    """Cached uint8 images of one case -> model inputs, with joint augmentation when training."""
+    """Cached uint8 images of one case (clinical photo first) -> model inputs, with joint
+    augmentation when training (`augment`: authors | default, see the module docstring)."""
 
-    def __init__(self, train: bool, color: str = "rgb_imagenet", p: float = 0.5):
+    def __init__(self, train: bool, color: str = "rgb_imagenet", p: float = 0.5, augment: str = "default"):
         if color not in COLORS:
             raise ValueError(f"color must be one of {COLORS}, got {color!r}")
+        if augment not in AUGMENTS:
+            raise ValueError(f"augment must be one of {AUGMENTS}, got {augment!r}")
         self.color = color
-        self.augment = train_augmentation(p) if train else None
+        if not train:
+            self.augment = None
+        elif augment == "authors":
+            self.augment = AuthorsAugmentation(p)
+        else:
+            self.augment = train_augmentation(p)
 
     def __call__(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
-        if self.augment is not None:
+        if isinstance(self.augment, AuthorsAugmentation):
+            images = self.augment(images)
+        elif self.augment is not None:
             out = self.augment(*[tv_tensors.Image(x) for x in images])  # one parameter draw for all
             images = list(out) if len(images) > 1 else [out]
         return [to_model_input(x, self.color) for x in images]

@@ -3,7 +3,20 @@
 Like the authors, each batch draws equal numbers per class; when the batch size is not a
 multiple of the class count, the extra slots go to classes in turn (the b-th batch of the run
 gives them to classes b, b+1, ... mod K), so over training the classes are drawn equally often.
-An epoch is `len(labels) // batch_size` batches (as many as plain shuffling would give).
+
+How many batches make an epoch (`epoch_steps`; warm-up and LR decay count epochs, so this
+sets the length of the whole schedule):
+- `majority`, the authors' budget: as many batches as it takes to go once through the
+  majority class at its share of a batch, `(K * n_majority) // batch_size` (as if every class
+  were oversampled to the majority's size). Their loader did this: an epoch of
+  n_majority / (batch_size / K) batches.
+- `dataset`: `len(labels) // batch_size`, as many as plain shuffling would give.
+Step counts (batches per epoch, majority / dataset):
+- MEN, batch 36, 3 classes. The authors' training folds (no validation carved out): G1 434 of
+  ~531 patients -> 36 / 14 (their ~1800 steps in 50 epochs). Ours, with a fifth of each
+  training fold held out for validation: G1 347 of ~425 -> 28 / 11 (1400 vs 550 in 50 epochs).
+- Derm7pt train split (NEV 256, MEL 90): batch 64 -> 8 / 5; batch 36 (the authors' code) ->
+  14 / 9.
 Each class is drawn from its own shuffled list, reshuffled whenever it runs out (a batch never
 holds one case twice unless its class has fewer cases than the batch's share): a minority
 class is therefore oversampled (its cases repeat across batches of one epoch) and a
@@ -18,6 +31,8 @@ from __future__ import annotations
 
 import numpy as np
 
+EPOCH_STEPS = ("majority", "dataset")
+
 
 def _as_labels(labels) -> np.ndarray:
     arr = np.asarray(labels.tolist() if hasattr(labels, "tolist") else labels)
@@ -29,7 +44,10 @@ def _as_labels(labels) -> np.ndarray:
 class ClassBalancedBatchSampler:
     """Balanced batches over all of `labels` (one process)."""
 
-    def __init__(self, labels, batch_size: int, seed: int = 0, drop_last: bool = True):
+    def __init__(self, labels, batch_size: int, seed: int = 0, drop_last: bool = True, epoch_steps: str = "dataset"):
+        if epoch_steps not in EPOCH_STEPS:
+            raise ValueError(f"epoch_steps must be one of {EPOCH_STEPS}, got {epoch_steps!r}")
+        self.epoch_steps = epoch_steps
         self.labels = _as_labels(labels)
         self.classes = np.unique(self.labels)
         self.batch_size = int(batch_size)
@@ -51,9 +69,17 @@ class ClassBalancedBatchSampler:
     def _num_samples(self) -> int:
         return len(self.labels)
 
+    def _majority_count(self) -> int:
+        """Cases of the largest class this process draws from in an epoch."""
+        return max(int((self.labels == c).sum()) for c in self.classes)
+
     # -- shared machinery
     def __len__(self) -> int:
-        n, bs = self._num_samples(), self.batch_size
+        if self.epoch_steps == "majority":
+            n = len(self.classes) * self._majority_count()  # every class oversampled to the majority's size
+        else:
+            n = self._num_samples()
+        bs = self.batch_size
         batches = n // bs if self.drop_last else -(-n // bs)
         return max(1, batches)  # tiny cohorts (smoke runs) still train one batch per epoch
 
@@ -121,12 +147,14 @@ class DistributedClassBalancedBatchSampler(ClassBalancedBatchSampler):
     Each epoch, every class's indices are shuffled with a generator shared by all ranks and
     dealt round-robin to the ranks; a rank draws only from its own share, so no sample is seen
     by two ranks in one epoch, and every rank's batch still holds every class. All ranks run
-    `(len(labels) // num_replicas) // batch_size_per_rank` batches, so collectives line up.
+    the same number of batches, so collectives line up: `(len(labels) // num_replicas) //
+    batch_size_per_rank` (dataset), or `(K * (n_majority // num_replicas)) // batch_size_per_rank`
+    (majority), i.e. about as many global batches as one process would run.
     """
 
     def __init__(self, labels, batch_size_per_rank: int, num_replicas: int, rank: int, seed: int = 0,
-                 drop_last: bool = True):  # fmt: skip
-        super().__init__(labels, batch_size_per_rank, seed, drop_last)
+                 drop_last: bool = True, epoch_steps: str = "dataset"):  # fmt: skip
+        super().__init__(labels, batch_size_per_rank, seed, drop_last, epoch_steps)
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} outside 0..{num_replicas - 1}")
         self.num_replicas, self.rank = int(num_replicas), int(rank)
@@ -143,3 +171,6 @@ class DistributedClassBalancedBatchSampler(ClassBalancedBatchSampler):
 
     def _num_samples(self) -> int:
         return len(self.labels) // self.num_replicas
+
+    def _majority_count(self) -> int:
+        return super()._majority_count() // self.num_replicas  # the same on every rank

@@ -23,6 +23,7 @@ import torch
 from cfcml.datasets.reader import load_cohort
 
 from ..config import Config, cohort_spec, config_from_dict
+from ..models.pretrained import check_pretrained
 from .errors import RunMismatch
 from .identity import explain_mismatch, run_identity
 from .run import LAST, _write_json, clear_run, finished_result, train_one
@@ -157,6 +158,7 @@ def run_protocol(cfg: Config, data_root: str | Path, out_dir: str | Path, compar
     `plan_jobs`). `report` receives one line per event (e.g. print to stderr).
     """
     out, report = Path(out_dir), report or (lambda message: None)
+    check_pretrained(cfg)  # before any worker starts
     spec = cohort_spec(cfg)
     cohort = load_cohort(spec, data_root)  # bad input fails here, before any worker starts
     planned = protocol_runs(cfg, cohort)

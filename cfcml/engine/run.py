@@ -33,6 +33,7 @@ from cfcml.datasets.tabular import num_features
 
 from ..config import Config, cohort_spec, save_config
 from ..models.cfcml import build_model
+from ..models.pretrained import check_pretrained, pretrained_provenance
 from .checkpoint import atomic_save, rng_state, seed_everything, set_rng_state
 from .errors import RunMismatch, TrainingFailed
 from .identity import explain_mismatch, run_identity
@@ -210,6 +211,7 @@ class TrainingRun:
             torch.set_num_threads(t.threads)
         self.seed = t.seed if seed is None else seed
         self.out = out = Path(out_dir)
+        check_pretrained(cfg)  # paper presets refuse random-init encoders unless asked for explicitly
         self.spec = cohort.spec if cohort is not None else cohort_spec(cfg)
         cohort = cohort or load_cohort(self.spec, data_root)  # refuses a cohort that fails the check
         self.split = split = run_split(cfg, cohort, fold, seed)
@@ -368,6 +370,7 @@ class TrainingRun:
             "sizes": {"train": len(self.split.train), "val": len(self.split.val), "test": len(self.split.test)},
             # CPU results are bit-identical for a seed only at the same thread count
             "device": str(env.device), "threads": torch.get_num_threads(),
+            "pretrained": pretrained_provenance(self.cfg),  # what the encoders started from
             "identity": self.identity,
             "finished": True,
         }

@@ -9,6 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..config import Config
 from .cfcml import build_model, count_params, stage_grids
+from .pretrained import without_pretrained_weights
 from .shape import CohortShape
 
 
@@ -42,7 +43,8 @@ def summarize(cfg: Config, shape: CohortShape | None = None, paper: dict | None 
 
         spec = cohort_spec(cfg)
         shape, paper = spec.shape(), spec.paper
-    model = build_model(cfg, shape, num_tabular_features=16).eval()
+    # Random weights: a summary counts and times the model, it trains nothing (no refusal, no download).
+    model = build_model(without_pretrained_weights(cfg), shape, num_tabular_features=16).eval()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(**example_inputs(cfg, shape))
     stages = []

@@ -188,6 +188,7 @@ class PackagedModel:
 
         from ..engine.run import Env
         from ..models.cfcml import build_model
+        from ..models.pretrained import without_pretrained_weights
 
         package = Path(package)
         self.meta = json.loads((package / "meta.json").read_text())
@@ -205,7 +206,7 @@ class PackagedModel:
         self.models = []
         for r in self.meta["runs"]:
             weights = torch.load(package / "weights" / f"{r['name']}.pt", map_location="cpu", weights_only=True)
-            model = build_model(self.cfg, self.spec.shape(), num_tabular_features=n_tab)
+            model = build_model(without_pretrained_weights(self.cfg), self.spec.shape(), num_tabular_features=n_tab)
             model.load_state_dict(weights)
             self.models.append(model.to(self.env.device).eval())
 

@@ -39,6 +39,7 @@ from pathlib import Path
 from cfcml.datasets.spec import load_spec
 
 from ..config import Config, build_config, parse_overrides, save_config
+from ..models.pretrained import check_pretrained, pretrained_provenance
 from .search_space import SearchSpace, load_search_space, trial_run_name
 from .train_loop import OBJECTIVE
 
@@ -446,6 +447,7 @@ def run_study(spec: StudySpec) -> dict:
     space = load_search_space(space_file, cfg)
     first = space.first_point(cfg)
     data = str(Path(spec.data).expanduser().resolve())
+    check_pretrained(cfg)  # refuse in the driver, before any trial starts
     cohort_spec = load_spec(cfg.dataset)
     cohort = load_cohort(cohort_spec, data)
     runs = protocol_runs(cfg, cohort)[: spec.search_runs or None]
@@ -511,6 +513,7 @@ def run_study(spec: StudySpec) -> dict:
                 "sampler": "optuna.TPESampler", "scheduler": f"ASHA(time_attr=epoch, grace_period={space.asha['grace_period']}, "
                 f"reduction_factor={space.asha['reduction_factor']})", "metric": space.metric, "mode": space.mode,
                 "max_failures": spec.max_failures, "overrides": " ".join(spec.overrides) or "none",
+                **{f"pretrained.{k}": v for k, v in pretrained_provenance(cfg).items()},
                 **{f"space.{k}": v for k, v in space.describe().items()},
             })  # fmt: skip
             mlflow.log_text(space.source, f"search_space/{space_file.name}")
@@ -710,6 +713,7 @@ def register_best(spec, cfg, cohort, runs, test, ckpt_dir: Path, work: Path, cli
     version = str(info.registered_model_version)
     tags = {
         "trial_id": trial_id, "study": study, "data.digest": digest, "git.commit": commit,
+        **{f"pretrained.{k}": v for k, v in pretrained_provenance(cfg).items()},
         "metric.val_auc": summary["best_cv_val_auc"], "selection": "cv_val_auc on validation (never test)",
         **{f"metric.test_{k}_mean": v["mean"] for k, v in test["summary"]["metrics"].items()},
         **{f"metric.test_{k}_std": v["std"] for k, v in test["summary"]["metrics"].items()},
