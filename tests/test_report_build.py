@@ -14,6 +14,7 @@ import pytest
 
 from cfcml.report import ReportInputs, SplitPredictions, build_report, model_card_markdown
 from cfcml.report.build import write_atomic
+from cfcml.report.card import REGISTRY_DESCRIPTION_MAX
 from cfcml.report.html import SECTIONS
 from cfcml.report.subgroups import subgroup_analysis
 from cfcml.report.synthetic import synthetic_inputs
@@ -116,6 +117,7 @@ def test_html_is_self_contained(built):
     # one ROC + PR + reliability + subgroups + t-SNE + 3 Grad-CAM figures
     assert len(srcs) == 8
     assert f"{r['auc']:.3f}" in page
+    assert "<h4>Known limitations</h4>" in page and "<code>--set model.use_images=false</code>" in page  # the card
 
 
 def test_model_card(built):
@@ -131,6 +133,21 @@ def test_model_card(built):
     assert "tabular-only baseline" in card
     r2 = dict(r, meta=dict(r["meta"], baselines={"tabular only": {"auc": 0.61}}))
     assert "tabular only: AUC 0.610" in model_card_markdown(r2)
+
+
+def test_model_card_fits_the_registry_description(built):
+    _, _, _, r = built
+    big = dict(r, subgroups=r["subgroups"] * 6)  # many attributes: the full card is far too long
+    assert len(model_card_markdown(big)) > REGISTRY_DESCRIPTION_MAX
+    card = model_card_markdown(big, REGISTRY_DESCRIPTION_MAX)
+    assert len(card) <= REGISTRY_DESCRIPTION_MAX
+    for kept in ("not a medical device", "## Performance on the test set", "## Known limitations"):
+        assert kept in card
+    short = model_card_markdown(r, 2600)
+    assert len(short) <= 2600 and "Left out here for length, see report.html: Subgroups (test)" in short
+    assert "## Subgroups" not in short and "## Known limitations" in short
+    with pytest.raises(ValueError, match="essential"):
+        model_card_markdown(r, 300)
 
 
 def _which_chromium():

@@ -145,9 +145,10 @@ def test_channels_last_maps():
 def test_on_the_cfcml_model(preset, kind):
     """How the report calls it: the last stage of each image encoder of a (random-init) CFCML."""
     from cfcml.config import build_config
-    from cfcml.models.cfcml import build_model
+    from cfcml.models.cfcml import build_model, stage_grids
     from cfcml.models.shape import CohortShape
     from cfcml.models.summary import example_inputs
+    from cfcml.report.explain import cam_stage
 
     torch.manual_seed(0)
     cfg = build_config(preset)
@@ -156,12 +157,33 @@ def test_on_the_cfcml_model(preset, kind):
     model = build_model(cfg, shape).eval()
     inputs = example_inputs(cfg, shape, batch=2)
     size = tuple(cfg.data.image_size)
+    stage = cam_stage(stage_grids(cfg.model.image_encoder, list(size)))
     heatmaps = []
     for encoder in model.encoders:  # MEN: one per series; Derm7pt: one shared by both photos
-        heatmaps += grad_cam(lambda: model(**inputs), encoder, 1, output_size=size, output_index=3)
+        heatmaps += grad_cam(lambda: model(**inputs), encoder, 1, output_size=size, output_index=stage)
     assert len(heatmaps) == shape.num_images
     for h in heatmaps:
         assert h.shape == (2, *size) and torch.isfinite(h).all()
         assert h.min() >= 0 and h.max() <= 1 + 1e-6
     assert all(p.grad is None for p in model.parameters())
     assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_select_cases_most_confident_correct_then_wrong():
+    from cfcml.report.explain import select_cases
+
+    labels = [0, 1, 0, 1, 0]
+    probs = [[0.6, 0.4], [0.1, 0.9], [0.2, 0.8], [0.95, 0.05], [0.9, 0.1]]
+    # correct: rows 0 (.6), 1 (.9), 4 (.9); wrong: rows 2 (.8), 3 (.95)
+    assert select_cases(labels, probs, n_correct=2, n_wrong=1) == [1, 4, 3]
+    assert select_cases(labels, probs, n_correct=5, n_wrong=5) == [1, 4, 0, 3, 2]
+
+
+def test_cam_stage_picks_the_deepest_usable_grid():
+    from cfcml.models.cfcml import stage_grids
+    from cfcml.report.explain import cam_stage
+
+    assert cam_stage(stage_grids("nnmamba3d", [24, 128, 128])) == 3  # MEN: (2, 8, 8)
+    assert cam_stage(stage_grids("nnmamba3d", [8, 16, 16])) == 1  # men-smoke: (2, 4, 4); (1, 2, 2) is flat
+    assert cam_stage(stage_grids("swin_t", [224, 224])) == 3  # Derm7pt: 7 x 7
+    assert cam_stage([(1, 1)]) == 0

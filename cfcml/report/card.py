@@ -10,6 +10,7 @@ import math
 from collections.abc import Sequence
 
 SMALL_TEST_SET = 100  # cases; below this the card warns about wide intervals
+REGISTRY_DESCRIPTION_MAX = 5000  # MLflow's SQL stores keep a model version description in VARCHAR(5000)
 
 METRIC_LABELS = {
     "sen": "Sensitivity", "spe": "Specificity", "acc": "Accuracy", "g_mean": "G-mean",
@@ -98,28 +99,64 @@ def limitations(report: dict) -> list[str]:
     return out
 
 
-def model_card_markdown(report: dict) -> str:
-    """The model card (Markdown) of a report dict as written to report.json."""
+def model_card_markdown(report: dict, max_chars: int | None = None) -> str:
+    """The model card (Markdown) of a report dict as written to report.json.
+
+    max_chars: a limit for where the card is stored, e.g. REGISTRY_DESCRIPTION_MAX for an
+    MLflow model version's description (a 5000-character column in SQL stores). Over the
+    limit the card takes a compact form (fewer columns, scored subgroups by AUC only), then
+    leaves out whole sections, least essential first, naming them and pointing to report.html.
+    """
+    sections = _sections(report, compact=False)
+    card = _join(sections)
+    if max_chars is None or len(card) <= max_chars:
+        return card
+    sections = _sections(report, compact=True)
+    omitted: list[str] = []
+    for key in DROP_ORDER:
+        card = _join(sections, omitted)
+        if len(card) <= max_chars:
+            return card
+        if key in sections:
+            omitted.append(sections.pop(key)[0].removeprefix("## "))
+    card = _join(sections, omitted)
+    if len(card) > max_chars:
+        raise ValueError(f"the essential model card needs {len(card)} characters, more than {max_chars}")
+    return card
+
+
+DROP_ORDER = ("subgroups", "missing", "operating_points", "model", "cohort", "calibration")
+
+
+def _join(sections: dict[str, list[str]], omitted: Sequence[str] = ()) -> str:
+    lines = [line for part in sections.values() for line in part]
+    if omitted:
+        lines += [f"Left out here for length, see report.html: {', '.join(omitted)}.", ""]
+    return "\n".join(lines)
+
+
+def _sections(report: dict, compact: bool) -> dict[str, list[str]]:
+    """The card's sections in reading order, each a list of lines (the first is the heading;
+    "intro" has the title instead)."""
     meta, cohort = report.get("meta", {}), report.get("cohort", {})
     classes = cohort.get("classes", [])
     method = meta.get("method") or "CFCML"
-    lines = [f"# Model card: {method} on {cohort.get('name', '?')}", "",
-             "> Research software, **not a medical device**. Not for diagnosis or treatment decisions.", ""]
-
-    lines += ["## Intended use", "", meta.get("intended_use") or (
-        f"Research on classifying {', '.join(classes)} from images and tabular attributes in the "
-        f"{cohort.get('name', '?')} cohort: retrospective evaluation and method comparison. Not for "
-        "clinical decisions, nor for patients outside the population this cohort represents."), ""]
+    out: dict[str, list[str]] = {}
+    out["intro"] = [f"# Model card: {method} on {cohort.get('name', '?')}", "",
+                    "> Research software, **not a medical device**. Not for diagnosis or treatment decisions.", "",
+                    "## Intended use", "", meta.get("intended_use") or (
+                        f"Research on classifying {', '.join(classes)} from images and tabular attributes in the "
+                        f"{cohort.get('name', '?')} cohort: retrospective evaluation and method comparison. Not "
+                        "for clinical decisions, nor for patients outside the population this cohort represents."), ""]
 
     facts = [("method", method), ("preset", meta.get("preset")), ("selection rule", meta.get("selection_rule")),
              ("config digest", meta.get("config_digest")), ("code commit", meta.get("commit")),
              ("report date", meta.get("date"))]
-    lines += ["## Model", "", *_table(["field", "value"], [(k, f"`{v}`" if "digest" in k or k == "code commit" else v)
-                                                 for k, v in facts if v])]
+    out["model"] = ["## Model", "", *_table(["field", "value"], [
+        (k, f"`{v}`" if "digest" in k or k == "code commit" else v) for k, v in facts if v])]
 
-    lines += ["## Cohort and split", ""]
     positive = f" (positive: {cohort['positive']})" if cohort.get("positive") else ""
-    lines += [f"Cohort **{cohort.get('name', '?')}**, classes {', '.join(classes)}{positive}."]
+    lines = ["## Cohort and split", "", f"Cohort **{cohort.get('name', '?')}**, classes {', '.join(classes)}{positive}."]
     if meta.get("data_digest"):
         lines += [f"Data digest `{meta['data_digest']}`."]
     if meta.get("split_description"):
@@ -130,44 +167,59 @@ def model_card_markdown(report: dict) -> str:
         lines += _table(["split", *classes, "patients", "predictions"],
                         [(s, *[c["classes"].get(k, 0) for k in classes], c["patients"], c["predictions"])
                          for s, c in counts.items()])
+    out["cohort"] = lines
 
-    lines += ["## Performance on the test set", "", bootstrap_sentence(report), ""]
-    lines += _table(["metric", "value", "95 % CI"],
-                    [(metric_label(k), fmt(m["value"]), fmt_ci(m["ci"])) for k, m in report.get("metrics", {}).items()])
+    out["performance"] = ["## Performance on the test set", "", bootstrap_sentence(report), "", *_table(
+        ["metric", "value", "95 % CI"],
+        [(metric_label(k), fmt(m["value"]), fmt_ci(m["ci"])) for k, m in report.get("metrics", {}).items()])]
 
-    lines += ["## Calibration", ""]
-    lines += [(f"- ECE (top-label confidence, {report.get('calibration', {}).get('n_bins', '?')} equal-width bins): "
-              f"{fmt(report.get('ece'))} ({fmt_ci(report.get('ece_ci'))})"),
-              f"- Brier score (multi-class): {fmt(report.get('brier'))} ({fmt_ci(report.get('brier_ci'))})"]
+    n_bins = report.get("calibration", {}).get("n_bins", "?")
+    lines = ["## Calibration", "",
+             (f"- ECE (top-label confidence, {n_bins} equal-width bins): {fmt(report.get('ece'))} "
+             f"({fmt_ci(report.get('ece_ci'))})"),
+             f"- Brier score (multi-class): {fmt(report.get('brier'))} ({fmt_ci(report.get('brier_ci'))})"]
     if report.get("temperature") is not None:
         lines += [(f"- Temperature scaling fitted on validation: T = {report['temperature']:.3f}; on test ECE "
                   f"{fmt(report.get('ece_after'))}, Brier {fmt(report.get('brier_after'))}")]
     else:
         lines += [f"- No temperature scaling: {report.get('calibration', {}).get('temperature_note', 'no logits')}"]
-    lines += [""]
+    out["calibration"] = [*lines, ""]
 
     ops = [o for o in report.get("operating_points", []) if o.get("threshold") is not None]
     if ops:
-        lines += ["## Operating points", "", "Thresholds chosen on validation, reported on test.", ""]
-        lines += _table(["class", "rule", "threshold", "sensitivity", "specificity", "PPV", "NPV"],
-                        [(o["class"], RULES[o["kind"]].format(t=o["target"]), f"{o['threshold']:.4f}",
-                          *[value_ci(o["test"][k]) for k in ("sen", "spe", "ppv", "npv")]) for o in ops])
+        rates = ("sen", "spe") if compact else ("sen", "spe", "ppv", "npv")
+        out["operating_points"] = ["## Operating points", "", "Thresholds chosen on validation, reported on test.", "",
+                                   *_table(["class", "rule", "threshold", *[METRIC_LABELS[k] for k in rates]],
+                                           [(o["class"], RULES[o["kind"]].format(t=o["target"]),
+                                             f"{o['threshold']:.4f}", *[value_ci(o["test"][k]) for k in rates])
+                                            for o in ops])]
 
     groups = [(s["column"], g) for s in report.get("subgroups", []) for g in s["groups"]]
     if groups:
-        lines += ["## Subgroups (test)", ""]
-        lines += _table(["attribute", "group", "patients", "accuracy", "AUC", "note"],
-                        [(col, g["name"], g["n"], value_ci(g.get("metrics", {}).get("acc")),
-                          value_ci(g.get("metrics", {}).get("auc")), "; ".join(g.get("notes", [])))
-                         for col, g in groups])
+        if compact:
+            table = _table(["attribute", "group", "patients", "AUC"],
+                           [(col, g["name"], g["n"], value_ci(g["metrics"].get("auc")))
+                            for col, g in groups if g.get("reportable")])
+        else:
+            table = _table(["attribute", "group", "patients", "accuracy", "AUC", "note"],
+                           [(col, g["name"], g["n"], value_ci(g.get("metrics", {}).get("acc")),
+                             value_ci(g.get("metrics", {}).get("auc")), "; ".join(g.get("notes", [])))
+                            for col, g in groups])
+        out["subgroups"] = ["## Subgroups (test)", "", *table]
 
     mm = report.get("missing_modality") or {}
-    lines += ["## Missing inputs", ""]
+    lines = ["## Missing inputs", ""]
     if mm:
         names = sorted({k for v in mm.values() for k in v})
+        if compact and "auc" in names:
+            names = ["auc"]
         lines += _table(["removed at inference", *names], [(w, *[fmt(v.get(n)) for n in names]) for w, v in mm.items()])
     else:
         lines += ["Not evaluated for this model.", ""]
+    out["missing"] = lines
 
-    lines += ["## Known limitations", "", *[f"- {x}" for x in limitations(report)], ""]
-    return "\n".join(lines)
+    out["limitations"] = ["## Known limitations", "", *[f"- {x}" for x in limitations(report)], ""]
+    if compact:
+        out["limitations"] += ["Full evidence (curves, calibration, all subgroup metrics, explanations): report.html.",
+                               ""]
+    return out
