@@ -2,6 +2,7 @@
 around their point estimates, a self-contained HTML page (also rendered in headless Chromium
 where it is installed), the model card, and the subgroup rules."""
 
+import base64
 import json
 import math
 import os
@@ -110,6 +111,9 @@ def test_html_is_self_contained(built):
         assert forbidden not in page.lower(), forbidden
     srcs = re.findall(r'src="([^"]*)"', page)
     assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs)
+    for s in srcs:  # valid PNGs that carry no URL either (matplotlib writes its own into the metadata by default)
+        png = base64.b64decode(s.split(",", 1)[1])
+        assert png.startswith(b"\x89PNG") and b"http" not in png
     assert all(h.startswith("#") for h in re.findall(r'href="([^"]*)"', page))
     assert "Content-Security-Policy" in page
     for sid, title in SECTIONS:
