@@ -220,6 +220,7 @@ def test_inputs_are_validated():
 def test_write_atomic_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
     target = tmp_path / "report.json"
     write_atomic(target, "old")
+    assert target.stat().st_mode & 0o777 == 0o644
 
     def fail(*_):
         raise OSError("disk full")

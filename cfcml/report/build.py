@@ -45,6 +45,7 @@ def write_atomic(path: Path, text: str) -> None:
     """Write via a temporary file in the same folder and rename it into place."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the report from an artifact server run by another user
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, path)
