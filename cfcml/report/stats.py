@@ -1,0 +1,434 @@
+"""The numbers of a clinical report: metrics with bootstrap CIs, curves, calibration, operating points.
+
+Pure numpy/scipy. Conventions:
+
+* ``labels`` [N] int class indices, ``probs`` [N, K]; predictions are ``argmax(probs)``.
+* Every metric takes optional ``weights`` [B, N]: one row of case multiplicities per
+  bootstrap resample (a case drawn twice weighs 2). A resample is then one matrix row, so
+  2000 resamples cost a few array operations instead of 2000 scikit-learn calls. Without
+  weights a function returns a float; with weights an array [B].
+* Bootstrap = patient-level percentile bootstrap: cases (not runs, not rows) are resampled;
+  all rows of a drawn case (one per seed in a seed protocol) come along. By default cases
+  are drawn within each class (stratified, as pROC does for AUC CIs), so no resample lacks a
+  class; with ``stratified=False`` a resample where a metric is undefined (e.g. a class
+  absent) is left out of that metric's CI and ``n_valid`` says how many remained.
+* A value that is undefined is NaN, never an exception.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+from scipy.optimize import minimize_scalar
+from scipy.special import log_softmax, softmax
+
+N_BOOTSTRAP = 2000
+CI_LEVEL = 0.95
+N_BINS = 15  # reliability bins (Guo et al. 2017)
+GRID_SIZE = 101  # points of the FPR / recall grid of the CI bands
+OPERATING_TARGETS = (("sen_at_spe", 0.90), ("sen_at_spe", 0.95), ("spe_at_sen", 0.90), ("spe_at_sen", 0.95))
+TEMPERATURE_BOUNDS = (0.05, 20.0)
+_TOL = 1e-12
+
+BINARY_METRICS = ("sen", "spe", "acc", "g_mean", "balanced_acc", "auprc", "auprc_label", "auc")
+
+
+def class_key(name: str) -> str:
+    """A class name as it appears in a metric name: `G2inv` -> `g2inv`."""
+    return re.sub(r"\W+", "_", str(name).lower()).strip("_")
+
+
+def metric_names(classes: Sequence[str]) -> list[str]:
+    """The paper's metric set (DESIGN §2): binary -> BINARY_METRICS; 3+ classes -> acc,
+    acc_<class>..., weighted_f1, macro_f1, auc (macro one-vs-rest)."""
+    if len(classes) == 2:
+        return list(BINARY_METRICS)
+    return ["acc", *[f"acc_{class_key(c)}" for c in classes], "weighted_f1", "macro_f1", "auc"]
+
+
+def _weights(weights, n: int) -> np.ndarray:
+    """[B, N] float weights; None -> one row of ones."""
+    if weights is None:
+        return np.ones((1, n))
+    w = np.asarray(weights, dtype=np.float64)
+    return w.reshape(1, -1) if w.ndim == 1 else w
+
+
+def _out(values: np.ndarray, weights):
+    """A float for a point estimate, the [B] array for bootstrap weights."""
+    values = np.asarray(values, dtype=np.float64).reshape(-1)
+    return float(values[0]) if weights is None or np.ndim(weights) == 1 else values
+
+
+def _div(num, den):
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+
+
+# --------------------------------------------------------------------------- bootstrap
+def bootstrap_weights(case_ids: Sequence[str], labels, n_boot: int = N_BOOTSTRAP, seed: int = 0,
+                      stratified: bool = True) -> np.ndarray:
+    """[n_boot, N] multiplicities of each row in each resample of the cases.
+
+    Rows sharing a case id share its multiplicity. ``stratified``: draw n_c cases with
+    replacement among the n_c cases of each class c (class counts fixed); otherwise draw
+    n cases among all n.
+    """
+    case_ids = np.asarray([str(c) for c in case_ids])
+    labels = np.asarray(labels).reshape(-1)
+    unique, first, inverse = np.unique(case_ids, return_index=True, return_inverse=True)
+    case_labels = labels[first]
+    strata = [np.flatnonzero(case_labels == c) for c in np.unique(case_labels)] if stratified \
+        else [np.arange(len(unique))]
+    rng = np.random.default_rng(seed)
+    counts = np.zeros((n_boot, len(unique)))
+    for members in strata:
+        m = len(members)
+        draws = rng.integers(0, m, size=(n_boot, m))
+        flat = (np.arange(n_boot)[:, None] * m + draws).ravel()
+        counts[:, members] = np.bincount(flat, minlength=n_boot * m).reshape(n_boot, m)
+    return counts[:, inverse.reshape(-1)]
+
+
+def percentile_ci(samples, level: float = CI_LEVEL) -> tuple[float, float, int]:
+    """(lo, hi, n_valid): the percentile interval of the finite samples."""
+    s = np.asarray(samples, dtype=np.float64).reshape(-1)
+    s = s[np.isfinite(s)]
+    if len(s) == 0:
+        return float("nan"), float("nan"), 0
+    alpha = (1.0 - level) / 2.0
+    lo, hi = np.quantile(s, [alpha, 1.0 - alpha])
+    return float(lo), float(hi), len(s)
+
+
+def with_ci(point: float, samples, level: float = CI_LEVEL) -> dict:
+    """{"value", "ci": [lo, hi], "n_valid"} (NaN stays NaN; the JSON writer makes it null)."""
+    lo, hi, n_valid = percentile_ci(samples, level)
+    return {"value": float(point), "ci": [lo, hi], "n_valid": n_valid}
+
+
+# --------------------------------------------------------------------------- ranking curves
+def _cumulative_counts(y_bin, score, weights) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Weighted true/false positives when predicting positive for score >= each distinct
+    score, scores descending: tp [B, G], fp [B, G], thresholds [G]."""
+    y_bin = np.asarray(y_bin).reshape(-1).astype(np.float64)
+    score = np.asarray(score, dtype=np.float64).reshape(-1)
+    w = _weights(weights, len(score))
+    order = np.argsort(-score, kind="mergesort")
+    s = score[order]
+    ends = np.r_[np.flatnonzero(s[1:] != s[:-1]), len(s) - 1]  # last row of each tie group
+    wo = w[:, order]
+    tp = np.cumsum(wo * y_bin[order], axis=1)[:, ends]
+    fp = np.cumsum(wo * (1.0 - y_bin[order]), axis=1)[:, ends]
+    return tp, fp, s[ends]
+
+
+def _roc(tp, fp) -> tuple[np.ndarray, np.ndarray]:
+    """fpr, tpr [B, G+1] starting at (0, 0); NaN rows where a class has no weight."""
+    zeros = np.zeros((tp.shape[0], 1))
+    fpr = _div(np.hstack([zeros, fp]), fp[:, -1:])
+    tpr = _div(np.hstack([zeros, tp]), tp[:, -1:])
+    return fpr, tpr
+
+
+def roc_auc(y_bin, score, weights=None):
+    """ROC AUC (ties count one half, = scikit-learn's roc_auc_score); NaN with one class."""
+    if len(np.asarray(score)) == 0:
+        return _out(np.array([np.nan]), weights)
+    fpr, tpr = _roc(*_cumulative_counts(y_bin, score, weights)[:2])
+    return _out(np.sum(np.diff(fpr, axis=1) * (tpr[:, 1:] + tpr[:, :-1]) / 2.0, axis=1), weights)
+
+
+def average_precision(y_bin, score, weights=None):
+    """Average precision, scikit-learn's definition sum_k (R_k - R_{k-1}) P_k; NaN unless both
+    classes are present (as the engine's AUPRC)."""
+    if len(np.asarray(score)) == 0:
+        return _out(np.array([np.nan]), weights)
+    tp, fp, _ = _cumulative_counts(y_bin, score, weights)
+    precision = np.nan_to_num(_div(tp, tp + fp))  # 0/0 only where the recall step is 0 too
+    recall = _div(tp, tp[:, -1:])
+    ap = np.sum(np.diff(np.hstack([np.zeros((len(tp), 1)), recall]), axis=1) * precision, axis=1)
+    ap[(tp[:, -1] <= 0) | (fp[:, -1] <= 0)] = np.nan
+    return _out(ap, weights)
+
+
+def _step_at(x, y, grid, side: str) -> np.ndarray:
+    """y at the grid points of a monotone path: side="right" -> y of the last x <= g (ROC);
+    side="left" -> max y over x >= g (interpolated precision)."""
+    if side == "right":
+        idx = np.searchsorted(x, grid, side="right") - 1
+        return np.where(idx >= 0, y[np.clip(idx, 0, None)], np.nan)
+    suffix_max = np.maximum.accumulate(y[::-1])[::-1]
+    idx = np.searchsorted(x, grid, side="left")
+    return np.where(idx < len(x), suffix_max[np.clip(idx, None, len(x) - 1)], np.nan)
+
+
+def roc_curve_band(y_bin, score, boot_weights, level: float = CI_LEVEL, grid_size: int = GRID_SIZE) -> dict:
+    """ROC curve of a binary problem with a pointwise bootstrap band.
+
+    -> {"fpr", "tpr", "thresholds"} (the curve), "auc", "auc_ci", "grid" [G] (FPR),
+    "tpr_grid" (the curve as a step function on the grid: best TPR at FPR <= grid),
+    "tpr_lo", "tpr_hi" (percentiles over resamples).
+    """
+    tp, fp, thresholds = _cumulative_counts(y_bin, score, None)
+    fpr, tpr = _roc(tp, fp)
+    grid = np.linspace(0.0, 1.0, grid_size)
+    btp, bfp, _ = _cumulative_counts(y_bin, score, boot_weights)
+    bfpr, btpr = _roc(btp, bfp)
+    curves = np.array([_step_at(f, t, grid, "right") if np.isfinite(f[-1]) and np.isfinite(t[-1])
+                       else np.full(grid_size, np.nan) for f, t in zip(bfpr, btpr)])
+    lo, hi = _band(curves, level)
+    auc = roc_auc(y_bin, score)
+    return {"fpr": fpr[0], "tpr": tpr[0], "thresholds": thresholds, "auc": auc,
+            "auc_ci": list(percentile_ci(roc_auc(y_bin, score, boot_weights), level)[:2]),
+            "grid": grid, "tpr_grid": _step_at(fpr[0], tpr[0], grid, "right"), "tpr_lo": lo, "tpr_hi": hi}
+
+
+def pr_curve_band(y_bin, score, boot_weights, level: float = CI_LEVEL, grid_size: int = GRID_SIZE) -> dict:
+    """Precision-recall curve with a pointwise bootstrap band of the interpolated precision.
+
+    -> {"recall", "precision"} (the curve, from recall 0 / precision 1 as scikit-learn),
+    "ap", "ap_ci", "prevalence", "grid" [G] (recall), "precision_grid", "precision_lo", "precision_hi".
+    """
+    def curve(w):
+        tp, fp, _ = _cumulative_counts(y_bin, score, w)
+        return _div(tp, tp[:, -1:]), np.nan_to_num(_div(tp, tp + fp))
+
+    recall, precision = curve(None)
+    recall = np.hstack([[0.0], recall[0]])
+    precision = np.hstack([[1.0], precision[0]])
+    grid = np.linspace(0.0, 1.0, grid_size)
+    brecall, bprecision = curve(boot_weights)
+    curves = np.array([_step_at(r, p, grid, "left") if np.isfinite(r[-1]) else np.full(grid_size, np.nan)
+                       for r, p in zip(brecall, bprecision)])
+    lo, hi = _band(curves, level)
+    y = np.asarray(y_bin, dtype=np.float64)
+    return {"recall": recall, "precision": precision, "ap": average_precision(y_bin, score),
+            "ap_ci": list(percentile_ci(average_precision(y_bin, score, boot_weights), level)[:2]),
+            "prevalence": float(y.mean()) if len(y) else float("nan"),
+            "grid": grid, "precision_grid": _step_at(recall, precision, grid, "left"),
+            "precision_lo": lo, "precision_hi": hi}
+
+
+def _band(curves: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
+    alpha = (1.0 - level) / 2.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns
+        lo, hi = np.nanquantile(curves, [alpha, 1.0 - alpha], axis=0)
+    return lo, hi
+
+
+# --------------------------------------------------------------------------- the metric set
+def confusion(labels, pred, num_classes: int, weights=None) -> np.ndarray:
+    """Weighted confusion matrices [B, K, K] (rows: true class, columns: predicted)."""
+    labels = np.asarray(labels).reshape(-1).astype(np.int64)
+    pred = np.asarray(pred).reshape(-1).astype(np.int64)
+    onehot = np.zeros((len(labels), num_classes * num_classes))
+    onehot[np.arange(len(labels)), labels * num_classes + pred] = 1.0
+    return (_weights(weights, len(labels)) @ onehot).reshape(-1, num_classes, num_classes)
+
+
+def classification_metrics(labels, probs, classes: Sequence[str], positive: str | None = None, weights=None) -> dict:
+    """The paper's metric set (`metric_names(classes)`); floats, or [B] arrays with weights.
+
+    Binary (positive class p): sen = recall of p, spe = recall of the other class, acc,
+    g_mean = sqrt(sen * spe), balanced_acc, auprc = average precision of P(p), auprc_label =
+    average precision of the hard prediction (the paper's definition), auc. 3+ classes: acc,
+    acc_<class> (recall), weighted_f1 / macro_f1 (scikit-learn's defaults: labels present in
+    y or prediction, zero_division=0) and auc = mean one-vs-rest AUC over the classes present
+    (scikit-learn's macro OvR when all are present; NaN with fewer than two).
+    """
+    labels = np.asarray(labels).reshape(-1).astype(np.int64)
+    probs = np.asarray(probs, dtype=np.float64)
+    k = len(classes)
+    pred = probs.argmax(axis=1) if len(probs) else np.zeros(0, dtype=np.int64)
+    c = confusion(labels, pred, k, weights)
+    support, predicted, tp = c.sum(axis=2), c.sum(axis=1), np.diagonal(c, axis1=1, axis2=2)
+    recall = _div(tp, support)
+    acc = _div(tp.sum(axis=1), support.sum(axis=1))
+    if k == 2:
+        pos = list(classes).index(positive)
+        sen, spe = recall[:, pos], recall[:, 1 - pos]
+        y_pos = (labels == pos).astype(np.float64)
+        w = weights if weights is None else _weights(weights, len(labels))
+        values = {
+            "sen": sen, "spe": spe, "acc": acc, "g_mean": np.sqrt(sen * spe), "balanced_acc": (sen + spe) / 2.0,
+            "auprc": average_precision(y_pos, probs[:, pos], w),
+            "auprc_label": average_precision(y_pos, (pred == pos).astype(np.float64), w),
+            "auc": roc_auc(y_pos, probs[:, pos], w),
+        }
+    else:
+        present = (support + predicted) > 0
+        f1 = np.where(present, _div(2.0 * tp, support + predicted), 0.0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # mean of nothing (empty input)
+            per_class_auc = np.array([np.atleast_1d(roc_auc((labels == j).astype(np.float64), probs[:, j],
+                                                            _weights(weights, len(labels))))
+                                      for j in range(k)])
+            values = {
+                "acc": acc,
+                **{f"acc_{class_key(name)}": recall[:, j] for j, name in enumerate(classes)},
+                "weighted_f1": _div((f1 * support).sum(axis=1), support.sum(axis=1)),
+                "macro_f1": _div((f1 * present).sum(axis=1), present.sum(axis=1)),
+                "auc": np.nanmean(per_class_auc, axis=0),
+            }
+    return {name: _out(v, weights) for name, v in values.items()}
+
+
+def metrics_with_ci(labels, probs, classes: Sequence[str], positive: str | None, boot_weights,
+                    level: float = CI_LEVEL) -> dict:
+    """{metric: {"value", "ci": [lo, hi], "n_valid"}} for the paper's metric set."""
+    point = classification_metrics(labels, probs, classes, positive)
+    samples = classification_metrics(labels, probs, classes, positive, boot_weights)
+    return {name: with_ci(point[name], samples[name], level) for name in point}
+
+
+# --------------------------------------------------------------------------- calibration
+def _bin_of(conf, n_bins: int) -> np.ndarray:
+    """Equal-width bins (lo, hi] over [0, 1], 0 in the first (scikit-learn's calibration_curve)."""
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    return np.searchsorted(edges[1:-1], conf, side="left")
+
+
+def _binned_gap(conf, outcome, n_bins: int, weights) -> np.ndarray:
+    """sum_b |sum outcome - sum conf| / total over bins b: [B]."""
+    conf = np.asarray(conf, dtype=np.float64)
+    onehot = np.zeros((len(conf), n_bins))
+    onehot[np.arange(len(conf)), _bin_of(conf, n_bins)] = 1.0
+    w = _weights(weights, len(conf))
+    gap = np.abs(w @ (onehot * outcome[:, None]) - w @ (onehot * conf[:, None])).sum(axis=1)
+    return _div(gap, w.sum(axis=1))
+
+
+def expected_calibration_error(labels, probs, n_bins: int = N_BINS, weights=None):
+    """ECE of the top-label confidence: sum_b n_b / N |accuracy_b - mean confidence_b| over
+    equal-width bins of max_k p_k (Guo et al. 2017; torchmetrics' multiclass L1 calibration error)."""
+    probs = np.asarray(probs, dtype=np.float64)
+    correct = (probs.argmax(axis=1) == np.asarray(labels).reshape(-1)).astype(np.float64)
+    return _out(_binned_gap(probs.max(axis=1), correct, n_bins, weights), weights)
+
+
+def positive_class_ece(labels, probs, positive_index: int, n_bins: int = N_BINS, weights=None):
+    """ECE of P(positive) against the positive rate, over equal-width bins of P(positive)
+    (the gap of scikit-learn's calibration_curve, weighted by bin counts)."""
+    probs = np.asarray(probs, dtype=np.float64)
+    outcome = (np.asarray(labels).reshape(-1) == positive_index).astype(np.float64)
+    return _out(_binned_gap(probs[:, positive_index], outcome, n_bins, weights), weights)
+
+
+def brier_score(labels, probs, weights=None):
+    """Multi-class Brier score: mean over cases of sum_k (p_k - onehot_k)^2 (in [0, 2]; for
+    two classes twice scikit-learn's binary brier_score_loss of P(positive))."""
+    probs = np.asarray(probs, dtype=np.float64)
+    labels = np.asarray(labels).reshape(-1).astype(np.int64)
+    per_case = ((probs - np.eye(probs.shape[1])[labels]) ** 2).sum(axis=1)
+    w = _weights(weights, len(labels))
+    return _out(_div(w @ per_case, w.sum(axis=1)), weights)
+
+
+def reliability_table(labels, probs, n_bins: int = N_BINS) -> dict:
+    """Reliability diagram data of the top-label confidence: per bin "lower", "upper",
+    "count", "confidence" (mean max-probability), "accuracy" (NaN for empty bins)."""
+    probs = np.asarray(probs, dtype=np.float64)
+    conf = probs.max(axis=1)
+    correct = (probs.argmax(axis=1) == np.asarray(labels).reshape(-1)).astype(np.float64)
+    b = _bin_of(conf, n_bins)
+    count = np.bincount(b, minlength=n_bins).astype(np.float64)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    return {"lower": edges[:-1], "upper": edges[1:], "count": count.astype(int),
+            "confidence": _div(np.bincount(b, conf, n_bins), count),
+            "accuracy": _div(np.bincount(b, correct, n_bins), count)}
+
+
+def nll(logits, labels, temperature: float = 1.0) -> float:
+    """Mean negative log-likelihood of softmax(logits / T)."""
+    logits = np.asarray(logits, dtype=np.float64)
+    labels = np.asarray(labels).reshape(-1).astype(np.int64)
+    return float(-log_softmax(logits / temperature, axis=1)[np.arange(len(labels)), labels].mean())
+
+
+def fit_temperature(logits, labels, bounds: tuple[float, float] = TEMPERATURE_BOUNDS) -> float:
+    """The T > 0 minimising the NLL of softmax(logits / T) (Guo et al. 2017). The NLL is convex
+    in 1/T, so a bounded 1-D search over log T finds the optimum (or the bound it lies beyond)."""
+    res = minimize_scalar(lambda log_t: nll(logits, labels, float(np.exp(log_t))),
+                          bounds=(np.log(bounds[0]), np.log(bounds[1])), method="bounded",
+                          options={"xatol": 1e-6})
+    return float(np.exp(res.x))
+
+
+def apply_temperature(logits, temperature: float) -> np.ndarray:
+    """softmax(logits / T) [N, K]."""
+    return softmax(np.asarray(logits, dtype=np.float64) / temperature, axis=1)
+
+
+# --------------------------------------------------------------------------- operating points
+def choose_threshold(y_bin, score, kind: str, target: float) -> dict:
+    """The threshold t (predict positive when score >= t) chosen on validation data.
+
+    kind "sen_at_spe": among thresholds with specificity >= target, the highest sensitivity
+    (then the highest specificity); "spe_at_sen": the reverse. Candidates are the distinct
+    scores and one value above them all (never positive). -> {"threshold", "sen", "spe"}
+    achieved on this data, or {"threshold": None, "reason"} when a class is absent.
+    """
+    y = np.asarray(y_bin).reshape(-1).astype(bool)
+    score = np.asarray(score, dtype=np.float64).reshape(-1)
+    if y.all() or not y.any():
+        return {"threshold": None, "reason": "validation lacks a positive or a negative case"}
+    candidates = np.r_[np.unique(score), np.nextafter(score.max(), np.inf)]
+    pos, neg = np.sort(score[y]), np.sort(score[~y])
+    sen = (len(pos) - np.searchsorted(pos, candidates, side="left")) / len(pos)
+    spe = np.searchsorted(neg, candidates, side="left") / len(neg)
+    if kind == "sen_at_spe":
+        feasible, primary, secondary = spe >= target - _TOL, sen, spe
+    elif kind == "spe_at_sen":
+        feasible, primary, secondary = sen >= target - _TOL, spe, sen
+    else:
+        raise ValueError(f"kind must be 'sen_at_spe' or 'spe_at_sen', got {kind!r}")
+    idx = np.flatnonzero(feasible)
+    best = idx[np.lexsort((secondary[idx], primary[idx]))[-1]]
+    return {"threshold": float(candidates[best]), "sen": float(sen[best]), "spe": float(spe[best])}
+
+
+def rates_at_threshold(y_bin, score, threshold: float, weights=None) -> dict:
+    """sen, spe, ppv, npv of "positive when score >= threshold" (floats, or [B] with weights)."""
+    y = np.asarray(y_bin).reshape(-1).astype(np.float64)
+    hit = (np.asarray(score, dtype=np.float64).reshape(-1) >= threshold).astype(np.float64)
+    w = _weights(weights, len(y))
+    tp, fp = w @ (y * hit), w @ ((1 - y) * hit)
+    fn, tn = w @ (y * (1 - hit)), w @ ((1 - y) * (1 - hit))
+    rates = {"sen": _div(tp, tp + fn), "spe": _div(tn, tn + fp), "ppv": _div(tp, tp + fp), "npv": _div(tn, tn + fn)}
+    return {k: _out(v, weights) for k, v in rates.items()}
+
+
+def operating_points(val_labels, val_probs, test_labels, test_probs, classes: Sequence[str], positive: str | None,
+                     test_boot_weights, level: float = CI_LEVEL, targets=OPERATING_TARGETS) -> list[dict]:
+    """Thresholds chosen on validation, reported on test with bootstrap CIs.
+
+    Binary: the positive class; 3+ classes: each class one-vs-rest on its probability.
+    -> [{"class", "kind", "target", "threshold", "val": {sen, spe}, "test": {sen|spe|ppv|npv:
+    {"value", "ci", "n_valid"}}, "n_test"}] (threshold None with a "reason" when validation
+    cannot choose one).
+    """
+    val_labels, test_labels = np.asarray(val_labels).reshape(-1), np.asarray(test_labels).reshape(-1)
+    val_probs, test_probs = np.asarray(val_probs, dtype=np.float64), np.asarray(test_probs, dtype=np.float64)
+    indices = [list(classes).index(positive)] if len(classes) == 2 else range(len(classes))
+    out = []
+    for j in indices:
+        y_val, y_test = (val_labels == j), (test_labels == j)
+        for kind, target in targets:
+            chosen = choose_threshold(y_val, val_probs[:, j], kind, target)
+            row = {"class": classes[j], "kind": kind, "target": target, "threshold": chosen["threshold"],
+                   "n_test": len(y_test)}
+            if chosen["threshold"] is None:
+                row["reason"] = chosen["reason"]
+                out.append(row)
+                continue
+            row["val"] = {"sen": chosen["sen"], "spe": chosen["spe"]}
+            point = rates_at_threshold(y_test, test_probs[:, j], chosen["threshold"])
+            samples = rates_at_threshold(y_test, test_probs[:, j], chosen["threshold"], test_boot_weights)
+            row["test"] = {k: with_ci(point[k], samples[k], level) for k in point}
+            out.append(row)
+    return out
