@@ -47,7 +47,7 @@ def structured_volume(size=SIZE, series: int = 3) -> torch.Tensor:
 
 def read_draws(out: torch.Tensor) -> list[dict]:
     """Recover what each augmented structured volume of out [N, S, D, H, W] went through."""
-    n, s, d, h, w = out.shape
+    s, h, w = out.shape[1], out.shape[3], out.shape[4]
     o = out.double()
     box = o[:, 0, 0] == 0  # [N, H, W]
     erased = box.flatten(1).any(1)
@@ -175,11 +175,10 @@ def test_draws_cover_the_specified_ranges_uniformly():
 
 def _only(b: int, **on) -> AugmentDraws:
     """Draws for b patients with every step off except what `on` sets (lists per patient)."""
-    long = lambda v: torch.full((b,), v, dtype=torch.long)  # noqa: E731
-    off = torch.zeros(b, dtype=torch.bool)
-    base = dict(crop=off, crop_top=long(0), crop_left=long(0), crop_height=long(1), crop_width=long(1), flip=off,
-                flip_axis=long(0), noise=off, noise_std=torch.zeros(b), erase=off, erase_top=long(0),
-                erase_left=long(0), erase_height=long(1), erase_width=long(1))  # fmt: skip
+    off, zero, one = torch.zeros(b, dtype=torch.bool), torch.zeros(b, dtype=torch.long), torch.ones(b, dtype=torch.long)
+    base = {"crop": off, "crop_top": zero, "crop_left": zero, "crop_height": one, "crop_width": one, "flip": off,
+            "flip_axis": zero, "noise": off, "noise_std": torch.zeros(b), "erase": off, "erase_top": zero,
+            "erase_left": zero, "erase_height": one, "erase_width": one}  # fmt: skip
     base.update({k: torch.as_tensor(v, dtype=base[k].dtype) for k, v in on.items()})
     return AugmentDraws(**base)
 
@@ -271,7 +270,7 @@ def test_rejects_wrong_shapes_and_parameters():
     aug = BatchVolumeAugment(SIZE)
     with pytest.raises(ValueError, match="expected"):
         aug(torch.zeros(2, 3, 4, 32, 30))
-    for bad in (dict(prob=1.5), dict(noise_std=-1.0), dict(crop_area=(0.9, 0.8))):
+    for bad in ({"prob": 1.5}, {"noise_std": -1.0}, {"crop_area": (0.9, 0.8)}):
         with pytest.raises(ValueError):
             BatchVolumeAugment(SIZE, **bad)
 
