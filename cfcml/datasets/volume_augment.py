@@ -231,6 +231,14 @@ def default_budget_bytes(device) -> int | None:
         return None
 
 
+def _resolve(device) -> torch.device:
+    """'cuda' -> 'cuda:<current>', so device comparisons mean what they say."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
 
@@ -266,7 +274,7 @@ class DeviceVolumeBank:
         would exceed `budget_bytes`, default `default_budget_bytes(device)`) and `labels` [N]."""
         if volumes.dim() != 5:
             raise ValueError(f"volumes must be [N, S, D, H, W], got {list(volumes.shape)}")
-        device = torch.device(device) if device is not None else volumes.device
+        device = _resolve(device) if device is not None else volumes.device
         if volumes.device != device:
             check_bank_fits(volumes.shape, volumes.dtype, device, budget_bytes)
         self.volumes = volumes.to(device)
@@ -280,7 +288,7 @@ class DeviceVolumeBank:
         """Fill a bank from `cache.get(case)` (a `VolumeCache`), one case at a time, straight into
         device memory (no second host copy of the cohort). Refuses before allocating when the
         bank would exceed `budget_bytes` (default: `default_budget_bytes(device)`)."""
-        cases, device = list(cases), torch.device(device)
+        cases, device = list(cases), _resolve(device)
         shape = (len(cases), len(series), *cache.target_size)
         check_bank_fits(shape, dtype, device, budget_bytes)
         volumes = torch.empty(shape, dtype=dtype, device=device)
