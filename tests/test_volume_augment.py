@@ -26,6 +26,7 @@ from cfcml.datasets.volume_augment import (
     BatchVolumeAugment,
     DeviceBatches,
     DeviceVolumeBank,
+    bank_batches,
     check_bank_fits,
     chunked,
     volume_bank_bytes,
@@ -346,6 +347,19 @@ def test_device_batches_follow_the_sampler_and_replay_per_seed():
     evaluation = DeviceBatches(bank, chunked(range(20), 8))
     assert [len(b["index"]) for b in evaluation] == [8, 8, 4]
     assert torch.equal(next(iter(evaluation))["images"][1][:, 0], bank.volumes[:8, 1])
+
+
+def test_bank_batches_falls_back_to_bf16_then_refuses():
+    class Dataset:  # what bank_batches reads of a MenDataset
+        cache, cases = _FakeCache(SIZE), [_Case(n, n % 3) for n in range(6)]
+
+    fp32 = volume_bank_bytes(6, 3, SIZE)
+    batches = bank_batches(Dataset, chunked(range(6), 4), "cpu", budget_bytes=fp32)
+    assert batches.bank.volumes.dtype == torch.float32 and len(batches) == 2
+    batches = bank_batches(Dataset, chunked(range(6), 4), "cpu", BatchVolumeAugment(SIZE), budget_bytes=fp32 - 1)
+    assert batches.bank.volumes.dtype == torch.bfloat16 and batches.augment is not None
+    with pytest.raises(BankTooLarge):
+        bank_batches(Dataset, chunked(range(6), 4), "cpu", budget_bytes=fp32 // 2 - 1)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -346,6 +346,19 @@ class DeviceBatches:
             yield self.bank.batch(indices, self.augment, self.generator)
 
 
+def bank_batches(dataset, batch_sampler: Iterable, device, augment: BatchVolumeAugment | None = None,
+                 budget_bytes: int | None = None) -> DeviceBatches:  # fmt: skip
+    """The device path for a `MenDataset` (its `cache` and `cases`): the cases in a bank on
+    `device`, float32 when it fits `budget_bytes`, else bf16 (training autocasts to bf16 on CUDA
+    anyway), iterated over `batch_sampler` and augmented there when `augment` is given. Raises
+    `BankTooLarge` when neither fits (the caller then keeps its DataLoader)."""
+    try:
+        bank = DeviceVolumeBank.from_cache(dataset.cache, dataset.cases, device, torch.float32, budget_bytes)
+    except BankTooLarge:
+        bank = DeviceVolumeBank.from_cache(dataset.cache, dataset.cases, device, torch.bfloat16, budget_bytes)
+    return DeviceBatches(bank, batch_sampler, augment)
+
+
 def chunked(indices: Sequence[int], batch_size: int) -> list[list[int]]:
     """Consecutive batches of `indices` (the evaluation order, last batch short)."""
     indices = list(indices)
