@@ -3,7 +3,7 @@
     python benchmarks/bench_loader.py [--patients 40] [--batch 36] [--batches 3] [--workers 0 2]
                                       [--device cuda] [--data DIR] [--bank-patients 796] [--threads 1]
 
-(a) today's path: `MenDataset` (cached preprocessed volumes + MONAI `augment_pipeline`, one
+(a) today's path: `VolumeDataset` (cached preprocessed volumes + MONAI `augment_pipeline`, one
     patient at a time on the CPU) behind a DataLoader with the class-balanced batch sampler,
     with and without worker processes, batches copied to the device;
 (b) the batched path: the split resident on the device (`DeviceVolumeBank`, float32 and
@@ -26,13 +26,16 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from cfcml.datasets.men.reader import MODALITIES, read_men
 from cfcml.datasets.men.synthetic import write_synthetic_men
+from cfcml.datasets.reader import load_cohort
 from cfcml.datasets.samplers import ClassBalancedBatchSampler
+from cfcml.datasets.spec import load_spec
 from cfcml.datasets.volume_augment import BatchVolumeAugment, DeviceBatches, DeviceVolumeBank, volume_bank_bytes
 from cfcml.datasets.volume_cache import VolumeCache
-from cfcml.datasets.volume_dataset import MenDataset
+from cfcml.datasets.volume_dataset import VolumeDataset
 
+MEN = load_spec("men")
+MODALITIES = MEN.series
 SIZE = (24, 128, 128)
 
 
@@ -84,11 +87,11 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:  # the cache keys stat the files: keep them while timing
         root = args.data or write_synthetic_men(Path(tmp) / "men", patients=args.patients, seed=0)
-        run(args, read_men(root).cases, torch.device(args.device))
+        run(args, load_cohort(MEN, root).cases, torch.device(args.device))
 
 
 def run(args, cases, device: torch.device) -> None:
-    cache = VolumeCache(SIZE)
+    cache = VolumeCache(SIZE, MODALITIES)
     t0 = time.perf_counter()
     cache.warm(cases)
     decode = time.perf_counter() - t0
@@ -98,7 +101,7 @@ def run(args, cases, device: torch.device) -> None:
           f"timing); torch threads {torch.get_num_threads()}; device {device}")  # fmt: skip
 
     # (a) per-sample MONAI augmentation in a DataLoader
-    dataset = MenDataset(cases, SIZE, train=True, cache=cache, aug_prob=args.prob)
+    dataset = VolumeDataset(cases, MODALITIES, SIZE, train=True, cache=cache, aug_prob=args.prob)
     for workers in args.workers:
         torch.manual_seed(0)
         loader = DataLoader(dataset, batch_sampler=_sampler(labels, args.batch, args.batches), num_workers=workers,

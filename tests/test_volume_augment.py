@@ -18,7 +18,9 @@ import torch
 from monai.transforms import Flip, Resize, SpatialCrop
 from scipy import stats
 
-from cfcml.datasets.men.reader import MODALITIES
+from cfcml.datasets.spec import load_spec
+
+MODALITIES = load_spec("men").series
 from cfcml.datasets.samplers import ClassBalancedBatchSampler
 from cfcml.datasets.volume_augment import (
     AugmentDraws,
@@ -90,7 +92,7 @@ def one_thread():
 
 
 def monai_draws(n: int, seed: int = 0) -> list[dict]:
-    pipe = augment_pipeline(SIZE, prob=P, noise_std=STD)
+    pipe = augment_pipeline(SIZE, MODALITIES, prob=P, noise_std=STD)
     pipe.set_random_state(seed)
     vol = structured_volume()
     outs = []
@@ -188,7 +190,7 @@ def test_fixed_crop_matches_monai_crop_and_resize():
     """MONAI's own RandScaleCropd (as augment_pipeline builds it) picks the boxes; our crop of the
     same box must equal its crop + Resized output."""
     size = (6, 32, 40)
-    crop = augment_pipeline(size, prob=1.0).transforms[0].transforms[0]  # OneOf -> the crop Compose
+    crop = augment_pipeline(size, MODALITIES, prob=1.0).transforms[0].transforms[0]  # OneOf -> the crop Compose
     crop.set_random_state(3)
     x = torch.randn(5, 3, *size)
     boxes, refs = [], []
@@ -283,7 +285,7 @@ class _FakeCache:
     """What the bank needs of a VolumeCache: target_size and get(case) -> {series: [1, D, H, W]}."""
 
     def __init__(self, size):
-        self.target_size, self.calls = size, 0
+        self.target_size, self.series, self.calls = size, MODALITIES, 0
 
     def get(self, case):
         self.calls += 1
@@ -350,7 +352,7 @@ def test_device_batches_follow_the_sampler_and_replay_per_seed():
 
 
 def test_bank_batches_falls_back_to_bf16_then_refuses():
-    class Dataset:  # what bank_batches reads of a MenDataset
+    class Dataset:  # what bank_batches reads of a VolumeDataset
         cache, cases = _FakeCache(SIZE), [_Case(n, n % 3) for n in range(6)]
 
     fp32 = volume_bank_bytes(6, 3, SIZE)

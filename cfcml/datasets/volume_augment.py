@@ -41,8 +41,6 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 
-from cfcml.datasets.men.reader import MODALITIES
-
 _UNIFORMS = 14  # columns of the per-patient uniform draws, see BatchVolumeAugment.draw
 
 
@@ -284,11 +282,12 @@ class DeviceVolumeBank:
 
     @classmethod
     def from_cache(cls, cache, cases, device, dtype=torch.float32, budget_bytes: int | None = None,
-                   series: Sequence[str] = MODALITIES) -> DeviceVolumeBank:  # fmt: skip
+                   series: Sequence[str] | None = None) -> DeviceVolumeBank:  # fmt: skip
         """Fill a bank from `cache.get(case)` (a `VolumeCache`), one case at a time, straight into
         device memory (no second host copy of the cohort). Refuses before allocating when the
         bank would exceed `budget_bytes` (default: `default_budget_bytes(device)`)."""
         cases, device = list(cases), _resolve(device)
+        series = tuple(series or cache.series)
         shape = (len(cases), len(series), *cache.target_size)
         check_bank_fits(shape, dtype, device, budget_bytes)
         volumes = torch.empty(shape, dtype=dtype, device=device)
@@ -348,7 +347,7 @@ class DeviceBatches:
 
 def bank_batches(dataset, batch_sampler: Iterable, device, augment: BatchVolumeAugment | None = None,
                  budget_bytes: int | None = None) -> DeviceBatches:  # fmt: skip
-    """The device path for a `MenDataset` (its `cache` and `cases`): the cases in a bank on
+    """The device path for a `VolumeDataset` (its `cache` and `cases`): the cases in a bank on
     `device`, float32 when it fits `budget_bytes`, else bf16 (training autocasts to bf16 on CUDA
     anyway), iterated over `batch_sampler` and augmented there when `augment` is given. Raises
     `BankTooLarge` when neither fits (the caller then keeps its DataLoader)."""
