@@ -30,14 +30,16 @@ _TOKEN_IN_USER = ("http", "https", "ftp", "ftps", "git+https", "ws", "wss", *_OB
 # the host wins (passwords may contain '@' only percent-encoded, but be generous)
 _USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*)://(?P<userinfo>[^\s/@?#'\"]+(?:@[^\s/@?#'\"]+)*)@")
 
-_SECRET_WORDS = (
-    r"password|passwd|pwd|pass|secret|token|api[_-]?key|apikey|access[_-]?key(?:[_-]?id)?|secret[_-]?key"
-    r"|private[_-]?key|client[_-]?secret|signature|sig|credentials?|auth|sas"
+# key names that are secrets whatever comes before them (sslpassword, db_password, X-Amz-Security-Token)
+_STRONG = (
+    r"password|passwd|secret|token|credentials?|signature|api[_-]?key|apikey|access[_-]?key(?:[_-]?id)?"
+    r"|secret[_-]?key|private[_-]?key|client[_-]?secret"
 )
-# a key=value pair whose key *ends* with a secret word, e.g. password, aws_secret_access_key,
-# X-Amz-Security-Token, MLFLOW_TRACKING_PASSWORD; the key must start at a word boundary
+# short ones that are secrets only as a whole word or after a separator (pwd, db_pass; not bypass)
+_WEAK = r"pass|pwd|sig|auth|sas"
+# a key=value pair whose key *ends* with a secret word; ``num_tokens=16`` does not match
 _KEY_VALUE = re.compile(
-    rf"(?P<key>(?<![A-Za-z0-9_\-.])(?:[A-Za-z0-9]+[_.\-])*(?:{_SECRET_WORDS}))"
+    rf"(?P<key>(?<![A-Za-z0-9_\-.])(?:[A-Za-z0-9_.\-]*(?:{_STRONG})|(?:[A-Za-z0-9]+[_.\-])*(?:{_WEAK})))"
     r"(?P<sep>\s*=\s*|\"?\s*:\s*)"
     r"(?P<value>\"[^\"]*\"|'[^']*'|[^\s&;,'\"}\]]+)",
     re.IGNORECASE,

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import Config, build_config, parse_overrides, save_config
+from .redact import redact
 from .search_space import SearchSpace, load_search_space, trial_run_name
 from .train_loop import OBJECTIVE
 
@@ -172,14 +173,6 @@ def find_parent_run(client, experiment_id: str, study_path: str) -> str | None:
     runs = client.search_runs([experiment_id], filter_string=f"tags.`{TAG_STUDY_PATH}` = '{study_path}'",
                               order_by=["attributes.start_time DESC"], max_results=1)  # fmt: skip
     return runs[0].info.run_id if runs else None
-
-
-def _redact(url: str) -> str:
-    if "://" in url and "@" in url.split("://", 1)[1]:
-        scheme, rest = url.split("://", 1)
-        creds, host = rest.rsplit("@", 1)
-        return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
-    return url
 
 
 # ----------------------------------------------------------------------------- plots
@@ -445,10 +438,10 @@ def run_study(spec: StudySpec) -> dict:
     fs, _ = storage_filesystem(study_path)
     exists = tune.Tuner.can_restore(study_path)
     if exists and not spec.resume:
-        raise StudyError(f"a study already exists at {study_path}: pass --resume to continue it, or another --name")
+        raise StudyError(f"a study already exists at {redact(study_path)}: pass --resume to continue it, or another --name")
     restoring = spec.resume and exists
     if spec.resume and not exists:
-        log.warning("nothing to resume at %s: starting the study", study_path)
+        log.warning("nothing to resume at %s: starting the study", redact(study_path))
     optuna_url = spec.optuna_storage or (
         f"sqlite:///{Path(storage) / f'{name}.optuna.db'}" if "://" not in storage
         else f"sqlite:///{Path('~/.cache/cfcml/optuna').expanduser() / f'{name}.db'}"
@@ -458,7 +451,7 @@ def run_study(spec: StudySpec) -> dict:
     if not restoring:
         try:
             optuna.load_study(study_name=name, storage=optuna_url)
-            raise StudyError(f"Optuna study {name!r} already exists in {_redact(optuna_url)}; use --resume or another --name")
+            raise StudyError(f"Optuna study {name!r} already exists in {redact(optuna_url)}; use --resume or another --name")
         except KeyError:
             pass
 
@@ -476,7 +469,7 @@ def run_study(spec: StudySpec) -> dict:
     experiment = spec.experiment or f"cfcml-{cfg.dataset}"
     exp = client.get_experiment_by_name(experiment)
     experiment_id = exp.experiment_id if exp else client.create_experiment(experiment)
-    parent_id = find_parent_run(client, experiment_id, study_path) if restoring else None
+    parent_id = find_parent_run(client, experiment_id, redact(study_path)) if restoring else None
     if parent_id:
         end_running_children(client, parent_id, "KILLED")  # trials that died with the last driver
     digest = cohort_digest(cohort)
@@ -486,20 +479,20 @@ def run_study(spec: StudySpec) -> dict:
         mlflow.system_metrics.set_system_metrics_sampling_interval(spec.system_metrics_interval)
     with mlflow_run(
         run_name=name, experiment_id=experiment_id, run_id=parent_id, tracking_uri=tracking_uri,
-        tags={TAG_STUDY: name, TAG_STUDY_PATH: study_path, "optuna.storage": _redact(optuna_url), "optuna.study_name": name,
-              "ray.storage": study_path, "data.digest": digest, "git.commit": commit},
+        tags={TAG_STUDY: name, TAG_STUDY_PATH: redact(study_path), "optuna.storage": redact(optuna_url),
+              "optuna.study_name": name, "ray.storage": redact(study_path), "data.digest": digest, "git.commit": commit},
         log_system_metrics=spec.system_metrics,
     ) as parent:  # fmt: skip
         parent_id = parent.info.run_id
         if not restoring:
             mlflow.log_params({
-                "preset": spec.preset, "dataset": cfg.dataset, "data": data, "num_samples": spec.num_samples,
+                "preset": spec.preset, "dataset": cfg.dataset, "data": redact(data), "num_samples": spec.num_samples,
                 "max_concurrent_trials": concurrent, "workers_per_trial": spec.workers_per_trial,
                 "cpus_per_worker": spec.cpus_per_worker, "gpus_per_worker": spec.gpus_per_worker,
                 "epochs": cfg.train.epochs, "search_runs": ",".join(r["name"] for r in runs), "seed": spec.seed,
                 "sampler": "optuna.TPESampler", "scheduler": f"ASHA(time_attr=epoch, grace_period={space.asha['grace_period']}, "
                 f"reduction_factor={space.asha['reduction_factor']})", "metric": space.metric, "mode": space.mode,
-                "max_failures": spec.max_failures, "overrides": " ".join(spec.overrides) or "none",
+                "max_failures": spec.max_failures, "overrides": redact(" ".join(spec.overrides)) or "none",
                 **{f"space.{k}": v for k, v in space.describe().items()},
             })  # fmt: skip
             mlflow.log_text(space.source, f"search_space/{space_file.name}")
@@ -507,9 +500,9 @@ def run_study(spec: StudySpec) -> dict:
                 save_config(cfg, Path(tmp) / "config.yaml")
                 mlflow.log_artifact(str(Path(tmp) / "config.yaml"))
             mlflow.log_text(
-                f"Optuna study '{name}' in {_redact(optuna_url)}\n"
-                f"optuna-dashboard {_redact(optuna_url)}\n"
-                f"python -c \"import optuna; print(optuna.load_study(study_name='{name}', storage='{_redact(optuna_url)}').trials_dataframe())\"\n",
+                f"Optuna study '{name}' in {redact(optuna_url)}\n"
+                f"optuna-dashboard {redact(optuna_url)}\n"
+                f"python -c \"import optuna; print(optuna.load_study(study_name='{name}', storage='{redact(optuna_url)}').trials_dataframe())\"\n",
                 "optuna_study.txt",
             )  # fmt: skip
             mlflow.set_tags({f"version.{k}": v for k, v in package_versions().items()})
@@ -587,10 +580,10 @@ def _after_search(spec, results, cfg, space: SearchSpace, cohort, runs, client, 
     best_cfg = resolve_trial_config(spec.preset, overrides, params, cfg.train.epochs)
     best_run = find_child_run(client, experiment_id, parent_id, trial_id)
     summary = {
-        "study": name, "study_path": study_path, "parent_run_id": parent_id, "experiment_id": experiment_id,
+        "study": name, "study_path": redact(study_path), "parent_run_id": parent_id, "experiment_id": experiment_id,
         "trials": len(results), "best_trial_id": trial_id, "best_run_id": best_run, "best_params": params,
         "best_cv_val_auc": float(best.metrics[objective]), "best_epochs": int(best.metrics.get("epoch", 0)),
-        "optuna_storage": _redact(optuna_url), "tracking_uri": mlflow.get_tracking_uri(),
+        "optuna_storage": redact(optuna_url), "tracking_uri": redact(mlflow.get_tracking_uri()),
     }  # fmt: skip
     mlflow.log_metric("best_cv_val_auc", summary["best_cv_val_auc"])
     mlflow.set_tags({"cfcml.best_trial_id": trial_id, "cfcml.best_run_id": best_run or ""})
