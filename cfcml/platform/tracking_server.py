@@ -22,11 +22,13 @@ from pathlib import Path
 from .redact import redact
 
 # MLflow's defaults retry for minutes (7 retries, backoff factor 2, 120 s timeout). A CLI user
-# wants an answer in seconds; a rate-limited server still gets two retries.
-SHORT_RETRIES = {
+# wants an answer in seconds; a rate-limited server still gets two retries. The artifact
+# download progress bars would put a dozen lines on stderr before any error line.
+CLI_CLIENT_SETTINGS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
 }
 
 
@@ -100,10 +102,11 @@ def check_tracking_server(tracking_uri: str, timeout: float = 5.0) -> None:
 
 
 @contextlib.contextmanager
-def short_mlflow_retries() -> Iterator[None]:
-    """MLflow's HTTP retries cut to seconds for the block (explicit user settings win)."""
-    previous = {k: os.environ.get(k) for k in SHORT_RETRIES}
-    for key, value in SHORT_RETRIES.items():
+def cli_mlflow_client() -> Iterator[None]:
+    """For the block: MLflow's HTTP retries cut to seconds and no progress bars
+    (:data:`CLI_CLIENT_SETTINGS`; settings the user exported win)."""
+    previous = {k: os.environ.get(k) for k in CLI_CLIENT_SETTINGS}
+    for key, value in CLI_CLIENT_SETTINGS.items():
         os.environ.setdefault(key, value)
     try:
         yield
