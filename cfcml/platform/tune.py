@@ -379,7 +379,7 @@ def _study_callback_cls():
                 _log_figure(self.client, run_id, loss_fig, "plots/loss.png")
                 terminate_run(self.client, run_id, status)
             except Exception as e:  # noqa: BLE001 - bookkeeping must not stop the study
-                log.warning("could not close the MLflow run of trial %s: %s", trial.trial_id, e)
+                log.warning("could not close the MLflow run of trial %s: %s", trial.trial_id, redact(e))
 
     return StudyCallback
 
