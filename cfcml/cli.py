@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+EXIT_INTERNAL = 1
 EXIT_BAD_INPUT = 2
 EXIT_REFUSED = 3
 
@@ -139,15 +140,28 @@ def cmd_cv(args) -> int:
 
 def cmd_promote(args) -> int:
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
+    from .platform.redact import one_line
     from .platform.registry import PromotionError, promote
+    from .platform.tracking_server import (
+        TrackingServerError,
+        check_tracking_server,
+        cli_mlflow_client,
+        resolve_tracking_uri,
+    )
 
     try:
-        r = promote(MlflowClient(args.tracking_uri), args.model, version=args.version, alias=args.alias,
-                    metric=args.metric, force=args.force, reason=args.reason)
-    except PromotionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        uri = resolve_tracking_uri(args.tracking_uri)
+        check_tracking_server(uri)
+    except TrackingServerError as e:
+        raise PromotionError(str(e)) from None
+    try:
+        with cli_mlflow_client():
+            r = promote(MlflowClient(uri), args.model, version=args.version, alias=args.alias, metric=args.metric,
+                        force=args.force, reason=args.reason, greater_is_better=args.greater_is_better)  # fmt: skip
+    except MlflowException as e:
+        raise PromotionError(f"the tracking server failed the request: {one_line(e.message, limit=300)}") from None
     print(r.message)
     # 0: promoted (or already champion); 3: refused by the gate, champion unchanged
     return 0 if r.promoted or r.champion == r.candidate_version else EXIT_REFUSED
@@ -172,7 +186,10 @@ def _add_dataset_choice(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cfcml", description="Train, tune, track and ship CFCML models.")
+    parser = argparse.ArgumentParser(prog="cfcml", description="Train, tune, track and ship CFCML models.",
+                                     epilog="Exit status: 0 done, 2 bad input (one line on stderr), 1 internal error, "
+                                     "3 promotion refused by the gate.")  # fmt: skip
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error (any position)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("summary", help="parameters, GFLOPs and token shapes of a preset's model")
@@ -225,10 +242,14 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--version")
     g.add_argument("--alias")
-    p.add_argument("--metric", default="val_auc")
-    p.add_argument("--force", action="store_true")
+    p.add_argument("--metric", default="val_auc", help="a metric of the versions' source runs (default val_auc)")
+    d = p.add_mutually_exclusive_group()
+    d.add_argument("--greater-is-better", dest="greater_is_better", action="store_const", const=True, default=None,
+                   help="needed for a metric the gate does not know (it knows auc, acc, loss, ...)")
+    d.add_argument("--lower-is-better", dest="greater_is_better", action="store_const", const=False)
+    p.add_argument("--force", action="store_true", help="skip the comparison (needs --reason)")
     p.add_argument("--reason")
-    p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI (required: no local fallback)")
     p.set_defaults(func=cmd_promote)
 
     p = sub.add_parser("predict", help="score a cohort with a registered model")
@@ -236,24 +257,90 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, type=Path)
     p.add_argument("--dataset", metavar="NAME|PATH.yaml", help="read --data with this schema (default: the model's own)")
     p.add_argument("--out", type=Path, default=Path("preds.csv"))
-    p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--tracking-uri", default=None,
+                   help="default: $MLFLOW_TRACKING_URI; required for models:/ and runs:/ URIs (no local fallback)")
     p.set_defaults(func=cmd_predict)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def _bad_input_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean the user's input is wrong (exit 2), not that cfcml is broken."""
     from .config import ConfigError
     from .datasets.cohort import CohortError
     from .datasets.spec import SpecError
+    from .datasets.volume_cache import BlankSeriesError
+    from .engine.checkpoint import CheckpointError
     from .engine.errors import RunMismatch, TrainingFailed
     from .models.text import TextEncoderUnavailable
+    from .platform.predict import PredictError
+    from .platform.registry import PromotionError
+    from .platform.tracking_server import TrackingServerError
 
-    args = build_parser().parse_args(argv)
+    # FileNotFoundError & co.: a path the user gave (data, run folder, checkpoint) is not there
+    return (ConfigError, CohortError, SpecError, RunMismatch, TrainingFailed, TextEncoderUnavailable, BlankSeriesError,
+            CheckpointError, PromotionError, PredictError, TrackingServerError,
+            FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, UnicodeDecodeError)  # fmt: skip
+
+
+def _error_line(e: BaseException) -> str:
+    from .platform.redact import one_line
+
+    text = one_line(e, limit=1000)
+    if isinstance(e, OSError) and e.filename and e.strerror:  # "[Errno 2] No such file..." → the path first
+        text = one_line(f"{e.filename}: {e.strerror}", limit=1000)
+    return text or type(e).__name__
+
+
+def _quiet_showwarning(show):
+    """``warnings.showwarning`` without MLflow's advice to a model's author about type hints
+    (MLflow puts its own "once" filter in front of any of ours, so it is dropped where shown)."""
+
+    def showwarning(message, *rest, **kwargs):
+        if "Add type hints to the `predict` method" not in str(message):
+            show(message, *rest, **kwargs)
+
+    return showwarning
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command; every error becomes one line on stderr and exit status 2 (bad input)
+    or 1 (internal error), with the traceback only under ``--debug`` (accepted anywhere)."""
+    import traceback
+    import warnings
+
+    from .datasets.cohort import CohortError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])
+    show = warnings.showwarning
+    if not debug:
+        warnings.showwarning = _quiet_showwarning(show)
     try:
         return args.func(args)
-    except (ConfigError, CohortError, SpecError, RunMismatch, TrainingFailed, TextEncoderUnavailable) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the CLI boundary: every error becomes one line
+        if debug:
+            traceback.print_exc()
+        code = getattr(e, "exit_code", None)  # an error class may say what it is
+        if code is None:
+            code = EXIT_BAD_INPUT if isinstance(e, _bad_input_errors()) else EXIT_INTERNAL
+        if code == EXIT_INTERNAL:
+            hint = "" if debug else " (cfcml --debug ... shows the traceback)"
+            print(f"error: internal error: {type(e).__name__}: {_error_line(e)}{hint}", file=sys.stderr)
+        elif isinstance(e, CohortError):  # every problem on its own line: fix them all at once
+            from .platform.redact import redact
+
+            print(f"error: {redact(str(e))}", file=sys.stderr)
+        else:
+            print(f"error: {_error_line(e)}", file=sys.stderr)
+        return int(code)
+    finally:
+        warnings.showwarning = show
 
 
 if __name__ == "__main__":

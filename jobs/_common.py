@@ -104,14 +104,17 @@ def main(prog: str, dataset: str | None = None, preset: str | None = None, synth
     )  # fmt: skip
     # `ray job stop` and schedulers send SIGTERM: treat it like Ctrl+C, which Tune turns into a
     # clean stop that keeps the experiment state for --resume.
-    signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # a closed terminal stops the study as cleanly as `ray job stop`
+        signal.signal(sig, lambda *_: os.kill(os.getpid(), signal.SIGINT))
     try:
         summary = run_study(spec)
     except StudyInterrupted as e:
         print(f"interrupted: {e}", file=sys.stderr)
         return 130
-    except (StudyError, ConfigError, CohortError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (StudyError, ConfigError, CohortError, SpecError) as e:
+        from cfcml.platform.redact import redact
+
+        print(f"error: {redact(str(e))}", file=sys.stderr)
         return 2
     text = json.dumps(summary, indent=2, default=str)
     if args.json_out:

@@ -121,5 +121,28 @@ def test_readme_documents_each_file():
         "kuberay-rayjob.yaml",
         "RAY_AUTH_MODE",
         "mlflow/start.sh",
+        "--node-ip-address",
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0",
+        "--allow-remote",
+        "basic-auth",
+        "MLFLOW_BACKEND_STORE_URI",
     ):
         assert name in readme, name
+
+
+@pytest.mark.parametrize(
+    ("script", "flags"),
+    [("mlflow/start.sh", ["--allow-remote", "--allowed-hosts", "MLFLOW_BACKEND_STORE_URI"]),
+     ("cluster/start_local.sh", ["--node-ip-address", "CFCML_RAY_NODE_IP"])],
+)
+def test_scripts_document_their_exposure_flags(script, flags):
+    out = subprocess.run(["bash", str(ROOT / script), "--help"], capture_output=True, text=True, check=True).stdout
+    for flag in flags:
+        assert flag in out, flag
+
+
+def test_mlflow_start_passes_no_uri_on_a_command_line():
+    """The backend/artifact URIs may hold passwords: exported to the server, never argv."""
+    text = (ROOT / "mlflow/start.sh").read_text()
+    assert 'export MLFLOW_BACKEND_STORE_URI="$BACKEND"' in text
+    assert "--backend-uri \"$BACKEND\"" not in text and "--artifacts-destination \"$ARTIFACTS\"" not in text

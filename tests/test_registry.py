@@ -1,15 +1,18 @@
-"""The champion promotion gate against a real MLflow server and real pyfunc models."""
+"""The champion promotion gate against a real MLflow server and a real pyfunc model."""
 
 from __future__ import annotations
 
+import math
 import uuid
 
 import mlflow
 import numpy as np
 import pytest
 from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
 
-from cfcml.platform.registry import CHAMPION, PromotionError, promote
+from cfcml.platform import registry
+from cfcml.platform.registry import CHAMPION, PromotionError, metric_spec, promote
 
 pytestmark = pytest.mark.services
 
@@ -30,136 +33,243 @@ class FixedProbs(mlflow.pyfunc.PythonModel):
 
 
 @pytest.fixture(scope="module")
-def logged_models(mlflow_server):
-    """Two runs, each with a logged pyfunc model and a val_auc metric."""
+def registry_env(mlflow_server):
+    """(client, experiment id, a logged pyfunc model every version points at)."""
     from mlflow.tracking._tracking_service import utils as tracking_utils
 
     client = MlflowClient(mlflow_server.url)
     experiment_id = client.create_experiment(f"test-registry-{uuid.uuid4().hex[:8]}")
     previous = getattr(tracking_utils, "_tracking_uri", None)
     mlflow.set_tracking_uri(mlflow_server.url)
-    models = []
-    rng = np.random.default_rng(0)
     try:
-        for i, auc in enumerate((0.61, 0.83)):
-            with mlflow.start_run(experiment_id=experiment_id, run_name=f"fit-{i}"):
-                info = mlflow.pyfunc.log_model(
-                    name="model",
-                    python_model=FixedProbs(rng.normal(size=(3, 2))),
-                    pip_requirements=["numpy"],
-                )
-                mlflow.log_metric("val_auc", auc)
-            models.append(info)
+        with mlflow.start_run(experiment_id=experiment_id, run_name="model"):
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=FixedProbs(np.random.default_rng(0).normal(size=(3, 2))),
+                pip_requirements=["numpy"],
+            )  # fmt: skip
     finally:
         tracking_utils._tracking_uri = previous
-    return client, models
-
-
-def _register(client, name, model_info, val_auc=None):
-    tags = {"metric.val_auc": str(val_auc)} if val_auc is not None else None
-    mv = client.create_model_version(
-        name,
-        source=model_info.model_uri,
-        run_id=model_info.run_id,
-        tags=tags,
-        model_id=model_info.model_id,
-    )
-    return mv.version
+    return client, experiment_id, info
 
 
 @pytest.fixture
-def model_name(logged_models):
-    client, _ = logged_models
+def model_name(registry_env):
+    client = registry_env[0]
     name = f"cfcml-test-{uuid.uuid4().hex[:8]}"
     client.create_registered_model(name)
     return name
 
 
-def _champion(client, name):
+def version(env, name, metrics, *, digest="digest-a", digest_as="param", tags=None) -> str:
+    """Register a version whose source run logged `metrics` and records `digest` as a param,
+    a tag, or (``parent``) a tag of its parent run — like a tuned trial under its study run."""
+    client, experiment_id, info = env
+    run_tags = {}
+    if digest_as == "parent":
+        parent = client.create_run(experiment_id, tags={"data.digest": digest})
+        client.set_terminated(parent.info.run_id)
+        run_tags["mlflow.parentRunId"] = parent.info.run_id
+    run = client.create_run(experiment_id, tags=run_tags)
+    run_id = run.info.run_id
+    for key, value in metrics.items():
+        client.log_metric(run_id, key, value)
+    if digest_as == "param":
+        client.log_param(run_id, "data.digest", digest)
+    elif digest_as == "tag":
+        client.set_tag(run_id, "data.digest", digest)
+    client.set_terminated(run_id)
+    mv = client.create_model_version(name, source=info.model_uri, run_id=run_id, tags=tags, model_id=info.model_id)
+    return str(mv.version)
+
+
+def champion(client, name):
     return client.get_registered_model(name).aliases.get(CHAMPION)
 
 
-def test_gate(logged_models, model_name, mlflow_tracking):
-    client, (m0, m1) = logged_models
-    v1 = _register(client, model_name, m0, 0.70)
-    v2 = _register(client, model_name, m1, 0.65)  # worse
-    v3 = _register(client, model_name, m1, 0.80)  # better
+def test_gate_promotes_only_a_better_model(registry_env, model_name, mlflow_tracking):
+    client = registry_env[0]
+    v1 = version(registry_env, model_name, {"val_auc": 0.70})
+    v2 = version(registry_env, model_name, {"val_auc": 0.65})
+    v3 = version(registry_env, model_name, {"val_auc": 0.80})
+    v_eq = version(registry_env, model_name, {"val_auc": 0.70})
     client.set_registered_model_alias(model_name, "challenger", v1)
 
-    # no champion yet: the challenger becomes champion
     r = promote(client, model_name, alias="challenger")
-    assert r.promoted and not r.forced and r.previous_champion is None
-    assert r.champion == v1 and _champion(client, model_name) == v1
-    assert r.candidate_value == pytest.approx(0.70)
+    assert r.promoted and not r.forced and r.previous_champion is None and r.champion == v1
+    assert champion(client, model_name) == v1 and r.candidate_value == pytest.approx(0.70)
     tags = client.get_model_version(model_name, v1).tags
-    assert tags["promotion.forced"] == "false"
-    assert tags["promotion.previous_champion"] == "none"
+    assert tags["promotion.forced"] == "false" and tags["promotion.previous_champion"] == "none"
 
-    # a worse candidate is refused, champion unchanged, no promotion tags written
-    r = promote(client, model_name, version=v2)
-    assert not r.promoted and r.champion == v1
-    assert "not better" in r.message
-    assert _champion(client, model_name) == v1
+    r = promote(client, model_name, version=v2)  # worse: refused, nothing written
+    assert not r.promoted and r.champion == v1 and "not better" in r.message and "higher is better" in r.message
+    assert champion(client, model_name) == v1
     assert "promotion.timestamp" not in client.get_model_version(model_name, v2).tags
+    assert not promote(client, model_name, version=v_eq).promoted  # equal is not strictly better
 
-    # an equal metric is not strictly better
-    v_eq = _register(client, model_name, m1, 0.70)
-    assert not promote(client, model_name, version=v_eq).promoted
-
-    # a better one moves champion
     r = promote(client, model_name, version=v3)
     assert r.promoted and r.previous_champion == v1 and r.champion == v3
-    assert r.champion_value == pytest.approx(0.70)
-    assert _champion(client, model_name) == v3
-
-    # the alias resolves to a loadable model that predicts probabilities
-    model = mlflow.pyfunc.load_model(f"models:/{model_name}@{CHAMPION}")
-    probs = np.asarray(model.predict(np.ones((4, 3))))
-    assert probs.shape == (4, 2)
+    assert r.champion_value == pytest.approx(0.70) and champion(client, model_name) == v3
+    probs = np.asarray(mlflow.pyfunc.load_model(f"models:/{model_name}@{CHAMPION}").predict(np.ones((4, 3))))
     np.testing.assert_allclose(probs.sum(axis=1), 1.0)
-
-    # promoting the champion again is a no-op
-    assert not promote(client, model_name, version=v3).promoted
+    assert not promote(client, model_name, version=v3).promoted  # already champion: a no-op
 
 
-def test_force_with_reason_records_tags(logged_models, model_name):
-    client, (m0, m1) = logged_models
-    good = _register(client, model_name, m1, 0.90)
-    bad = _register(client, model_name, m0, 0.50)
+def test_val_loss_is_lower_is_better(registry_env, model_name):
+    """The reported bug: --metric val_loss promoted 0.9 over 0.2."""
+    client = registry_env[0]
+    good = version(registry_env, model_name, {"val_loss": 0.2})
+    worse = version(registry_env, model_name, {"val_loss": 0.9})
+    better = version(registry_env, model_name, {"val_loss": 0.1})
+    assert promote(client, model_name, version=good, metric="val_loss").promoted
+    r = promote(client, model_name, version=worse, metric="val_loss")
+    assert not r.promoted and champion(client, model_name) == good and "lower is better" in r.message
+    assert promote(client, model_name, version=better, metric="val_loss").promoted
+    assert champion(client, model_name) == better
+
+
+def test_version_tags_never_override_run_metrics(registry_env, model_name):
+    client = registry_env[0]
+    v1 = version(registry_env, model_name, {"val_auc": 0.7})
+    forged = version(registry_env, model_name, {"val_auc": 0.5}, tags={"metric.val_auc": "0.99"})
+    promote(client, model_name, version=v1)
+    r = promote(client, model_name, version=forged)
+    assert not r.promoted and r.candidate_value == pytest.approx(0.5)
+    assert champion(client, model_name) == v1
+
+
+@pytest.mark.parametrize(
+    ("metric", "value", "match"),
+    [
+        ("val_auc", math.inf, r"(not a finite number|outside its valid range \[0, 1\])"),
+        ("val_auc", math.nan, "not a finite number"),
+        ("val_auc", 1.7, r"outside its valid range \[0, 1\]"),
+        ("val_acc", -0.1, r"outside its valid range \[0, 1\]"),
+        ("val_loss", -0.5, r"outside its valid range \[0, inf\]"),
+    ],
+)
+def test_invalid_values_are_refused(registry_env, model_name, metric, value, match):
+    client = registry_env[0]
+    champ = version(registry_env, model_name, {metric: 0.5})
+    promote(client, model_name, version=champ, metric=metric)
+    bad = version(registry_env, model_name, {metric: value})
+    with pytest.raises(PromotionError, match=match):
+        promote(client, model_name, version=bad, metric=metric)
+    assert champion(client, model_name) == champ
+
+
+def test_invalid_value_is_refused_for_a_first_champion_too(registry_env, model_name):
+    bad = version(registry_env, model_name, {"val_auc": 3.0})
+    with pytest.raises(PromotionError, match="outside its valid range"):
+        promote(registry_env[0], model_name, version=bad)
+    assert champion(registry_env[0], model_name) is None
+
+
+def test_metric_directions():
+    assert metric_spec("val_loss").greater_is_better is False
+    assert metric_spec("fold2/val_auc").greater_is_better is True
+    assert metric_spec("cv_val_auc").high == 1.0 and metric_spec("test_auc_mean").greater_is_better
+    assert metric_spec("acc_G2inv").greater_is_better and metric_spec("val_brier").greater_is_better is False
+    with pytest.raises(PromotionError, match="unknown metric 'my_score'.*--greater-is-better"):
+        metric_spec("my_score")
+    with pytest.raises(PromotionError, match="unknown metric"):
+        metric_spec("test_auc_std")  # a spread has no "better" direction
+    assert metric_spec("my_score", greater_is_better=False).greater_is_better is False
+    with pytest.raises(PromotionError, match="lower is better; --greater-is-better contradicts it"):
+        metric_spec("val_loss", greater_is_better=True)
+
+
+def test_unknown_metric_needs_a_direction(registry_env, model_name):
+    client = registry_env[0]
+    a = version(registry_env, model_name, {"dice": 0.4})
+    b = version(registry_env, model_name, {"dice": 0.6})
+    with pytest.raises(PromotionError, match="unknown metric 'dice'"):
+        promote(client, model_name, version=a, metric="dice")
+    assert promote(client, model_name, version=a, metric="dice", greater_is_better=True).promoted
+    assert not promote(client, model_name, version=b, metric="dice", greater_is_better=False).promoted
+    assert promote(client, model_name, version=b, metric="dice", greater_is_better=True).promoted
+
+
+def test_evaluation_data_must_match(registry_env, model_name):
+    client = registry_env[0]
+    champ = version(registry_env, model_name, {"val_auc": 0.6}, digest="aaaa1111", digest_as="parent")
+    other_data = version(registry_env, model_name, {"val_auc": 0.9}, digest="bbbb2222")
+    no_digest = version(registry_env, model_name, {"val_auc": 0.9}, digest_as=None)
+    same_data = version(registry_env, model_name, {"val_auc": 0.7}, digest="aaaa1111", digest_as="tag")
+    promote(client, model_name, version=champ)
+    with pytest.raises(PromotionError, match=r"evaluated on other data \(data.digest bbbb2222…\).*aaaa1111"):
+        promote(client, model_name, version=other_data)
+    with pytest.raises(PromotionError, match=r"records no data.digest"):
+        promote(client, model_name, version=no_digest)
+    assert champion(client, model_name) == champ
+    assert promote(client, model_name, version=same_data).promoted  # digest from the parent run vs a run tag
+    r = promote(client, model_name, version=other_data, force=True, reason="new cohort release, re-validated")
+    assert r.forced and champion(client, model_name) == other_data
+
+
+@pytest.mark.parametrize(("concurrent_value", "promoted"), [(0.95, False), (0.75, True)])
+def test_champion_moved_between_read_and_write_is_re_evaluated(registry_env, model_name, monkeypatch,
+                                                               concurrent_value, promoted):  # fmt: skip
+    """Another promotion lands after the gate read the champion: the gate compares again."""
+    client = registry_env[0]
+    old = version(registry_env, model_name, {"val_auc": 0.70})
+    concurrent = version(registry_env, model_name, {"val_auc": concurrent_value})
+    candidate = version(registry_env, model_name, {"val_auc": 0.80})
+    promote(client, model_name, version=old)
+
+    real, calls = registry.current_champion, []
+
+    def racing_champion(c, name):
+        calls.append(name)
+        if len(calls) == 2:  # the re-check right before the write: someone promoted meanwhile
+            c.set_registered_model_alias(name, CHAMPION, concurrent)
+        return real(c, name)
+
+    monkeypatch.setattr(registry, "current_champion", racing_champion)
+    r = promote(client, model_name, version=candidate)
+    assert r.attempts == 2 and r.previous_champion == concurrent
+    assert r.promoted is promoted
+    assert champion(client, model_name) == (candidate if promoted else concurrent)
+
+
+def test_a_champion_that_keeps_moving_is_an_error(registry_env, model_name, monkeypatch):
+    client = registry_env[0]
+    a = version(registry_env, model_name, {"val_auc": 0.1})
+    b = version(registry_env, model_name, {"val_auc": 0.2})
+    candidate = version(registry_env, model_name, {"val_auc": 0.9})
+    promote(client, model_name, version=a)
+    real, state = registry.current_champion, {"n": 0}
+
+    def flapping(c, name):
+        state["n"] += 1
+        c.set_registered_model_alias(name, CHAMPION, a if state["n"] % 2 else b)
+        return real(c, name)
+
+    monkeypatch.setattr(registry, "current_champion", flapping)
+    with pytest.raises(PromotionError, match="changed 3 times"):
+        promote(client, model_name, version=candidate)
+    assert champion(client, model_name) in (a, b)
+
+
+def test_force_with_reason_records_tags(registry_env, model_name):
+    client = registry_env[0]
+    good = version(registry_env, model_name, {"val_auc": 0.90})
+    bad = version(registry_env, model_name, {"val_auc": 0.50})
     promote(client, model_name, version=good)
-
-    with pytest.raises(PromotionError, match="reason"):
-        promote(client, model_name, version=bad, force=True)
-    with pytest.raises(PromotionError, match="reason"):
-        promote(client, model_name, version=bad, force=True, reason="   ")
-    assert _champion(client, model_name) == good
-
-    r = promote(
-        client, model_name, version=bad, force=True, reason="rollback: v1 leaks data"
-    )
-    assert r.promoted and r.forced and r.champion == bad
-    assert _champion(client, model_name) == bad
+    for reason in (None, "   "):
+        with pytest.raises(PromotionError, match="reason"):
+            promote(client, model_name, version=bad, force=True, reason=reason)
+    assert champion(client, model_name) == good
+    r = promote(client, model_name, version=bad, force=True, reason="rollback: v1 leaks data")
+    assert r.promoted and r.forced and r.champion == bad and champion(client, model_name) == bad
     tags = client.get_model_version(model_name, bad).tags
-    assert tags["promotion.forced"] == "true"
-    assert tags["promotion.reason"] == "rollback: v1 leaks data"
-    assert tags["promotion.previous_champion"] == good
-    assert tags["promotion.timestamp"]
+    assert tags["promotion.forced"] == "true" and tags["promotion.reason"] == "rollback: v1 leaks data"
+    assert tags["promotion.previous_champion"] == good and tags["promotion.timestamp"]
+    assert float(tags["promotion.val_auc"]) == pytest.approx(0.5)
 
 
-def test_metric_falls_back_to_source_run(logged_models, model_name):
-    client, (m0, m1) = logged_models
-    first = _register(client, model_name, m0)  # no tag: run metric 0.61
-    second = _register(client, model_name, m1)  # no tag: run metric 0.83
-    r = promote(client, model_name, version=first)
-    assert r.promoted and r.candidate_value == pytest.approx(0.61)
-    r = promote(client, model_name, version=second)
-    assert r.promoted and r.champion_value == pytest.approx(0.61)
-    assert r.candidate_value == pytest.approx(0.83)
-
-
-def test_errors(logged_models, model_name):
-    client, (m0, _) = logged_models
-    v1 = _register(client, model_name, m0, 0.7)
+def test_errors(registry_env, model_name):
+    client = registry_env[0]
+    v1 = version(registry_env, model_name, {"val_auc": 0.7})
     with pytest.raises(PromotionError, match="unknown registered model"):
         promote(client, f"{model_name}-nope", version=v1)
     with pytest.raises(PromotionError, match="no alias 'challenger'"):
@@ -168,6 +278,10 @@ def test_errors(logged_models, model_name):
         promote(client, model_name, version=99)
     with pytest.raises(PromotionError, match="exactly one"):
         promote(client, model_name)
-    with pytest.raises(PromotionError, match="no 'val_loss'"):
+    with pytest.raises(PromotionError, match="has no metric 'val_loss'"):
         promote(client, model_name, version=v1, metric="val_loss")
-    assert _champion(client, model_name) is None
+    # MLflow 3 refuses to register a version without provenance, but older registries hold them
+    orphan = ModelVersion(model_name, "7", creation_timestamp=0, run_id=None)
+    with pytest.raises(PromotionError, match="v7 has no source run"):
+        registry.source_run(client, orphan, f"{model_name} v7")
+    assert champion(client, model_name) is None

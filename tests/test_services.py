@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import json
 import os
 import shutil
@@ -49,6 +51,50 @@ def listening_addresses(port: int) -> set[str]:
             else:
                 found.add("::" if int(hex_ip, 16) == 0 else hex_ip)
     return found
+
+
+def _listening_by_inode() -> dict[str, tuple[str, int]]:
+    """socket inode -> (local ip, port) of every TCP socket in LISTEN state."""
+    found = {}
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            hex_ip, hex_port = fields[1].split(":")
+            if fields[3] != "0A":
+                continue
+            raw = bytes.fromhex(hex_ip)
+            if width == 8:
+                ip = ".".join(str(b) for b in raw[::-1])
+            else:  # four little-endian 32-bit words
+                words = b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))
+                ip = str(ipaddress.IPv6Address(words))
+                mapped = ipaddress.IPv6Address(words).ipv4_mapped
+                ip = str(mapped) if mapped else ip
+            found[fields[9]] = (ip, int(hex_port, 16))
+    return found
+
+
+def listening_sockets_of(pids) -> set[tuple[str, int]]:
+    """(ip, port) of every listening TCP socket held by one of ``pids``."""
+    sockets = _listening_by_inode()
+    held = set()
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:[") and target[8:-1] in sockets:
+                held.add(sockets[target[8:-1]])
+    return held
 
 
 def assert_gone(service: Service) -> None:
@@ -228,7 +274,14 @@ def test_ray_head_scripts(tmp_path):
             f"{url}/api/version", {"Authorization": f"Bearer {token}"}
         )
         assert status == 200 and json.loads(body)["ray_version"]
-        assert (state / "ray.env").read_text().count("export ") == 4
+        env_file = (state / "ray.env").read_text()
+        assert env_file.count("export ") == 5 and "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0" in env_file
+        assert service.address.startswith("127.0.0.1:")
+        # every port of every process of this cluster listens on loopback only (GCS, raylet,
+        # agents, client server, dashboard): nothing is reachable from the network
+        sockets = listening_sockets_of(service.remaining_pids())
+        assert {p for _, p in sockets} >= {port, dashboard_port}
+        assert {ip for ip, _ in sockets} == {"127.0.0.1"}, sockets
 
         # a job submitted like `make run` does (repo root, cluster/runtime_env.yaml, the
         # recorded client environment) runs on this cluster with the uploaded checkout
@@ -286,3 +339,116 @@ def test_ray_head_scripts(tmp_path):
     for port_ in (port, dashboard_port):
         assert port_is_free(port_)
     shutil.rmtree(state, ignore_errors=True)
+
+
+def _cmdlines(pids) -> str:
+    out = []
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            out.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+    return "\n".join(out)
+
+
+def test_backend_uri_password_is_in_no_command_line_log_or_state_file(tmp_path):
+    """The server gets the URI through its environment; ps, mlflow.log and the state show none of it."""
+    from mlflow import MlflowClient
+
+    secret = f"pw{uuid.uuid4().hex}"
+    state = tmp_path / "state"
+    state.mkdir()
+    # SQLite ignores unknown URI parameters, so this is a working URI that carries a password
+    uri = f"sqlite:///file:{state}/mlflow.db?uri=true&password={secret}"
+    env = script_env(CFCML_STATE_DIR=str(state), CFCML_MLFLOW_PORT=str(free_port()), MLFLOW_BACKEND_STORE_URI=uri)
+    start = subprocess.run(["bash", str(ROOT / "mlflow/start.sh")], env=env, capture_output=True, check=False,
+                           text=True, timeout=300)  # fmt: skip
+    assert start.returncode == 0, start.stdout + start.stderr
+    service = load_service(state, "mlflow")
+    try:
+        assert MlflowClient(service.url).create_experiment("works")  # the URI really is in use
+        pids = service.remaining_pids()
+        assert len(pids) >= 2  # mlflow server + uvicorn
+        assert secret not in _cmdlines(pids)
+        server_env = Path(f"/proc/{service.pid}/environ").read_bytes()
+        assert f"MLFLOW_BACKEND_STORE_URI={uri}".encode() in server_env.split(b"\0")
+        for path in state.iterdir():
+            if path.is_file() and path.suffix in (".log", ".json", ".env", ".pid"):
+                assert secret not in path.read_text(errors="replace"), path
+        assert service.extra["backend_uri"].endswith("password=***")
+        assert secret not in start.stdout + start.stderr
+    finally:
+        service.stop()
+
+
+def test_failed_start_shows_no_password(tmp_path):
+    secret = f"pw{uuid.uuid4().hex}"
+    with pytest.raises(ServiceError) as info:  # SQLite refuses user info: the server exits
+        start_mlflow_server(tmp_path, backend_uri=f"sqlite://mlflow:{secret}@/{tmp_path}/x.db", timeout=120)
+    assert "log:" in str(info.value) and secret not in str(info.value)
+    assert secret not in (tmp_path / "mlflow.log").read_text()
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.10", "mlflow.example.org"])
+def test_mlflow_on_a_network_address_needs_allow_remote(tmp_path, host):
+    from cfcml.platform.services import ServiceRefused
+
+    with pytest.raises(ServiceRefused, match=f"refusing to serve MLflow on {host}.*--allow-remote"):
+        start_mlflow_server(tmp_path, host=host)
+    assert load_service(tmp_path, "mlflow") is None and not (tmp_path / "mlflow.log").exists()
+
+
+def test_unauthenticated_ray_on_a_network_address_is_refused(tmp_path):
+    from cfcml.platform.services import ServiceRefused, start_ray_head
+
+    with pytest.raises(ServiceRefused, match=r"without authentication \(RAY_AUTH_MODE=disabled\) on 192\.0\.2\.10"):
+        start_ray_head(tmp_path, num_cpus=1, auth_mode="disabled", node_ip="192.0.2.10")
+    assert load_service(tmp_path, "ray") is None and not (tmp_path / "ray.log").exists()
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "env", "match"),
+    [
+        ("mlflow/start.sh", ["--host", "0.0.0.0"], {}, "refusing to serve MLflow on 0.0.0.0"),
+        ("cluster/start_local.sh", ["--node-ip-address", "192.0.2.10"], {"RAY_AUTH_MODE": "disabled"},
+         "refusing to start a Ray cluster without authentication"),
+    ],
+)
+def test_scripts_refuse_open_services_with_exit_2(tmp_path, script, args, env, match):
+    run = subprocess.run(["bash", str(ROOT / script), *args], env=script_env(CFCML_STATE_DIR=str(tmp_path), **env),
+                         capture_output=True, check=False, text=True, timeout=120)  # fmt: skip
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert match in run.stderr and "Traceback" not in run.stderr
+
+
+@pytest.mark.slow
+def test_remote_mlflow_runs_basic_auth(tmp_path):
+    """--allow-remote on 0.0.0.0: basic auth on, password generated 0600, env file without it."""
+    from cfcml.platform.services import mlflow_client_env
+
+    state = tmp_path / "state"
+    port = free_port()
+    env = script_env(CFCML_STATE_DIR=str(state), CFCML_MLFLOW_PORT=str(port))
+    start = subprocess.run(["bash", str(ROOT / "mlflow/start.sh"), "--host", "0.0.0.0", "--allow-remote"], env=env,
+                           capture_output=True, check=False, text=True, timeout=300)  # fmt: skip
+    assert start.returncode == 0, start.stdout + start.stderr
+    service = load_service(state, "mlflow")
+    try:
+        assert "warning: MLflow serves 0.0.0.0" in start.stderr and "basic auth" in start.stderr
+        password_file = Path(service.extra["admin_password_file"])
+        assert oct(password_file.stat().st_mode)[-3:] == "600"
+        password = password_file.read_text().strip()
+        assert len(password) >= 32
+        assert http_get(f"{service.url}/health")[0] == 200
+        search = f"{service.url}/api/2.0/mlflow/experiments/search?max_results=1"
+        assert http_get(search)[0] == 401  # no credentials
+        import base64
+
+        good = {"Authorization": "Basic " + base64.b64encode(f"admin:{password}".encode()).decode()}
+        bad = {"Authorization": "Basic " + base64.b64encode(b"admin:password1234").decode()}
+        assert http_get(search, good)[0] == 200 and http_get(search, bad)[0] == 401
+        env_file = (state / "mlflow.env").read_text()
+        assert password not in env_file and f'MLFLOW_TRACKING_PASSWORD="$(cat {password_file})"' in env_file
+        assert mlflow_client_env(service)["MLFLOW_TRACKING_PASSWORD"] == password
+        assert password not in _cmdlines(service.remaining_pids())
+        assert password not in Path(service.log_path).read_text()
+    finally:
+        service.stop()

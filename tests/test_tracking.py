@@ -6,6 +6,7 @@ import os
 import signal
 import time
 import uuid
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -138,3 +139,90 @@ def test_parent_run_id_from_another_process_and_orphan_cleanup(experiment):
     assert end_running_children(client, parent_id) == [orphan.info.run_id]
     assert _status(orphan.info.run_id) == "KILLED"
     assert _status(trial.info.run_id) == "FINISHED"
+
+
+def test_sighup_inside_block_marks_killed(experiment):
+    previous = {s: signal.signal(s, signal.SIG_DFL) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        with (
+            pytest.raises(RunTerminated, match=f"signal {int(signal.SIGHUP)}"),
+            mlflow_run("sighup", experiment_name=experiment) as run,
+        ):
+            os.kill(os.getpid(), signal.SIGHUP)
+            for _ in range(100):
+                time.sleep(0.01)
+            raise AssertionError("SIGHUP was not delivered")
+        assert _status(run.info.run_id) == "KILLED"
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_DFL
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def test_error_tags_are_redacted_short_and_one_line(experiment):
+    secret = "postgresql://mlflow:hunter2@db:5432/mlflow?sslpassword=topsecret"
+    with (
+        pytest.raises(RuntimeError),
+        mlflow_run("leaky", experiment_name=experiment) as run,
+    ):
+        raise RuntimeError(f"cannot open {secret}\n" + "x" * 10_000)
+    message = MlflowClient().get_run(run.info.run_id).data.tags["error.message"]
+    assert "hunter2" not in message and "topsecret" not in message
+    assert "postgresql://mlflow:***@db" in message
+    assert len(message) <= 500 and "\n" not in message
+
+
+def test_runs_record_their_owner_process(experiment):
+    import socket
+
+    with mlflow_run("owned", experiment_name=experiment) as run:
+        pass
+    tags = MlflowClient().get_run(run.info.run_id).data.tags
+    assert tags["cfcml.host"] == socket.gethostname() and tags["cfcml.pid"] == str(os.getpid())
+    assert tags["cfcml.process"].endswith(":" + Path(f"/proc/{os.getpid()}/stat").read_text().rsplit(")", 1)[1].split()[19])
+
+
+_DRIVER = """
+import sys, time
+from cfcml.platform.tracking import mlflow_run
+with mlflow_run("driver", experiment_id=sys.argv[1], tags={"cfcml.study": sys.argv[2]}) as run:
+    print(run.info.run_id, flush=True)
+    time.sleep(600)
+"""
+
+
+def test_study_start_sweeps_runs_of_dead_processes(experiment, mlflow_tracking, tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from cfcml.platform.tracking import owner_tags, sweep_stale_runs
+
+    client = MlflowClient()
+    experiment_id = client.create_experiment(experiment)
+    study = f"s-{uuid.uuid4().hex[:6]}"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "MLFLOW_TRACKING_URI": mlflow_tracking}
+    driver = subprocess.Popen([sys.executable, "-c", _DRIVER, experiment_id, study], stdout=subprocess.PIPE, text=True,
+                              env=env)  # fmt: skip
+    try:
+        dead_id = driver.stdout.readline().strip()
+    finally:
+        driver.kill()  # SIGKILL: nothing in the driver can end its run
+        driver.wait(timeout=30)
+    assert _status(dead_id) == "RUNNING"
+    # a trial of the dead driver running on another node, a live run of this process, a run of
+    # another host and another study's dead run: only the first is the sweep's business
+    trial = client.create_run(experiment_id, tags={"mlflow.parentRunId": dead_id, "cfcml.study": study,
+                                                   "cfcml.host": "other-node", "cfcml.pid": "1"})  # fmt: skip
+    alive = client.create_run(experiment_id, tags={"cfcml.study": study, **owner_tags()})
+    remote = client.create_run(experiment_id, tags={"cfcml.study": study, "cfcml.host": "other-node", "cfcml.pid": "1"})
+    other_study = client.create_run(experiment_id, tags={"cfcml.study": "another", "cfcml.host": socket.gethostname(),
+                                                         "cfcml.pid": str(driver.pid)})  # fmt: skip
+    ended = sweep_stale_runs(client, experiment_id, tags={"cfcml.study": study})
+    assert sorted(ended) == sorted([dead_id, trial.info.run_id])
+    assert _status(dead_id) == "KILLED" and _status(trial.info.run_id) == "KILLED"
+    assert client.get_run(dead_id).data.tags["error.type"] == "orphaned"
+    for run in (alive, remote, other_study):
+        assert _status(run.info.run_id) == "RUNNING"
+        client.set_terminated(run.info.run_id)
+    assert sweep_stale_runs(client, experiment_id, tags={"cfcml.study": study}) == []

@@ -24,6 +24,7 @@ from cfcml.datasets.reader import load_cohort
 
 from ..config import Config, cohort_spec, config_from_dict
 from ..models.pretrained import check_pretrained
+from .checkpoint import load_checkpoint
 from .errors import RunMismatch
 from .identity import explain_mismatch, run_identity
 from .run import LAST, _write_json, clear_run, finished_result, train_one
@@ -126,8 +127,6 @@ def _train_in_parallel(cfg: Config, data_root, out: Path, pending: list[dict], p
 def check_run_folders(cfg: Config, cohort, out: Path, planned: list[dict], overwrite: bool) -> dict[str, dict]:
     """{name: metrics.json} of the planned runs already finished in `out` (reused); refuses,
     before anything trains, when a folder holds a different run (unless `overwrite`)."""
-    import torch
-
     digest = cohort.digest()
     reused = {}
     for r in planned:
@@ -142,7 +141,7 @@ def check_run_folders(cfg: Config, cohort, out: Path, planned: list[dict], overw
                 raise RunMismatch(explain_mismatch(finished.get("identity"), wanted, folder))
             reused[r["name"]] = finished
         elif (folder / LAST).exists():
-            stored = torch.load(folder / LAST, map_location="cpu", weights_only=False).get("identity")
+            stored = load_checkpoint(folder / LAST).get("identity")
             if (stored or {}).get("digest") != wanted["digest"]:
                 raise RunMismatch(explain_mismatch(stored, wanted, folder))
     return reused

@@ -34,7 +34,15 @@ from cfcml.datasets.tabular import num_features
 from ..config import Config, cohort_spec, save_config
 from ..models.cfcml import build_model
 from ..models.pretrained import check_pretrained, pretrained_provenance
-from .checkpoint import atomic_save, rng_state, seed_everything, set_rng_state
+from .checkpoint import (
+    atomic_save,
+    clean_stale_temp_files,
+    load_checkpoint,
+    load_state_checked,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
 from .errors import RunMismatch, TrainingFailed
 from .identity import explain_mismatch, run_identity
 from .loss import compute_loss
@@ -244,10 +252,10 @@ class TrainingRun:
 
         self.epoch, self.history, self.best = 0, [], {"epoch": None, "value": None}
         if state is not None:
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-            self.sampler.load_state_dict(state["sampler"])
+            load_state_checked(self.model, state["model"], out / LAST)
+            load_state_checked(self.optimizer, state["optimizer"], out / LAST, what="optimizer")
+            load_state_checked(self.scheduler, state["scheduler"], out / LAST, what="scheduler")
+            load_state_checked(self.sampler, state["sampler"], out / LAST, what="sampler")
             self.epoch, self.history, self.best = state["epoch"] + 1, state["history"], state["best"]
             set_rng_state(state["rng"])
             log.info("resumed %s at epoch %d", out, self.epoch)
@@ -258,8 +266,8 @@ class TrainingRun:
     def _claim_folder(self, resume: bool, overwrite: bool) -> dict | None:
         """The checkpoint to resume from, or None; refuses a folder holding another run."""
         out = self.out
-        for tmp in out.glob("*.tmp*") if out.is_dir() and self.env.rank == 0 else []:
-            tmp.unlink(missing_ok=True)  # leftovers of an interrupted write
+        if self.env.rank == 0:
+            clean_stale_temp_files(out)  # leftovers of an interrupted write
         if overwrite:
             if self.env.rank == 0:
                 clear_run(out)
@@ -272,7 +280,8 @@ class TrainingRun:
             return None
         if not (out / LAST).exists():
             return None
-        state = torch.load(out / LAST, map_location=self.env.device, weights_only=False)
+        state = load_checkpoint(out / LAST, map_location=self.env.device, required=(
+            "model", "optimizer", "scheduler", "sampler", "epoch", "history", "best", "rng"))  # fmt: skip
         if state.get("identity", {}).get("digest") != self.identity["digest"]:
             raise RunMismatch(explain_mismatch(state.get("identity"), self.identity, out))
         if not resume:
@@ -350,8 +359,8 @@ class TrainingRun:
         if not (out / BEST).exists():
             raise TrainingFailed(f"{self.split.name}: no epoch had a finite validation {self.cfg.train.select_metric}, "
                                  f"so no weights were selected (see {out / LAST}); nothing to test")  # fmt: skip
-        state = torch.load(out / BEST, map_location=env.device, weights_only=False)
-        self.model.load_state_dict(state["model"])
+        state = load_checkpoint(out / BEST, map_location=env.device, required=("model",))
+        load_state_checked(self.model, state["model"], out / BEST)
         test_loader = _loader(_shard(self.datasets["test"], env), env, self.cfg)
         test = predict(self.model, test_loader, self.tables["test"], env, keep=True)
         val = predict(self.model, self.val_loader, self.tables["val"], env, keep=True)

@@ -156,7 +156,7 @@ def build_package(cfg: Config, runs: list[dict], cohort: Cohort, out_dir: str | 
     `runs`: ``[{"name": "fold1", "weights": Path to best.pt, "numeric_stats": {...} or None}, ...]``
     (``numeric_stats``: the MLP embedding's scaling, fitted on that run's training part).
     """
-    from ..engine.checkpoint import atomic_save
+    from ..engine.checkpoint import atomic_save, load_checkpoint
 
     out = Path(out_dir)
     (out / "weights").mkdir(parents=True, exist_ok=True)
@@ -164,7 +164,7 @@ def build_package(cfg: Config, runs: list[dict], cohort: Cohort, out_dir: str | 
     (out / "cohort.json").write_text(json.dumps({"source": cohort.spec.source, "raw": cohort.spec.to_dict()}, indent=2))
     meta_runs = []
     for r in runs:
-        state = torch.load(r["weights"], map_location="cpu", weights_only=False)  # our own checkpoint
+        state = load_checkpoint(r["weights"], required=("model",))
         atomic_save({k: v.contiguous() for k, v in state["model"].items()}, out / "weights" / f"{r['name']}.pt")
         meta_runs.append({"name": r["name"], "selected_epoch": None if state.get("epoch") is None else int(state["epoch"]) + 1,
                           "numeric_stats": r.get("numeric_stats")})  # fmt: skip
@@ -289,6 +289,8 @@ with warnings.catch_warnings():
 
     class CfcmlModel(mlflow.pyfunc.PythonModel):
         """The MLflow face of `PackagedModel` (set by models-from-code, never pickled)."""
+
+        _skip_type_hint_validation = True  # the signature describes and enforces the input
 
         def load_context(self, context) -> None:
             self.model = PackagedModel(context.artifacts[PACKAGE_ARTIFACT])

@@ -22,9 +22,17 @@ Environment facts this module relies on (Ray 2.60, MLflow 3.17):
   exists (a local ``ray.init()`` creates it). We always set it explicitly; in ``token``
   mode the token lives in ``<state>/ray_auth_token`` and is passed with
   ``RAY_AUTH_TOKEN_PATH``, on the server side and on every client (see :func:`ray_client_env`).
-* Ray resolves ``127.0.0.1`` as node address to the machine's real IP and its GCS listens
-  on all interfaces; only the dashboard/Jobs API can be bound to 127.0.0.1. Token auth is
-  what protects the GCS port.
+* Ray replaces a node address of ``127.0.0.1`` by the machine's real IP (for multi-node
+  clusters) and then binds its GCS, raylet, agents and client server there or on all
+  interfaces. With ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (a single-node cluster, which a
+  local head is) and ``--node-ip-address 127.0.0.1`` it keeps 127.0.0.1 and every port binds
+  to loopback (checked in tests/test_services.py). A head on a real address needs token auth:
+  an unauthenticated cluster there is refused.
+* MLflow's backend store URI may hold a database password: it goes to the server through
+  ``MLFLOW_BACKEND_STORE_URI`` in its environment (readable only by the same user), never on
+  the command line (visible to every user in ``ps``) or in the log. A server on a
+  non-loopback address is started only with ``allow_remote=True``, which turns on MLflow's
+  ``basic-auth`` app (admin password generated into a 0600 file in the state dir).
 * ``ray start --block`` drains the node for up to 30 s on SIGTERM; we set
   ``RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0`` and signal the leader first so that Ray tears
   its processes down in order.
@@ -34,7 +42,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ipaddress
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -50,6 +60,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Self
+
+from .redact import redact
+
+log = logging.getLogger(__name__)
 
 MARKER_ENV = "CFCML_SERVICE_ID"
 DEFAULT_STATE_DIR = ".cfcml-state"
@@ -70,6 +84,10 @@ _UNIX_SOCKET_MAX = 107
 
 class ServiceError(RuntimeError):
     """A service failed to start, to become ready, or to stop."""
+
+
+class ServiceRefused(ServiceError):
+    """A start request that would be unsafe (an open network service): nothing was started."""
 
 
 # --------------------------------------------------------------------------- utilities
@@ -99,6 +117,33 @@ def _executable(name: str) -> str:
             f"executable {name!r} not found next to {sys.executable} or on PATH"
         )
     return found
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine can reach (127.0.0.0/8, ::1, ``localhost``)."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: assume it is reachable from the network
+
+
+def _write_private(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` readable by this user only (0600, also when it existed)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(path, 0o600)
+    return path
+
+
+def _private_secret(path: Path) -> str:
+    """The secret in ``path``, created (256 random bits, 0600) when missing or empty."""
+    if not path.exists() or not path.read_text().strip():
+        _write_private(path, secrets.token_urlsafe(32))
+    os.chmod(path, 0o600)
+    return path.read_text().strip()
 
 
 def free_port(host: str = LOCALHOST) -> int:
@@ -402,13 +447,13 @@ def _spawn(
     full_env = dict(env)
     full_env[MARKER_ENV] = marker
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "wb") as log:
-        log.write(f"$ {' '.join(cmd)}\n".encode())
-        log.flush()
+    with open(log_path, "wb") as log_file:
+        log_file.write(f"$ {redact(' '.join(cmd))}\n".encode())
+        log_file.flush()
         popen = subprocess.Popen(
             cmd,
             stdin=subprocess.DEVNULL,
-            stdout=log,
+            stdout=log_file,
             stderr=subprocess.STDOUT,
             env=full_env,
             cwd=str(cwd) if cwd else None,
@@ -477,6 +522,9 @@ def _base_env(env: Mapping[str, str] | None) -> dict[str, str]:
 # --------------------------------------------------------------------------- MLflow
 
 
+MLFLOW_ADMIN_USER = "admin"
+
+
 def start_mlflow_server(
     state_dir: str | os.PathLike,
     port: int | None = None,
@@ -488,21 +536,38 @@ def start_mlflow_server(
     workers: int = 1,
     timeout: float = 180.0,
     name: str = "mlflow",
+    allow_remote: bool = False,
+    allowed_hosts: str | None = None,
 ) -> Service:
     """Start ``mlflow server`` in the background and wait until ``/health`` answers ``OK``.
 
     Defaults: SQLite ``<state>/mlflow.db`` as backend and registry store, proxied artifacts
     stored in ``<state>/mlartifacts``, bound to 127.0.0.1 on a free port (pass
     ``port=5000`` for the documented address). ``backend_uri`` may be any SQLAlchemy URI
-    (e.g. ``postgresql://user:pw@host/db``; needs a driver such as psycopg2 installed).
-    ``artifacts_destination`` may be ``s3://bucket/prefix``: clients upload through the
-    server (``mlflow-artifacts:/``), so only the server needs AWS credentials; pass
-    ``MLFLOW_S3_ENDPOINT_URL``/``AWS_*`` in ``env`` (or the environment) for S3-compatible
-    stores. The process group, log (``<state>/<name>.log``) and state file are recorded in
-    the state dir.
+    (e.g. ``postgresql://user:pw@host/db``; needs a driver such as psycopg2 installed); it
+    reaches the server through its environment (``MLFLOW_BACKEND_STORE_URI``), never its
+    command line, and is recorded redacted. ``artifacts_destination`` may be
+    ``s3://bucket/prefix``: clients upload through the server (``mlflow-artifacts:/``), so
+    only the server needs AWS credentials; pass ``MLFLOW_S3_ENDPOINT_URL``/``AWS_*`` in
+    ``env`` (or the environment) for S3-compatible stores.
+
+    ``host`` other than a loopback address makes the server reachable from the network: it
+    is refused unless ``allow_remote=True``, which runs MLflow's ``basic-auth`` app (user
+    ``admin``, password generated into ``<state>/mlflow_admin_password``, mode 0600; users
+    and permissions in ``<state>/basic_auth.db``) and logs a warning (basic auth over plain
+    http sends the password in clear: put TLS in front). ``allowed_hosts`` is passed to
+    ``--allowed-hosts`` (MLflow's Host-header check; its default admits localhost and
+    private-network addresses). The process group, log (``<state>/<name>.log``) and state
+    file are recorded in the state dir.
     """
     state = Path(state_dir).resolve()
     state.mkdir(parents=True, exist_ok=True)
+    if not is_loopback(host) and not allow_remote:
+        raise ServiceRefused(
+            f"refusing to serve MLflow on {host}: that address is reachable from the network and the server "
+            "would have no authentication; use --host 127.0.0.1, or pass --allow-remote (turns on MLflow's "
+            "basic-auth app)"
+        )
     _check_not_running(state, name)
     port = int(port) if port else free_port(LOCALHOST)
     _require_free(port, host, f"mlflow server ({name})")
@@ -511,9 +576,7 @@ def start_mlflow_server(
     cmd = [
         _executable("mlflow"),
         "server",
-        "--backend-store-uri", backend_uri,
         "--serve-artifacts",
-        "--artifacts-destination", artifacts_destination,
         "--host", host,
         "--port", str(port),
         "--workers", str(workers),
@@ -523,10 +586,41 @@ def start_mlflow_server(
     full_env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     # the server must not treat itself as a client of another tracking server
     full_env.pop("MLFLOW_TRACKING_URI", None)
+    # secrets through the environment (only this user can read /proc/PID/environ), not argv
+    full_env["MLFLOW_BACKEND_STORE_URI"] = backend_uri
+    full_env["MLFLOW_ARTIFACTS_DESTINATION"] = artifacts_destination
+    for key in ("MLFLOW_REGISTRY_STORE_URI", "MLFLOW_AUTH_CONFIG_PATH", "MLFLOW_AUTH_ADMIN_PASSWORD",
+                "MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_FLASK_SERVER_SECRET_KEY"):  # fmt: skip
+        full_env.pop(key, None)  # only what this function decides
+    client_env = {"MLFLOW_DISABLE_TELEMETRY": "true"}
+    extra = {"backend_uri": redact(backend_uri), "artifacts_destination": redact(artifacts_destination), "host": host}
+    if allow_remote:
+        cmd += ["--app-name", "basic-auth"]
+        if allowed_hosts:
+            cmd += ["--allowed-hosts", allowed_hosts]
+        password_file = state / "mlflow_admin_password"
+        config = _write_private(state / "basic_auth.ini", (
+            "[mlflow]\ndefault_permission = READ\n"
+            f"database_uri = sqlite:///{state / 'basic_auth.db'}\nadmin_username = {MLFLOW_ADMIN_USER}\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        ))  # fmt: skip
+        full_env.update({
+            "MLFLOW_AUTH_CONFIG_PATH": str(config),
+            "MLFLOW_AUTH_ADMIN_PASSWORD": _private_secret(password_file),
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": _private_secret(state / "mlflow_flask_secret_key"),
+        })  # fmt: skip
+        client_env["MLFLOW_TRACKING_USERNAME"] = MLFLOW_ADMIN_USER
+        extra["admin_password_file"] = str(password_file)
+        extra["warning"] = (
+            f"MLflow serves {host}:{port}, reachable from the network, with basic auth (user {MLFLOW_ADMIN_USER}, "
+            f"password in {password_file}); plain http sends it in clear: put TLS (a reverse proxy) in front"
+        )
+        log.warning("%s", extra["warning"])
     log_path = state / f"{name}.log"
     popen, marker = _spawn(name, cmd, log_path, full_env, cwd=state)
     url_host = LOCALHOST if host in ("0.0.0.0", "::", "") else host
     url = f"http://{url_host}:{port}"
+    client_env["MLFLOW_TRACKING_URI"] = url
     service = Service(
         name=name,
         pid=popen.pid,
@@ -536,11 +630,8 @@ def start_mlflow_server(
         log_path=str(log_path),
         marker=marker,
         state_dir=str(state),
-        client_env={"MLFLOW_TRACKING_URI": url, "MLFLOW_DISABLE_TELEMETRY": "true"},
-        extra={
-            "backend_uri": _redact(backend_uri),
-            "artifacts_destination": artifacts_destination,
-        },
+        client_env=client_env,
+        extra=extra,
         _popen=popen,
     )
     _wait_ready(
@@ -549,15 +640,14 @@ def start_mlflow_server(
     return service
 
 
-def _redact(uri: str) -> str:
-    """Hide a password in ``scheme://user:password@host/...``."""
-    if "://" in uri and "@" in uri.split("://", 1)[1]:
-        scheme, rest = uri.split("://", 1)
-        creds, hostpart = rest.rsplit("@", 1)
-        if ":" in creds:
-            creds = creds.split(":", 1)[0] + ":***"
-        return f"{scheme}://{creds}@{hostpart}"
-    return uri
+def mlflow_client_env(service: Service) -> dict[str, str]:
+    """What an MLflow client of ``service`` needs in its environment, with the basic-auth
+    password read from its 0600 file when the server has one."""
+    env = dict(service.client_env)
+    password_file = service.extra.get("admin_password_file")
+    if password_file:
+        env["MLFLOW_TRACKING_PASSWORD"] = Path(password_file).read_text().strip()
+    return env
 
 
 # --------------------------------------------------------------------------- Ray
@@ -603,11 +693,17 @@ def start_ray_head(
     env: Mapping[str, str] | None = None,
     timeout: float = 180.0,
     name: str = "ray",
+    node_ip: str = LOCALHOST,
 ) -> Service:
     """Start a local Ray head (``ray start --head --block``) as a process group.
 
-    The dashboard and Jobs API bind to 127.0.0.1 (``dashboard_port``, free port when None;
-    pass 8265 for the documented address); the GCS listens on ``port`` (free when None).
+    ``node_ip`` is the node's address (``--node-ip-address``). At the default 127.0.0.1 the
+    cluster is single-node and every Ray port (GCS, raylet, agents, client server) binds to
+    loopback; another address makes the GCS reachable from the network for worker nodes,
+    which is refused with ``auth_mode="disabled"`` (an open cluster runs anyone's code).
+    The dashboard and Jobs API bind to 127.0.0.1 either way (``dashboard_port``, free port
+    when None; pass 8265 for the documented address; reach it from elsewhere through an SSH
+    tunnel); the GCS listens on ``port`` (free when None).
     ``--temp-dir`` is ``<state>/ray-tmp`` (keep the state dir path short: Unix sockets under
     it are limited to 107 bytes). Usage stats are off. ``auth_mode`` is ``token`` (default:
     a per-state-dir token in ``<state>/ray_auth_token``) or ``disabled``; either way
@@ -617,6 +713,12 @@ def start_ray_head(
     if auth_mode not in RAY_AUTH_MODES:
         raise ServiceError(
             f"auth_mode must be one of {RAY_AUTH_MODES}, not {auth_mode!r}"
+        )
+    loopback = is_loopback(node_ip)
+    if auth_mode == "disabled" and not loopback:
+        raise ServiceRefused(
+            f"refusing to start a Ray cluster without authentication (RAY_AUTH_MODE=disabled) on {node_ip}: "
+            "anyone who can reach it could run code on it; use --auth-mode token, or --node-ip-address 127.0.0.1"
         )
     state = Path(state_dir).resolve()
     state.mkdir(parents=True, exist_ok=True)
@@ -635,12 +737,17 @@ def start_ray_head(
     _require_free(dashboard_port, LOCALHOST, "ray dashboard")
 
     client_env = {"RAY_AUTH_MODE": auth_mode, "RAY_USAGE_STATS_ENABLED": "0"}
+    if loopback:
+        # single-node: Ray keeps 127.0.0.1 as the node address instead of the machine's IP,
+        # so GCS, raylet, agents and the client server all bind to loopback
+        client_env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     full_env = _base_env(env)
     for key in (
         "RAY_AUTH_TOKEN",
         "RAY_AUTH_TOKEN_PATH",
         "RAY_ADDRESS",
         "RAY_API_SERVER_ADDRESS",
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER",
     ):
         full_env.pop(key, None)
     if auth_mode == "token":
@@ -651,6 +758,7 @@ def start_ray_head(
     cmd = [
         _executable("ray"), "start", "--head", "--block",
         "--port", str(port),
+        "--node-ip-address", node_ip,
         "--dashboard-host", LOCALHOST,
         "--dashboard-port", str(dashboard_port),
         # these default to fixed ports (10001, 52365): pick free ones so that two local
@@ -683,6 +791,7 @@ def start_ray_head(
             "gcs_port": str(port),
             "temp_dir": str(temp_dir),
             "num_cpus": str(num_cpus),
+            "node_ip": node_ip,
         },
         leader_first=True,
         _popen=popen,
@@ -767,9 +876,19 @@ def start_moto_s3(
 SERVICE_NAMES = ("mlflow", "ray", "s3")
 
 
+def _env_lines(service: Service) -> list[str]:
+    """``export`` lines for a client shell; a password is read from its 0600 file when the
+    line runs, so the env file itself holds no secret."""
+    lines = [f"export {k}={v}" for k, v in sorted(service.client_env.items())]
+    password_file = service.extra.get("admin_password_file")
+    if password_file:
+        lines.append(f'export MLFLOW_TRACKING_PASSWORD="$(cat {password_file})"')
+    return lines
+
+
 def _print_env(service: Service, shell: bool) -> None:
-    for key, value in sorted(service.client_env.items()):
-        print(f"export {key}={value}" if shell else f"{key}={value}")
+    for line in _env_lines(service):
+        print(line if shell else line.removeprefix("export "))
 
 
 def _write_env_file(service: Service) -> Path | None:
@@ -777,8 +896,7 @@ def _write_env_file(service: Service) -> Path | None:
     if not service.state_dir:
         return None
     path = Path(service.state_dir) / f"{service.name}.env"
-    lines = [f"export {k}={v}" for k, v in sorted(service.client_env.items())]
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(_env_lines(service)) + "\n")
     return path
 
 
@@ -797,14 +915,19 @@ def main(argv: list[str] | None = None) -> int:
     start = sub.add_parser("start", help="start a service in the background")
     start_sub = start.add_subparsers(dest="service", required=True)
     p = start_sub.add_parser("mlflow")
-    p.add_argument("--host", default=LOCALHOST)
+    p.add_argument("--host", default=LOCALHOST, help="a non-loopback address needs --allow-remote")
     p.add_argument("--port", type=int, default=MLFLOW_DEFAULT_PORT)
     p.add_argument(
-        "--backend-uri", default=None, help="default sqlite:///<state>/mlflow.db"
-    )
+        "--backend-uri", default=None,
+        help="default: $MLFLOW_BACKEND_STORE_URI, else sqlite:///<state>/mlflow.db (a URI with a password "
+        "belongs in that variable: a command line is visible to every user in ps)",
+    )  # fmt: skip
     p.add_argument(
-        "--artifacts-destination", default=None, help="default <state>/mlartifacts"
+        "--artifacts-destination", default=None, help="default: $MLFLOW_ARTIFACTS_DESTINATION, else <state>/mlartifacts"
     )
+    p.add_argument("--allow-remote", action="store_true",
+                   help="serve a non-loopback --host, with MLflow's basic-auth app (admin password in <state>)")
+    p.add_argument("--allowed-hosts", default=None, help="MLflow --allowed-hosts (Host-header check)")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--timeout", type=float, default=180.0)
     p = start_sub.add_parser("ray")
@@ -813,6 +936,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-cpus", type=int, default=None, help="default: nproc")
     p.add_argument("--num-gpus", type=int, default=None)
     p.add_argument("--auth-mode", choices=RAY_AUTH_MODES, default="token")
+    p.add_argument("--node-ip-address", default=LOCALHOST,
+                   help="default 127.0.0.1: single node, every port on loopback; another address needs token auth")
     p.add_argument("--timeout", type=float, default=180.0)
     p = start_sub.add_parser("s3")
     p.add_argument("--port", type=int, default=None, help="default: a free port")
@@ -840,14 +965,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "start":
             try:
                 if args.service == "mlflow":
+                    if args.backend_uri and redact(args.backend_uri) != args.backend_uri:
+                        print("warning: --backend-uri holds a credential, visible in ps while this command runs; "
+                              "pass it in MLFLOW_BACKEND_STORE_URI instead", file=sys.stderr)  # fmt: skip
                     service = start_mlflow_server(
                         state,
                         port=args.port,
-                        backend_uri=args.backend_uri,
-                        artifacts_destination=args.artifacts_destination,
+                        backend_uri=args.backend_uri or os.environ.get("MLFLOW_BACKEND_STORE_URI"),
+                        artifacts_destination=args.artifacts_destination
+                        or os.environ.get("MLFLOW_ARTIFACTS_DESTINATION"),
                         host=args.host,
                         workers=args.workers,
                         timeout=args.timeout,
+                        allow_remote=args.allow_remote,
+                        allowed_hosts=args.allowed_hosts,
                     )
                 elif args.service == "ray":
                     service = start_ray_head(
@@ -858,6 +989,7 @@ def main(argv: list[str] | None = None) -> int:
                         num_gpus=args.num_gpus,
                         auth_mode=args.auth_mode,
                         timeout=args.timeout,
+                        node_ip=args.node_ip_address,
                     )
                 else:
                     service = start_moto_s3(
@@ -870,6 +1002,8 @@ def main(argv: list[str] | None = None) -> int:
                 _write_env_file(e.service)
                 return 0
             env_file = _write_env_file(service)
+            if service.extra.get("warning"):
+                print(f"warning: {service.extra['warning']}", file=sys.stderr)
             print(f"{service.name}: started (pid {service.pid}) at {service.url}")
             print(f"{service.name}: log {service.log_path}")
             if env_file:
@@ -922,8 +1056,11 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             _print_env(service, args.shell)
             return 0
+    except ServiceRefused as e:
+        print(f"error: {redact(e)}", file=sys.stderr)
+        return 2
     except ServiceError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {redact(e)}", file=sys.stderr)
         return 1
     return 2
 

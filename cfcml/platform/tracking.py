@@ -6,27 +6,39 @@ job's parent run) and ends it, whatever happens inside:
 
 * normal exit → ``FINISHED``;
 * an exception → ``FAILED`` (tags ``error.type``/``error.message``), re-raised;
-* ``KeyboardInterrupt``, or SIGTERM while inside the block (``ray job stop`` sends it;
-  installed only in the main thread when no other handler is set) → ``KILLED``, re-raised;
+* ``KeyboardInterrupt``, or SIGTERM/SIGHUP while inside the block (``ray job stop`` sends
+  SIGTERM, a closed terminal SIGHUP; installed only in the main thread when no other handler
+  is set) → ``KILLED``, re-raised;
 * runs started inside the block and left open are ended with the same status;
 * finally the server is asked for the run's status and, if it is still ``RUNNING`` (e.g. the
   fluent stack was manipulated), it is terminated through the client.
 
 :func:`end_running_children` closes children that died with their process (SIGKILL, OOM):
 call it from the parent after its trials are done.
+
+Every run opened here is tagged with the process that owns it (``cfcml.host``, ``cfcml.pid``,
+``cfcml.process``: boot id and process start time, so a recycled pid is not mistaken for
+the owner). :func:`sweep_stale_runs` uses them when a study starts: its RUNNING runs whose
+process is gone (SIGKILL, OOM, a lost machine's reboot) are ended as ``KILLED``, with their
+RUNNING children. Error tags hold redacted, shortened text (:func:`cfcml.platform.redact.one_line`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import socket
 import threading
+from pathlib import Path
 from types import FrameType, TracebackType
 
 import mlflow
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+from .redact import one_line
 
 logger = logging.getLogger(__name__)
 
@@ -35,9 +47,13 @@ FAILED = RunStatus.to_string(RunStatus.FAILED)
 KILLED = RunStatus.to_string(RunStatus.KILLED)
 RUNNING = RunStatus.to_string(RunStatus.RUNNING)
 
+TAG_HOST, TAG_PID, TAG_PROCESS = "cfcml.host", "cfcml.pid", "cfcml.process"
+TERMINATING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+ERROR_MESSAGE_LIMIT = 500
+
 
 class RunTerminated(BaseException):
-    """Raised inside :func:`mlflow_run` when the process receives SIGTERM."""
+    """Raised inside :func:`mlflow_run` when the process receives SIGTERM or SIGHUP."""
 
     def __init__(self, signum: int = signal.SIGTERM):
         super().__init__(f"terminated by signal {signum}")
@@ -53,6 +69,44 @@ def status_for(exc: BaseException | None) -> str:
     if isinstance(exc, SystemExit) and exc.code in (None, 0):
         return FINISHED
     return FAILED
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return "unknown-boot"
+
+
+def process_start(pid: int) -> str | None:
+    """``<boot id>:<start time in clock ticks>`` of ``pid`` (None when it does not exist):
+    unique across pid reuse and reboots on one host."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    if fields[0] in ("Z", "X"):
+        return None  # a zombie has finished
+    return f"{_boot_id()}:{fields[19]}"  # field 22 of stat, counted after "pid (comm)"
+
+
+def owner_tags() -> dict[str, str]:
+    """Tags naming this process as the owner of a run."""
+    pid = os.getpid()
+    return {TAG_HOST: socket.gethostname(), TAG_PID: str(pid), TAG_PROCESS: process_start(pid) or ""}
+
+
+def owner_alive(tags: dict[str, str]) -> bool | None:
+    """Whether the process recorded in a run's tags still runs: None when unknown (no
+    tags, or another host), else True/False."""
+    host, pid, process = tags.get(TAG_HOST), tags.get(TAG_PID), tags.get(TAG_PROCESS)
+    if not host or not pid or not pid.isdigit() or host != socket.gethostname():
+        return None
+    now = process_start(int(pid))
+    if now is None:
+        return False
+    return not process or now == process
 
 
 def _active_stack_ids() -> list[str] | None:
@@ -89,8 +143,8 @@ class mlflow_run:  # lowercase: used like a function, `with mlflow_run(...) as r
         parent_run_id: nest under a run from another process (sets ``mlflow.parentRunId``).
         run_id: resume an existing run instead of creating one.
         tracking_uri: tracking server to use (also becomes the process default).
-        handle_sigterm: turn SIGTERM inside the block into :class:`RunTerminated`
-            (main thread only, and only when no SIGTERM handler is installed).
+        handle_sigterm: turn SIGTERM and SIGHUP inside the block into :class:`RunTerminated`
+            (main thread only, and only for signals with no handler installed).
         log_system_metrics: as for ``mlflow.start_run``.
     """
 
@@ -122,30 +176,26 @@ class mlflow_run:  # lowercase: used like a function, `with mlflow_run(...) as r
         self.log_system_metrics = log_system_metrics
         self.active_run: mlflow.ActiveRun | None = None
         self.status: str | None = None
-        self._previous_handler = None
-        self._installed_handler = False
+        self._previous_handlers: dict[int, object] = {}
 
     # -- signal handling
-    def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         raise RunTerminated(signum)
 
-    def _install_sigterm(self) -> None:
-        if (
-            not self.handle_sigterm
-            or threading.current_thread() is not threading.main_thread()
-        ):
+    def _install_signals(self) -> None:
+        if not self.handle_sigterm or threading.current_thread() is not threading.main_thread():
             return
-        current = signal.getsignal(signal.SIGTERM)
-        if current not in (signal.SIG_DFL, None):
-            return  # someone else (Ray, a parent mlflow_run) owns SIGTERM
-        self._previous_handler = current
-        signal.signal(signal.SIGTERM, self._on_sigterm)
-        self._installed_handler = True
+        for sig in TERMINATING_SIGNALS:
+            current = signal.getsignal(sig)
+            if current not in (signal.SIG_DFL, None):
+                continue  # someone else (Ray, a parent mlflow_run, nohup's SIG_IGN) owns it
+            self._previous_handlers[sig] = current
+            signal.signal(sig, self._on_signal)
 
-    def _restore_sigterm(self) -> None:
-        if self._installed_handler:
-            signal.signal(signal.SIGTERM, self._previous_handler or signal.SIG_DFL)
-            self._installed_handler = False
+    def _restore_signals(self) -> None:
+        for sig, previous in self._previous_handlers.items():
+            signal.signal(sig, previous or signal.SIG_DFL)
+        self._previous_handlers.clear()
 
     # -- context manager
     def __enter__(self) -> mlflow.ActiveRun:
@@ -155,7 +205,7 @@ class mlflow_run:  # lowercase: used like a function, `with mlflow_run(...) as r
         experiment_id = self.experiment_id
         if experiment_id is None and self.experiment_name:
             experiment_id = _get_or_create_experiment(client, self.experiment_name)
-        tags = dict(self.tags)
+        tags = {**self.tags, **owner_tags()}  # also on a resumed run: this process owns it now
         if self.parent_run_id:
             tags.setdefault(MLFLOW_PARENT_RUN_ID, self.parent_run_id)
         self.active_run = mlflow.start_run(
@@ -168,7 +218,7 @@ class mlflow_run:  # lowercase: used like a function, `with mlflow_run(...) as r
             description=self.description,
             log_system_metrics=self.log_system_metrics,
         )
-        self._install_sigterm()
+        self._install_signals()
         return self.active_run
 
     def __exit__(
@@ -177,7 +227,7 @@ class mlflow_run:  # lowercase: used like a function, `with mlflow_run(...) as r
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool:
-        self._restore_sigterm()
+        self._restore_signals()
         assert self.active_run is not None
         run_id = self.active_run.info.run_id
         self.status = status_for(exc)
@@ -189,9 +239,7 @@ class mlflow_run:  # lowercase: used like a function, `with mlflow_run(...) as r
         except Exception as end_error:
             if exc is None:
                 raise
-            logger.warning(
-                "could not end MLflow run %s as %s: %s", run_id, self.status, end_error
-            )
+            logger.warning("could not end MLflow run %s as %s: %s", run_id, self.status, one_line(end_error))
         return False  # never swallow the exception
 
 
@@ -199,9 +247,9 @@ def _tag_error(run_id: str, exc: BaseException) -> None:
     try:
         client = MlflowClient()
         client.set_tag(run_id, "error.type", type(exc).__name__)
-        client.set_tag(run_id, "error.message", str(exc)[:4000] or type(exc).__name__)
+        client.set_tag(run_id, "error.message", one_line(exc, limit=ERROR_MESSAGE_LIMIT) or type(exc).__name__)
     except Exception as e:  # noqa: BLE001 - best effort: the status matters more
-        logger.warning("could not tag MLflow run %s with the error: %s", run_id, e)
+        logger.warning("could not tag MLflow run %s with the error: %s", run_id, one_line(e))
 
 
 def _end_fluent(run_id: str, status: str) -> None:
@@ -247,4 +295,30 @@ def end_running_children(
         client.set_terminated(child.info.run_id, status)
         client.set_tag(child.info.run_id, "error.type", "orphaned")
         ended.append(child.info.run_id)
+    return ended
+
+
+def sweep_stale_runs(
+    client: MlflowClient, experiment_id: str, tags: dict[str, str] | None = None, status: str = KILLED
+) -> list[str]:
+    """End RUNNING runs of ``experiment_id`` (optionally only those with all of ``tags``,
+    e.g. ``{"cfcml.study": name}``) whose owning process on this host is gone, and their
+    RUNNING children; returns the ids ended. Runs of live processes, of other hosts or
+    without owner tags are left alone. Call it when a study starts."""
+    conditions = [f"attributes.status = '{RUNNING}'"]
+    for key, value in (tags or {}).items():
+        conditions.append(f"tags.`{key}` = '{value.replace(chr(39), chr(39) * 2)}'")
+    runs = client.search_runs([experiment_id], filter_string=" and ".join(conditions), max_results=10000)
+    ended: list[str] = []
+    for run in runs:
+        if owner_alive(run.data.tags) is not False or run.info.run_id in ended:
+            continue
+        owner = f"{run.data.tags.get(TAG_HOST)}:{run.data.tags.get(TAG_PID)}"
+        client.set_terminated(run.info.run_id, status)
+        client.set_tag(run.info.run_id, "error.type", "orphaned")
+        client.set_tag(run.info.run_id, "error.message", f"its process {owner} ended without closing it (killed?)")
+        ended.append(run.info.run_id)
+        ended += [c for c in end_running_children(client, run.info.run_id, status) if c not in ended]
+    if ended:
+        logger.info("ended %d stale RUNNING run(s) of dead processes: %s", len(ended), ", ".join(ended))
     return ended

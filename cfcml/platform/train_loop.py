@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .redact import redact
+
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
@@ -102,7 +104,7 @@ class _Tracker:
                 )  # fmt: skip
                 self.monitor.start()
             except Exception as e:  # noqa: BLE001 - optional telemetry must not fail training
-                log.warning("system metrics disabled: %s", e)
+                log.warning("system metrics disabled: %s", redact(str(e)))
                 self.monitor = None
 
     def log(self, metrics: dict, step: int) -> None:
@@ -116,7 +118,7 @@ class _Tracker:
             for i in range(0, len(batch), 900):  # the server takes at most 1000 per call
                 self.client.log_batch(self.run_id, metrics=batch[i : i + 900])
         except Exception as e:  # noqa: BLE001 - tracking trouble must not kill a trial
-            log.warning("could not log metrics to MLflow run %s: %s", self.run_id, e)
+            log.warning("could not log metrics to MLflow run %s: %s", self.run_id, redact(str(e)))
 
     def close(self) -> None:
         if self.monitor is not None:
@@ -142,7 +144,7 @@ def _maybe_inject_fault(fault: dict | None, rank: int, epoch: int) -> None:
 
         done = ray.train.get_all_reported_checkpoints(timeout_s=60)
     except Exception as e:  # noqa: BLE001 - an alpha API: fall back to a pause
-        log.warning("get_all_reported_checkpoints failed (%s); sleeping instead", e)
+        log.warning("get_all_reported_checkpoints failed (%s); sleeping instead", redact(str(e)))
         time.sleep(10)
         done = []
     marker.parent.mkdir(parents=True, exist_ok=True)

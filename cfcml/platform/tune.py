@@ -40,6 +40,7 @@ from cfcml.datasets.spec import load_spec
 
 from ..config import Config, build_config, parse_overrides, save_config
 from ..models.pretrained import check_pretrained, pretrained_provenance
+from .redact import redact
 from .search_space import SearchSpace, load_search_space, trial_run_name
 from .train_loop import OBJECTIVE
 
@@ -179,14 +180,6 @@ def find_parent_run(client, experiment_id: str, study_path: str) -> str | None:
     runs = client.search_runs([experiment_id], filter_string=f"tags.`{TAG_STUDY_PATH}` = '{study_path}'",
                               order_by=["attributes.start_time DESC"], max_results=1)  # fmt: skip
     return runs[0].info.run_id if runs else None
-
-
-def _redact(url: str) -> str:
-    if "://" in url and "@" in url.split("://", 1)[1]:
-        scheme, rest = url.split("://", 1)
-        creds, host = rest.rsplit("@", 1)
-        return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
-    return url
 
 
 # ----------------------------------------------------------------------------- plots
@@ -394,7 +387,7 @@ def _study_callback_cls():
                 _log_figure(self.client, run_id, loss_fig, "plots/loss.png")
                 terminate_run(self.client, run_id, status)
             except Exception as e:  # noqa: BLE001 - bookkeeping must not stop the study
-                log.warning("could not close the MLflow run of trial %s: %s", trial.trial_id, e)
+                log.warning("could not close the MLflow run of trial %s: %s", trial.trial_id, redact(e))
 
     return StudyCallback
 
@@ -434,7 +427,7 @@ def run_study(spec: StudySpec) -> dict:
 
     from ..engine.protocol import protocol_runs
     from .pyfunc import git_commit, package_versions
-    from .tracking import end_running_children, mlflow_run
+    from .tracking import end_running_children, mlflow_run, sweep_stale_runs
 
     overrides = list(spec.overrides)
     if spec.dataset:
@@ -458,10 +451,10 @@ def run_study(spec: StudySpec) -> dict:
     fs, _ = storage_filesystem(study_path)
     exists = tune.Tuner.can_restore(study_path)
     if exists and not spec.resume:
-        raise StudyError(f"a study already exists at {study_path}: pass --resume to continue it, or another --name")
+        raise StudyError(f"a study already exists at {redact(study_path)}: pass --resume to continue it, or another --name")
     restoring = spec.resume and exists
     if spec.resume and not exists:
-        log.warning("nothing to resume at %s: starting the study", study_path)
+        log.warning("nothing to resume at %s: starting the study", redact(study_path))
     optuna_url = spec.optuna_storage or (
         f"sqlite:///{Path(storage) / f'{name}.optuna.db'}" if "://" not in storage
         else f"sqlite:///{Path('~/.cache/cfcml/optuna').expanduser() / f'{name}.db'}"
@@ -471,7 +464,7 @@ def run_study(spec: StudySpec) -> dict:
     if not restoring:
         try:
             optuna.load_study(study_name=name, storage=optuna_url)
-            raise StudyError(f"Optuna study {name!r} already exists in {_redact(optuna_url)}; use --resume or another --name")
+            raise StudyError(f"Optuna study {name!r} already exists in {redact(optuna_url)}; use --resume or another --name")
         except KeyError:
             pass
 
@@ -489,7 +482,8 @@ def run_study(spec: StudySpec) -> dict:
     experiment = spec.experiment or f"cfcml-{cohort_spec.name}"
     exp = client.get_experiment_by_name(experiment)
     experiment_id = exp.experiment_id if exp else client.create_experiment(experiment)
-    parent_id = find_parent_run(client, experiment_id, study_path) if restoring else None
+    sweep_stale_runs(client, experiment_id, tags={TAG_STUDY: name})  # runs whose driver died (SIGKILL, OOM)
+    parent_id = find_parent_run(client, experiment_id, redact(study_path)) if restoring else None
     if parent_id:
         end_running_children(client, parent_id, "KILLED")  # trials that died with the last driver
     digest = cohort.digest()
@@ -499,20 +493,20 @@ def run_study(spec: StudySpec) -> dict:
         mlflow.system_metrics.set_system_metrics_sampling_interval(spec.system_metrics_interval)
     with mlflow_run(
         run_name=name, experiment_id=experiment_id, run_id=parent_id, tracking_uri=tracking_uri,
-        tags={TAG_STUDY: name, TAG_STUDY_PATH: study_path, "optuna.storage": _redact(optuna_url), "optuna.study_name": name,
-              "ray.storage": study_path, "data.digest": digest, "git.commit": commit},
+        tags={TAG_STUDY: name, TAG_STUDY_PATH: redact(study_path), "optuna.storage": redact(optuna_url),
+              "optuna.study_name": name, "ray.storage": redact(study_path), "data.digest": digest, "git.commit": commit},
         log_system_metrics=spec.system_metrics,
     ) as parent:  # fmt: skip
         parent_id = parent.info.run_id
         if not restoring:
             mlflow.log_params({
-                "preset": spec.preset, "dataset": cohort_spec.name, "data": data, "num_samples": spec.num_samples,
+                "preset": spec.preset, "dataset": cohort_spec.name, "data": redact(data), "num_samples": spec.num_samples,
                 "max_concurrent_trials": concurrent, "workers_per_trial": spec.workers_per_trial,
                 "cpus_per_worker": spec.cpus_per_worker, "gpus_per_worker": spec.gpus_per_worker,
                 "epochs": cfg.train.epochs, "search_runs": ",".join(r["name"] for r in runs), "seed": spec.seed,
                 "sampler": "optuna.TPESampler", "scheduler": f"ASHA(time_attr=epoch, grace_period={space.asha['grace_period']}, "
                 f"reduction_factor={space.asha['reduction_factor']})", "metric": space.metric, "mode": space.mode,
-                "max_failures": spec.max_failures, "overrides": " ".join(spec.overrides) or "none",
+                "max_failures": spec.max_failures, "overrides": redact(" ".join(spec.overrides)) or "none",
                 **{f"pretrained.{k}": v for k, v in pretrained_provenance(cfg).items()},
                 **{f"space.{k}": v for k, v in space.describe().items()},
             })  # fmt: skip
@@ -521,9 +515,9 @@ def run_study(spec: StudySpec) -> dict:
                 save_config(cfg, Path(tmp) / "config.yaml")
                 mlflow.log_artifact(str(Path(tmp) / "config.yaml"))
             mlflow.log_text(
-                f"Optuna study '{name}' in {_redact(optuna_url)}\n"
-                f"optuna-dashboard {_redact(optuna_url)}\n"
-                f"python -c \"import optuna; print(optuna.load_study(study_name='{name}', storage='{_redact(optuna_url)}').trials_dataframe())\"\n",
+                f"Optuna study '{name}' in {redact(optuna_url)}\n"
+                f"optuna-dashboard {redact(optuna_url)}\n"
+                f"python -c \"import optuna; print(optuna.load_study(study_name='{name}', storage='{redact(optuna_url)}').trials_dataframe())\"\n",
                 "optuna_study.txt",
             )  # fmt: skip
             mlflow.set_tags({f"version.{k}": v for k, v in package_versions().items()})
@@ -602,10 +596,10 @@ def _after_search(spec, results, cfg, space: SearchSpace, cohort, runs, client, 
     best_cfg = resolve_trial_config(spec.preset, overrides, params, cfg.train.epochs)
     best_run = find_child_run(client, experiment_id, parent_id, trial_id)
     summary = {
-        "study": name, "study_path": study_path, "parent_run_id": parent_id, "experiment_id": experiment_id,
+        "study": name, "study_path": redact(study_path), "parent_run_id": parent_id, "experiment_id": experiment_id,
         "trials": len(results), "best_trial_id": trial_id, "best_run_id": best_run, "best_params": params,
         "best_cv_val_auc": float(best.metrics[objective]), "best_epochs": int(best.metrics.get("epoch", 0)),
-        "optuna_storage": _redact(optuna_url), "tracking_uri": mlflow.get_tracking_uri(),
+        "optuna_storage": redact(optuna_url), "tracking_uri": redact(mlflow.get_tracking_uri()),
     }  # fmt: skip
     mlflow.log_metric("best_cv_val_auc", summary["best_cv_val_auc"])
     mlflow.set_tags({"cfcml.best_trial_id": trial_id, "cfcml.best_run_id": best_run or ""})
@@ -696,6 +690,8 @@ def _log_test(client, parent_id: str, best_run: str | None, test: dict, cfg: Con
 def register_best(spec, cfg, cohort, runs, test, ckpt_dir: Path, work: Path, client, best_run, trial_id, summary, digest,
                   commit, study) -> dict:  # fmt: skip
     """Package the best trial's runs as a pyfunc in its MLflow run and register it."""
+    import mlflow
+
     from .pyfunc import ALIAS, build_package, log_model, package_versions, tag_version
     from .tracking import mlflow_run
 
@@ -708,6 +704,7 @@ def register_best(spec, cfg, cohort, runs, test, ckpt_dir: Path, work: Path, cli
     )  # fmt: skip
     model_name = spec.model_name or f"cfcml-{cohort.spec.name}"
     with mlflow_run(run_id=best_run, nested=True, tracking_uri=spec.tracking_uri) if best_run else nullcontext():
+        mlflow.log_param("data.digest", digest)  # the promotion gate compares it between versions
         info = log_model(package, cohort.spec, registered_model_name=model_name,
                          metadata={"trial_id": trial_id, "study": study, "cv_val_auc": summary["best_cv_val_auc"]})
     version = str(info.registered_model_version)
