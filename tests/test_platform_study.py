@@ -338,3 +338,38 @@ def test_study_end_to_end_with_fault_interrupt_resume_registry_and_predict(stack
     assert out.loc[0, "status"] == "ok" and out.loc[0, "inputs_missing"] == "FLAIR_C,age"
     assert "FLAIR_C" not in out.loc[0, "inputs_used"].split(",") and abs(out.loc[0, ["prob_G1", "prob_G2inv", "prob_G2ninv"]].sum() - 1) < 1e-4
     assert out.loc[1, "status"].startswith("not scored: ADC: image file") and out.loc[1, "pred"] == ""
+
+
+def test_a_cohort_described_only_by_a_schema_tunes_registers_and_predicts(stack, cache_dir, client_env, tmp_path):
+    """The third cohort, unlike MEN and Derm7pt (4 series, 2 classes, 3 attributes): the generic
+    job, registry and `cfcml predict` take it with no code change."""
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    from cfcml.cli import main as cfcml_main
+
+    schema = ROOT / "examples" / "glioma-demo.yaml"
+    data = tmp_path / "glioma"
+    assert cfcml_main(["synth", "--dataset", str(schema), "--out", str(data), "--patients", "48"]) == 0
+    url = stack["mlflow"].url
+    cmd = [
+        sys.executable, str(ROOT / "jobs" / "tune.py"), "--dataset", str(schema), "--preset", "men-smoke",
+        "--data", str(data), "--name", "glioma", "--num-samples", "2", "--epochs", "1", "--search-runs", "1",
+        "--storage", str(tmp_path / "ray_results"), "--tracking-uri", url, "--ray-address", stack["ray"].address,
+        "--set", f"data.cache_dir={cache_dir}", *[a for s in [*SMALL, "train.batch_size=6"] for a in ("--set", s)],
+        "--json-out", str(tmp_path / "summary.json"), "--no-system-metrics",
+    ]  # fmt: skip
+    out = subprocess.run(cmd, check=False, capture_output=True, text=True, env={**os.environ, **client_env},
+                         cwd=tmp_path, timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["model_uri"] == "models:/cfcml-glioma-demo@challenger"
+    assert set(summary["test"]) >= {"sen", "spe", "auprc", "auprc_label", "auc"}  # the binary metric set
+    client = MlflowClient(url)
+    assert client.get_experiment_by_name("cfcml-glioma-demo") is not None
+    preds_path = tmp_path / "preds.csv"
+    assert cfcml_main(["predict", "--model", "models:/cfcml-glioma-demo@challenger", "--data", str(data),
+                       "--out", str(preds_path), "--tracking-uri", url]) == 0  # fmt: skip
+    preds = pd.read_csv(preds_path)
+    assert len(preds) == 48 and list(preds.columns[3:5]) == ["prob_LGG", "prob_HGG"]
+    assert (preds["status"] == "ok").all() and set(preds["pred"]) <= {"LGG", "HGG"}

@@ -35,7 +35,7 @@ class PathFinder:
         if folder not in self._listings:
             try:
                 self._listings[folder] = sorted(os.listdir(folder))
-            except (FileNotFoundError, NotADirectoryError, PermissionError):
+            except OSError:  # missing, not a folder, no permission, a symlink loop
                 self._listings[folder] = None
         return self._listings[folder]
 

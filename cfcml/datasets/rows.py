@@ -40,12 +40,14 @@ def parse_attribute(a: Attribute, text: str) -> tuple[object, str, str | None]:
         x = float(text)
     except ValueError:
         return None, "", f"'{text}' is not a number"
-    if not math.isfinite(x) or abs(x) > MAX_ABS_NUMBER:
-        return None, "", f"'{text}' is not a finite number of sensible size"
+    if not math.isfinite(x):
+        return None, "", f"'{text}' is not a finite number"
     if a.min is not None and x < a.min:
         return None, "", f"{text} is below the minimum {a.min:g} the schema allows"
     if a.max is not None and x > a.max:
         return None, "", f"{text} is above the maximum {a.max:g} the schema allows"
+    if abs(x) > MAX_ABS_NUMBER:
+        return None, "", f"{text} is too large to be a measurement (give the schema a min/max if it is one)"
     return x, text, None
 
 

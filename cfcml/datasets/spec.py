@@ -344,6 +344,8 @@ def spec_from_dict(raw: Any, source: str = "<schema>") -> DatasetSpec:
     if kind not in IMAGE_KINDS:
         img.fail("kind", f"{kind!r} is not one of {', '.join(IMAGE_KINDS)}")
     series = img.names("series")
+    if "mask" in series:
+        img.fail("series", "'mask' names the ROI (images.mask), not a series")
     path = img.get("path", (str, dict))
     if isinstance(path, str):
         paths = {s: _path_template(path, img, "path", series) for s in series}
