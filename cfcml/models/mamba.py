@@ -121,13 +121,14 @@ class Mamba(nn.Module):
         but CPU autograd of a depthwise Conv1d is several times slower than these few products.
         """
         k, seqlen = self.d_conv, x.shape[1]
-        w = self.conv1d.weight[:, 0].t()  # [k, d_inner]; tap k-1 sees the current step
+        # [k, d_inner], contiguous rows (a strided weight row halves the multiply's speed);
+        # tap k-1 sees the current step.
+        w = self.conv1d.weight[:, 0].t().contiguous()
         x = F.pad(x, (0, 0, k - 1, 0))
-        out = x[:, k - 1 :] * w[k - 1]
+        bias = self.conv1d.bias
+        out = x[:, k - 1 :] * w[k - 1] if bias is None else torch.addcmul(bias, x[:, k - 1 :], w[k - 1])
         for i in range(k - 1):
-            out = out + x[:, i : i + seqlen] * w[i]
-        if self.conv1d.bias is not None:
-            out = out + self.conv1d.bias
+            out = torch.addcmul(out, x[:, i : i + seqlen], w[i])
         return out
 
     def _fused(self, hidden_states: Tensor):

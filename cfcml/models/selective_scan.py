@@ -44,43 +44,30 @@ _LOG2E = 1.0 / math.log(2.0)
 # ------------------------------------------------------------------------- chunked scan
 
 
-def _chunk_major(t: Tensor, chunk: int, num_chunks: int) -> Tensor:
-    """[Bt, L, K] -> [num_chunks, Bt, chunk, K], contiguous, zero-padded at the end of time."""
-    bt, length, k = t.shape
-    out = t.new_zeros(num_chunks, bt, chunk, k)
-    view = out.permute(1, 0, 2, 3)  # [Bt, nc, T, K] view of out
-    full, rest = divmod(length, chunk)
-    if full:
-        view[:, :full].copy_(t[:, : full * chunk].unflatten(1, (full, chunk)))
-    if rest:
-        view[:, full, :rest].copy_(t[:, full * chunk :])
-    return out
-
-
-def _from_chunk_major(t: Tensor, length: int) -> Tensor:
-    """[num_chunks, Bt, chunk, K] -> [Bt, length, K]."""
-    nc, bt, chunk, k = t.shape
-    return t.permute(1, 0, 2, 3).reshape(bt, nc * chunk, k)[:, :length]
-
-
 def _chunk_states(delta, x, B, A2, h0, a, h, a_steps, h_steps) -> None:
-    """Decays and states of one chunk, written into ``a`` and ``h`` ([Bt, T, N, D]).
+    """Decays and states of one chunk of n steps, written into ``a`` and ``h`` ([Bt, n, N, D]).
 
-    delta, x: [Bt, T, D]; B: [Bt, T, N]; A2 = A^T log2(e): [N, D]; h0: state entering [Bt, N, D].
+    delta, x: [Bt, n, D]; B: [Bt, n, N]; A2 = A^T log2(e): [N, D]; h0: state entering [Bt, N, D].
     a_t = exp(delta_t A) = exp2(delta_t A2);  h_t = a_t h_{t-1} + x_t B_t  (x = delta u).
-    ``a_steps``/``h_steps`` are ``a.unbind(1)``/``h.unbind(1)``, made once per call.
+    ``a_steps``/``h_steps``: the per-step views of the chunk buffers (``unbind(1)``, made once).
     """
     torch.mul(delta.unsqueeze(2), A2, out=a).exp2_()
     torch.mul(x.unsqueeze(2), B.unsqueeze(3), out=h)
     h_steps[0].addcmul_(a_steps[0], h0)
-    for t in range(1, len(h_steps)):
+    for t in range(1, a.shape[1]):
         h_steps[t].addcmul_(a_steps[t], h_steps[t - 1])
+
+
+def _chunks(length: int, chunk: int):
+    """(slice of time, steps) of each chunk, in order."""
+    return [(slice(t0, min(t0 + chunk, length)), min(chunk, length - t0)) for t0 in range(0, length, chunk)]
 
 
 class _ChunkedScan(torch.autograd.Function):
     """(y, h_last) = scan(delta, x, A, B, C); delta, x: [Bt, L, D]; A: [D, N]; B, C: [Bt, L, N].
 
     y: [Bt, L, D]; h_last: [Bt, D, N]. All inputs share one float dtype (the compute dtype).
+    Chunks are read and written as time slices of these tensors (no reordering copies).
     """
 
     @staticmethod
@@ -89,72 +76,62 @@ class _ChunkedScan(torch.autograd.Function):
             bt, length, d = delta.shape
             n = A.shape[1]
             chunk = min(chunk, length)
-            nc = -(-length // chunk)
-            dl, xs, Bs, Cs = (_chunk_major(t, chunk, nc) for t in (delta, x, B, C))
+            chunks = _chunks(length, chunk)
             A2 = (A.t() * _LOG2E).contiguous()  # [N, D]
-            states = delta.new_empty(nc + 1, bt, n, d)  # states[c]: the state entering chunk c
+            states = delta.new_empty(len(chunks) + 1, bt, n, d)  # states[c]: the state entering chunk c
             states[0] = 0
-            y = delta.new_empty(nc, bt, chunk, d)
-            a = delta.new_empty(bt, chunk, n, d)
-            h = torch.empty_like(a)
-            a_steps, h_steps = a.unbind(1), h.unbind(1)
-            for c in range(nc):
-                _chunk_states(dl[c], xs[c], Bs[c], A2, states[c], a, h, a_steps, h_steps)
-                states[c + 1].copy_(h_steps[-1])
+            y = delta.new_empty(bt, length, d)
+            a_buf = delta.new_empty(bt, chunk, n, d)
+            h_buf = torch.empty_like(a_buf)
+            a_steps, h_steps = a_buf.unbind(1), h_buf.unbind(1)
+            for c, (ts, steps) in enumerate(chunks):
+                a, h = a_buf[:, :steps], h_buf[:, :steps]
+                _chunk_states(delta[:, ts], x[:, ts], B[:, ts], A2, states[c], a, h, a_steps, h_steps)
+                states[c + 1].copy_(h_steps[steps - 1])
                 # y_t = <C_t, h_t>: a [1, N] @ [N, D] product per (b, t).
-                torch.bmm(Cs[c].view(-1, 1, n), h.view(-1, n, d), out=y[c].view(-1, 1, d))
-        ctx.save_for_backward(dl, xs, A, Bs, Cs, states)
-        ctx.length = length
-        return _from_chunk_major(y, length), states[-1].transpose(1, 2)
+                torch.matmul(C[:, ts].unsqueeze(2), h, out=y[:, ts].unsqueeze(2))
+        ctx.save_for_backward(delta, x, A, B, C, states)
+        ctx.chunk = chunk
+        return y, states[-1].transpose(1, 2)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y: Tensor, grad_last: Tensor):
-        dl, xs, A, Bs, Cs, states = ctx.saved_tensors
-        nc, bt, chunk, d = dl.shape
+        delta, x, A, B, C, states = ctx.saved_tensors
+        bt, length, d = delta.shape
         n = A.shape[1]
-        with torch.autocast(dl.device.type, enabled=False):
-            gys = _chunk_major(grad_y.to(dl.dtype), chunk, nc)
+        chunk = ctx.chunk
+        with torch.autocast(delta.device.type, enabled=False):
+            gy = grad_y.to(delta.dtype)
             A_nd = A.t().contiguous()
             A2 = A_nd * _LOG2E
-            g_delta, g_x = torch.empty_like(dl), torch.empty_like(xs)
-            g_B, g_C = torch.empty_like(Bs), torch.empty_like(Cs)
+            g_delta, g_x = torch.empty_like(delta), torch.empty_like(x)
+            g_B, g_C = torch.empty_like(B), torch.empty_like(C)
             g_A = A_nd.new_zeros(n, d)
-            a = dl.new_empty(bt, chunk, n, d)
-            h, g, tmp = torch.empty_like(a), torch.empty_like(a), torch.empty_like(a)
-            a_steps, h_steps, g_steps = a.unbind(1), h.unbind(1), g.unbind(1)
+            a_buf = delta.new_empty(bt, chunk, n, d)
+            h_buf, g_buf, tmp_buf = torch.empty_like(a_buf), torch.empty_like(a_buf), torch.empty_like(a_buf)
+            a_steps, h_steps, g_steps = a_buf.unbind(1), h_buf.unbind(1), g_buf.unbind(1)
             # dLoss/d(state leaving the current chunk), carried backwards across chunks.
-            g_carry = grad_last.to(dl.dtype).transpose(1, 2)
-            for c in reversed(range(nc)):
-                _chunk_states(dl[c], xs[c], Bs[c], A2, states[c], a, h, a_steps, h_steps)
+            g_carry = grad_last.to(delta.dtype).transpose(1, 2)
+            for c, (ts, steps) in reversed(list(enumerate(_chunks(length, chunk)))):
+                a, h, g, tmp = a_buf[:, :steps], h_buf[:, :steps], g_buf[:, :steps], tmp_buf[:, :steps]
+                _chunk_states(delta[:, ts], x[:, ts], B[:, ts], A2, states[c], a, h, a_steps, h_steps)
                 # g_t = dLoss/dh_t = gy_t C_t + a_{t+1} g_{t+1}: the recurrence run backwards.
-                torch.mul(gys[c].unsqueeze(2), Cs[c].unsqueeze(3), out=g)
-                g_steps[-1].add_(g_carry)
-                for t in range(chunk - 2, -1, -1):
+                torch.mul(gy[:, ts].unsqueeze(2), C[:, ts].unsqueeze(3), out=g)
+                g_steps[steps - 1].add_(g_carry)
+                for t in range(steps - 2, -1, -1):
                     g_steps[t].addcmul_(a_steps[t + 1], g_steps[t + 1])
                 g_carry = a_steps[0] * g_steps[0]
-                torch.mul(h, gys[c].unsqueeze(2), out=tmp)
-                torch.sum(tmp, -1, out=g_C[c])  # sum over D
-                torch.bmm(Bs[c].view(-1, 1, n), g.view(-1, n, d), out=g_x[c].view(-1, 1, d))
-                torch.mul(g, xs[c].unsqueeze(2), out=tmp)
-                torch.sum(tmp, -1, out=g_B[c])
-                # dLoss/d(delta_t A) = g_t * a_t h_{t-1}, built in place of a.
+                torch.sum(torch.mul(h, gy[:, ts].unsqueeze(2), out=tmp), -1, out=g_C[:, ts])  # over D
+                torch.matmul(B[:, ts].unsqueeze(2), g, out=g_x[:, ts].unsqueeze(2))  # over N
+                torch.sum(torch.mul(g, x[:, ts].unsqueeze(2), out=tmp), -1, out=g_B[:, ts])
+                # dLoss/d(delta_t A) = g_t a_t h_{t-1}, built in place of a.
                 a[:, 1:].mul_(h[:, :-1])
                 a_steps[0].mul_(states[c])
                 a.mul_(g)
-                torch.mul(a, A_nd, out=tmp)
-                torch.sum(tmp, 2, out=g_delta[c])  # sum over N
-                torch.mul(a, dl[c].unsqueeze(2), out=tmp)
-                g_A += tmp.sum((0, 1))
-        length = ctx.length
-        return (
-            _from_chunk_major(g_delta, length),
-            _from_chunk_major(g_x, length),
-            g_A.t(),
-            _from_chunk_major(g_B, length),
-            _from_chunk_major(g_C, length),
-            None,
-        )
+                torch.sum(torch.mul(a, A_nd, out=tmp), 2, out=g_delta[:, ts])  # over N
+                g_A += torch.mul(a, delta[:, ts].unsqueeze(2), out=tmp).sum((0, 1))
+        return g_delta, g_x, g_A.t(), g_B, g_C, None
 
 
 # ------------------------------------------------------------------------ log-depth scan
