@@ -185,6 +185,12 @@ class _LinearRecurrence(torch.autograd.Function):
         return grad_a, g
 
 
+@torch.compiler.disable  # a Python loop over time steps: torch.compile would unroll it
+def _chunked(delta: Tensor, x: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
+    return _ChunkedScan.apply(delta, x, A, B, C, chunk)
+
+
+@torch.compiler.disable  # recursion over ~log2(L) levels: left to eager mode
 def _logdepth(delta: Tensor, x: Tensor, A: Tensor, B: Tensor, C: Tensor) -> tuple[Tensor, Tensor]:
     """The log-depth scan over the whole sequence; same layouts as ``_ChunkedScan``."""
     dt = delta.transpose(0, 1)  # [L, Bt, D]
@@ -230,7 +236,7 @@ def selective_scan_bld(
         delta = F.softplus(delta)
     x = delta * u
     if impl == "chunked":
-        y, last = _ChunkedScan.apply(delta, x, A, B, C, chunk_size)
+        y, last = _chunked(delta, x, A, B, C, chunk_size)
     else:
         y, last = _logdepth(delta, x, A, B, C)
     if D is not None:
