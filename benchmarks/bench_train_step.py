@@ -146,7 +146,8 @@ def main() -> None:
 
     peak, peak_what = peak_gflops(device)
     gflop = 3 * forward_gflops(cfg, args.batch)
-    threads = f", {torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}" if not cuda else ""
+    omp = os.environ["OMP_WAIT_POLICY"]
+    threads = f", {torch.get_num_threads()} threads, OMP_WAIT_POLICY={omp}" if not cuda else ""
     print(f"peak: {peak_what} {peak:.1f} GFLOP/s{threads}; train step {gflop:.1f} GFLOP (3 x forward)")
     if cuda:
         print(f"cuda bf16 vs cpu fp32 logits: max relative difference {check_against_cpu(cfg, device):.4f}")

@@ -319,6 +319,21 @@ def test_checkpoints_load_across_scan_implementations():
         torch.testing.assert_close(g_log, g_chunk, rtol=1e-4, atol=1e-4 * g_chunk.abs().max().item())
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("impl", ["chunked", "logdepth"])
+def test_pure_pytorch_scans_on_cuda_match_cpu(impl):
+    x = {k: v.float().requires_grad_() for k, v in random_scan_inputs(L=300).items()}
+    xc = {k: v.detach().cuda().requires_grad_() for k, v in x.items()}
+    y = selective_scan(**x, delta_softplus=True, impl=impl)
+    yc = selective_scan(**xc, delta_softplus=True, impl=impl)
+    torch.testing.assert_close(yc.cpu(), y, rtol=1e-4, atol=1e-4)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, list(x.values()), g)
+    grads_cuda = torch.autograd.grad(yc, list(xc.values()), g.cuda())
+    for gr, grc in zip(grads, grads_cuda):
+        torch.testing.assert_close(grc.cpu(), gr, rtol=1e-3, atol=1e-4 * gr.abs().max().item())
+
+
 @pytest.mark.skipif(
     not (torch.cuda.is_available() and importlib.util.find_spec("mamba_ssm")),
     reason="needs CUDA and mamba-ssm",
