@@ -13,14 +13,16 @@ step. A hand-written backward walks the chunks in reverse and rebuilds each from
 that entered it, so memory is the inputs plus one state per chunk (never [B, D, N, L]).
 Why not the closed form of a chunk (decays from cumulative sums of delta * A, as in Mamba-2's
 SSD)? With a decay per (d, n) it costs ~T/2 exponentials per state element where the
-recurrence costs one, and on CPU that made it 6x slower; cumsum-based factorisations need
-exp of positive sums, which overflow. Numerics here: decays enter one step at a time into a
-state bounded by the inputs, so nothing is exponentiated above 0 and nothing overflows in
-float32 for any delta * A <= 0. exp is computed as exp2 (3.7x faster on CPU, same accuracy).
+recurrence costs one: a forward-only prototype was 6x slower on CPU at MEN's stage-1 sizes;
+cumsum-based factorisations need exp of positive sums, which overflow. Numerics here: decays
+enter one step at a time into a state bounded by the inputs, so nothing is exponentiated
+above 0 and nothing overflows in float32 for any delta >= 0 (delta * A <= 0). exp is
+computed as exp2 (3.7x faster on this CPU, same accuracy).
 
 ``logdepth``: the previous parallel scan (odd/even reduction over the whole [L, B, D, N]),
-kept selectable for comparison and for GPUs, where it needs ~log2(L) kernels per level
-instead of L small ones.
+kept selectable for comparison; it keeps decays and states for the backward (2 x [L, B, D, N])
+but launches O(log L) kernels where the chunked scan launches one per time step, which may
+suit a GPU without mamba-ssm (not measured).
 
 Everything is computed in float32 (float64 for float64 inputs), whatever the input dtype.
 """
