@@ -32,6 +32,7 @@ class ModelConfig:
     image_encoder: str = "nnmamba3d"  # nnmamba3d | swin_t
     image_channels: int = 16  # nnMamba base width C
     mamba_d_state: int = 16  # nnMamba's SSM state size N
+    scan_impl: str = "auto"  # auto (mamba-ssm kernels on CUDA if installed, else chunked) | chunked | logdepth
     image_pretrained: str = "none"  # Swin-T: required (refuse to train without) | none | a checkpoint path | a timm hub name
     swin_variant: str = "tiny"  # tiny (the paper's Swin-T) | micro (smoke presets)
     swin_detach_early_stages: bool = False  # the authors' behaviour: only stage 4 trains Swin
@@ -101,6 +102,7 @@ CHOICES = {
     "data.color": {"rgb_imagenet", "bgr_255"},
     "data.augment": {"authors", "default"},
     "model.image_encoder": {"nnmamba3d", "swin_t"},
+    "model.scan_impl": {"auto", "chunked", "logdepth"},
     "model.text_encoder": {"clip"},
     "model.swin_variant": {"tiny", "micro"},
     "model.tabular_embedding": {"clip", "mlp"},

@@ -171,9 +171,8 @@ def test_module_mismatch_names_keys_and_shapes(tmp_path):
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     """One epoch of a tiny Derm7pt run: its last.pt / best.pt are what --resume and Ray restore read."""
-    from cfcml.datasets import write_synthetic
-
     from cfcml.config import build_config
+    from cfcml.datasets import write_synthetic
     from cfcml.engine.run import TrainingRun
 
     base = tmp_path_factory.mktemp("ckpt")

@@ -42,7 +42,7 @@ def copy(src: Path, tmp_path: Path) -> Path:
 
 def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    return subprocess.run([sys.executable, "-m", "cfcml.cli", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "cfcml.cli", *map(str, args)], check=False, capture_output=True, text=True,
                           env=env, cwd=cwd, timeout=600)  # fmt: skip
 
 

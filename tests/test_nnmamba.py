@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from cfcml.models.mamba import Mamba
 from cfcml.models.nnmamba import NNMambaEncoder3D
 
 
@@ -65,3 +66,22 @@ def test_smoke_size_shapes_and_gradient_reaches_every_parameter():
     for name, p in enc.named_parameters():
         assert p.grad is not None, name
         assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+def test_scan_impl_reaches_every_mamba_block_and_checkpoints_load_across_impls():
+    from cfcml.config import build_config
+    from cfcml.models.cfcml import build_image_encoder
+
+    encs = {}
+    for impl in ("chunked", "logdepth"):
+        torch.manual_seed(0)
+        encs[impl] = build_image_encoder(build_config("men-smoke", [f"model.scan_impl={impl}"])).eval()
+        blocks = [m for m in encs[impl].modules() if isinstance(m, Mamba)]
+        assert len(blocks) == 3 and all(b.scan_impl == impl for b in blocks)
+    state = encs["chunked"].state_dict()
+    assert encs["logdepth"].state_dict().keys() == state.keys()
+    encs["logdepth"].load_state_dict(state, strict=True)
+    x = torch.randn(2, 1, 8, 32, 32)
+    with torch.no_grad():
+        for a, b in zip(encs["chunked"](x), encs["logdepth"](x)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

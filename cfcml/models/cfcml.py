@@ -30,7 +30,7 @@ def build_image_encoder(cfg: Config) -> nn.Module:
     if m.image_encoder == "nnmamba3d":
         from .nnmamba import NNMambaEncoder3D
 
-        return NNMambaEncoder3D(in_channels=1, base_channels=m.image_channels, d_state=m.mamba_d_state)
+        return NNMambaEncoder3D(1, m.image_channels, d_state=m.mamba_d_state, scan_impl=m.scan_impl)
     from .swin import SwinEncoder2D
 
     if cfg.data.image_size[0] != cfg.data.image_size[1]:

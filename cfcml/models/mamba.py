@@ -1,15 +1,10 @@
-"""Mamba-1 block with a pure-PyTorch selective scan (and mamba-ssm's kernels when present).
+"""Mamba-1 block: mamba-ssm's fused kernels when present, a pure-PyTorch selective scan otherwise.
 
 ``Mamba`` has exactly the parameters of ``mamba_ssm.Mamba`` (``in_proj, conv1d, x_proj,
-dt_proj, A_log, D, out_proj``), so checkpoints move freely between machines with and without
-the compiled kernels. On CUDA tensors with ``mamba_ssm`` importable the fused kernels run;
-everywhere else ``selective_scan`` below does.
-
-The scan solves the linear recurrence h_t = a_t * h_{t-1} + b_t with a log-depth odd/even
-(Blelloch-style) reduction: ~log2(L) vectorised levels, no Python loop over time steps. The
-decays a_t = exp(delta_t * A) are used one step at a time and only ever multiplied together,
-so with A < 0 nothing is larger than 1 (no exp of a positive cumulative sum, no overflow).
-The backward pass is the same recurrence run in reverse, so autograd keeps only a and h.
+dt_proj, A_log, D, out_proj``), so checkpoints move freely between machines and between scan
+implementations. ``scan_impl`` picks the scan: ``auto`` runs mamba-ssm's fused kernels on CUDA
+tensors when they import and the chunked pure-PyTorch scan everywhere else; ``chunked`` and
+``logdepth`` force a pure-PyTorch scan (see ``cfcml.models.selective_scan``).
 """
 
 from __future__ import annotations
@@ -21,108 +16,12 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
-__all__ = ["Mamba", "selective_scan"]
+from .selective_scan import DEFAULT_CHUNK, SCAN_IMPLS, selective_scan, selective_scan_bld
 
+__all__ = ["MAMBA_SCAN_IMPLS", "Mamba", "selective_scan"]
 
-# ---------------------------------------------------------------------------- scan
-
-
-def _scan(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
-    """Inclusive scan of h_t = a_t * h_{t-1} + b_t along dim 0, h_{-1} = 0.
-
-    a, b: [L, ...] (same shape). Returns h: [L, ...], written into ``out`` if given (any
-    strided view: the recursion writes each level straight into its slots, no interleaving
-    copies). Time is the leading dim so each strided slice is a run of contiguous rows.
-    """
-    n = a.shape[0]
-    if out is None:
-        out = torch.empty_like(b)
-    if n == 1:
-        return out.copy_(b)
-    a_even, a_odd = a[0 : n - 1 : 2], a[1::2]
-    b_even, b_odd = b[0 : n - 1 : 2], b[1::2]
-    # Fold each pair (2i, 2i+1) into one step; scanning the pairs gives h at odd positions.
-    _scan(a_odd * a_even, torch.addcmul(b_odd, a_odd, b_even), out=out[1::2])
-    # Each even position is one step on from the odd state before it (zero before t=0).
-    out[0] = b[0]
-    if n > 2:
-        torch.addcmul(b[2::2], a[2::2], out[1 : n - 1 : 2], out=out[2::2])
-    return out
-
-
-class _LinearRecurrence(torch.autograd.Function):
-    """h = scan(a, b) with a hand-written backward (another scan, run back to front)."""
-
-    @staticmethod
-    def forward(ctx, a: Tensor, b: Tensor) -> Tensor:
-        h = _scan(a, b)
-        ctx.save_for_backward(a, h)
-        return h
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_h: Tensor):
-        a, h = ctx.saved_tensors
-        # g_t = dLoss/dh_t (total) = grad_h_t + a_{t+1} g_{t+1}: the recurrence reversed.
-        # In reversed time step s uses a_{L-s}; step 0 acts on a zero state, so a_rev[0] is free.
-        a_rev = torch.empty_like(a)
-        a_rev[0] = 0
-        a_rev[1:] = a[1:].flip(0)
-        g = _scan(a_rev, grad_h.flip(0)).flip(0)
-        grad_a = torch.empty_like(a)
-        grad_a[0] = 0  # h_{-1} = 0
-        torch.mul(g[1:], h[:-1], out=grad_a[1:])
-        return grad_a, g
-
-
-def selective_scan(
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Tensor | None = None,
-    z: Tensor | None = None,
-    delta_bias: Tensor | None = None,
-    delta_softplus: bool = False,
-    return_last_state: bool = False,
-):
-    """Pure-PyTorch twin of ``mamba_ssm``'s ``selective_scan_fn`` (input-dependent B and C).
-
-    u, delta: [B, D, L]; A: [D, N] (real); B, C: [B, N, L]; D, delta_bias: [D]; z: [B, D, L].
-    Per channel d and state n:  h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t,
-    y_t = <C_t, h_t> + D u_t, then y *= silu(z).
-    Returns y [B, D, L] in u's dtype (and the last state [B, D, N] if return_last_state).
-    Computes in float32, or float64 when the inputs are float64.
-    """
-    if B.dim() != 3 or C.dim() != 3:
-        raise ValueError(
-            "selective_scan supports input-dependent B, C of shape [B, N, L] only"
-        )
-    dtype_in = u.dtype
-    ct = torch.promote_types(dtype_in, torch.float32)
-    u, delta, A, B, C = (t.to(ct) for t in (u, delta, A, B, C))
-    if delta_bias is not None:
-        delta = delta + delta_bias.to(ct)[:, None]
-    if delta_softplus:
-        delta = F.softplus(delta)
-
-    # Time-major layout [L, B, D, N] for the scan.
-    dt = delta.permute(2, 0, 1)  # [L, B, D]
-    a = torch.exp(dt.unsqueeze(-1) * A)  # [L, B, D, N]
-    b = (dt * u.permute(2, 0, 1)).unsqueeze(-1) * B.permute(2, 0, 1).unsqueeze(2)
-    h = _LinearRecurrence.apply(a, b)  # [L, B, D, N]
-    # <C_t, h_t> as a broadcast product and sum: on CPU ~1.4x faster than einsum's bmm here.
-    y = (h * C.permute(2, 0, 1).unsqueeze(2)).sum(-1).permute(1, 2, 0)  # [B, D, L]
-
-    if D is not None:
-        y = y + u * D.to(ct)[:, None]
-    if z is not None:
-        y = y * F.silu(z.to(ct))
-    y = y.to(dtype_in)
-    return (y, h[-1]) if return_last_state else y
+MAMBA_SCAN_IMPLS = ("auto", *SCAN_IMPLS)
 
 
 # ---------------------------------------------------------------------------- block
@@ -157,8 +56,8 @@ def _fused_ops() -> SimpleNamespace | None:
 class Mamba(nn.Module):
     """Mamba-1 block, parameter-compatible with ``mamba_ssm.Mamba``.
 
-    On CUDA, mamba-ssm's kernels run when they import (``use_kernels=False`` opts out).
-    forward: hidden_states [B, L, d_model] -> [B, L, d_model].
+    scan_impl: auto (mamba-ssm's kernels on CUDA when they import, else chunked) | chunked |
+    logdepth. forward: hidden_states [B, L, d_model] -> [B, L, d_model].
     """
 
     def __init__(
@@ -173,11 +72,14 @@ class Mamba(nn.Module):
         dt_init_floor: float = 1e-4,
         conv_bias: bool = True,
         bias: bool = False,
-        use_kernels: bool = True,
+        scan_impl: str = "auto",
+        chunk_size: int = DEFAULT_CHUNK,
     ):
         super().__init__()
-        # False forces the pure-PyTorch path (tests, benchmarks).
-        self.use_kernels = use_kernels
+        if scan_impl not in MAMBA_SCAN_IMPLS:
+            raise ValueError(f"scan_impl must be one of {MAMBA_SCAN_IMPLS}, got {scan_impl!r}")
+        self.scan_impl = scan_impl
+        self.chunk_size = chunk_size
         self.d_model = d_model
         self.d_state = d_state
         self.d_conv = d_conv
@@ -213,38 +115,55 @@ class Mamba(nn.Module):
         self.out_proj = nn.Linear(d_inner, d_model, bias=bias)
 
     def _causal_conv(self, x: Tensor) -> Tensor:
-        """Causal depthwise conv with ``conv1d``'s weights, x [B, d_inner, L] -> same shape.
+        """Causal depthwise conv with ``conv1d``'s weights along dim 1: x [B, L, d_inner] -> same.
 
-        Written as d_conv shifted multiply-adds: same result as ``conv1d(x)[..., :L]``, but
-        CPU autograd of a depthwise Conv1d is several times slower than these few products.
+        Written as d_conv shifted multiply-adds: same result as ``conv1d`` over time cut to L,
+        but CPU autograd of a depthwise Conv1d is several times slower than these few products.
         """
-        k, seqlen = self.d_conv, x.shape[-1]
-        w = self.conv1d.weight[:, 0]  # [d_inner, k]
-        x = F.pad(x, (k - 1, 0))
-        out = sum(w[:, i, None] * x[..., i : i + seqlen] for i in range(k))
-        if self.conv1d.bias is not None:
-            out = out + self.conv1d.bias[:, None]
+        k, seqlen = self.d_conv, x.shape[1]
+        # [k, d_inner], contiguous rows (a strided weight row halves the multiply's speed);
+        # tap k-1 sees the current step.
+        w = self.conv1d.weight[:, 0].t().contiguous()
+        x = F.pad(x, (0, 0, k - 1, 0))
+        bias = self.conv1d.bias
+        out = x[:, k - 1 :] * w[k - 1] if bias is None else torch.addcmul(bias, x[:, k - 1 :], w[k - 1])
+        for i in range(k - 1):
+            out = torch.addcmul(out, x[:, i : i + seqlen], w[i])
         return out
 
+    def _fused(self, hidden_states: Tensor):
+        """mamba-ssm's kernels when this call may use them (CUDA, a kernel dtype), else None."""
+        if self.scan_impl != "auto" or not hidden_states.is_cuda or hidden_states.dtype == torch.float64:
+            return None
+        return _fused_ops()
+
     def forward(self, hidden_states: Tensor) -> Tensor:
+        # A, D and the dt bias stay in (at least) float32 even under low-precision weights.
+        A = -torch.exp(_at_least_f32(self.A_log))  # [d_inner, N]
+        D, dt_bias = _at_least_f32(self.D), _at_least_f32(self.dt_proj.bias)
+        fused = self._fused(hidden_states)
+        if fused is not None:
+            return self._forward_fused(hidden_states, fused, A, D, dt_bias)
+
+        # Pure PyTorch, time on dim 1 throughout: [B, L, channels], no transposes.
+        x, z = self.in_proj(hidden_states).chunk(2, dim=-1)  # [B, L, d_inner] each
+        x = F.silu(self._causal_conv(x))
+        dt, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = dt @ self.dt_proj.weight.t()  # [B, L, d_inner]; the bias is added in float32 in the scan
+        impl = "chunked" if self.scan_impl == "auto" else self.scan_impl
+        y = selective_scan_bld(
+            x, dt, A, B, C, D, z=z, delta_bias=dt_bias, delta_softplus=True, impl=impl, chunk_size=self.chunk_size
+        )
+        return self.out_proj(y)
+
+    def _forward_fused(self, hidden_states: Tensor, fused: SimpleNamespace, A: Tensor, D: Tensor, dt_bias: Tensor):
+        """mamba-ssm's kernels, in their [B, channels, L] layout."""
         batch, seqlen, _ = hidden_states.shape
-        # [B, 2*d_inner, L] with L contiguous: the layout the conv and the kernels expect.
         xz = self.in_proj.weight @ hidden_states.reshape(-1, self.d_model).t()
         xz = xz.view(-1, batch, seqlen).transpose(0, 1)
         if self.in_proj.bias is not None:
             xz = xz + self.in_proj.bias.to(xz.dtype)[:, None]
-        # A, D and the dt bias stay in (at least) float32 even under low-precision weights.
-        A = -torch.exp(_at_least_f32(self.A_log))  # [d_inner, N]
-        D, dt_bias = _at_least_f32(self.D), _at_least_f32(self.dt_proj.bias)
-
-        # The kernels take fp32/fp16/bf16; float64 (used by the reference tests) stays here.
-        use_kernels = (
-            self.use_kernels
-            and hidden_states.is_cuda
-            and hidden_states.dtype != torch.float64
-        )
-        fused = _fused_ops() if use_kernels else None
-        if fused is not None and fused.mamba_inner_fn is not None:
+        if fused.mamba_inner_fn is not None:
             return fused.mamba_inner_fn(
                 xz,
                 self.conv1d.weight,
@@ -260,25 +179,17 @@ class Mamba(nn.Module):
                 delta_bias=dt_bias,
                 delta_softplus=True,
             )
-
         x, z = xz.chunk(2, dim=1)
-        x = F.silu(self._causal_conv(x))
+        x = F.silu(self.conv1d(x)[..., :seqlen])
         x_dbl = self.x_proj(x.transpose(1, 2))  # [B, L, R + 2N]
-        dt, B, C = torch.split(
-            x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1
-        )
-        dt = (dt @ self.dt_proj.weight.t()).transpose(
-            1, 2
-        )  # [B, d_inner, L]; bias goes in the scan
-        B = B.transpose(1, 2).contiguous()  # [B, N, L]
-        C = C.transpose(1, 2).contiguous()
-        scan = fused.selective_scan_fn if fused is not None else selective_scan
-        y = scan(
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # [B, d_inner, L]; bias in the kernel
+        y = fused.selective_scan_fn(
             x,
             dt.contiguous(),
             A,
-            B,
-            C,
+            B.transpose(1, 2).contiguous(),  # [B, N, L]
+            C.transpose(1, 2).contiguous(),
             D,
             z=z,
             delta_bias=dt_bias,

@@ -37,11 +37,11 @@ class MambaLayer3D(nn.Module):
     _FLIPS = ((), (2,), (1,), (1, 2))
 
     def __init__(
-        self, channels: int, d_state: int = 16, d_conv: int = 4, expand: int = 2
+        self, channels: int, d_state: int = 16, d_conv: int = 4, expand: int = 2, scan_impl: str = "auto"
     ):
         super().__init__()
         self.proj_in = _conv_bn_relu(channels, channels, 1)
-        self.mamba = Mamba(channels, d_state=d_state, d_conv=d_conv, expand=expand)
+        self.mamba = Mamba(channels, d_state=d_state, d_conv=d_conv, expand=expand, scan_impl=scan_impl)
         self.proj_out = _conv_bn_relu(channels, channels, 1)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -103,7 +103,8 @@ class NNMambaEncoder3D(nn.Module):
     """Four-stage 3D feature extractor (SPEC §2, one per MRI series).
 
     x [B, in_channels, D, H, W] -> [f1, f2, f3, f4] with channels ``stage_channels`` and
-    spatial sizes D/2, D/4, D/8, D/16 (rounded up; likewise H, W).
+    spatial sizes D/2, D/4, D/8, D/16 (rounded up; likewise H, W). ``scan_impl``: the Mamba
+    branches' selective scan (auto | chunked | logdepth, see ``cfcml.models.mamba``).
     """
 
     def __init__(
@@ -114,6 +115,7 @@ class NNMambaEncoder3D(nn.Module):
         d_state: int = 16,
         d_conv: int = 4,
         expand: int = 2,
+        scan_impl: str = "auto",
     ):
         super().__init__()
         c = base_channels
@@ -121,7 +123,7 @@ class NNMambaEncoder3D(nn.Module):
         self.stem = nn.Sequential(
             *_conv_bn_relu(in_channels, c, 3, stride=2), *_conv_bn_relu(c, c, 3)
         )
-        mamba_kwargs = {"d_state": d_state, "d_conv": d_conv, "expand": expand}
+        mamba_kwargs = {"d_state": d_state, "d_conv": d_conv, "expand": expand, "scan_impl": scan_impl}
         self.stages = nn.ModuleList(
             ResidualStage3D(cin, cout, blocks_per_stage, **mamba_kwargs)
             for cin, cout in zip(self.stage_channels[:-1], self.stage_channels[1:])
