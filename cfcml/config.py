@@ -23,6 +23,7 @@ class DataConfig:
     color: str = "rgb_imagenet"  # photos: rgb_imagenet | bgr_255 (the authors' code)
     aug_prob: float = 0.3
     augment: str = "default"  # Derm7pt: authors (their albumentations pipeline) | default (milder, both photos)
+    device_augment: str = "auto"  # volumes: auto (on CUDA) | always | never: the split on the device, augmented per batch there
     num_workers: int = 2
     cache_dir: str = ".cfcml-cache"
 
@@ -101,6 +102,7 @@ class ConfigError(ValueError):
 CHOICES = {
     "data.color": {"rgb_imagenet", "bgr_255"},
     "data.augment": {"authors", "default"},
+    "data.device_augment": {"auto", "always", "never"},
     "model.image_encoder": {"nnmamba3d", "swin_t"},
     "model.scan_impl": {"auto", "chunked", "logdepth"},
     "model.text_encoder": {"clip"},
@@ -164,6 +166,8 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
         except ValueError:
             raise ConfigError(f"{key}: expected a number, got {value!r}") from None
     if typ is str:
+        if isinstance(value, bool):  # YAML reads on/off/yes/no/true/false as booleans
+            raise ConfigError(f"{key}: expected text, got {str(value).lower()} (quote it if you meant the word)")
         return str(value)
     if getattr(typ, "__origin__", None) is list:
         if not isinstance(value, list):

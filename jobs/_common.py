@@ -27,7 +27,8 @@ def build_parser(prog: str, dataset: str | None, preset: str | None, synth_size:
                    help="cap on concurrent trials (default: as many as the cluster's CPUs/GPUs fit)")
     p.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers (DDP ranks) per trial")
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
-    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="> 0: train on GPUs (NCCL)")
+    p.add_argument("--gpus-per-worker", type=_gpus, default=None, metavar="auto|N",
+                   help="GPUs per Train worker; auto (default): 1 when the cluster has GPUs, else 0 (CPU, gloo)")
     p.add_argument("--storage", default=os.path.expanduser("~/ray_results/cfcml"),
                    help="Ray storage: a local path or s3://bucket/path[?endpoint_override=host:port&scheme=http]")
     p.add_argument("--name", default=None, help="study name (default: the preset); --resume needs the same one")
@@ -56,6 +57,18 @@ def build_parser(prog: str, dataset: str | None, preset: str | None, synth_size:
     # tests: SIGKILL the rank-0 Train worker of the first trial once, during EPOCH (MARKER: a file)
     p.add_argument("--inject-fault", default=None, metavar="EPOCH:MARKER", help=argparse.SUPPRESS)
     return p
+
+
+def _gpus(text: str) -> float | None:
+    if text == "auto":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto or a number of GPUs, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected auto or a number >= 0, got {text!r}")
+    return value
 
 
 def _fault(text: str | None) -> dict | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -148,3 +149,19 @@ def test_pyfunc_rows_round_trip_to_the_same_sentences(tmp_path):
     example = example_frame(men).iloc[0].to_dict()
     assert example["case_id"] not in {c.case_id for c in cohort.cases}
     assert not any(str(tmp_path) in str(v) for v in example.values())
+
+
+def test_gpus_per_worker_defaults_to_the_hardware_the_cluster_has():
+    sys_path = str(Path(__file__).resolve().parents[1] / "jobs")
+    sys.path.insert(0, sys_path)
+    try:
+        from _common import build_parser
+    finally:
+        sys.path.remove(sys_path)
+    parser = build_parser("jobs/tune_men.py", "men", "men", 60)
+    assert parser.parse_args([]).gpus_per_worker is None  # auto
+    assert parser.parse_args(["--gpus-per-worker", "auto"]).gpus_per_worker is None
+    assert parser.parse_args(["--gpus-per-worker", "0.5"]).gpus_per_worker == 0.5
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--gpus-per-worker", "-1"])
+    assert plan_concurrency({"CPU": 2.0}, StudySpec(preset="men-smoke", data=".", num_samples=4)) == 2  # auto on a CPU cluster

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from cfcml.datasets.loaders import build_tabular_inputs, make_datasets, make_train_sampler
 from cfcml.datasets.reader import load_cohort
 from cfcml.datasets.tabular import num_features
+from cfcml.datasets.volume_augment import BankTooLarge, BatchVolumeAugment, DeviceBatches, bank_batches
 
 from ..config import Config, cohort_spec, save_config
 from ..models.cfcml import build_model
@@ -87,6 +88,23 @@ def _loader(dataset, env: Env, cfg: Config, batch_sampler=None) -> DataLoader:
     if batch_sampler is not None:
         return DataLoader(dataset, batch_sampler=batch_sampler, **kwargs)
     return DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=False, **kwargs)
+
+
+def _train_loader(dataset, sampler, spec, env: Env, cfg: Config):
+    """The training batches: a DataLoader with per-sample augmentation, or, for volumes on a
+    GPU (`data.device_augment`), the split held on the device and augmented a batch at a time
+    there (the same transforms and probabilities; per-sample CPU pipelines cannot feed a GPU)."""
+    mode = cfg.data.device_augment
+    if spec.image_kind != "volume" or mode == "never" or (mode == "auto" and env.device.type != "cuda"):
+        return _loader(dataset, env, cfg, batch_sampler=sampler)
+    augment = BatchVolumeAugment(cfg.data.image_size, prob=cfg.data.aug_prob)
+    try:
+        return bank_batches(dataset, sampler, env.device, augment)
+    except BankTooLarge as e:
+        if mode == "always":
+            raise TrainingFailed(f"data.device_augment=always: {e}") from None
+        log.warning("%s; training with the per-sample DataLoader instead", e)
+        return _loader(dataset, env, cfg, batch_sampler=sampler)
 
 
 def _to_inputs(batch: dict, tabular_table: torch.Tensor | None, env: Env) -> tuple[dict, torch.Tensor]:
@@ -247,7 +265,7 @@ class TrainingRun:
             self.train_model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         self.optimizer, self.scheduler = build_optimizer(self.model, t)
         self.sampler = make_train_sampler(cfg, split.train, self.seed, env.rank, env.world)
-        self.train_loader = _loader(self.datasets["train"], env, cfg, batch_sampler=self.sampler)
+        self.train_loader = _train_loader(self.datasets["train"], self.sampler, self.spec, env, cfg)
         self.val_loader = _loader(_shard(self.datasets["val"], env), env, cfg)
 
         self.epoch, self.history, self.best = 0, [], {"epoch": None, "value": None}
@@ -300,6 +318,8 @@ class TrainingRun:
         cfg, env, t, epoch = self.cfg, self.env, self.cfg.train, self.epoch
         seed_everything(_epoch_seed(self.seed, epoch) + env.rank)
         self.sampler.set_epoch(epoch)
+        if isinstance(self.train_loader, DeviceBatches):  # batched augmentation on the device
+            self.train_loader.manual_seed(_epoch_seed(self.seed, epoch) + env.rank)
         if hasattr(self.datasets["train"], "set_epoch"):
             self.datasets["train"].set_epoch(_epoch_seed(self.seed, epoch) + env.rank)
         self.train_model.train()

@@ -26,6 +26,7 @@ Shape of a study (Ray 2.60, Train V2; see docs/platform.md):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -75,7 +76,7 @@ class StudySpec:
     max_concurrent: int | None = None
     workers_per_trial: int = 1
     cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0
+    gpus_per_worker: float | None = None  # None: 1 when the cluster has GPUs, else 0
     epochs: int | None = None
     storage: str = "~/ray_results/cfcml"  # local path or URI (s3://bucket/path?endpoint_override=...)
     resume: bool = False
@@ -141,18 +142,18 @@ def resolve_trial_config(preset: str, overrides: list[str], params: dict, epochs
 
 def plan_concurrency(resources: dict, spec: StudySpec) -> int:
     """Trials that fit at once: trials x workers x (CPU, GPU) per worker within the cluster."""
-    w = max(1, spec.workers_per_trial)
+    w, gpus = max(1, spec.workers_per_trial), spec.gpus_per_worker or 0.0  # None (auto) is resolved before
     limits = [spec.num_samples]
     if spec.cpus_per_worker > 0:
         limits.append(int(resources.get("CPU", 0) // (w * spec.cpus_per_worker)))
-    if spec.gpus_per_worker > 0:
-        limits.append(int(resources.get("GPU", 0) // (w * spec.gpus_per_worker)))
+    if gpus > 0:
+        limits.append(int(resources.get("GPU", 0) // (w * gpus)))
     if spec.max_concurrent:
         limits.append(spec.max_concurrent)
     fit = min(limits)
     if fit < 1:
         raise StudyError(
-            f"one trial needs {w} worker(s) x {spec.cpus_per_worker:g} CPU / {spec.gpus_per_worker:g} GPU, the cluster "
+            f"one trial needs {w} worker(s) x {spec.cpus_per_worker:g} CPU / {gpus:g} GPU, the cluster "
             f"has {resources.get('CPU', 0):g} CPU / {resources.get('GPU', 0):g} GPU: lower --workers-per-trial"
         )
     return fit
@@ -472,6 +473,8 @@ def run_study(spec: StudySpec) -> dict:
     import ray
 
     resources = ray.cluster_resources()
+    if spec.gpus_per_worker is None:  # "auto": use the hardware the cluster has
+        spec = dataclasses.replace(spec, gpus_per_worker=1.0 if resources.get("GPU", 0) >= 1 else 0.0)
     concurrent = plan_concurrency(resources, spec)
     log.info("cluster %s: up to %d concurrent trial(s) of %d worker(s)", resources, concurrent, spec.workers_per_trial)
     warm_caches(cfg, cohort)
@@ -614,7 +617,8 @@ def _after_search(spec, results, cfg, space: SearchSpace, cohort, runs, client, 
         ckpt_dir = work / "best_checkpoint"
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         ray.train.Checkpoint(best.metrics["checkpoint_path"], filesystem=fs).to_directory(str(ckpt_dir))
-        test = evaluate_best(best_cfg, spec.data, cohort, runs, ckpt_dir)
+        test = evaluate_where_trials_ran(spec, best_cfg, cohort, runs, ckpt_dir, best.metrics["checkpoint_path"],
+                                         study_path)  # fmt: skip
         _log_test(client, parent_id, best_run, test, best_cfg)
         summary["test"] = {k: v for k, v in test["summary"]["metrics"].items()}
         summary["test_markdown"] = test["markdown"]
@@ -630,7 +634,46 @@ def _after_search(spec, results, cfg, space: SearchSpace, cohort, runs, client, 
     return summary
 
 
-def evaluate_best(cfg: Config, data: str, cohort, runs: list[dict], ckpt_dir: Path) -> dict:
+def evaluate_where_trials_ran(spec: StudySpec, cfg: Config, cohort, runs: list[dict], ckpt_dir: Path,
+                              checkpoint_path: str, storage: str) -> dict:  # fmt: skip
+    """`evaluate_best` on the hardware the trials used: in the driver (CPU) when they trained
+    on CPUs, else as a Ray task holding a GPU; its predictions and metrics files come back
+    into `ckpt_dir` either way."""
+    if not spec.gpus_per_worker:
+        return evaluate_best(cfg, spec.data, cohort, runs, ckpt_dir, device="cpu")
+    import ray
+
+    from cfcml.datasets.spec import shipped
+
+    task = ray.remote(num_gpus=min(1.0, spec.gpus_per_worker), num_cpus=spec.cpus_per_worker)(_evaluate_task)
+    result, files = ray.get(task.remote(cfg.to_dict(), shipped(cohort.spec), spec.data, runs, checkpoint_path, storage))
+    for rel, blob in files.items():
+        (ckpt_dir / rel).write_bytes(blob)
+    return result
+
+
+def _evaluate_task(cfg_dict: dict, cohort_spec: dict, data: str, runs: list[dict], checkpoint_path: str,
+                   storage: str) -> tuple[dict, dict]:  # fmt: skip
+    """Ray task body: fetch the best trial's checkpoint, evaluate it on this node's device."""
+    import ray.train
+
+    from cfcml.datasets.reader import load_cohort
+    from cfcml.datasets.spec import remember
+
+    from ..config import config_from_dict
+    from ..engine.run import METRICS, PREDICTIONS
+
+    spec = remember(cohort_spec)
+    cfg = config_from_dict(cfg_dict)
+    fs, _ = storage_filesystem(storage)
+    with tempfile.TemporaryDirectory(prefix="cfcml-eval-") as tmp:
+        ray.train.Checkpoint(checkpoint_path, filesystem=fs).to_directory(tmp)
+        result = evaluate_best(cfg, data, load_cohort(spec, data), runs, Path(tmp), device=cfg.train.device)
+        files = {f"{r['name']}/{n}": (Path(tmp) / r["name"] / n).read_bytes() for r in runs for n in (PREDICTIONS, METRICS)}
+    return result, files
+
+
+def evaluate_best(cfg: Config, data: str, cohort, runs: list[dict], ckpt_dir: Path, device: str = "cpu") -> dict:
     """Test the best trial once: each run from its checkpoint, with the weights of its epoch
     selected on validation; also its validation predictions (for plots)."""
     import numpy as np
@@ -639,8 +682,7 @@ def evaluate_best(cfg: Config, data: str, cohort, runs: list[dict], ckpt_dir: Pa
     from ..engine.run import PREDICTIONS, TrainingRun
     from ..engine.summary import markdown_table, summarize_runs
 
-    if cfg.train.device == "auto":
-        cfg.train.device = "cpu"  # the driver: no GPU assumed; the models are small at test time
+    cfg.train.device = device
     per_run, preds = [], {"test": ([], []), "val": ([], [])}
     for r in runs:
         run = TrainingRun(cfg, data, ckpt_dir / r["name"], fold=r.get("fold"), seed=r.get("seed"), resume=True, cohort=cohort)
