@@ -77,3 +77,25 @@ def test_provenance(tmp_path):
     assert got == {"image": "hub:swin_tiny_patch4_window7_224.ms_in1k", "text": f"openai:sha256:{clip_sha}"}
     assert pretrained_provenance(build_config("men-smoke", ["model.tabular_embedding=mlp"])) == {"image": "none", "text": "unused"}
     assert pretrained_provenance(build_config("men-smoke", ["model.use_images=false"]))["image"] == "unused"
+
+
+def test_train_on_a_paper_preset_without_weights_exits_2_and_random_init_on_purpose_is_recorded(tmp_path, capsys):
+    """The acceptance path at the CLI: `cfcml train --preset derm7pt` refuses (exit 2, naming the
+    key and the way out) before anything is written; `image_pretrained=none` runs and says so."""
+    import json
+
+    from cfcml.cli import main
+    from cfcml.datasets import write_synthetic
+
+    data = write_synthetic("derm7pt", tmp_path / "release_v0", 40, seed=1)
+    base = ["train", "--preset", "derm7pt", "--data", str(data), "--out", str(tmp_path / "run"), "--epochs", "1",
+            "--set", "data.image_size=[32,32]", "--set", "model.swin_variant=micro", "--set", "train.batch_size=8",
+            "--set", "model.text_pretrained=none", "--set", f"data.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
+    assert main(base) == 2
+    err = capsys.readouterr().err
+    assert "model.image_pretrained" in err and "--set model.image_pretrained=none" in err
+    assert not (tmp_path / "run").exists()
+    assert main([*base, "--set", "model.image_pretrained=none"]) == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["pretrained"] == {"image": "none", "text": "none"}
+    assert "auprc_label" in metrics["test"]
