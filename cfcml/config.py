@@ -23,7 +23,7 @@ class DataConfig:
     color: str = "rgb_imagenet"  # photos: rgb_imagenet | bgr_255 (the authors' code)
     aug_prob: float = 0.3
     augment: str = "default"  # Derm7pt: authors (their albumentations pipeline) | default (milder, both photos)
-    device_augment: str = "auto"  # volumes: auto (on CUDA) | always | never: the split on the device, augmented per batch there
+    device_augment: str = "auto"  # volumes: auto (CUDA; small splits on CPU) | always | never: split on the device, augmented per batch
     num_workers: int = 2
     cache_dir: str = ".cfcml-cache"
 

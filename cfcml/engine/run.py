@@ -90,13 +90,22 @@ def _loader(dataset, env: Env, cfg: Config, batch_sampler=None) -> DataLoader:
     return DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=False, **kwargs)
 
 
+CPU_BANK_MAX_BYTES = 512 * 2**20  # `auto` on a CPU: small splits, where per-sample pipeline overhead dominates
+
+
 def _train_loader(dataset, sampler, spec, env: Env, cfg: Config):
-    """The training batches: a DataLoader with per-sample augmentation, or, for volumes on a
-    GPU (`data.device_augment`), the split held on the device and augmented a batch at a time
-    there (the same transforms and probabilities; per-sample CPU pipelines cannot feed a GPU)."""
+    """The training batches: a DataLoader with per-sample augmentation, or, for volumes
+    (`data.device_augment`), the split held on the device and augmented a batch at a time
+    there (the same transforms and probabilities, tested equal in distribution). `auto` takes
+    the batched path on a GPU (per-sample CPU pipelines cannot feed it) and on a CPU for
+    splits under CPU_BANK_MAX_BYTES (tiny volumes: MONAI's per-call overhead dominates)."""
     mode = cfg.data.device_augment
-    if spec.image_kind != "volume" or mode == "never" or (mode == "auto" and env.device.type != "cuda"):
+    if spec.image_kind != "volume" or mode == "never":
         return _loader(dataset, env, cfg, batch_sampler=sampler)
+    if mode == "auto" and env.device.type != "cuda":
+        need = len(dataset) * len(spec.series) * math.prod(cfg.data.image_size) * 4
+        if need > CPU_BANK_MAX_BYTES:
+            return _loader(dataset, env, cfg, batch_sampler=sampler)
     augment = BatchVolumeAugment(cfg.data.image_size, prob=cfg.data.aug_prob)
     try:
         return bank_batches(dataset, sampler, env.device, augment)
