@@ -13,6 +13,9 @@ from typing import Any, get_type_hints
 
 import yaml
 
+from .models.methods.args import CHOICES as METHOD_CHOICES
+from .models.methods.args import MethodArgs, foreign_method_args, method_config_problems
+
 
 @dataclass
 class DataConfig:
@@ -27,6 +30,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    method: str = "cfcml"  # cfcml | etmc | ccml | dmd | mvcnet | glomo | mrim | mrim_plus (cfcml.models.methods)
     image_encoder: str = "nnmamba3d"  # nnmamba3d | swin_t
     image_channels: int = 16  # nnMamba base width C
     mamba_d_state: int = 16  # nnMamba's SSM state size N
@@ -85,6 +89,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    method_args: MethodArgs = field(default_factory=MethodArgs)  # only the selected method's section may be set
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -105,6 +110,7 @@ CHOICES = {
     "model.sg_stage": {1, 2, 3, 4},
     "train.amp": {"auto", "bf16", "fp32"},
     "train.select_metric": {"auc", "acc", "macro_f1", "weighted_f1", "balanced_acc", "auprc", "g_mean", "loss"},
+    **METHOD_CHOICES,
 }
 
 
@@ -192,7 +198,12 @@ def _build(cls: type, values: dict, prefix: str) -> Any:
 def build_config(preset: str, overrides: list[str] | dict | None = None) -> Config:
     """The preset's values with overrides applied, type-checked; raises ConfigError."""
     over = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
-    cfg = _build(Config, _merge(load_preset(preset), over), "")
+    values = _merge(load_preset(preset), over)
+    method, foreign = foreign_method_args(values)
+    if foreign:
+        raise ConfigError(f"{', '.join(foreign)} set while model.method={method}: those values would be ignored "
+                          "(select that method with --set model.method=..., or drop them)")
+    cfg = _build(Config, values, "")
     _validate(cfg)
     return cfg
 
@@ -220,6 +231,9 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("train.threads must be 0 (torch's default) or a positive count")
     if not 0 < cfg.data.val_fraction < 1:
         raise ConfigError("data.val_fraction must lie in (0, 1)")
+    problems = method_config_problems(cfg)
+    if problems:
+        raise ConfigError("; ".join(problems))
 
 
 def save_config(cfg: Config, path: Path) -> None:

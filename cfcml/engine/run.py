@@ -29,7 +29,6 @@ from cfcml.datasets.registry import cohort_shape, load_cohort
 from ..config import Config, save_config
 from ..models.cfcml import build_model
 from .checkpoint import atomic_save, rng_state, seed_everything, set_rng_state
-from .loss import compute_loss
 from .metrics import compute_metrics
 from .schedule import build_optimizer
 from .splits import run_split
@@ -191,7 +190,7 @@ class TrainingRun:
             inputs, y = _to_inputs(batch, self.tables["train"], env)
             with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=env.amp):
                 out_m = self.train_model(**inputs)
-            parts = compute_loss(out_m, y, cfg, self.num_classes)
+            parts = self.model.loss_terms(out_m, y, epoch=epoch)  # the method's own objective
             self.optimizer.zero_grad(set_to_none=True)
             parts["loss"].backward()
             self.optimizer.step()
