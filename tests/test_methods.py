@@ -28,12 +28,12 @@ from cfcml.models.summary import example_inputs
 
 BASELINES = [m for m in METHODS if m != "cfcml"]
 # (preset, overrides, shape): both built-in cohort kinds and a 4-series, 2-class volume cohort.
-# 8x32x32 volumes: at 8x16x16 the last stage is one voxel, a length-1 Mamba sequence that
+# 4x32x32 volumes: at 8x16x16 the last stage is one voxel, a length-1 Mamba sequence that
 # leaves the Mamba conv's earlier taps without gradient (as in test_model.py).
 COHORTS = {
-    "men": ("men-smoke", ["data.image_size=[8,32,32]"], cohort_shape("men")),
-    "derm7pt": ("derm7pt-smoke", ["data.image_size=[32,32]"], cohort_shape("derm7pt")),
-    "volume4x2": ("men-smoke", ["data.image_size=[8,32,32]", "model.image_channels=2", "model.mamba_d_state=4"],
+    "men": ("men-smoke", ["data.image_size=[4,32,32]"], cohort_shape("men")),
+    "derm7pt": ("derm7pt-smoke", [], cohort_shape("derm7pt")),  # 64x64: a 2x2 stage-4 window (1x1 leaves Swin's bias table without gradient)
+    "volume4x2": ("men-smoke", ["data.image_size=[4,32,32]", "model.image_channels=2", "model.mamba_d_state=4"],
                   CohortShape(num_classes=2, num_images=4, num_attributes=3, image_kind="volume")),
 }  # fmt: skip
 
@@ -43,6 +43,16 @@ def _build(method: str, cohort: str, *extra: str, seed: int = 0):
     cfg = build_config(preset, [*overrides, f"model.method={method}", *extra])
     torch.manual_seed(seed)
     return cfg, shape, build_model(cfg, shape, num_tabular_features=16)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models are bound by per-op overhead: one thread is as fast as two, and far faster
+    when other processes share the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 # --------------------------------------------------------------------------- config
@@ -178,7 +188,7 @@ def _ccml_reference(evidences: list[list[float]], beta: float) -> tuple[list[flo
     s_c = sum(x + 1 for x in e_c)
     b_c = [x / s_c for x in e_c]
     b_pow = [x**beta for x in b_c]
-    b_hat = [x * sum(b_c) / sum(b_pow) for x in b_pow]
+    b_hat = [x * sum(b_c) / sum(b_pow) if sum(b_pow) else 0.0 for x in b_pow]  # no consistent evidence at all
     return [v * s_c * x for x in b_hat], e_d
 
 
@@ -191,10 +201,10 @@ def test_ccml_consistent_and_complementary_evidence_match_a_per_class_reference(
     assert parts["fused"][0].tolist() == pytest.approx([3.0, 2.5])
     evidences = (ALPHAS - 1).unbind(1)  # three views [3 samples, 3 classes]
     for beta in (1.25, 2.0):
-        parts = ccml_decouple(list(evidences), sharpen=beta, eps=0.0)
+        parts = ccml_decouple(list(evidences), sharpen=beta)  # eps 1e-8 guards the 0/0 of sample 1
         for i in range(3):
             cons, comp = _ccml_reference([e[i].tolist() for e in evidences], beta)
-            assert parts["consistent"][i].tolist() == pytest.approx(cons, rel=1e-10)
+            assert parts["consistent"][i].tolist() == pytest.approx(cons, rel=1e-6)
             assert parts["complementary"][i].tolist() == pytest.approx(comp, rel=1e-10)
             # sharpening keeps the consistent part's total belief
             s_c = sum(min(e[i, c].item() for e in evidences) + 1 for c in range(3))
@@ -231,7 +241,7 @@ def test_mrim_losses_match_a_loop_over_anchors():
     got = mrim_losses(feats, labels, proxies, tau)
 
     def cos(u, v):
-        return float(F.cosine_similarity(u, v, dim=0))
+        return float(F.cosine_similarity(u, v, dim=0).detach())
 
     def term(pos, neg):
         p, n = sum(math.exp(c / tau) for c in pos), sum(math.exp(c / tau) for c in neg)
@@ -361,7 +371,7 @@ def _train_and_score(method: str, cohort: str, *extra: str, steps: int = 30) -> 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_each_method_learns_a_separable_signal(method):
-    assert _train_and_score(method, "derm7pt") == 1.0
+    assert _train_and_score(method, "derm7pt", "data.image_size=[32,32]") == 1.0
 
 
 @pytest.mark.slow

@@ -114,6 +114,8 @@ def method_config_problems(cfg) -> list[str]:
         problems.append(f"model.method={m.method} fuses images and the table: it needs model.use_images and model.use_tabular")
     if any(w < 1 for w in a.etmc.hidden + a.ccml.hidden):
         problems.append("method_args.{etmc,ccml}.hidden: widths must be positive")
+    if a.ccml.sharpen < 1:
+        problems.append("method_args.ccml.sharpen must be at least 1 (a power that sharpens the consistent belief)")
     if a.etmc.annealing_epochs < 1 or a.ccml.annealing_epochs < 1:
         problems.append("method_args.{etmc,ccml}.annealing_epochs must be at least 1")
     if a.dmd.layers < 1 or a.glomo.fusion_layers < 1:

@@ -75,7 +75,7 @@ def ccml_decouple(evidences: list[torch.Tensor], sharpen: float, eps: float = 1e
     e_d = (stacked - e_c).mean(0)
     s_c = (e_c + 1).sum(-1, keepdim=True)
     b_c = e_c / s_c
-    b_pow = b_c.clamp_min(eps).pow(sharpen)
+    b_pow = b_c.pow(sharpen)  # sharpen >= 1 (config-checked): finite gradient at b = 0
     b_hat = b_pow * b_c.sum(-1, keepdim=True) / (b_pow.sum(-1, keepdim=True) + eps)
     e_hat = len(evidences) * s_c * b_hat
     return {"consistent": e_hat, "complementary": e_d, "fused": e_hat + e_d}
