@@ -120,7 +120,9 @@ def method_config_problems(cfg) -> list[str]:
         problems.append("method_args.{etmc,ccml}.annealing_epochs must be at least 1")
     if a.dmd.layers < 1 or a.glomo.fusion_layers < 1:
         problems.append("method_args.dmd.layers and method_args.glomo.fusion_layers must be at least 1")
-    if a.mvcnet.hidden % m.heads:
+    if m.method in ("dmd", "glomo") and m.dim % m.heads:
+        problems.append(f"model.dim ({m.dim}) must be divisible by model.heads ({m.heads}) for {m.method}'s attention")
+    if m.method == "mvcnet" and a.mvcnet.hidden % m.heads:
         problems.append(f"method_args.mvcnet.hidden ({a.mvcnet.hidden}) must be divisible by model.heads ({m.heads})")
     if not 1 <= a.glomo.top_k <= a.glomo.experts or a.glomo.segments < 1:
         problems.append("method_args.glomo: need 1 <= top_k <= experts and segments >= 1")
