@@ -364,6 +364,13 @@ def _train_and_score(method: str, cohort: str, *extra: str, steps: int = 30) -> 
         opt.zero_grad()
         loss.backward()
         opt.step()
+    # BatchNorm's running statistics lag 30 fast steps (DMD's reconstruction moves the encoder
+    # features quickly): re-estimate them on the training data before evaluating
+    with torch.no_grad():
+        for bn in (m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)):
+            bn.reset_running_stats()
+            bn.momentum = None  # cumulative average over the refresh pass
+        model(images=images, tabular=tabular)
     model.eval()
     with torch.no_grad():
         return (model(images=images, tabular=tabular)["logits"].argmax(-1) == labels).float().mean().item()
