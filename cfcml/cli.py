@@ -124,6 +124,8 @@ def cmd_train(args) -> int:
 def cmd_cv(args) -> int:
     from .engine.protocol import ProtocolError, run_protocol
 
+    if args.methods:
+        return _cv_methods(args)
     cfg = _config(args)
     if args.epochs is not None:
         cfg.train.epochs = args.epochs
@@ -135,6 +137,24 @@ def cmd_cv(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(summary["markdown"])
+    return 0
+
+
+def _cv_methods(args) -> int:
+    from .engine.compare import parse_methods, run_comparison
+    from .engine.protocol import ProtocolError
+
+    if args.compare:
+        print("error: --compare and --methods exclude each other (--methods compares against CFCML itself)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        comparison = run_comparison(args.preset, args.overrides, parse_methods(args.methods), args.data, args.out,
+                                    epochs=args.epochs, jobs=args.jobs,
+                                    report=lambda message: print(message, file=sys.stderr, flush=True))
+    except ProtocolError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(comparison["markdown"])
     return 0
 
 
@@ -233,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("runs/cv"))
     p.add_argument("--overwrite", action="store_true", help="replace different runs already in --out")
     p.add_argument("--compare", type=Path, help="another protocol run: add Wilcoxon p-values")
+    p.add_argument("--methods", help="comma-separated model.method values (or 'all'): the protocol once per method into "
+                   "OUT/<method>/, then OUT/comparison.md and .json with Wilcoxon p-values against CFCML (always run)")
     p.add_argument("--jobs", type=_positive_int, help="runs trained at once in worker processes (default: all while at most two per "
                    "CPU core, else one per core; one per GPU); CPU threads are split between them")
     p.set_defaults(func=cmd_cv)

@@ -15,6 +15,9 @@ from typing import Any, get_type_hints
 
 import yaml
 
+from .models.methods.args import CHOICES as METHOD_CHOICES
+from .models.methods.args import MethodArgs, foreign_method_args, method_config_problems
+
 
 @dataclass
 class DataConfig:
@@ -30,6 +33,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    method: str = "cfcml"  # cfcml | etmc | ccml | dmd | mvcnet | glomo | mrim | mrim_plus (cfcml.models.methods)
     image_encoder: str = "nnmamba3d"  # nnmamba3d | swin_t
     image_channels: int = 16  # nnMamba base width C
     mamba_d_state: int = 16  # nnMamba's SSM state size N
@@ -90,6 +94,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    method_args: MethodArgs = field(default_factory=MethodArgs)  # only the selected method's section may be set
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -112,6 +117,7 @@ CHOICES = {
     "model.sg_stage": {1, 2, 3, 4},
     "train.amp": {"auto", "bf16", "fp32"},
     "train.epoch_steps": {"majority", "dataset"},
+    **METHOD_CHOICES,
 }
 
 
@@ -201,7 +207,12 @@ def _build(cls: type, values: dict, prefix: str) -> Any:
 def build_config(preset: str, overrides: list[str] | dict | None = None) -> Config:
     """The preset's values with overrides applied, type-checked; raises ConfigError."""
     over = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
-    cfg = _build(Config, _merge(load_preset(preset), over), "")
+    values = _merge(load_preset(preset), over)
+    method, foreign = foreign_method_args(values)
+    if foreign:
+        raise ConfigError(f"{', '.join(foreign)} set while model.method={method}: those values would be ignored "
+                          "(select that method with --set model.method=..., or drop them)")
+    cfg = _build(Config, values, "")
     _validate(cfg)
     return cfg
 
@@ -299,6 +310,9 @@ def _validate(cfg: Config) -> None:
     names = [*metric_names(spec.classes), "loss"]
     _check(t.select_metric in names, "train.select_metric",
            f"{t.select_metric!r} is not a metric of the {spec.name} cohort ({', '.join(names)})")  # fmt: skip
+    problems = method_config_problems(cfg)
+    if problems:
+        raise ConfigError("; ".join(problems))
 
 
 def save_config(cfg: Config, path: Path) -> None:

@@ -234,7 +234,11 @@ def test_a_non_finite_loss_stops_the_run_keeping_the_last_good_checkpoint(men, t
     from cfcml.config import build_config
     from cfcml.engine.errors import TrainingFailed
 
-    real, calls = run_module.compute_loss, {"n": 0}
+    calls = {"n": 0}
+    cfg = build_config("men-smoke", ["data.image_size=[4,16,16]", "model.image_channels=2", "train.epochs=3", "train.batch_size=6",
+                                     f"data.cache_dir={tmp_path / 'cache'}"])  # fmt: skip
+    run = run_module.TrainingRun(cfg, men, tmp_path / "run", fold=1)
+    steps_per_epoch, real = len(run.train_loader), run.model.loss_terms
 
     def poisoned(*args, **kwargs):
         parts = real(*args, **kwargs)
@@ -243,11 +247,7 @@ def test_a_non_finite_loss_stops_the_run_keeping_the_last_good_checkpoint(men, t
             parts["loss"] = parts["loss"] * torch.tensor(float("nan"))
         return parts
 
-    cfg = build_config("men-smoke", ["data.image_size=[4,16,16]", "model.image_channels=2", "train.epochs=3", "train.batch_size=6",
-                                     f"data.cache_dir={tmp_path / 'cache'}"])  # fmt: skip
-    run = run_module.TrainingRun(cfg, men, tmp_path / "run", fold=1)
-    steps_per_epoch = len(run.train_loader)
-    monkeypatch.setattr(run_module, "compute_loss", poisoned)
+    monkeypatch.setattr(run.model, "loss_terms", poisoned)
     run.train_epoch()
     with pytest.raises(TrainingFailed, match="non-finite loss at epoch 2, step 1"):
         run.train_epoch()

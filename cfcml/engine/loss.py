@@ -1,24 +1,35 @@
-"""The training objective of SPEC §3: CE + alpha*L_sam + beta*L_up + gamma*L_cp."""
+"""CFCML's training objective (SPEC §3): CE + alpha*L_sam + beta*L_up + gamma*L_cp.
+
+Every model carries its own objective as `model.loss_terms(out, labels, *, epoch)`; CFCML's
+(and the ablations', `loss.ccrm=false`) is this one. Comparison methods keep theirs in their
+modules (`cfcml.models.methods`).
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from ..config import Config
+from ..config import Config, LossConfig
 from ..models.ccrm import ccrm_losses_distributed
 
 
-def compute_loss(model_out: dict, labels: torch.Tensor, cfg: Config, num_classes: int) -> dict:
+def cfcml_objective(model_out: dict, labels: torch.Tensor, loss: LossConfig, num_classes: int) -> dict:
     """-> {"loss", "ce", and with CCRM on "sam", "up", "cp"}. Under DDP, CCRM runs on the
     all-gathered global batch and the terms are added unscaled (DDP's gradient averaging then
     gives exactly the single-process gradient; see ccrm_losses_distributed)."""
     ce = F.cross_entropy(model_out["logits"].float(), labels)
     parts = {"ce": ce}
     total = ce
-    if cfg.loss.ccrm:
-        c = ccrm_losses_distributed(model_out["features"], labels, num_classes, cfg.loss.tau)
-        total = total + cfg.loss.alpha * c["sam"] + cfg.loss.beta * c["up"] + cfg.loss.gamma * c["cp"]
+    if loss.ccrm:
+        c = ccrm_losses_distributed(model_out["features"], labels, num_classes, loss.tau)
+        total = total + loss.alpha * c["sam"] + loss.beta * c["up"] + loss.gamma * c["cp"]
         parts.update(c)
     parts["loss"] = total
     return parts
+
+
+def compute_loss(model_out: dict, labels: torch.Tensor, cfg: Config, num_classes: int) -> dict:
+    """CFCML's objective with the config's `loss` section (kept for callers that hold a CFCML
+    output and a config, e.g. benchmarks; the engine calls `model.loss_terms`)."""
+    return cfcml_objective(model_out, labels, cfg.loss, num_classes)

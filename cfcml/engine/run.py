@@ -46,7 +46,6 @@ from .checkpoint import (
 )
 from .errors import RunMismatch, TrainingFailed
 from .identity import explain_mismatch, run_identity
-from .loss import compute_loss
 from .metrics import compute_metrics, higher_is_better
 from .schedule import build_optimizer
 from .splits import run_split
@@ -339,7 +338,7 @@ class TrainingRun:
             inputs, y = _to_inputs(batch, self.tables["train"], env)
             with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=env.amp):
                 out_m = self.train_model(**inputs)
-            parts = compute_loss(out_m, y, cfg, self.num_classes)
+            parts = self.model.loss_terms(out_m, y, epoch=epoch)  # the method's own objective
             if not torch.isfinite(parts["loss"]):
                 terms = ", ".join(f"{k}={v.item():.4g}" for k, v in parts.items())
                 raise TrainingFailed(f"{self.split.name}: non-finite loss at epoch {epoch + 1}, step {n + 1} ({terms}); "

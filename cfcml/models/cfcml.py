@@ -42,12 +42,15 @@ class CFCML(nn.Module):
     """images: list of m tensors ([B,1,D,H,W] MRI series or [B,3,H,W] photos);
     tabular: sentence embeddings [B, t, 512] (clip) or encoded attributes [B, F] (mlp).
 
-    forward -> {"logits": [B, K], "features": M tensors [B, C_t] (images first, tabular last)}.
+    forward -> {"logits": [B, K], "features": M tensors [B, C_t] (images first, tabular last),
+                "fused": [B, M C_t] (the classifier input)}.
+    loss_terms -> CE + CCRM (SPEC §3; `cfcml.engine.loss.compute_loss`).
     """
 
     def __init__(self, cfg: Config, shape: CohortShape, num_tabular_features: int | None = None):
         super().__init__()
         m = cfg.model
+        self.loss_cfg, self.num_classes = cfg.loss, shape.num_classes
         self.use_images, self.use_tabular = m.use_images, m.use_tabular
         self.stages = [0, 1, 2, 3] if m.mg_cie else [m.sg_stage - 1]
         self.num_images = shape.num_images if m.use_images else 0
@@ -121,11 +124,23 @@ class CFCML(nn.Module):
             for j, e in enumerate(cie([tokens[g] for tokens in per_modality])):
                 enhanced[j].append(e)
         features = [fuse(e) for fuse, e in zip(self.fusion, enhanced)]
-        return {"logits": self.classifier(torch.cat(features, dim=1)), "features": features}
+        fused = torch.cat(features, dim=1)
+        return {"logits": self.classifier(fused), "features": features, "fused": fused}
+
+    def loss_terms(self, out: dict, labels: torch.Tensor, *, epoch: int) -> dict:
+        """-> {"loss", "ce", and with CCRM on "sam", "up", "cp"} (the epoch is not used)."""
+        from ..engine.loss import cfcml_objective
+
+        return cfcml_objective(out, labels, self.loss_cfg, self.num_classes)
 
 
-def build_model(cfg: Config, shape: CohortShape, num_tabular_features: int | None = None) -> CFCML:
-    return CFCML(cfg, shape, num_tabular_features)
+def build_model(cfg: Config, shape: CohortShape, num_tabular_features: int | None = None) -> nn.Module:
+    """The model of `cfg.model.method` (CFCML or a comparison method, `cfcml.models.methods`),
+    with the engine's interface: forward(images, tabular) -> {"logits", "features", "fused", ...},
+    loss_terms(out, labels, *, epoch) -> {"loss", ...}, backbone_parameters()."""
+    from .methods import build_method
+
+    return build_method(cfg, shape, num_tabular_features)
 
 
 def count_params(model: nn.Module) -> int:

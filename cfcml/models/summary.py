@@ -1,16 +1,50 @@
-"""`cfcml summary`: parameter counts, forward GFLOPs per sample and the per-stage token shapes."""
+"""`cfcml summary`: parameter counts, forward GFLOPs per sample and the per-stage token shapes,
+for CFCML or any comparison method (`model.method`)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from ..config import Config
 from .cfcml import build_model, count_params, stage_grids
+from .methods.args import ON_CFCML
 from .pretrained import without_pretrained_weights
 from .shape import CohortShape
+
+
+def _count_sdpa(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+@contextlib.contextmanager
+def _countable_attention():
+    """Attention the FLOP counter sees: no fused MHA/transformer fast path (it hides the
+    projections from the counter) while counting."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
+
+
+# torch counts fused attention on CUDA but not its CPU kernel: count it like the others.
+_CPU_SDPA = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _count_sdpa}
+
+
+def swin_head_params(cfg: Config) -> int:
+    """Swin-T's ImageNet head, which the paper's Derm7pt counts include and our features-only
+    Swin lacks (docs/baselines.md §1.3; the final norm, which the paper also counts, we keep): 0.77 M."""
+    if cfg.model.image_encoder != "swin_t" or not cfg.model.use_images:
+        return 0
+    from .swin import SWIN_VARIANTS
+
+    features = SWIN_VARIANTS[cfg.model.swin_variant]["embed_dim"] * 8
+    return features * 1000 + 1000
 
 
 def frozen_text_params(cfg: Config) -> int:
@@ -35,9 +69,22 @@ def example_inputs(cfg: Config, shape: CohortShape, batch: int = 1, num_tabular_
     return {"images": images if cfg.model.use_images else None, "tabular": tabular if cfg.model.use_tabular else None}
 
 
+def _image_tokens_out(cfg: Config, grid_tokens: int) -> int:
+    """Tokens per image a method's head reads from a stage map (1: it reads the pooled vector)."""
+    method = cfg.model.method
+    if method in ON_CFCML:
+        return cfg.model.n_image_tokens
+    if method == "glomo" or (method == "dmd" and cfg.method_args.dmd.inputs == "tokens"):
+        return grid_tokens
+    if method == "mvcnet" and cfg.method_args.mvcnet.inputs == "tokens":
+        return grid_tokens
+    return 1
+
+
 def summarize(cfg: Config, shape: CohortShape | None = None, paper: dict | None = None) -> dict:
     """Counts, FLOPs and token shapes of the model `cfg` builds for its cohort (`shape`,
-    default: the cohort `cfg.dataset` names; `paper`: that schema's reference numbers)."""
+    default: the cohort `cfg.dataset` names; `paper`: that schema's reference numbers, whose
+    `methods` block holds the paper's Table 2/3 complexity of each comparison method)."""
     if shape is None:
         from ..config import cohort_spec
 
@@ -45,41 +92,54 @@ def summarize(cfg: Config, shape: CohortShape | None = None, paper: dict | None 
         shape, paper = spec.shape(), spec.paper
     # Random weights: a summary counts and times the model, it trains nothing (no refusal, no download).
     model = build_model(without_pretrained_weights(cfg), shape, num_tabular_features=16).eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), _countable_attention(), FlopCounterMode(display=False, custom_mapping=_CPU_SDPA) as counter:
         model(**example_inputs(cfg, shape))
     stages = []
     if cfg.model.use_images:
         grids = stage_grids(cfg.model.image_encoder, cfg.data.image_size)
         for s, (c, grid) in enumerate(zip(model.encoders[0].stage_channels, grids), start=1):
+            if cfg.model.method not in ON_CFCML and s != 4:
+                continue  # comparison methods read stage 4 only
             stages.append({
                 "stage": s,
                 "feature_map": [c, *grid],
                 "tokens_in": math.prod(grid),
-                "tokens_out": cfg.model.n_image_tokens,
+                "tokens_out": _image_tokens_out(cfg, math.prod(grid)),
                 "token_dim": cfg.model.dim,
                 "used": (s - 1) in model.stages,
             })  # fmt: skip
+    reference = (paper or {}).get("methods", {}).get(cfg.model.method) if cfg.model.method != "cfcml" else paper
+    params = count_params(model)
     return {
         "preset": cfg.name,
-        "trainable_params": count_params(model),
+        "method": cfg.model.method,
+        "trainable_params": params,
         "frozen_params": frozen_text_params(cfg),
         "gflops": counter.get_total_flops() / 1e9,  # torch's count: a multiply-add is 2 FLOPs
         "gmacs": counter.get_total_flops() / 2e9,
         "stages": stages,
-        "paper": {k: paper[k] for k in ("params_m", "gflops") if k in paper} if paper else None,
+        "paper": {k: reference[k] for k in ("params_m", "gflops") if k in reference} or None if reference else None,
+        # the paper's convention: + Swin-T's unused ImageNet head and final norm (Derm7pt)
+        "paper_convention_params": params + swin_head_params(cfg),
     }
 
 
 def format_summary(s: dict) -> str:
     lines = [
         f"preset            {s['preset']}",
+        f"method            {s.get('method', 'cfcml')}",
         f"trainable params  {s['trainable_params'] / 1e6:.2f} M",
         f"frozen params     {s['frozen_params'] / 1e6:.2f} M (text encoder, never in checkpoints)",
         f"forward GFLOPs    {s['gflops']:.2f} per sample ({s['gmacs']:.2f} G multiply-adds; conv/matmul/attention only)",
     ]
+    extra = s.get("paper_convention_params", s["trainable_params"]) - s["trainable_params"]
+    if extra:
+        lines.append(f"paper convention  {s['paper_convention_params'] / 1e6:.2f} M (+ Swin's ImageNet head and final norm, "
+                     f"{extra / 1e6:.2f} M, which the paper counts and our features-only Swin lacks)")
     if s.get("paper"):
         lines.append(f"paper             {s['paper']['params_m']} M, {s['paper']['gflops']} GFLOPs")
     for st in s["stages"]:
         used = "" if st["used"] else "  (unused: SG-CIE)"
-        lines.append(f"stage {st['stage']}  map {st['feature_map']} -> {st['tokens_in']} tokens -> {st['tokens_out']} x {st['token_dim']}{used}")
+        out = "pooled to 1" if st["tokens_out"] == 1 and st["tokens_in"] > 1 else f"{st['tokens_out']} x {st['token_dim']}"
+        lines.append(f"stage {st['stage']}  map {st['feature_map']} -> {st['tokens_in']} tokens -> {out}{used}")
     return "\n".join(lines)

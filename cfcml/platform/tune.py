@@ -122,8 +122,12 @@ def storage_filesystem(storage: str):
 
 def default_search_space(cfg: Config) -> Path:
     """The search space shipped for the preset: search_spaces/<preset>.yaml (smoke.yaml for the
-    *-smoke presets). The space is about the model's size, so it follows the preset, not the cohort."""
-    name = f"{'smoke' if cfg.name.endswith('-smoke') else cfg.name}.yaml"
+    *-smoke presets); for a comparison method, search_spaces/<method>.yaml (its own
+    hyper-parameters). The space is about the model, so it follows the preset, not the cohort."""
+    if cfg.model.method != "cfcml":  # a comparison method: its own hyper-parameters
+        name = f"{cfg.model.method}.yaml"
+    else:
+        name = f"{'smoke' if cfg.name.endswith('-smoke') else cfg.name}.yaml"
     path = SEARCH_SPACES_DIR / name
     if not path.exists():
         known = ", ".join(sorted(p.name for p in SEARCH_SPACES_DIR.glob("*.yaml")))
@@ -744,7 +748,8 @@ def register_best(spec, cfg, cohort, runs, test, ckpt_dir: Path, work: Path, cli
         cohort, work / "package",
         extra_meta={"study": study, "trial_id": trial_id, "cv_val_auc": summary["best_cv_val_auc"], "data_digest": digest},
     )  # fmt: skip
-    model_name = spec.model_name or f"cfcml-{cohort.spec.name}"
+    suffix = "" if cfg.model.method == "cfcml" else f"-{cfg.model.method}"  # baselines never meet CFCML's gate
+    model_name = spec.model_name or f"cfcml-{cohort.spec.name}{suffix}"
     with mlflow_run(run_id=best_run, nested=True, tracking_uri=spec.tracking_uri) if best_run else nullcontext():
         mlflow.log_param("data.digest", digest)  # the promotion gate compares it between versions
         info = log_model(package, cohort.spec, registered_model_name=model_name,
@@ -752,7 +757,7 @@ def register_best(spec, cfg, cohort, runs, test, ckpt_dir: Path, work: Path, cli
     version = str(info.registered_model_version)
     tags = {
         "trial_id": trial_id, "study": study, "data.digest": digest, "git.commit": commit,
-        **{f"pretrained.{k}": v for k, v in pretrained_provenance(cfg).items()},
+        **{f"pretrained.{k}": v for k, v in pretrained_provenance(cfg).items()}, "method": cfg.model.method,
         "metric.val_auc": summary["best_cv_val_auc"], "selection": "cv_val_auc on validation (never test)",
         **{f"metric.test_{k}_mean": v["mean"] for k, v in test["summary"]["metrics"].items()},
         **{f"metric.test_{k}_std": v["std"] for k, v in test["summary"]["metrics"].items()},
