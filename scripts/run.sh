@@ -8,8 +8,8 @@
 #   4. ends with the best model registered as cfcml-men@challenger, and prints where to look.
 #
 # Everything it starts is recorded in $CFCML_STATE_DIR (default .cfcml-state/) and stopped by
-# process id with `make stop`. Knobs (environment): CFCML_RUN_TRIALS (3), CFCML_RUN_EPOCHS (2),
-# CFCML_RUN_PATIENTS (60), CFCML_RUN_STUDY (men-smoke-<time>), CFCML_MLFLOW_PORT (5000),
+# process id with `make stop`. Knobs (environment): CFCML_RUN_TRIALS (3), CFCML_RUN_EPOCHS (15),
+# CFCML_RUN_PATIENTS (300: with fewer the tiny model learns too little to show), CFCML_RUN_STUDY (men-smoke-<time>), CFCML_MLFLOW_PORT (5000),
 # CFCML_RAY_DASHBOARD_PORT (8265), CFCML_RAY_NUM_CPUS (nproc).
 set -euo pipefail
 
@@ -20,10 +20,11 @@ export CFCML_PYTHON="${CFCML_PYTHON:-$BIN/python}"
 export CFCML_STATE_DIR="${CFCML_STATE_DIR:-$ROOT/.cfcml-state}"
 STATE="$CFCML_STATE_DIR"
 export RAY_USAGE_STATS_ENABLED=0 MLFLOW_DISABLE_TELEMETRY=true HF_HUB_OFFLINE=1
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"  # no busy-waiting threads when trials share the cores
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
 TRIALS="${CFCML_RUN_TRIALS:-3}"
-EPOCHS="${CFCML_RUN_EPOCHS:-2}"
-PATIENTS="${CFCML_RUN_PATIENTS:-60}"
+EPOCHS="${CFCML_RUN_EPOCHS:-15}"
+PATIENTS="${CFCML_RUN_PATIENTS:-300}"
 STUDY="${CFCML_RUN_STUDY:-men-smoke-$(date +%Y%m%d-%H%M%S)}"
 mkdir -p "$STATE"
 
@@ -47,7 +48,7 @@ fi
 COMMIT="$(git rev-parse HEAD 2>/dev/null || echo unknown)"
 SUMMARY="$STATE/studies/$STUDY.json"
 step "ray job submit: jobs/tune_men.py (study $STUDY: $TRIALS trials x $EPOCHS epochs x 3 folds)"
-RUNTIME_ENV=$(printf '{"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}, "excludes": [".venv", ".git", ".cfcml-state", ".cfcml-cache", "runs", "mlruns", "*.pt"]}')
+RUNTIME_ENV=$(printf '{"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_WAIT_POLICY": "PASSIVE"}, "excludes": [".venv", ".git", ".cfcml-state", ".cfcml-cache", "runs", "mlruns", "*.pt"]}')
 "$BIN/ray" job submit --address "$RAY_API_SERVER_ADDRESS" --working-dir . \
   --submission-id "$STUDY" --runtime-env-json "$RUNTIME_ENV" -- \
   python jobs/tune_men.py --preset men-smoke --data "$DATA" --name "$STUDY" \

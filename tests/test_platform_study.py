@@ -373,3 +373,15 @@ def test_a_cohort_described_only_by_a_schema_tunes_registers_and_predicts(stack,
     preds = pd.read_csv(preds_path)
     assert len(preds) == 48 and list(preds.columns[3:5]) == ["prob_LGG", "prob_HGG"]
     assert (preds["status"] == "ok").all() and set(preds["pred"]) <= {"LGG", "HGG"}
+
+    # a comparison method goes through the same job, its own search space and its own registered model
+    etmc = [*cmd, "--set", "model.method=etmc", "--name", "glioma-etmc", "--num-samples", "1",
+            "--json-out", str(tmp_path / "etmc.json")]  # fmt: skip
+    out = subprocess.run(etmc, check=False, capture_output=True, text=True, env={**os.environ, **client_env},
+                         cwd=tmp_path, timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    summary = json.loads((tmp_path / "etmc.json").read_text())
+    assert summary["model_uri"] == "models:/cfcml-glioma-demo-etmc@challenger" and "annealing_epochs" in str(summary["best_params"])
+    assert cfcml_main(["predict", "--model", summary["model_uri"], "--data", str(data), "--out", str(tmp_path / "p2.csv"),
+                       "--tracking-uri", url]) == 0  # fmt: skip
+    assert (pd.read_csv(tmp_path / "p2.csv")["status"] == "ok").all()
