@@ -48,7 +48,7 @@ fi
 COMMIT="$(git rev-parse HEAD 2>/dev/null || echo unknown)"
 SUMMARY="$STATE/studies/$STUDY.json"
 step "ray job submit: jobs/tune_men.py (study $STUDY: $TRIALS trials x $EPOCHS epochs x 3 folds)"
-RUNTIME_ENV=$(printf '{"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_WAIT_POLICY": "PASSIVE"}, "excludes": [".venv", ".git", ".cfcml-state", ".cfcml-cache", "runs", "mlruns", "*.pt"]}')
+RUNTIME_ENV=$(printf '{"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_WAIT_POLICY": "PASSIVE", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600"}, "excludes": [".venv", ".git", ".cfcml-state", ".cfcml-cache", "runs", "mlruns", "*.pt"]}')
 "$BIN/ray" job submit --address "$RAY_API_SERVER_ADDRESS" --working-dir . \
   --submission-id "$STUDY" --runtime-env-json "$RUNTIME_ENV" -- \
   python jobs/tune_men.py --preset men-smoke --data "$DATA" --name "$STUDY" \

@@ -514,6 +514,9 @@ def _base_env(env: Mapping[str, str] | None) -> dict[str, str]:
     merged.pop(MARKER_ENV, None)
     # the venv's bin first, so that `python`, `ray`, `mlflow` resolve to this environment
     merged["PATH"] = os.pathsep.join([str(venv_bin()), merged.get("PATH", "")])
+    # a busy machine starts Train workers slowly: Ray's 60 s default fails trials that would run
+    merged.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
+    merged.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # threads that do not spin when trials share cores
     if env:
         merged.update({k: str(v) for k, v in env.items()})
     return merged
