@@ -38,12 +38,12 @@ from cfcml.datasets.rows import parse_attribute
 from cfcml.datasets.spec import DatasetSpec
 
 from ..config import Config, config_from_dict, save_config
+from ..engine.modality_dropout import MISSING_WORD  # what an empty attribute becomes in its sentence
 
 log = logging.getLogger(__name__)
 
 PACKAGE_ARTIFACT = "package"
 ALIAS = "challenger"
-MISSING_WORD = "unknown"  # what an empty attribute becomes in its sentence
 REQUIREMENTS = ("torch", "torchvision", "numpy", "pandas", "monai", "nibabel", "pillow", "pyyaml", "scikit-learn",
                 "scipy", "timm", "open_clip_torch", "mlflow")  # fmt: skip
 
