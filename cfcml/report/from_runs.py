@@ -32,11 +32,12 @@ from pathlib import Path
 
 import numpy as np
 
+from cfcml.datasets import SYNTHETIC_MARKER
+
 from .inputs import CohortInfo, Explanation, ReportInputs, SplitPredictions
 
 log = logging.getLogger(__name__)
 
-SYNTHETIC_MARKER = ".cfcml-synthetic"  # a file in a cohort's root that says its data are synthetic
 MISSING_METRICS = {2: ("auc", "acc", "balanced_acc"), 3: ("auc", "acc", "macro_f1")}  # by class count (3 = 3+)
 RUN_NAME = re.compile(r"(fold|seed)(-?\d+)")
 
@@ -344,7 +345,7 @@ def run_meta(runs: Sequence[RunFolder], cohort, extra: dict | None = None) -> di
         "split_description": _split_description(runs, cohort.spec, cfg),
         "date": datetime.date.today().isoformat(), "runs": [r.name for r in runs],
         "pretrained": first.get("pretrained"), "modality_dropout": cfg.train.modality_dropout,
-        "synthetic": (Path(cohort.root) / SYNTHETIC_MARKER).exists() or None,
+        "synthetic": (Path(cohort.root) / SYNTHETIC_MARKER).exists() or None,  # written by `cfcml synth`
     }  # fmt: skip
     limitations = []
     if cfg.train.modality_dropout > 0:
