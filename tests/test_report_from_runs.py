@@ -137,3 +137,26 @@ def _other_cohort(tmp_path):
     from cfcml.datasets import write_synthetic
 
     return write_synthetic("men", tmp_path / "other", 45, 7)
+
+
+def _chromium():
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_chromium() is None, reason="chromium is not installed (apt-get install chromium)")
+def test_report_of_real_runs_renders_offline_in_headless_chromium(report, tmp_path):
+    import re
+    import subprocess
+
+    from cfcml.report.html import SECTIONS
+
+    out, r = report
+    cmd = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+           "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+           "--host-resolver-rules=MAP * ~NOTFOUND", "--virtual-time-budget=5000", "--dump-dom",
+           (out / "report.html").as_uri()]  # fmt: skip
+    dom = subprocess.run(cmd, capture_output=True, text=True, timeout=180, check=True).stdout
+    assert re.findall(r"<h2>([^<]*)</h2>", dom) == [title for _, title in SECTIONS]
+    figures = 5 + len(r["explanations"])  # roc, pr, reliability, subgroups, t-SNE + one per explained case
+    assert len(re.findall(r'<img [^>]*src="data:image/png', dom)) == figures

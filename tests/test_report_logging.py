@@ -79,7 +79,7 @@ def test_model_linked_to_the_parent_with_metrics_and_a_described_version(client)
     parent = client.create_run(exp).info.run_id
     child = client.create_run(exp, tags={"mlflow.parentRunId": parent}).info.run_id
     model = mlflow.initialize_logged_model(name="model", source_run_id=child, experiment_id=exp)
-    rl.link_model(client, parent, model.model_id, report, params={"train.lr": 0.003, "model.dim": 32})
+    rl.link_model(client, parent, model.model_id, report)
 
     run = client.get_run(parent)
     assert [o.model_id for o in run.outputs.model_outputs] == [model.model_id]
@@ -88,7 +88,6 @@ def test_model_linked_to_the_parent_with_metrics_and_a_described_version(client)
     logged = client.get_logged_model(model.model_id)
     by_key = {m.key: m.value for m in logged.metrics}
     assert by_key["test_pooled_auc"] == pytest.approx(report["auc"]) and by_key["test_ece"] == pytest.approx(report["ece"])
-    assert logged.params == {"train.lr": "0.003", "model.dim": "32"}
 
     client.create_registered_model("cfcml-men")
     mv = client.create_model_version("cfcml-men", f"models:/{model.model_id}", run_id=child, model_id=model.model_id)

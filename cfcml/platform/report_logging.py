@@ -11,7 +11,7 @@ the model linked to the study with its metrics, the clinical report, the model c
   `evaluate_best` has just tested (`cfcml.report.from_runs`), logged under `report/` of the
   parent run and of the best trial's run.
 - `link_model`: the logged model as an output of the parent run, with the report's pooled
-  test metrics (and their CIs) and the trial's parameters attached to the model.
+  test metrics (and their CIs) attached to the model.
 - `version_tags` / `describe_version`: a registered version keeps a handful of tags (trial,
   data digest, commit, pretrained weights, cfcml version); the evidence is its description,
   the model card (`model_card_markdown(report, REGISTRY_DESCRIPTION_MAX)`).
@@ -159,15 +159,14 @@ def model_metrics(report: dict) -> dict[str, float]:
     return {k: float(v) for k, v in out.items() if isinstance(v, int | float) and math.isfinite(v)}
 
 
-def link_model(client, parent_run_id: str, model_id: str, report: dict | None, params: dict | None = None) -> None:
+def link_model(client, parent_run_id: str, model_id: str, report: dict | None) -> None:
     """The logged model as an output of the study's parent run, with the report's metrics
-    (logged on the parent run, attached to the model) and the trial's parameters."""
+    (logged on the parent run, attached to the model). The model already carries the trial's
+    parameters: `log_model` copies those of the run it is logged in."""
     import mlflow
     from mlflow.entities import LoggedModelOutput
 
     client.log_outputs(parent_run_id, [LoggedModelOutput(model_id, step=0)])
-    if params:
-        client.log_model_params(model_id, {k: str(v) for k, v in params.items()})
     metrics = model_metrics(report) if report else {}
     if metrics:
         mlflow.log_metrics(metrics, run_id=parent_run_id, model_id=model_id, synchronous=True)

@@ -714,7 +714,7 @@ def register_best(spec, cfg, cohort, runs, test, ckpt_dir: Path, work: Path, cli
         info = log_model(package, cohort.spec, registered_model_name=model_name,
                          metadata={"trial_id": trial_id, "study": study, "cv_val_auc": summary["best_cv_val_auc"]})
     version = str(info.registered_model_version)
-    link_model(client, summary["parent_run_id"], info.model_id, report, params=summary["best_params"])
+    link_model(client, summary["parent_run_id"], info.model_id, report)
     tags = version_tags(trial_id, digest, commit, pretrained_provenance(cfg), package_versions()["cfcml"])
     tag_version(client, model_name, version, tags, alias=ALIAS)
     describe_version(client, model_name, version, report)  # the model card; the parameters are on the logged model
