@@ -68,7 +68,7 @@ def test_data_root_with_credentials_is_redacted(cohort):
     assert "secret" not in ds.source.to_json()
 
 
-def test_model_linked_to_the_parent_with_metrics_and_a_described_version(client):
+def test_model_linked_to_the_parent_with_metrics_and_a_described_version(client, cohort):
     import mlflow
 
     from cfcml.report import REGISTRY_DESCRIPTION_MAX, compute_report, model_card_markdown
@@ -79,7 +79,8 @@ def test_model_linked_to_the_parent_with_metrics_and_a_described_version(client)
     parent = client.create_run(exp).info.run_id
     child = client.create_run(exp, tags={"mlflow.parentRunId": parent}).info.run_id
     model = mlflow.initialize_logged_model(name="model", source_run_id=child, experiment_id=exp)
-    rl.link_model(client, parent, model.model_id, report)
+    cohort_ds = rl.log_cohort(client, parent, cohort, str(cohort.root))
+    rl.link_model(client, parent, model.model_id, report, cohort_ds)
 
     run = client.get_run(parent)
     assert [o.model_id for o in run.outputs.model_outputs] == [model.model_id]
@@ -88,6 +89,7 @@ def test_model_linked_to_the_parent_with_metrics_and_a_described_version(client)
     logged = client.get_logged_model(model.model_id)
     by_key = {m.key: m.value for m in logged.metrics}
     assert by_key["test_pooled_auc"] == pytest.approx(report["auc"]) and by_key["test_ece"] == pytest.approx(report["ece"])
+    assert {(m.dataset_name, m.dataset_digest) for m in logged.metrics} == {("men", cohort.digest()[:16])}
 
     client.create_registered_model("cfcml-men")
     mv = client.create_model_version("cfcml-men", f"models:/{model.model_id}", run_id=child, model_id=model.model_id)

@@ -159,17 +159,18 @@ def model_metrics(report: dict) -> dict[str, float]:
     return {k: float(v) for k, v in out.items() if isinstance(v, int | float) and math.isfinite(v)}
 
 
-def link_model(client, parent_run_id: str, model_id: str, report: dict | None) -> None:
+def link_model(client, parent_run_id: str, model_id: str, report: dict | None, dataset=None) -> None:
     """The logged model as an output of the study's parent run, with the report's metrics
-    (logged on the parent run, attached to the model). The model already carries the trial's
-    parameters: `log_model` copies those of the run it is logged in."""
+    (logged on the parent run, attached to the model, evaluated on `dataset`, the cohort's
+    `cohort_dataset`). The model already carries the trial's parameters: `log_model` copies
+    those of the run it is logged in."""
     import mlflow
     from mlflow.entities import LoggedModelOutput
 
     client.log_outputs(parent_run_id, [LoggedModelOutput(model_id, step=0)])
     metrics = model_metrics(report) if report else {}
     if metrics:
-        mlflow.log_metrics(metrics, run_id=parent_run_id, model_id=model_id, synchronous=True)
+        mlflow.log_metrics(metrics, run_id=parent_run_id, model_id=model_id, dataset=dataset, synchronous=True)
 
 
 def package_meta(cfg, ckpt_dir: Path, runs: list[dict]) -> dict:

@@ -697,7 +697,7 @@ def register_best(spec, cfg, cohort, runs, test, ckpt_dir: Path, work: Path, cli
     import mlflow
 
     from .pyfunc import ALIAS, build_package, log_model, package_versions, tag_version
-    from .report_logging import describe_version, link_model, package_meta, version_tags
+    from .report_logging import cohort_dataset, describe_version, link_model, package_meta, version_tags
     from .tracking import mlflow_run
 
     by_name = {r["name"]: r for r in test["runs"]}
@@ -714,7 +714,7 @@ def register_best(spec, cfg, cohort, runs, test, ckpt_dir: Path, work: Path, cli
         info = log_model(package, cohort.spec, registered_model_name=model_name,
                          metadata={"trial_id": trial_id, "study": study, "cv_val_auc": summary["best_cv_val_auc"]})
     version = str(info.registered_model_version)
-    link_model(client, summary["parent_run_id"], info.model_id, report)
+    link_model(client, summary["parent_run_id"], info.model_id, report, cohort_dataset(cohort, str(cohort.root)))
     tags = version_tags(trial_id, digest, commit, pretrained_provenance(cfg), package_versions()["cfcml"])
     tag_version(client, model_name, version, tags, alias=ALIAS)
     describe_version(client, model_name, version, report)  # the model card; the parameters are on the logged model
