@@ -26,6 +26,12 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return int(text)
+
+
 def _dataset_arg(text: str) -> str:
     """A built-in name stays a name; a schema path becomes absolute (workers run elsewhere)."""
     from .datasets.spec import builtin_names
@@ -196,6 +202,20 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from .report.from_runs import report_from_folder
+
+    meta = {"synthetic": True} if args.synthetic else None
+    report = report_from_folder(args.run_dir, args.out, data=args.data, device=args.device, missing=not args.no_missing,
+                                explain=(args.explain, args.explain), meta=meta, n_bootstrap=args.n_bootstrap,
+                                seed=args.seed)  # fmt: skip
+    ci = report.get("auc_ci") or [None, None]
+    auc = "n/a" if report.get("auc") is None else f"{report['auc']:.3f}"
+    span = "n/a" if None in ci else f"{ci[0]:.3f}-{ci[1]:.3f}"
+    print(f"wrote {args.out / 'report.html'} and {args.out / 'report.json'} (test AUC {auc}, 95 % CI {span})")
+    return 0
+
+
 def _epochs(text: str) -> int:
     return _positive_int(text)
 
@@ -282,6 +302,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", default=None,
                    help="default: $MLFLOW_TRACKING_URI; required for models:/ and runs:/ URIs (no local fallback)")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("report", help="the clinical report of a finished run or cv folder (report.html + report.json)")
+    p.add_argument("run_dir", type=Path, metavar="RUN_OR_CV_DIR")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--data", type=Path, help="the cohort's folder (default: the one recorded in the cv's summary.json)")
+    p.add_argument("--device", default="cpu", help="where the model runs for missing inputs and Grad-CAM (cpu, cuda)")
+    p.add_argument("--n-bootstrap", type=_positive_int, default=2000, help="bootstrap resamples of the test patients")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap and t-SNE seed")
+    p.add_argument("--explain", type=_count, default=2, metavar="N",
+                   help="Grad-CAM for the N most confident correct and N most confident wrong test cases (0: none)")
+    p.add_argument("--no-missing", action="store_true", help="skip the missing-input evaluation")
+    p.add_argument("--synthetic", action="store_true", help="state in the report that the cohort is synthetic")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

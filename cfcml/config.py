@@ -84,6 +84,12 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # torch CPU threads per run; 0 = torch's default (results depend on it)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # Derm7pt protocol
+    modality_dropout: float = 0.0  # training only: remove each series/photo/attribute of a sample with this probability
+
+
+@dataclass
+class ReportConfig:
+    temperature: bool = False  # the registered model divides its logits by the temperature fitted on validation
 
 
 @dataclass
@@ -95,6 +101,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     method_args: MethodArgs = field(default_factory=MethodArgs)  # only the selected method's section may be set
+    report: ReportConfig = field(default_factory=ReportConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -259,6 +266,7 @@ _RANGES = [
     ("train.decay_factor", lambda v: 0 < v <= 1, "a factor in (0, 1]"),
     ("train.select_window", lambda v: v >= 1, ">= 1 (1 = the epoch's own metric)"),
     ("train.threads", lambda v: 0 <= v <= 1024, "0 (torch's default) or a positive count"),
+    ("train.modality_dropout", lambda v: 0 <= v < 1, "a probability in [0, 1)"),
 ]
 
 

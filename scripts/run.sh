@@ -66,6 +66,7 @@ fi
 import json, sys
 s, ui, ray_ui = json.load(open(sys.argv[1])), sys.argv[2], sys.argv[3]
 exp = f"{ui}/#/experiments/{s['experiment_id']}"
+ml = "?workflowType=machine_learning"  # MLflow 3.17's UI opens in its GenAI view unless told otherwise
 print(f"""
 ================================================================================
 Done: study {s['study']} ({s['trials']} trials), best trial {s['best_trial_id']}
@@ -74,12 +75,14 @@ Done: study {s['study']} ({s['trials']} trials), best trial {s['best_trial_id']}
 Registered: {s.get('model_uri', '(not registered)')}  (version {s.get('model_version', '-')})
 
 MLflow UI: {ui}
-  - experiment:   {exp}
-  - parent run:   {exp}/runs/{s['parent_run_id']}   (search_curves.png, best-trial
-                  test table best_trial/test_summary.md, confusion/ROC plots, optuna_study.txt)
+  - experiment:   {exp}{ml}
+  - parent run:   {exp}/runs/{s['parent_run_id']}{ml}   (the cohort as its dataset, search_curves.png,
+                  best-trial test table best_trial/test_summary.md, confusion/ROC plots,
+                  optuna_study.txt, the clinical report report/report.html + model_card.md)
   - child runs:   one per trial, named from its parameters: per-fold curves fold1/val_auc ...,
                   plots/validation_auc.png, config.yaml, system metrics
-  - models:       {ui}/#/models/{s.get('model_name', 'cfcml-men')}  (alias @challenger)
+  - models:       {ui}/#/models/{s.get('model_name', 'cfcml-men')}{ml}  (alias @challenger; the model card is
+                  the version's description)
 Ray dashboard: {ray_ui}
 Optuna study:  {s['optuna_storage']}
 

@@ -251,8 +251,19 @@ def test_study_end_to_end_with_fault_interrupt_resume_registry_and_predict(stack
         return out
 
     parent_files = set(artifacts(parent.info.run_id))
+    report_files = {"report/report.html", "report/report.json", "report/model_card.md"}  # the best trial's report
     assert {"config.yaml", "search_space/smoke-test.yaml", "trials.csv", "optuna_study.txt", "plots/search_curves.png",
-            "best_trial/test_summary.md", "plots/confusion_test.png", "plots/roc_test.png", "plots/roc_val.png"} <= parent_files
+            "best_trial/test_summary.md", "plots/confusion_test.png", "plots/roc_test.png", "plots/roc_val.png",
+            *report_files} <= parent_files  # fmt: skip
+    assert report_files <= set(artifacts(summary["best_run_id"]))
+    report = json.loads(Path(client.download_artifacts(parent.info.run_id, "report/report.json", str(tmp_path))).read_text())
+    assert {"auc_ci", "ece", "brier", "operating_points", "subgroups", "missing_modality"} <= set(report)
+    assert report["meta"]["trial_id"] == summary["best_trial_id"] and report["meta"]["synthetic"] is True
+    # MLflow conventions: model training, the cohort as the parent run's dataset
+    assert client.get_experiment_by_name("cfcml-men").tags["mlflow.experimentKind"] == "custom_model_development"
+    inputs = client.get_run(parent.info.run_id).inputs.dataset_inputs
+    assert [(i.dataset.name, i.dataset.digest) for i in inputs] == [("men", parent.data.tags["data.digest"][:16])]
+    assert json.loads(inputs[0].dataset.profile)["cases"] == 45
     for child in children:
         cid = child.info.run_id
         assert {"config.yaml", "plots/validation_auc.png", "plots/loss.png"} <= set(artifacts(cid))
@@ -289,14 +300,21 @@ def test_study_end_to_end_with_fault_interrupt_resume_registry_and_predict(stack
     assert any(k.startswith("mlflow/") and k.endswith("package/weights/fold1.pt") for k in keys)
     assert any(k.startswith("mlflow/") and k.endswith("plots/search_curves.png") for k in keys)
 
-    # registry: cfcml-men@challenger with provenance tags
+    # registry: cfcml-men@challenger with a handful of provenance tags and the model card as its description
     assert summary["model_uri"] == "models:/cfcml-men@challenger"
     mv = client.get_model_version_by_alias("cfcml-men", "challenger")
     assert mv.version == summary["model_version"] and mv.run_id == summary["best_run_id"]
-    for tag in ("trial_id", "data.digest", "git.commit", "metric.val_auc", "metric.test_auc_mean", "version.torch",
-                "version.ray", "version.mlflow"):  # fmt: skip
-        assert mv.tags.get(tag), tag
+    assert {k for k in mv.tags if not k.startswith("mlflow.")} == {"trial_id", "data.digest", "git.commit", "pretrained.image",
+                                                                  "pretrained.text", "version.cfcml"}  # fmt: skip
     assert mv.tags["git.commit"] == "test-commit" and mv.tags["trial_id"] == summary["best_trial_id"]
+    assert mv.description.startswith("# Model card") and "## Performance on the test set" in mv.description
+    # the logged model: an output of the study's parent run, with the report's test metrics
+    model_id = mv.source.removeprefix("models:/")
+    assert model_id in [o.model_id for o in client.get_run(parent.info.run_id).outputs.model_outputs]
+    logged = client.get_logged_model(model_id)
+    model_metrics = {m.key: m.value for m in logged.metrics}
+    assert model_metrics["test_pooled_auc"] == pytest.approx(report["auc"]) and "test_ece" in model_metrics
+    assert "loss.alpha" in logged.params  # the trial's parameters
 
     # the pyfunc: signature and input example, loadable from the registry
     mlflow.set_tracking_uri(url)

@@ -17,7 +17,8 @@ from pathlib import Path
 from ..config import Config
 
 # `dataset` names where the schema is; its content is part of the cohort digest instead.
-EXECUTION_ONLY = ("dataset", "train.device", "train.threads", "data.num_workers", "data.cache_dir")
+EXECUTION_ONLY = ("dataset", "train.device", "train.threads", "data.num_workers", "data.cache_dir",
+                  "data.device_augment", "report.temperature")  # fmt: skip
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -47,6 +47,7 @@ from .checkpoint import (
 from .errors import RunMismatch, TrainingFailed
 from .identity import explain_mismatch, run_identity
 from .metrics import compute_metrics, higher_is_better
+from .modality_dropout import build_modality_dropout
 from .schedule import build_optimizer
 from .splits import run_split
 
@@ -272,6 +273,7 @@ class TrainingRun:
             ids = [env.device.index] if env.device.type == "cuda" else None
             self.train_model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         self.optimizer, self.scheduler = build_optimizer(self.model, t)
+        self.modality_dropout = build_modality_dropout(cfg, self.spec)  # None unless train.modality_dropout > 0
         self.sampler = make_train_sampler(cfg, split.train, self.seed, env.rank, env.world)
         self.train_loader = _train_loader(self.datasets["train"], self.sampler, self.spec, env, cfg)
         self.val_loader = _loader(_shard(self.datasets["val"], env), env, cfg)
@@ -330,12 +332,16 @@ class TrainingRun:
             self.train_loader.manual_seed(_epoch_seed(self.seed, epoch) + env.rank)
         if hasattr(self.datasets["train"], "set_epoch"):
             self.datasets["train"].set_epoch(_epoch_seed(self.seed, epoch) + env.rank)
+        drop = self.modality_dropout
+        drop_rng = drop.generator(_epoch_seed(self.seed, epoch) + env.rank) if drop is not None else None
         self.train_model.train()
         sums, n, t0 = {}, 0, time.time()
         show_bar = self.progress and env.rank == 0 and sys.stderr.isatty()
         bar = tqdm(self.train_loader, desc=f"{self.split.name} epoch {epoch + 1}/{t.epochs}", leave=False, disable=not show_bar)
         for batch in bar:
             inputs, y = _to_inputs(batch, self.tables["train"], env)
+            if drop is not None:
+                inputs = drop(inputs, drop_rng)
             with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=env.amp):
                 out_m = self.train_model(**inputs)
             parts = self.model.loss_terms(out_m, y, epoch=epoch)  # the method's own objective

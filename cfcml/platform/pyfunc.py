@@ -38,12 +38,12 @@ from cfcml.datasets.rows import parse_attribute
 from cfcml.datasets.spec import DatasetSpec
 
 from ..config import Config, config_from_dict, save_config
+from ..engine.modality_dropout import MISSING_WORD  # what an empty attribute becomes in its sentence
 
 log = logging.getLogger(__name__)
 
 PACKAGE_ARTIFACT = "package"
 ALIAS = "challenger"
-MISSING_WORD = "unknown"  # what an empty attribute becomes in its sentence
 REQUIREMENTS = ("torch", "torchvision", "numpy", "pandas", "monai", "nibabel", "pillow", "pyyaml", "scikit-learn",
                 "scipy", "timm", "open_clip_torch", "mlflow")  # fmt: skip
 
@@ -197,6 +197,8 @@ class PackagedModel:
         self.cfg = config_from_dict(yaml.safe_load((package / "config.yaml").read_text()))
         self.cfg.data.num_workers = 0
         self.env = Env(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")), amp=False)
+        # report.temperature: the temperature fitted on the validation logits of the packaged runs
+        self.temperature = self.meta.get("temperature")
         self.table = None
         if (package / "sentences.npz").exists():
             with np.load(package / "sentences.npz", allow_pickle=False) as t:
@@ -234,16 +236,21 @@ class PackagedModel:
         return self._embed(flat).view(len(cases), len(self.spec.attributes), -1)
 
     def predict_cases(self, cases: list[Case]) -> np.ndarray:
-        """[N, K] class probabilities, averaged over the packaged runs."""
+        """[N, K] class probabilities, averaged over the packaged runs; with a packaged
+        temperature T each run's probabilities are softmax(logits / T) (T fitted on validation)."""
         from cfcml.datasets.loaders import make_dataset
 
         from ..engine.run import predict
+        from ..report.stats import apply_temperature
 
         if not cases:
             return np.zeros((0, self.spec.num_classes), dtype=np.float32)
         dataset = make_dataset(self.cfg, self.spec, cases, train=False)
         loader = torch.utils.data.DataLoader(dataset, batch_size=8, shuffle=False, num_workers=0)
-        probs = [predict(m, loader, self._tabular(cases, r), self.env)["probs"] for m, r in zip(self.models, self.meta["runs"])]
+        probs = []
+        for m, r in zip(self.models, self.meta["runs"]):
+            out = predict(m, loader, self._tabular(cases, r), self.env, keep=self.temperature is not None)
+            probs.append(out["probs"] if self.temperature is None else apply_temperature(out["logits"], self.temperature))
         return np.mean(probs, axis=0)
 
     def predict_frame(self, frame):

@@ -432,6 +432,7 @@ def run_study(spec: StudySpec) -> dict:
 
     from ..engine.protocol import protocol_runs
     from .pyfunc import git_commit, package_versions
+    from .report_logging import ensure_experiment, log_cohort
     from .tracking import end_running_children, mlflow_run, sweep_stale_runs
 
     overrides = list(spec.overrides)
@@ -487,8 +488,7 @@ def run_study(spec: StudySpec) -> dict:
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
     experiment = spec.experiment or f"cfcml-{cohort_spec.name}"
-    exp = client.get_experiment_by_name(experiment)
-    experiment_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    experiment_id = ensure_experiment(client, experiment)  # tagged as model training
     sweep_stale_runs(client, experiment_id, tags={TAG_STUDY: name})  # runs whose driver died (SIGKILL, OOM)
     parent_id = find_parent_run(client, experiment_id, redact(study_path)) if restoring else None
     if parent_id:
@@ -505,6 +505,7 @@ def run_study(spec: StudySpec) -> dict:
         log_system_metrics=spec.system_metrics,
     ) as parent:  # fmt: skip
         parent_id = parent.info.run_id
+        log_cohort(client, parent_id, cohort, data)  # the cohort as the study's dataset (once per digest)
         if not restoring:
             mlflow.log_params({
                 "preset": spec.preset, "dataset": cohort_spec.name, "data": redact(data), "num_samples": spec.num_samples,
@@ -580,6 +581,7 @@ def _after_search(spec, results, cfg, space: SearchSpace, cohort, runs, client, 
     import mlflow
     import ray.train
 
+    from .report_logging import study_report
     from .train_loop import OBJECTIVE as objective
 
     frame = results.get_dataframe()
@@ -626,9 +628,10 @@ def _after_search(spec, results, cfg, space: SearchSpace, cohort, runs, client, 
         _log_test(client, parent_id, best_run, test, best_cfg)
         summary["test"] = {k: v for k, v in test["summary"]["metrics"].items()}
         summary["test_markdown"] = test["markdown"]
+        report = study_report(cohort, runs, ckpt_dir, work / "report", client, [parent_id, best_run], summary, commit)
         if spec.register:
             summary |= register_best(spec, best_cfg, cohort, runs, test, ckpt_dir, work, client, best_run, trial_id,
-                                     summary, digest, commit, name)  # fmt: skip
+                                     summary, digest, commit, name, report=report)  # fmt: skip
         final = {k: summary[k] for k in ("model_name", "model_version", "model_uri") if k in summary}
         client.set_tag(parent_id, "cfcml.final_summary", json.dumps(final))
         client.set_tag(parent_id, TAG_FINAL, "done")
@@ -734,11 +737,13 @@ def _log_test(client, parent_id: str, best_run: str | None, test: dict, cfg: Con
 
 
 def register_best(spec, cfg, cohort, runs, test, ckpt_dir: Path, work: Path, client, best_run, trial_id, summary, digest,
-                  commit, study) -> dict:  # fmt: skip
-    """Package the best trial's runs as a pyfunc in its MLflow run and register it."""
+                  commit, study, report: dict | None = None) -> dict:  # fmt: skip
+    """Package the best trial's runs as a pyfunc in its MLflow run and register it, with the
+    model card of `report` as the version's description."""
     import mlflow
 
     from .pyfunc import ALIAS, build_package, log_model, package_versions, tag_version
+    from .report_logging import cohort_dataset, describe_version, link_model, package_meta, version_tags
     from .tracking import mlflow_run
 
     by_name = {r["name"]: r for r in test["runs"]}
@@ -746,7 +751,8 @@ def register_best(spec, cfg, cohort, runs, test, ckpt_dir: Path, work: Path, cli
         cfg, [{"name": r["name"], "weights": ckpt_dir / r["name"] / "best.pt", "numeric_stats": by_name[r["name"]]["numeric_stats"]}
               for r in runs],
         cohort, work / "package",
-        extra_meta={"study": study, "trial_id": trial_id, "cv_val_auc": summary["best_cv_val_auc"], "data_digest": digest},
+        extra_meta={"study": study, "trial_id": trial_id, "cv_val_auc": summary["best_cv_val_auc"], "data_digest": digest,
+                    **package_meta(cfg, ckpt_dir, runs)},
     )  # fmt: skip
     suffix = "" if cfg.model.method == "cfcml" else f"-{cfg.model.method}"  # baselines never meet CFCML's gate
     model_name = spec.model_name or f"cfcml-{cohort.spec.name}{suffix}"
@@ -755,16 +761,11 @@ def register_best(spec, cfg, cohort, runs, test, ckpt_dir: Path, work: Path, cli
         info = log_model(package, cohort.spec, registered_model_name=model_name,
                          metadata={"trial_id": trial_id, "study": study, "cv_val_auc": summary["best_cv_val_auc"]})
     version = str(info.registered_model_version)
-    tags = {
-        "trial_id": trial_id, "study": study, "data.digest": digest, "git.commit": commit,
-        **{f"pretrained.{k}": v for k, v in pretrained_provenance(cfg).items()}, "method": cfg.model.method,
-        "metric.val_auc": summary["best_cv_val_auc"], "selection": "cv_val_auc on validation (never test)",
-        **{f"metric.test_{k}_mean": v["mean"] for k, v in test["summary"]["metrics"].items()},
-        **{f"metric.test_{k}_std": v["std"] for k, v in test["summary"]["metrics"].items()},
-        **{f"version.{k}": v for k, v in package_versions().items()},
-        **{f"param.{k}": v for k, v in summary["best_params"].items()},
-    }  # fmt: skip
+    link_model(client, summary["parent_run_id"], info.model_id, report, cohort_dataset(cohort, str(cohort.root)))
+    tags = version_tags(trial_id, digest, commit, pretrained_provenance(cfg), package_versions()["cfcml"])
+    tags["method"] = cfg.model.method
     tag_version(client, model_name, version, tags, alias=ALIAS)
+    describe_version(client, model_name, version, report)  # the model card; the parameters are on the logged model
     uri = f"models:/{model_name}@{ALIAS}"
     log.info("registered %s version %s (%s)", model_name, version, uri)
     return {"model_name": model_name, "model_version": version, "model_uri": uri, "model_info_uri": info.model_uri}
