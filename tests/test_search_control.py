@@ -25,57 +25,54 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 # ----------------------------------------------------------------------------- the budget
 
 
-def test_budget_reserves_in_flight_epochs_and_stops_at_the_cap():
-    """3 folds per trial, 2 epochs max, 15 epochs in all: each running trial holds one epoch in
-    flight; a trial goes on (or a new one starts) only while reported + in flight fits."""
-    b = EpochBudget(total=15, runs_per_trial=3, max_epochs=2)
+def test_budget_reserves_each_trial_up_to_its_next_milestone():
+    """3 folds per trial, a rung at epoch 2, 4 epochs max, 24 epochs in all: a trial's epochs up
+    to its next milestone are reserved when it starts or passes one; it is stopped only there."""
+    b = EpochBudget(total=24, runs_per_trial=3, milestones=[4, 2])
+    assert b.milestones == [2, 4] and b.max_epochs == 4
     b.on_start("a")
     b.on_start("b")
-    assert b.in_flight() == 6
-    assert b.on_report("a", 1)  # 3 reported + 6 in flight <= 15
-    assert b.can_start()  # 3 + 6 + 3 <= 15
+    assert b.reserved() == 12 and b.can_start()  # 0 + 12 + 6 <= 24
+    assert b.on_report("a", 1)  # inside its reserved segment
+    assert b.used == 3 and b.reserved() == 9
+    assert b.on_report("a", 2)  # rung: 6 reported + a's next 2 epochs + b's 2 = 18 <= 24
+    assert b.can_start()  # 18 + 6 <= 24
     b.on_start("c")
-    assert b.on_report("b", 1)  # 6 + 9 = 15: exactly fits
-    assert b.on_report("a", 2)  # a reached max_epochs: it ends by itself, nothing more in flight
-    assert b.used == 9 and b.in_flight() == 6  # b and c
-    assert not b.can_start()  # 9 + 6 + 3 > 15
-    assert b.on_report("c", 1) is False  # 12 + 6 > 15: c stops
-    assert b.stopped == {"c"}
-    b.on_complete("c")
-    assert b.on_report("b", 2)
-    assert b.used == 15 and b.describe()["epochs_used"] == 15 and b.describe()["trials_started"] == 3
+    assert b.on_report("b", 1)
+    assert b.on_report("b", 2) is False  # 12 reported + a 6 + b 6 + c 6 = 30 > 24: b stops at its rung
+    assert b.stopped == {"b"}
+    b.on_complete("b")
+    assert b.on_report("a", 3) and b.on_report("a", 4)  # a ends by itself at max_epochs
+    assert b.used == 18 and b.reserved() == 6  # c's first segment
+    assert not b.can_start()
+    assert b.on_report("c", 1)
+    assert b.on_report("c", 2) is False  # 24 reported + c's next 6 > 24
+    assert b.used == 24 == b.total
+    assert b.describe() == {"budget_epochs": 24, "epochs_used": 24, "trials_started": 3, "trials_stopped_by_budget": 2,
+                            "budget_exhausted": False}  # fmt: skip
 
 
-def test_min_trial_epochs_keeps_a_trial_from_starting_below_the_first_rung():
-    b = EpochBudget(total=12, runs_per_trial=3, max_epochs=4, min_trial_epochs=2)
-    b.on_start("a")
-    b.on_report("a", 1)
-    b.on_report("a", 2)  # 6 reported, 3 in flight
-    assert not b.can_start()  # 9 + 2 x 3 > 12
-    b.on_complete("a")
-    assert b.can_start()  # 6 + 6 <= 12
-
-
-def test_budget_refuses_a_total_below_one_epoch():
+def test_budget_refuses_a_total_below_one_trials_first_rung():
     with pytest.raises(ValueError):
-        EpochBudget(total=2, runs_per_trial=3, max_epochs=5)
+        EpochBudget(total=5, runs_per_trial=3, milestones=[2, 5])
+    with pytest.raises(ValueError):
+        EpochBudget(total=50, runs_per_trial=3, milestones=[])
 
 
 @pytest.mark.parametrize("seed", range(20))
 def test_budget_is_never_overrun_by_a_simulated_asynchronous_study(seed):
-    """Random epoch durations, 3 concurrent trials, random ASHA-like stops: the epochs actually
-    trained (every epoch a trial started is finished before it is stopped) never exceed the
-    total, and every trial that stops early is either ASHA's or the budget's."""
+    """Random epoch durations, 3 concurrent trials, random ASHA stops at the rungs: the epochs
+    trained (a stopped trial trains nothing past its rung: its workers wait for the decision)
+    never exceed the total, and little of it is left unused."""
     rng = random.Random(seed)
-    runs, max_epochs, total, concurrent = 3, 6, 90, 3
-    budget = EpochBudget(total=total, runs_per_trial=runs, max_epochs=max_epochs, min_trial_epochs=1)
+    runs, milestones, total, concurrent = 3, [2, 6, 18, 20], 210, 3
+    budget = EpochBudget(total=total, runs_per_trial=runs, milestones=milestones)
     stopper = BudgetStopper(budget)
     clock, live, trained, started, finished = 0.0, {}, 0, 0, False  # live: trial -> (epoch end time, epochs done)
     while live or not finished:
         while not finished and len(live) < concurrent:  # the searcher's view
             if not budget.can_start():
-                if not budget.running:
-                    finished = True
+                finished = not budget.running
                 break
             tid = f"t{started}"
             started += 1
@@ -87,20 +84,20 @@ def test_budget_is_never_overrun_by_a_simulated_asynchronous_study(seed):
         clock, done = live[tid][0], live[tid][1] + 1
         trained += runs
         result = {"epoch": done, "cv_val_auc": rng.random()}
-        stop = stopper(tid, result) or (done < max_epochs and rng.random() < 0.3)  # budget, then "ASHA"
-        if stop or done >= max_epochs:
+        asha_stop = done in milestones[:-1] and rng.random() < 0.6
+        if stopper(tid, result) or asha_stop or done >= milestones[-1]:
             del live[tid]
             budget.on_complete(tid)
         else:
             live[tid] = (clock + rng.uniform(0.5, 2.0), done)
         assert trained <= total
     assert trained == budget.used <= total
-    assert total - trained < (concurrent + 1) * runs  # little is left unused
-    assert budget.exhausted is False  # only the searcher sets it
+    assert total - trained <= 12 * runs  # at most one longest segment left over
+    assert started > 5
 
 
 def test_stopper_marks_the_result_it_stops():
-    b = EpochBudget(total=3, runs_per_trial=3, max_epochs=5)
+    b = EpochBudget(total=3, runs_per_trial=3, milestones=[1, 5])
     stopper = BudgetStopper(b)
     b.on_start("a")
     result = {"epoch": 1}
@@ -170,7 +167,7 @@ def test_searcher_failed_trial_is_fail():
 def test_searcher_waits_then_finishes_when_the_budget_has_no_room():
     from ray.tune.search import Searcher
 
-    budget = EpochBudget(total=6, runs_per_trial=3, max_epochs=4)
+    budget = EpochBudget(total=6, runs_per_trial=3, milestones=[1, 4])
     s = _searcher(budget)
     assert isinstance(s.suggest("t1"), dict) and isinstance(s.suggest("t2"), dict)
     assert s.suggest("t3") is None  # both in flight: ask again later
@@ -185,12 +182,12 @@ def test_searcher_waits_then_finishes_when_the_budget_has_no_room():
 
 
 def test_searcher_restore_keeps_the_stoppers_budget_object(tmp_path):
-    budget = EpochBudget(total=30, runs_per_trial=3, max_epochs=4)
+    budget = EpochBudget(total=30, runs_per_trial=3, milestones=[2, 4])
     s = _searcher(budget)
     s.suggest("t1")
     budget.on_report("t1", 2)
     s.save(str(tmp_path / "searcher.pkl"))
-    fresh_budget = EpochBudget(total=30, runs_per_trial=3, max_epochs=4)  # as unpickled from tuner.pkl
+    fresh_budget = EpochBudget(total=30, runs_per_trial=3, milestones=[2, 4])  # as unpickled from tuner.pkl
     stopper = BudgetStopper(fresh_budget)
     restored = _searcher(fresh_budget)
     restored.restore(str(tmp_path / "searcher.pkl"))
@@ -264,7 +261,7 @@ def test_views_count_states_epochs_and_importances(tmp_path):
     study = _study(n_complete=5, n_pruned=3)
     optuna.copy_study(from_study_name=study.study_name, from_storage=study._storage, to_storage=url, to_study_name="s")
     client = _Client()
-    budget = EpochBudget(total=200, runs_per_trial=3, max_epochs=6)
+    budget = EpochBudget(total=200, runs_per_trial=3, milestones=[2, 6])
     out = study_views.log_study_views(client, "run", "s", url, runs_per_trial=3, budget=budget)
     assert out["trial_states"] == {"complete": 5, "pruned": 3, "failed": 0}
     assert out["epochs_spent"] == (5 * 6 + 3 * 2) * 3  # every fold of every trial, pruned ones included
@@ -278,7 +275,7 @@ def test_views_count_states_epochs_and_importances(tmp_path):
     assert sorted(client.artifacts[0]["state"]) == ["COMPLETE"] * 5 + ["PRUNED"] * 3
 
 
-def test_views_without_enough_complete_trials_say_why(tmp_path):
+def test_views_with_few_complete_trials_fall_back_to_pruned_values_and_say_so(tmp_path):
     from cfcml.platform import study_views
 
     url = f"sqlite:///{tmp_path / 'o.db'}"
@@ -286,13 +283,62 @@ def test_views_without_enough_complete_trials_say_why(tmp_path):
     optuna.copy_study(from_study_name=study.study_name, from_storage=study._storage, to_storage=url, to_study_name="s")
     client = _Client()
     out = study_views.log_study_views(client, "run", "s", url, runs_per_trial=1)
-    assert out["importances"] == {} and "2 complete trial(s)" in out["importances_note"]
+    assert set(out["importances"]) == {"model.n_image_tokens", "loss.alpha"}
+    assert "4 trials, 2 of them pruned" in out["importances_note"] and "indicative" in out["importances_note"]
+    assert "indicative" in client.figures["plots/optuna_param_importances.png"]
+    assert "2 of them pruned" in json.loads(client.texts["optuna_param_importances.json"])["note"]
+
+
+def test_views_with_one_trial_say_why_there_are_no_importances(tmp_path):
+    from cfcml.platform import study_views
+
+    url = f"sqlite:///{tmp_path / 'o.db'}"
+    study = _study(n_complete=1, n_pruned=0)
+    optuna.copy_study(from_study_name=study.study_name, from_storage=study._storage, to_storage=url, to_study_name="s")
+    client = _Client()
+    out = study_views.log_study_views(client, "run", "s", url, runs_per_trial=1)
+    assert out["importances"] == {} and "at least 2 trials" in out["importances_note"]
     assert "plots/optuna_param_importances.png" not in client.figures
-    assert "plots/optuna_history.png" in client.figures
-    assert "2 complete" in json.loads(client.texts["optuna_param_importances.json"])["note"]
+    assert {"plots/optuna_history.png", "plots/optuna_parallel_coordinate.png"} <= set(client.figures)
 
 
 def test_views_never_raise(tmp_path):
     from cfcml.platform import study_views
 
     assert study_views.log_study_views(_Client(), "run", "missing", f"sqlite:///{tmp_path / 'none.db'}", 1) == {}
+
+
+# ----------------------------------------------------------------------------- rung decisions reach the workers
+
+
+def test_rung_sync_asha_posts_its_decision_at_every_rung(monkeypatch):
+    from types import SimpleNamespace
+
+    from cfcml.platform import search_control
+    from cfcml.platform.search_control import RungSyncASHA, await_decision
+
+    posted = []
+    monkeypatch.setattr(search_control, "post_decision", lambda board, tid, epoch, d: posted.append((board, tid, epoch, d)))
+    asha = RungSyncASHA(time_attr="epoch", metric="cv_val_auc", mode="max", max_t=4, grace_period=1, reduction_factor=2,
+                        board="b", decision_epochs=[1, 2])  # fmt: skip
+    good, bad = SimpleNamespace(trial_id="good"), SimpleNamespace(trial_id="bad")
+    for t in (good, bad):
+        asha.on_trial_add(None, t)
+    assert asha.on_trial_result(None, good, {"epoch": 1, "cv_val_auc": 0.8}) == "CONTINUE"
+    assert asha.on_trial_result(None, bad, {"epoch": 1, "cv_val_auc": 0.5}) == "STOP"  # below the rung's median
+    assert asha.on_trial_result(None, good, {"epoch": 2, "cv_val_auc": 0.85}) == "CONTINUE"
+    assert asha.on_trial_result(None, good, {"epoch": 3, "cv_val_auc": 0.86}) == "CONTINUE"  # not a rung: nothing posted
+    assert posted == [("b", "good", 1, "CONTINUE"), ("b", "bad", 1, "STOP"), ("b", "good", 2, "CONTINUE")]
+    assert await_decision(None, "good", 1) is None  # no board (e.g. a Train run outside a study): train on
+
+
+def test_budget_stopper_posts_stop(monkeypatch):
+    from cfcml.platform import search_control
+
+    posted = []
+    monkeypatch.setattr(search_control, "post_decision", lambda board, tid, epoch, d: posted.append((board, tid, epoch, d)))
+    b = EpochBudget(total=6, runs_per_trial=3, milestones=[1, 3])
+    stopper = BudgetStopper(b, board="b")
+    b.on_start("a")
+    assert stopper("a", {"epoch": 1}) is True  # 3 reported + 6 more reserved > 6
+    assert posted == [("b", "a", 1, "STOP")]

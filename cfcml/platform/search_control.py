@@ -2,11 +2,14 @@
 
 - :class:`EpochBudget`: a hard cap on the epochs a study trains, counted as every fold (or
   seed) of every trial — stopped trials included. A trial reports once per lockstep epoch of
-  its ``runs_per_trial`` runs, so one report costs ``runs_per_trial`` epochs. The budget is
-  never overrun: each running trial may have one epoch in flight, so a trial continues (and a
-  new one starts) only when the epochs reported plus those in flight stay within the total.
-- :class:`BudgetStopper` (a ``ray.tune.Stopper``) stops a trial at a report when continuing
-  could overrun the budget; the searcher below stops proposing trials when none fits.
+  its ``runs_per_trial`` runs, so one report costs ``runs_per_trial`` epochs.
+- :class:`BudgetStopper` (a ``ray.tune.Stopper``) stops a trial at a milestone when its next
+  segment could overrun the budget; the searcher below stops proposing trials when none fits.
+- :class:`RungSyncASHA` + the decision board (:func:`open_board`, :func:`await_decision`):
+  Tune's decisions reach a trial's Ray Train workers only as a kill, seconds after the report,
+  while the workers train on — measured here, a stopped 3-epoch smoke trial trained all 3. The
+  scheduler and the budget post every rung decision to a small Ray actor, and the workers wait
+  for it after reporting a rung epoch (a second or two, a few times per trial).
 - :class:`PrunedAwareOptunaSearch`: Ray's ``OptunaSearch`` tells Optuna COMPLETE for every
   trial Tune stopped, with the value it had when ASHA cut it, so TPE takes a 2-epoch value for
   a finished one. This subclass tells Optuna the truth: a trial that ended before ``max_epochs``
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 import warnings
 from dataclasses import dataclass, field
 
@@ -35,12 +39,18 @@ TIME_ATTR = "epoch"  # epochs completed, reported by cfcml.platform.train_loop
 @dataclass
 class EpochBudget:
     """Epoch accounting for one study. ``total``: epochs summed over every run of every trial;
-    ``runs_per_trial``: folds / seeds a trial trains in lockstep (one report = that many epochs)."""
+    ``runs_per_trial``: folds / seeds a trial trains in lockstep (one report = that many epochs);
+    ``milestones``: the epochs at which a trial may be stopped — ASHA's rungs and ``max_epochs``.
+
+    A trial's epochs up to its next milestone are *reserved* when it starts or passes a
+    milestone; it goes on past a milestone (and a new trial starts) only if the epochs reported
+    plus everything reserved stay within the total. So the budget is never overrun, and like
+    ASHA it stops trials at rungs only — where the Train workers wait for the decision
+    (:func:`await_decision`), so a stopped trial trains no epoch after its stop."""
 
     total: int
     runs_per_trial: int
-    max_epochs: int  # a trial that reached it ends by itself: nothing more in flight
-    min_trial_epochs: int = 1  # a new trial starts only if this many of its epochs fit (ASHA's grace period)
+    milestones: list[int]  # sorted; the last one is max_epochs
     reached: dict[str, int] = field(default_factory=dict)  # trial id -> epochs reported
     running: set[str] = field(default_factory=set)  # started (or pending) and not yet complete
     stopped: set[str] = field(default_factory=set)  # trials this budget stopped
@@ -48,23 +58,35 @@ class EpochBudget:
     exhausted: bool = False  # no further trial fitted: the searcher said FINISHED
 
     def __post_init__(self):
-        if self.total < self.runs_per_trial:
-            raise ValueError(f"an epoch budget of {self.total} cannot pay for one epoch of {self.runs_per_trial} runs")
+        self.milestones = sorted({int(m) for m in self.milestones})
+        if not self.milestones or self.milestones[0] < 1:
+            raise ValueError(f"milestones must be positive epochs, got {self.milestones}")
+        if self.total < self.milestones[0] * self.runs_per_trial:
+            raise ValueError(f"an epoch budget of {self.total} cannot pay for one trial's first {self.milestones[0]} "
+                             f"epoch(s) of {self.runs_per_trial} runs")  # fmt: skip
+
+    @property
+    def max_epochs(self) -> int:
+        return self.milestones[-1]
 
     @property
     def used(self) -> int:
         """Epochs reported so far (every run of every trial)."""
         return sum(self.reached.values()) * self.runs_per_trial
 
-    def in_flight(self) -> int:
-        """Epochs that running trials may be training right now (at most one each)."""
-        live = [t for t in self.running if self.reached.get(t, 0) < self.max_epochs]
-        return len(live) * self.runs_per_trial
+    def next_milestone(self, epochs: int) -> int:
+        return next((m for m in self.milestones if m > epochs), self.max_epochs)
+
+    def reserved(self) -> int:
+        """Epochs running trials will train before their next milestone (every run)."""
+        return sum(max(self.next_milestone(self.reached.get(t, 0)) - self.reached.get(t, 0), 0) for t in self.running) * (
+            self.runs_per_trial
+        )
 
     def can_start(self) -> bool:
-        """Whether one more trial fits: its first `min_trial_epochs` epochs on top of what is
-        reported and in flight (a trial cut before the first rung would teach nothing)."""
-        return self.used + self.in_flight() + self.min_trial_epochs * self.runs_per_trial <= self.total
+        """Whether one more trial fits: its epochs up to the first milestone on top of what is
+        reported and reserved."""
+        return self.used + self.reserved() + self.milestones[0] * self.runs_per_trial <= self.total
 
     def on_start(self, trial_id: str) -> None:
         if trial_id not in self.running:
@@ -72,12 +94,13 @@ class EpochBudget:
             self.started += 1
 
     def on_report(self, trial_id: str, epochs: int) -> bool:
-        """Record that `trial_id` has completed `epochs`; -> whether it may train another one."""
-        self.reached[trial_id] = max(int(epochs), self.reached.get(trial_id, 0))
+        """Record that `trial_id` has completed `epochs`; -> whether it may train on."""
+        before = self.reached.get(trial_id, 0)
+        self.reached[trial_id] = now = max(int(epochs), before)
         self.running.add(trial_id)  # a restored trial reports before any suggest in this driver
-        if self.reached[trial_id] >= self.max_epochs:
-            return True  # it ends by itself
-        if self.used + self.in_flight() <= self.total:  # its next epoch is counted in flight
+        if now >= self.max_epochs or now < self.next_milestone(before):
+            return True  # done by itself, or still inside the segment reserved for it
+        if self.used + self.reserved() <= self.total:  # reserved() now holds its next segment
             return True
         self.stopped.add(trial_id)
         return False
@@ -90,6 +113,79 @@ class EpochBudget:
                 "trials_stopped_by_budget": len(self.stopped), "budget_exhausted": self.exhausted}  # fmt: skip
 
 
+# ----------------------------------------------------------------------------- decisions reach the workers
+
+
+BOARD_NAMESPACE = "cfcml"
+_boards: dict = {}
+
+
+def board_name(study: str) -> str:
+    return f"cfcml-decisions-{study}"
+
+
+def open_board(name: str):
+    """The study's decision board (a tiny Ray actor, created once per driver): the scheduler and
+    the budget post what they decided at a rung, Train workers wait for it (:func:`await_decision`).
+    Without it a stopped trial's workers train on until Tune's kill arrives — seconds, i.e. one
+    or two more epochs on a small model, at every stop."""
+    import ray
+
+    @ray.remote(num_cpus=0, max_restarts=0)
+    class DecisionBoard:
+        def __init__(self):
+            self.decisions = {}
+
+        def post(self, trial_id: str, epoch: int, decision: str) -> None:
+            self.decisions[(trial_id, int(epoch))] = decision
+
+        def get(self, trial_id: str, epoch: int):
+            return self.decisions.get((trial_id, int(epoch)))
+
+    handle = DecisionBoard.options(name=name, namespace=BOARD_NAMESPACE, get_if_exists=True).remote()
+    _boards[name] = handle
+    return handle
+
+
+def post_decision(name: str | None, trial_id: str, epoch: int, decision: str) -> None:
+    """Driver side: tell the workers of `trial_id` what was decided at `epoch` (fire and forget)."""
+    if not name:
+        return
+    try:
+        import ray
+
+        handle = _boards.get(name) or ray.get_actor(name, namespace=BOARD_NAMESPACE)
+        _boards[name] = handle
+        handle.post.remote(trial_id, int(epoch), decision)
+    except Exception as e:  # noqa: BLE001 - the workers fall back to waiting out their timeout
+        log.warning("could not post the decision for trial %s at epoch %s: %s", trial_id, epoch, e)
+
+
+def await_decision(name: str | None, trial_id: str, epoch: int, timeout: float = 300.0, poll: float = 0.2) -> str | None:
+    """Worker side, after reporting a rung epoch: the decision (``"STOP"``/``"CONTINUE"``/...),
+    or None when there is no board or it said nothing within `timeout` seconds (then train on)."""
+    if not name:
+        return None
+    import ray
+
+    try:
+        board = ray.get_actor(name, namespace=BOARD_NAMESPACE)
+    except ValueError:
+        return None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            decision = ray.get(board.get.remote(trial_id, int(epoch)), timeout=30)
+        except Exception as e:  # noqa: BLE001 - a lost board must not kill training
+            log.warning("decision board unreachable (%s): training on", e)
+            return None
+        if decision is not None:
+            return decision
+        time.sleep(poll)
+    log.warning("no decision for trial %s at epoch %s within %.0f s: training on", trial_id, epoch, timeout)
+    return None
+
+
 def _stopper_base():
     from ray.tune import Stopper
 
@@ -97,10 +193,10 @@ def _stopper_base():
 
 
 class BudgetStopper(_stopper_base()):
-    """Stops a trial at a report when its next epoch could overrun the study's epoch budget."""
+    """Stops a trial at a milestone when its next segment could overrun the study's epoch budget."""
 
-    def __init__(self, budget: EpochBudget):
-        self.budget = budget
+    def __init__(self, budget: EpochBudget, board: str | None = None):
+        self.budget, self.board = budget, board
 
     def __call__(self, trial_id: str, result: dict) -> bool:
         if TIME_ATTR not in result:
@@ -108,11 +204,34 @@ class BudgetStopper(_stopper_base()):
         if self.budget.on_report(trial_id, int(result[TIME_ATTR])):
             return False
         result[STOPPED_BY_KEY] = "budget"  # the same dict becomes the trial's last result
+        post_decision(self.board, trial_id, int(result[TIME_ATTR]), "STOP")
         log.info("epoch budget: stopping trial %s at epoch %s (%s)", trial_id, result[TIME_ATTR], self.budget.describe())
         return True
 
     def stop_all(self) -> bool:
-        return False  # running trials finish their epoch and stop at their next report instead
+        return False  # running trials stop at their next milestone instead
+
+
+def _asha_base():
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler
+
+
+class RungSyncASHA(_asha_base()):
+    """ASHA that posts its decision at every rung (below max_t) to the decision board, where the
+    trial's Train workers wait for it: a stopped trial trains no epoch past its rung."""
+
+    def __init__(self, *args, board: str | None = None, decision_epochs=(), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.board, self.decision_epochs = board, {int(e) for e in decision_epochs}
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        decision = super().on_trial_result(tune_controller, trial, result)
+        epoch = result.get(TIME_ATTR)
+        if epoch is not None and int(epoch) in self.decision_epochs:
+            post_decision(self.board, trial.trial_id, int(epoch), decision)
+        return decision
 
 
 def _optuna_search_base():

@@ -12,8 +12,9 @@ saw, pruned trials included):
   (log-scaled axes where the space is log), coloured by the objective, pruned trials dashed grey;
 - ``plots/optuna_param_importances.png`` + ``optuna_param_importances.json``: fANOVA importances
   (``optuna.importance``, seeded) over the COMPLETE trials; with fewer than
-  :data:`MIN_TRIALS_FOR_IMPORTANCE` of them, or no spread in the values, a note says why
-  there is no figure instead;
+  :data:`MIN_TRIALS_FOR_IMPORTANCE` of them, over every trial with a value (pruned ones at their
+  last value, flagged as indicative in the title and the JSON's note); with fewer than 2 such
+  trials, or no spread in the values, only the note, saying why;
 - ``optuna_trials.csv``: Optuna's trial table (state, value, parameters, duration);
 - metrics ``trials_complete``/``trials_pruned``/``trials_failed``, ``epochs_spent`` (every run
   of every trial) and, under a budget, ``budget_epochs``; ``importance.<param>`` per parameter.
@@ -67,18 +68,33 @@ def epochs_of(trial) -> int:
 
 
 def param_importances(study, min_trials: int = MIN_TRIALS_FOR_IMPORTANCE) -> tuple[dict[str, float] | None, str]:
-    """(importances, note): fANOVA over COMPLETE trials, or (None, why not)."""
+    """(importances, note): fANOVA (seeded) over the COMPLETE trials; with fewer than
+    `min_trials` of them (a short study, e.g. `make run`), over every trial with a value, pruned
+    ones at the value they were stopped with (the note says so: indicative only); (None, why)
+    when even that is too little."""
     import optuna
 
-    trials = closed_trials(study)["COMPLETE"]
-    values = {t.value for t in trials if t.value is not None and not math.isnan(t.value)}
-    if len(trials) < min_trials:
-        return None, f"{len(trials)} complete trial(s): importances need at least {min_trials}"
-    if len(values) < 2:
-        return None, "every complete trial has the same objective: nothing to attribute"
+    def usable(trials):
+        return [t for t in trials if t.value is not None and not math.isnan(t.value)]
+
+    trials = closed_trials(study)
+    complete, pruned = usable(trials["COMPLETE"]), usable(trials["PRUNED"])
     evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
-    importances = optuna.importance.get_param_importances(study, evaluator=evaluator)
-    return {k: float(v) for k, v in importances.items()}, f"fANOVA over {len(trials)} complete trials"
+    if len(complete) >= min_trials and len({t.value for t in complete}) > 1:
+        importances = optuna.importance.get_param_importances(study, evaluator=evaluator)
+        note = f"fANOVA over {len(complete)} complete trials"
+    else:
+        pool = complete + pruned
+        if len(pool) < 2 or len({t.value for t in pool}) < 2:
+            return None, (f"{len(complete)} complete and {len(pruned)} pruned trial(s) with a value: importances need "
+                          "at least 2 trials with different values")  # fmt: skip
+        proxy = optuna.create_study(direction=study.direction)  # pruned trials enter at their last value
+        for t in pool:
+            proxy.add_trial(optuna.trial.create_trial(params=t.params, distributions=t.distributions, value=t.value))
+        importances = optuna.importance.get_param_importances(proxy, evaluator=evaluator)
+        note = (f"fANOVA over {len(pool)} trials, {len(pruned)} of them pruned (at their value when stopped): "
+                f"indicative only, fewer than {min_trials} complete")  # fmt: skip
+    return {k: float(v) for k, v in importances.items()}, note
 
 
 def history_figure(study, direction: str = "maximize"):

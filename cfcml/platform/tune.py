@@ -316,7 +316,7 @@ def _trial(config: dict, ctx: dict) -> None:
         fault = ctx.get("fault")
         loop_config = {
             "cfg": cfg.to_dict(), "data": ctx["data"], "runs": ctx["runs"], "mlflow": mlflow_spec, "trial_id": trial_id,
-            "spec": ctx["spec"],
+            "spec": ctx["spec"], "decisions": ctx.get("decisions"),
             "fault": fault if fault and params == fault.get("params") else None,
         }  # fmt: skip
         gpus = ctx["gpus_per_worker"]
@@ -426,14 +426,13 @@ def run_study(spec: StudySpec) -> dict:
     import optuna
     from mlflow.tracking import MlflowClient
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
     from cfcml.datasets.reader import load_cohort
     from cfcml.datasets.spec import shipped
 
     from ..engine.protocol import protocol_runs
+    from . import search_control as sc  # budget, pruned trials, rung decisions
     from .pyfunc import git_commit, package_versions
-    from .search_control import BudgetStopper, EpochBudget, PrunedAwareOptunaSearch, asha_rungs
     from .study_views import log_study_views
     from .tracking import end_running_children, mlflow_run, sweep_stale_runs
 
@@ -540,25 +539,29 @@ def run_study(spec: StudySpec) -> dict:
             "system_metrics": spec.system_metrics, "system_metrics_interval": spec.system_metrics_interval,
             "fault": spec.fault and {**spec.fault, "params": first},  # the first trial (the preset's point)
         }  # fmt: skip
+        grace = min(int(space.asha["grace_period"]), cfg.train.epochs)
+        rungs = sc.asha_rungs(grace, float(space.asha["reduction_factor"]), cfg.train.epochs)
+        board = sc.board_name(name)  # rung decisions reach the Train workers through it (search_control)
+        sc.open_board(board)
+        ctx["decisions"] = {"board": board, "epochs": [r for r in rungs if r < cfg.train.epochs]}
         # the trial driver only waits on its Train run: it takes no CPU (a token of memory, as Tune
         # refuses an empty request), so CPUs/GPUs go to Train workers and concurrency is set above
         trainable = tune.with_resources(tune.with_parameters(_trial, ctx=ctx), {"CPU": 0, "memory": 2**20})
-        grace = min(int(space.asha["grace_period"]), cfg.train.epochs)
-        rungs = asha_rungs(grace, float(space.asha["reduction_factor"]), cfg.train.epochs)
         budget = None
         if spec.budget_epochs and not restoring:  # a restored study restores its budget with the searcher
-            budget = EpochBudget(spec.budget_epochs, len(runs), cfg.train.epochs, min_trial_epochs=grace)
+            budget = sc.EpochBudget(spec.budget_epochs, len(runs), [*rungs, cfg.train.epochs])
         if restoring:
             tuner = tune.Tuner.restore(study_path, trainable=trainable, resume_unfinished=True, resume_errored=False,
                                        restart_errored=False)  # fmt: skip
         else:
-            searcher = PrunedAwareOptunaSearch(
+            searcher = sc.PrunedAwareOptunaSearch(
                 space=space.distributions(), metric=space.metric, mode=space.mode, points_to_evaluate=[first],
                 sampler=optuna.samplers.TPESampler(seed=spec.seed, **space.sampler), study_name=name,
                 storage=optuna.storages.RDBStorage(optuna_url), max_epochs=cfg.train.epochs, budget=budget,
             )  # fmt: skip
-            scheduler = ASHAScheduler(time_attr="epoch", max_t=cfg.train.epochs, grace_period=grace,
-                                      reduction_factor=float(space.asha["reduction_factor"]))  # fmt: skip
+            scheduler = sc.RungSyncASHA(time_attr="epoch", max_t=cfg.train.epochs, grace_period=grace,
+                                     reduction_factor=float(space.asha["reduction_factor"]), board=board,
+                                     decision_epochs=ctx["decisions"]["epochs"])  # fmt: skip
             callback = _study_callback_cls()(tracking_uri, experiment_id, parent_id, cfg.train.epochs, [r["name"] for r in runs],
                                              rungs)  # fmt: skip
             tuner = tune.Tuner(
@@ -566,7 +569,7 @@ def run_study(spec: StudySpec) -> dict:
                 tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, search_alg=searcher, scheduler=scheduler,
                                             num_samples=spec.num_samples, max_concurrent_trials=concurrent),
                 run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=[callback], verbose=1,
-                                          stop=BudgetStopper(budget) if budget else None),
+                                          stop=sc.BudgetStopper(budget, board) if budget else None),
             )  # fmt: skip
         t0 = time.time()
         try:
