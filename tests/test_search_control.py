@@ -149,10 +149,15 @@ def test_searcher_tells_optuna_pruned_for_early_stopped_trials_and_complete_othe
     for e in range(1, 5):
         s.on_trial_result("t2", {"cv_val_auc": 0.5 + e / 10, "epoch": e, "training_iteration": e})
     s.on_trial_complete("t2", {"cv_val_auc": 0.9, "epoch": 4, "training_iteration": 4})
+    assert isinstance(s.suggest("t3"), dict)
+    for e in range(1, 4):  # Tune withholds the final result (ASHA's STOP at max_t) from the searcher
+        s.on_trial_result("t3", {"cv_val_auc": 0.6, "epoch": e, "training_iteration": e})
+    s.on_trial_complete("t3", {"cv_val_auc": 0.65, "epoch": 4, "training_iteration": 4})
     trials = s._ot_study.get_trials()
-    assert [t.state for t in trials] == [TrialState.PRUNED, TrialState.COMPLETE]
+    assert [t.state for t in trials] == [TrialState.PRUNED, TrialState.COMPLETE, TrialState.COMPLETE]
     assert trials[0].value == 0.7 and trials[0].last_step == 2  # the value at the epoch it reached
-    assert trials[1].value == 0.9
+    assert trials[1].value == 0.9 and trials[1].last_step == 4
+    assert trials[2].value == 0.65 and trials[2].last_step == 4  # its curve ends where it did
     s.on_trial_complete("t1", {"cv_val_auc": 0.7, "epoch": 2})  # a second completion changes nothing
     assert s._ot_study.get_trials()[0].state == TrialState.PRUNED
 

@@ -271,16 +271,22 @@ class PrunedAwareOptunaSearch(_optuna_search_base()):
             self.budget.on_complete(trial_id)
         value = (result or {}).get(self.metric) if isinstance(self.metric, str) else None
         epochs = (result or {}).get(TIME_ATTR)
+        known = trial_id in self._ot_trials and trial_id not in self._completed_trials
+        if known and not error and value is not None and epochs is not None:
+            # Tune withholds the result it stops a trial on (ASHA also stops at max_t) from the
+            # searcher: report it, so the trial's curve (and its epoch count) ends where it did
+            with warnings.catch_warnings():  # the epoch may already be reported
+                warnings.simplefilter("ignore")
+                if not (isinstance(value, float) and math.isnan(value)):
+                    self._ot_trials[trial_id].report(float(value), int(epochs))
         pruned = not error and value is not None and epochs is not None and int(epochs) < self.max_epochs
-        if not pruned or trial_id in self._completed_trials or trial_id not in self._ot_trials:
+        if not pruned or not known:
             return super().on_trial_complete(trial_id, result=result, error=error)
         from optuna.trial import TrialState
 
         trial = self._ot_trials[trial_id]
-        with warnings.catch_warnings():  # the stopping epoch may already be reported
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            if not (isinstance(value, float) and math.isnan(value)):
-                trial.report(float(value), int(epochs))
             try:
                 self._ot_study.tell(trial, state=TrialState.PRUNED)
             except Exception as e:  # noqa: BLE001 - as OptunaSearch: bookkeeping must not stop the study
