@@ -195,9 +195,11 @@ def plot(result: dict, path: Path | None = None):
 
     fig, ax = plt.subplots(figsize=(6.8, 4.2))
     g = result["grid"]["curve"]
-    ax.step([0] + [x for x, _ in g], [g[0][1]] + [y for _, y in g], where="post", c="black", lw=2,
-            label="grid (paper's coordinate search)")  # fmt: skip
-    ax.scatter([x for x, _ in g], [y for _, y in g], c="black", s=14, zorder=3)
+    ax.step([x for x, _ in g], [y for _, y in g], where="post", c="black", lw=2, label="grid (paper's coordinate search)")
+    configs = result["grid"].get("configs") or []
+    if configs:  # each configuration's own value, where it finished
+        ax.scatter([x for x, _ in g], [r["val_auc"] for r in configs], c="black", s=14, alpha=0.4, zorder=3,
+                   label="grid: each configuration")  # fmt: skip
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, s in enumerate(result["hpo"]["seeds"]):
         c = s["curve"]
