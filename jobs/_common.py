@@ -34,6 +34,9 @@ def build_parser(prog: str, dataset: str | None, preset: str | None, synth_size:
     p.add_argument("--name", default=None, help="study name (default: the preset); --resume needs the same one")
     p.add_argument("--resume", action="store_true", help="continue an interrupted study (finished trials are kept)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per trial (ASHA's max_t); default: the preset's")
+    p.add_argument("--budget-epochs", type=int, default=None,
+                   help="cap on epochs summed over every fold/seed of every trial (stopped ones included); "
+                   "the search ends when no further trial fits")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for every trial (repeatable)")
     p.add_argument("--search-space", default=None, help="YAML space (default: search_spaces/<dataset|smoke>.yaml)")
@@ -108,6 +111,7 @@ def main(prog: str, dataset: str | None = None, preset: str | None = None, synth
         search_space=args.search_space,
         num_samples=args.num_samples, max_concurrent=args.max_concurrent, workers_per_trial=args.workers_per_trial,
         cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker, epochs=args.epochs,
+        budget_epochs=args.budget_epochs,
         storage=args.storage, resume=args.resume, seed=args.seed, max_failures=args.max_failures,
         search_runs=args.search_runs, tracking_uri=args.tracking_uri, experiment=args.experiment,
         model_name=args.model_name, register=not args.no_register, optuna_storage=args.optuna_storage,

@@ -11,6 +11,7 @@ A space file::
       model.token_mapping: {type: categorical, choices: [conv1d, perceiver]}
       train.lr: {type: float, low: 1.25e-4, high: 2.0e-3, log: true, enabled: false}
     asha: {grace_period: 2, reduction_factor: 3}   # rungs in epochs
+    sampler: {n_startup_trials: 4, multivariate: true}   # optional TPESampler options
 
 `enabled: false` keeps an optional parameter in the file without searching it (it then
 stays at the preset's value). `first_trial` may also be a mapping of explicit values.
@@ -28,6 +29,9 @@ import yaml
 from ..config import Config, ConfigError
 
 TYPES = ("int", "float", "categorical")
+# TPESampler options a space file may set (`sampler:`); the seed comes from the study (--seed)
+SAMPLER_OPTIONS = ("n_startup_trials", "n_ei_candidates", "multivariate", "group", "constant_liar",
+                   "consider_endpoints", "prior_weight")  # fmt: skip
 
 
 class SearchSpaceError(ConfigError):
@@ -88,6 +92,7 @@ class SearchSpace:
     first_trial: str | dict = "preset"
     asha: dict = field(default_factory=lambda: {"grace_period": 1, "reduction_factor": 2})
     source: str = ""  # the YAML text, logged as an artifact
+    sampler: dict = field(default_factory=dict)  # TPESampler keyword arguments (SAMPLER_OPTIONS)
 
     def distributions(self) -> dict:
         """{dotted key: optuna distribution} for `OptunaSearch(space=...)`."""
@@ -177,7 +182,7 @@ def load_search_space(path: str | Path, cfg: Config | None = None) -> SearchSpac
         raise SearchSpaceError(f"search space {path} not found")
     text = path.read_text()
     raw = yaml.safe_load(text) or {}
-    unknown = set(raw) - {"metric", "mode", "first_trial", "params", "asha"}
+    unknown = set(raw) - {"metric", "mode", "first_trial", "params", "asha", "sampler"}
     if unknown:
         raise SearchSpaceError(f"{path}: unknown top-level key(s) {sorted(unknown)}")
     params = [p for name, spec in (raw.get("params") or {}).items() if (p := _param(name, spec)) is not None]
@@ -192,7 +197,10 @@ def load_search_space(path: str | Path, cfg: Config | None = None) -> SearchSpac
     first = raw.get("first_trial", "preset")
     if not (first == "preset" or isinstance(first, dict)):
         raise SearchSpaceError(f"{path}: first_trial must be 'preset' or a mapping of values")
-    space = SearchSpace(params, raw.get("metric", "cv_val_auc"), mode, first, asha, text)
+    sampler = raw.get("sampler") or {}
+    if not isinstance(sampler, dict) or set(sampler) - set(SAMPLER_OPTIONS):
+        raise SearchSpaceError(f"{path}: sampler takes a mapping of TPESampler options {list(SAMPLER_OPTIONS)}")
+    space = SearchSpace(params, raw.get("metric", "cv_val_auc"), mode, first, asha, text, sampler)
     if cfg is not None:
         for p in params:
             get_dotted(cfg, p.name)

@@ -179,6 +179,8 @@ def train_loop_per_worker(config: dict) -> None:
       cohort schema (`cfcml.datasets.spec.shipped`);
     - ``runs``: ``[{"name": "fold1", "fold": 1}, ...]`` or ``[{"name": "seed0", "seed": 0}, ...]``;
     - ``mlflow``: ``{"tracking_uri", "run_id", "system_metrics"}`` or None;
+    - ``decisions``: ``{"board", "epochs"}``: after reporting one of these epochs (ASHA's rungs),
+      wait for the study's decision and stop here on STOP (`cfcml.platform.search_control`);
     - ``fault``: tests only, see :func:`_maybe_inject_fault`.
     """
     import ray.train
@@ -189,6 +191,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     from ..config import config_from_dict
     from ..engine.run import TrainingRun
+    from .search_control import await_decision
 
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
@@ -232,6 +235,11 @@ def train_loop_per_worker(config: dict) -> None:
                         shutil.rmtree(tmp, ignore_errors=True)
                 else:
                     ray.train.report(metrics, checkpoint=None)
+                decisions = config.get("decisions") or {}
+                at_rung = metrics["epoch"] in decisions.get("epochs", ())  # wait for ASHA / the budget there
+                if at_rung and await_decision(decisions["board"], config.get("trial_id"), metrics["epoch"]) == "STOP":
+                    log.info("rank %d: trial stopped at epoch %d", rank, metrics["epoch"])
+                    break
         finally:
             tracker.close()
     finally:

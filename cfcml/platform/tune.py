@@ -78,6 +78,7 @@ class StudySpec:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float | None = None  # None: 1 when the cluster has GPUs, else 0
     epochs: int | None = None
+    budget_epochs: int | None = None  # cap on epochs over every run of every trial, stopped ones included
     storage: str = "~/ray_results/cfcml"  # local path or URI (s3://bucket/path?endpoint_override=...)
     resume: bool = False
     seed: int = 0
@@ -320,7 +321,7 @@ def _trial(config: dict, ctx: dict) -> None:
         fault = ctx.get("fault")
         loop_config = {
             "cfg": cfg.to_dict(), "data": ctx["data"], "runs": ctx["runs"], "mlflow": mlflow_spec, "trial_id": trial_id,
-            "spec": ctx["spec"],
+            "spec": ctx["spec"], "decisions": ctx.get("decisions"),
             "fault": fault if fault and params == fault.get("params") else None,
         }  # fmt: skip
         gpus = ctx["gpus_per_worker"]
@@ -349,9 +350,10 @@ def _study_callback_cls():
         """Driver side: closes each trial's MLflow run (ASHA-stopped trials never return from
         their trainable) and logs its final objective and validation curves."""
 
-        def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, max_epochs: int, runs: list[str]):
+        def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, max_epochs: int, runs: list[str],
+                     rungs: list[int] = ()):  # fmt: skip
             self.tracking_uri, self.experiment_id, self.parent_run_id = tracking_uri, experiment_id, parent_run_id
-            self.max_epochs, self.runs = max_epochs, runs
+            self.max_epochs, self.runs, self.rungs = max_epochs, runs, list(rungs)
             self._client = None
 
         def __getstate__(self):  # Tune pickles callbacks with the experiment state
@@ -374,6 +376,9 @@ def _study_callback_cls():
             self._close(trial, "FAILED")
 
         def _close(self, trial, status: str) -> None:
+            from mlflow.entities import Metric, RunTag
+
+            from .search_control import trial_outcome
             from .tracking import terminate_run
 
             try:
@@ -384,9 +389,9 @@ def _study_callback_cls():
                 epochs = int(last.get("epoch", 0) or 0)
                 if OBJECTIVE in last:
                     self.client.log_metric(run_id, "val_auc", float(last[OBJECTIVE]), step=epochs)
-                self.client.set_tag(run_id, "cfcml.epochs_trained", str(epochs))
-                if status == "FINISHED" and epochs < self.max_epochs:
-                    self.client.set_tag(run_id, "cfcml.stopped_by", "ASHA")
+                tags, metrics = trial_outcome(status, last, self.max_epochs, self.rungs)  # PRUNED / COMPLETE / FAIL
+                self.client.log_batch(run_id, metrics=[Metric(k, v, int(time.time() * 1000), epochs) for k, v in metrics.items()],
+                                      tags=[RunTag(k, v) for k, v in tags.items()])  # fmt: skip
                 auc_fig, loss_fig = trial_validation_plot(self.client, run_id, self.runs)
                 _log_figure(self.client, run_id, auc_fig, "plots/validation_auc.png")
                 _log_figure(self.client, run_id, loss_fig, "plots/loss.png")
@@ -407,15 +412,17 @@ def _init_ray(spec: StudySpec) -> None:
         ray.init(address=spec.ray_address, log_to_driver=True)
 
 
-def _finished_trials(name: str, optuna_url: str) -> int:
-    """Trials the Optuna study has closed (COMPLETE, PRUNED or FAIL). After a SIGINT, Tune
-    returns normally and marks its live trials TERMINATED in memory, so the Optuna study (told
-    only when a trial really ends) is what tells a finished search from an interrupted one."""
+def _trial_counts(name: str, optuna_url: str) -> tuple[int, int]:
+    """(closed, open) trials of the Optuna study: closed = COMPLETE, PRUNED or FAIL; open =
+    asked but never told (RUNNING/WAITING). After a SIGINT, Tune returns normally and marks its
+    live trials TERMINATED in memory, so the Optuna study (told only when a trial really ends)
+    is what tells a finished search from an interrupted one."""
     import optuna
     from optuna.trial import TrialState
 
     study = optuna.load_study(study_name=name, storage=optuna_url)
-    return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL) for t in study.trials)
+    closed = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL) for t in study.trials)
+    return closed, len(study.trials) - closed
 
 
 def run_study(spec: StudySpec) -> dict:
@@ -424,15 +431,15 @@ def run_study(spec: StudySpec) -> dict:
     import optuna
     from mlflow.tracking import MlflowClient
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
 
     from cfcml.datasets.reader import load_cohort
     from cfcml.datasets.spec import shipped
 
     from ..engine.protocol import protocol_runs
+    from . import search_control as sc  # budget, pruned trials, rung decisions
     from .pyfunc import git_commit, package_versions
     from .report_logging import ensure_experiment, log_cohort
+    from .study_views import log_study_views
     from .tracking import end_running_children, mlflow_run, sweep_stale_runs
 
     overrides = list(spec.overrides)
@@ -512,7 +519,8 @@ def run_study(spec: StudySpec) -> dict:
                 "max_concurrent_trials": concurrent, "workers_per_trial": spec.workers_per_trial,
                 "cpus_per_worker": spec.cpus_per_worker, "gpus_per_worker": spec.gpus_per_worker,
                 "epochs": cfg.train.epochs, "search_runs": ",".join(r["name"] for r in runs), "seed": spec.seed,
-                "sampler": "optuna.TPESampler", "scheduler": f"ASHA(time_attr=epoch, grace_period={space.asha['grace_period']}, "
+                "sampler": f"optuna.TPESampler({', '.join(f'{k}={v}' for k, v in space.sampler.items())})",
+                "budget_epochs": spec.budget_epochs or "none", "scheduler": f"ASHA(time_attr=epoch, grace_period={space.asha['grace_period']}, "
                 f"reduction_factor={space.asha['reduction_factor']})", "metric": space.metric, "mode": space.mode,
                 "max_failures": spec.max_failures, "overrides": redact(" ".join(spec.overrides)) or "none",
                 **{f"pretrained.{k}": v for k, v in pretrained_provenance(cfg).items()},
@@ -539,28 +547,37 @@ def run_study(spec: StudySpec) -> dict:
             "system_metrics": spec.system_metrics, "system_metrics_interval": spec.system_metrics_interval,
             "fault": spec.fault and {**spec.fault, "params": first},  # the first trial (the preset's point)
         }  # fmt: skip
+        grace = min(int(space.asha["grace_period"]), cfg.train.epochs)
+        rungs = sc.asha_rungs(grace, float(space.asha["reduction_factor"]), cfg.train.epochs)
+        board = sc.board_name(name)  # rung decisions reach the Train workers through it (search_control)
+        sc.open_board(board)
+        ctx["decisions"] = {"board": board, "epochs": [r for r in rungs if r < cfg.train.epochs]}
         # the trial driver only waits on its Train run: it takes no CPU (a token of memory, as Tune
         # refuses an empty request), so CPUs/GPUs go to Train workers and concurrency is set above
         trainable = tune.with_resources(tune.with_parameters(_trial, ctx=ctx), {"CPU": 0, "memory": 2**20})
+        budget = None
+        if spec.budget_epochs and not restoring:  # a restored study restores its budget with the searcher
+            budget = sc.EpochBudget(spec.budget_epochs, len(runs), [*rungs, cfg.train.epochs])
         if restoring:
             tuner = tune.Tuner.restore(study_path, trainable=trainable, resume_unfinished=True, resume_errored=False,
                                        restart_errored=False)  # fmt: skip
         else:
-            searcher = OptunaSearch(
+            searcher = sc.PrunedAwareOptunaSearch(
                 space=space.distributions(), metric=space.metric, mode=space.mode, points_to_evaluate=[first],
-                sampler=optuna.samplers.TPESampler(seed=spec.seed), study_name=name,
-                storage=optuna.storages.RDBStorage(optuna_url),
+                sampler=optuna.samplers.TPESampler(seed=spec.seed, **space.sampler), study_name=name,
+                storage=optuna.storages.RDBStorage(optuna_url), max_epochs=cfg.train.epochs, budget=budget,
             )  # fmt: skip
-            scheduler = ASHAScheduler(
-                time_attr="epoch", max_t=cfg.train.epochs, grace_period=min(int(space.asha["grace_period"]), cfg.train.epochs),
-                reduction_factor=float(space.asha["reduction_factor"]),
-            )  # fmt: skip
-            callback = _study_callback_cls()(tracking_uri, experiment_id, parent_id, cfg.train.epochs, [r["name"] for r in runs])
+            scheduler = sc.RungSyncASHA(time_attr="epoch", max_t=cfg.train.epochs, grace_period=grace,
+                                     reduction_factor=float(space.asha["reduction_factor"]), board=board,
+                                     decision_epochs=ctx["decisions"]["epochs"])  # fmt: skip
+            callback = _study_callback_cls()(tracking_uri, experiment_id, parent_id, cfg.train.epochs, [r["name"] for r in runs],
+                                             rungs)  # fmt: skip
             tuner = tune.Tuner(
                 trainable,
                 tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, search_alg=searcher, scheduler=scheduler,
                                             num_samples=spec.num_samples, max_concurrent_trials=concurrent),
-                run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=[callback], verbose=1),
+                run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=[callback], verbose=1,
+                                          stop=sc.BudgetStopper(budget, board) if budget else None),
             )  # fmt: skip
         t0 = time.time()
         try:
@@ -568,11 +585,15 @@ def run_study(spec: StudySpec) -> dict:
         finally:
             end_running_children(client, parent_id, "KILLED")
         mlflow.log_metric("search_seconds", time.time() - t0)
-        if _finished_trials(name, optuna_url) < spec.num_samples:
+        finished, unfinished = _trial_counts(name, optuna_url)
+        # a budget ends the search before num_samples: then only trials left open mean an interrupt
+        ended_by_budget = bool(spec.budget_epochs) and not unfinished and (budget is None or budget.exhausted)
+        if unfinished or (finished < spec.num_samples and not ended_by_budget):
             mlflow.set_tag("cfcml.status", "interrupted")
             raise StudyInterrupted(f"study {name} interrupted; continue it with --resume (same --name {name} and --storage)")
         mlflow.set_tag("cfcml.status", "searched")
-        return _after_search(spec, results, cfg, space, cohort, runs, client, parent_id, experiment_id, fs, study_path,
+        views = log_study_views(client, parent_id, name, optuna_url, len(runs), budget)  # importances, history, ...
+        return views | _after_search(spec, results, cfg, space, cohort, runs, client, parent_id, experiment_id, fs, study_path,
                              overrides, digest, commit, optuna_url, name)  # fmt: skip
 
 
