@@ -58,7 +58,7 @@ def build_parser(prog: str, dataset: str | None, preset: str | None, synth_size:
     p.add_argument("--work-dir", default=None, help="keep the final evaluation's files here")
     p.add_argument("--json-out", type=Path, default=None, help="write the study summary (JSON) here")
     # tests: SIGKILL the rank-0 Train worker of the first trial once, during EPOCH (MARKER: a file)
-    p.add_argument("--inject-fault", default=None, metavar="EPOCH:MARKER", help=argparse.SUPPRESS)
+    p.add_argument("--inject-fault", default=None, metavar="EPOCH:MARKER[:HOLD_S]", help=argparse.SUPPRESS)
     return p
 
 
@@ -77,8 +77,9 @@ def _gpus(text: str) -> float | None:
 def _fault(text: str | None) -> dict | None:
     if not text:
         return None
-    epoch, marker = text.split(":", 1)
-    return {"epoch": int(epoch), "marker": marker}
+    epoch, marker = text.split(":", 1)  # EPOCH:MARKER[:HOLD_S]
+    marker, _, hold = marker.rpartition(":") if marker.rpartition(":")[2].isdigit() else (marker, "", "")
+    return {"epoch": int(epoch), "marker": marker, **({"hold_s": int(hold)} if hold else {})}
 
 
 def main(prog: str, dataset: str | None = None, preset: str | None = None, synth_size: int = 60,

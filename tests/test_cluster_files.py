@@ -35,6 +35,8 @@ def test_runtime_env():
         "RAY_USAGE_STATS_ENABLED": "0",
         "MLFLOW_TRACKING_URI": "http://127.0.0.1:5000",
         "MLFLOW_DISABLE_TELEMETRY": "true",
+        "OMP_WAIT_POLICY": "PASSIVE",  # idle threads must not spin on a shared node
+        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600",  # a busy node still starts its workers
     }
 
 

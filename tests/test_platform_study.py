@@ -191,7 +191,7 @@ def test_study_end_to_end_with_fault_interrupt_resume_registry_and_predict(stack
         sys.executable, str(ROOT / "jobs" / "tune_men.py"), "--preset", "men-smoke", "--data", str(cohort),
         "--name", study, "--num-samples", "2", "--epochs", "2", "--search-runs", "2", "--storage", stack["storage"],
         "--tracking-uri", url, "--ray-address", stack["ray"].address, "--search-space", str(space),
-        "--optuna-storage", optuna_url, "--git-commit", "test-commit", "--inject-fault", f"2:{marker}",
+        "--optuna-storage", optuna_url, "--git-commit", "test-commit", "--inject-fault", f"2:{marker}:30",
         "--set", f"data.cache_dir={cache_dir}", *[a for s in SMALL for a in ("--set", s)],
         "--json-out", str(tmp_path / "summary.json"), "--system-metrics-interval", "2",
     ]  # fmt: skip
@@ -304,8 +304,8 @@ def test_study_end_to_end_with_fault_interrupt_resume_registry_and_predict(stack
     assert summary["model_uri"] == "models:/cfcml-men@challenger"
     mv = client.get_model_version_by_alias("cfcml-men", "challenger")
     assert mv.version == summary["model_version"] and mv.run_id == summary["best_run_id"]
-    assert {k for k in mv.tags if not k.startswith("mlflow.")} == {"trial_id", "data.digest", "git.commit", "pretrained.image",
-                                                                  "pretrained.text", "version.cfcml"}  # fmt: skip
+    assert {k for k in mv.tags if not k.startswith("mlflow.")} == {"trial_id", "method", "data.digest", "git.commit",
+                                                                  "pretrained.image", "pretrained.text", "version.cfcml"}  # fmt: skip
     assert mv.tags["git.commit"] == "test-commit" and mv.tags["trial_id"] == summary["best_trial_id"]
     assert mv.description.startswith("# Model card") and "## Performance on the test set" in mv.description
     # the logged model: an output of the study's parent run, with the report's test metrics

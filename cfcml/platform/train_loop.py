@@ -131,11 +131,18 @@ class _Tracker:
 def _maybe_inject_fault(fault: dict | None, rank: int, epoch: int) -> None:
     """Tests only: SIGKILL this worker once, in the middle of epoch `fault['epoch']` (after its
     first run trained, before the report), so the restarted group must resume from the last
-    reported checkpoint. `fault['marker']` (a file) makes it happen exactly once."""
+    reported checkpoint. `fault['marker']` (a file) makes it happen exactly once. With
+    `fault['hold_s']` the restarted worker then pauses that long, once, in the same epoch: a
+    window in which the test interrupts the study with this trial surely unfinished."""
     if not fault or rank != int(fault.get("rank", 0)) or epoch != int(fault["epoch"]):
         return
     marker = Path(fault["marker"])
     if marker.exists():
+        record = json.loads(marker.read_text())
+        if fault.get("hold_s") and not record.get("held"):
+            marker.write_text(json.dumps({**record, "held": True}))
+            log.warning("fault injection: holding the restarted worker for %s s", fault["hold_s"])
+            time.sleep(float(fault["hold_s"]))
         return
     # Reports reach the Train controller asynchronously: wait until the last one is registered,
     # or the restart could not find the checkpoint this test wants it to resume from.

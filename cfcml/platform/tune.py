@@ -286,6 +286,7 @@ def _trial(config: dict, ctx: dict) -> None:
     import ray.train
     from ray import tune
     from ray.train.torch import TorchTrainer
+    from ray.train._internal.session import get_session
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from .tracking import mlflow_run
@@ -340,7 +341,13 @@ def _trial(config: dict, ctx: dict) -> None:
                 callbacks=[TuneReportCallback()],
             ),
         )
-        trainer.fit()
+        session = get_session()  # the trial's Tune session: counts the results it has received
+        received = session.iteration if session else None
+        result = trainer.fit()
+        if received is not None and session.iteration == received and OBJECTIVE in (result.metrics or {}):
+            # the Train run had already finished (its last epoch ran while the study was being
+            # interrupted): nothing reached Tune in this call, so hand it the run's final result
+            tune.report({k: v for k, v in result.metrics.items() if k != "checkpoint_path"})
 
 
 def _study_callback_cls():
