@@ -285,8 +285,8 @@ def _trial(config: dict, ctx: dict) -> None:
     """Tune function trainable: one trial = one TorchTrainer run over all of the trial's folds."""
     import ray.train
     from ray import tune
-    from ray.train.torch import TorchTrainer
     from ray.train._internal.session import get_session
+    from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from .tracking import mlflow_run
