@@ -119,3 +119,28 @@ def test_plot_draws_every_seed(bench, tmp_path):
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert labels[0].startswith("grid") and "study, search seed 0" in labels and "study, search seed 1" in labels
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_retrained_configurations_enter_the_verdict_and_the_table(bench, monkeypatch):
+    seeds = [_seed(0, 0.80, 0.70, 201, {"x": 0}), _seed(1, 0.86, 0.74, 207, {"x": 9}), _seed(2, 0.82, 0.72, 198, {"x": 2})]
+    grid = {"best_val_auc": 0.84, "test_auc": 0.85, "test_auc_std": 0.04, "epochs": 420, "seconds": 600.0,
+            "config": {"x": 9}, "configs": [], "curve": [(60, 0.8)]}  # fmt: skip
+    result = {"grid": grid, "hpo": bench.aggregate_seeds(seeds), "settings": {"budget_epochs": 210}}
+    trained = []
+
+    def fake_retrain(data, overrides, epochs, work, config, retrain_seeds):  # what one configuration is worth
+        trained.append(config["x"])
+        values = {0: [0.80, 0.82], 9: [0.76, 0.78], 2: [0.78, 0.78]}[config["x"]]
+        return {"seeds": retrain_seeds, "test_auc": values, **{f"test_auc_{k}": v for k, v in
+                bench.spread(values).items() if k != "n"}}  # fmt: skip
+
+    monkeypatch.setattr(bench, "retrain", fake_retrain)
+    bench.add_retrained(result, None, [], 20, None, [1, 2])
+    assert trained == [9, 0, 2]  # the grid's configuration, shared with study seed 1, is retrained once
+    assert result["hpo"]["seeds"][1]["retrained"] is result["grid"]["retrained"]
+    assert result["hpo"]["retrained_test_auc"] == pytest.approx((0.81 + 0.77 + 0.78) / 3)
+    v = bench.verdict(grid, result["hpo"], budget=210)
+    assert not v["search_wins"]  # on the selected runs the grid is ahead...
+    assert v["search_wins_retrained"] and v["retrained_test_auc_delta"] == pytest.approx((0.81 + 0.77 + 0.78) / 3 - 0.77)  # ...not retrained
+    table = bench.markdown(result | {"verdict": v})
+    assert "retrained (2 other training seeds)" in table and "| 77.00 ± 1.41 |" in table and "+1.67 points" in table
