@@ -118,6 +118,7 @@ def history_figure(study, direction: str = "maximize"):
             ax.annotate(str(epochs_of(t)), (t.number, t.value), textcoords="offset points", xytext=(3, 3), fontsize=6,
                         color="tab:gray")  # fmt: skip
     ax.set_xlabel("trial number")
+    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))  # trials, not fractions of one
     ax.set_ylabel("objective")
     ax.set_title("optimisation history", fontsize=10)
     ax.grid(alpha=0.3)
@@ -137,6 +138,7 @@ def intermediate_figure(study):
                 xs, ys = zip(*sorted(t.intermediate_values.items()))
                 ax.plot(xs, ys, marker="o", ms=2, **style)
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     ax.set_ylabel("objective")
     ax.set_title("objective per epoch (solid: complete, dashed: pruned)", fontsize=10)
     ax.grid(alpha=0.3)
