@@ -191,7 +191,7 @@ def test_study_end_to_end_with_fault_interrupt_resume_registry_and_predict(stack
         sys.executable, str(ROOT / "jobs" / "tune_men.py"), "--preset", "men-smoke", "--data", str(cohort),
         "--name", study, "--num-samples", "2", "--epochs", "2", "--search-runs", "2", "--storage", stack["storage"],
         "--tracking-uri", url, "--ray-address", stack["ray"].address, "--search-space", str(space),
-        "--optuna-storage", optuna_url, "--git-commit", "test-commit", "--inject-fault", f"2:{marker}:30",
+        "--optuna-storage", optuna_url, "--git-commit", "test-commit", "--inject-fault", f"2:{marker}:120",
         "--set", f"data.cache_dir={cache_dir}", *[a for s in SMALL for a in ("--set", s)],
         "--json-out", str(tmp_path / "summary.json"), "--system-metrics-interval", "2",
     ]  # fmt: skip
