@@ -17,10 +17,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: setup
-	$(BIN)/python -m pytest -q --timeout=900
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q --timeout=900
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow and not services"
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q -m "not slow and not services"
 
 run: setup
 	bash scripts/run.sh
