@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
 import pytest
 
 # --------------------------------------------------------------------------- services
@@ -44,3 +49,26 @@ def moto_s3():
     service = start_moto_s3()
     yield service
     service.stop()
+
+
+@contextmanager
+def ray_and_mlflow(prefix: str, env: dict[str, str], artifacts_destination: str | None = None):
+    """A Ray head (2 CPUs, token auth) and an MLflow server as `make run` starts them, in a
+    fresh state dir under /tmp (short: Ray's socket paths); yields (state, mlflow, ray) and
+    stops both by process id."""
+    from cfcml.platform.services import start_mlflow_server, start_ray_head
+
+    state = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    env = {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true", **env}
+    mlflow = start_mlflow_server(state / "mlflow", artifacts_destination=artifacts_destination, env=env)
+    try:
+        ray = start_ray_head(state / "ray", num_cpus=2, auth_mode="token", env=env)
+    except BaseException:
+        mlflow.stop()
+        raise
+    try:
+        yield state, mlflow, ray
+    finally:
+        ray.stop()
+        mlflow.stop()
+        shutil.rmtree(state, ignore_errors=True)

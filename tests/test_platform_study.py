@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
+from conftest import ray_and_mlflow
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.services, pytest.mark.slow]
@@ -38,29 +37,16 @@ def stack(moto_s3):
     with the S3 credentials so that Train workers and the server can reach the bucket."""
     import boto3
 
-    from cfcml.platform.services import start_mlflow_server, start_ray_head
-
     boto3.client("s3", endpoint_url=moto_s3.url, region_name="us-east-1", aws_access_key_id="testing",
                  aws_secret_access_key="testing").create_bucket(Bucket=BUCKET)  # fmt: skip
-    state = Path(tempfile.mkdtemp(prefix="cfp-", dir="/tmp"))  # short: Ray's socket paths
     env = {**moto_s3.client_env, "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true"}
-    mlflow = start_mlflow_server(state / "mlflow", artifacts_destination=f"s3://{BUCKET}/mlflow", env=env)
-    try:
-        ray = start_ray_head(state / "ray", num_cpus=2, auth_mode="token", env=env)
-    except BaseException:
-        mlflow.stop()
-        raise
-    try:
+    with ray_and_mlflow("cfp-", env, artifacts_destination=f"s3://{BUCKET}/mlflow") as (state, mlflow, ray):
         port = moto_s3.url.rsplit(":", 1)[1]
         yield {
             "mlflow": mlflow, "ray": ray, "s3": moto_s3, "state": state,
             "env": {**env, **ray.client_env, "MLFLOW_TRACKING_URI": mlflow.url},
             "storage": f"s3://{BUCKET}/ray?endpoint_override=127.0.0.1:{port}&scheme=http",
         }  # fmt: skip
-    finally:
-        ray.stop()
-        mlflow.stop()
-        shutil.rmtree(state, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -237,7 +223,9 @@ def test_study_end_to_end_with_fault_interrupt_resume_registry_and_predict(stack
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     parent = parents[0]
-    assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
+    states = [(r.info.run_name, r.info.status, {k: v for k, v in r.data.tags.items() if k.startswith(("error.", "cfcml."))},
+               r.data.metrics.get("epochs_trained")) for r in children]  # fmt: skip
+    assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children), f"{states}\n{out.stdout[-6000:]}"
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent.info.run_id}
     assert all(r.info.run_name.startswith("ni") and " a" in r.info.run_name for r in children)
     assert parent.data.tags["optuna.storage"] == optuna_url and parent.data.tags["optuna.study_name"] == study

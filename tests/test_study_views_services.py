@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
+from conftest import ray_and_mlflow
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.services, pytest.mark.slow]
@@ -27,22 +26,9 @@ BUDGET = 10
 
 @pytest.fixture(scope="module")
 def services():
-    from cfcml.platform.services import start_mlflow_server, start_ray_head
-
-    state = Path(tempfile.mkdtemp(prefix="cfv-", dir="/tmp"))  # short: Ray's socket paths
     env = {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true"}
-    mlflow = start_mlflow_server(state / "mlflow", env=env)
-    try:
-        ray = start_ray_head(state / "ray", num_cpus=2, auth_mode="token", env=env)
-    except BaseException:
-        mlflow.stop()
-        raise
-    try:
+    with ray_and_mlflow("cfv-", env) as (_, mlflow, ray):
         yield {"mlflow": mlflow, "ray": ray, "env": {**env, **ray.client_env, **mlflow.client_env}}
-    finally:
-        ray.stop()
-        mlflow.stop()
-        shutil.rmtree(state, ignore_errors=True)
 
 
 def test_study_views_pruned_trials_and_budget(services, tmp_path):

@@ -226,3 +226,31 @@ def test_study_start_sweeps_runs_of_dead_processes(experiment, mlflow_tracking, 
         assert _status(run.info.run_id) == "RUNNING"
         client.set_terminated(run.info.run_id)
     assert sweep_stale_runs(client, experiment_id, tags={"cfcml.study": study}) == []
+
+
+def test_supervised_run_is_opened_and_reopened_but_never_ended_by_its_worker(experiment):
+    """A Tune trial's run: the trainable opens it (or reopens it on resume) and logs to it, the
+    study driver alone ends it; the worker's own tag_error leaves the status alone."""
+    from cfcml.platform.tracking import open_supervised_run, owner_tags, tag_error
+
+    client = MlflowClient()
+    experiment_id = client.create_experiment(experiment)
+    parent = client.create_run(experiment_id).info.run_id
+    run_id = open_supervised_run(client, experiment_id, run_name="trial", parent_run_id=parent, tags={"cfcml.trial_id": "t1"})
+    run = client.get_run(run_id)
+    assert run.info.status == "RUNNING" and run.info.run_name == "trial"
+    assert run.data.tags["mlflow.parentRunId"] == parent and run.data.tags["cfcml.trial_id"] == "t1"
+    assert run.data.tags["cfcml.pid"] == owner_tags()["cfcml.pid"]
+    assert end_running_children(client, parent) == [run_id]  # the driver's view: a child left open
+    assert _status(run_id) == "KILLED"
+
+    # resumed by a new worker: RUNNING again, same run, this process recorded as its owner
+    client.set_tag(run_id, "cfcml.pid", "1")
+    assert open_supervised_run(client, experiment_id, run_id=run_id, parent_run_id=parent) == run_id
+    assert _status(run_id) == "RUNNING" and client.get_run(run_id).data.tags["cfcml.pid"] == str(os.getpid())
+    tag_error(client, run_id, ValueError("cannot open postgresql://u:hunter2@db/x\nwrong"))
+    tags = client.get_run(run_id).data.tags
+    assert _status(run_id) == "RUNNING" and tags["error.type"] == "ValueError"
+    assert "\n" not in tags["error.message"] and "hunter2" not in tags["error.message"]
+    client.set_terminated(run_id, "FAILED")  # what StudyCallback.on_trial_error does
+    client.set_terminated(parent)

@@ -233,7 +233,7 @@ class mlflow_run:  # lowercase: used like a function, `with mlflow_run(...) as r
         self.status = status_for(exc)
         try:
             if exc is not None and self.status != FINISHED:
-                _tag_error(run_id, exc)
+                tag_error(MlflowClient(), run_id, exc)
             _end_fluent(run_id, self.status)
             terminate_run(MlflowClient(), run_id, self.status)
         except Exception as end_error:
@@ -241,15 +241,6 @@ class mlflow_run:  # lowercase: used like a function, `with mlflow_run(...) as r
                 raise
             logger.warning("could not end MLflow run %s as %s: %s", run_id, self.status, one_line(end_error))
         return False  # never swallow the exception
-
-
-def _tag_error(run_id: str, exc: BaseException) -> None:
-    try:
-        client = MlflowClient()
-        client.set_tag(run_id, "error.type", type(exc).__name__)
-        client.set_tag(run_id, "error.message", one_line(exc, limit=ERROR_MESSAGE_LIMIT) or type(exc).__name__)
-    except Exception as e:  # noqa: BLE001 - best effort: the status matters more
-        logger.warning("could not tag MLflow run %s with the error: %s", run_id, one_line(e))
 
 
 def _end_fluent(run_id: str, status: str) -> None:
@@ -268,6 +259,43 @@ def _end_fluent(run_id: str, status: str) -> None:
         mlflow.end_run(status)
         if active.info.run_id == run_id:
             return
+
+
+def open_supervised_run(
+    client: MlflowClient,
+    experiment_id: str,
+    *,
+    run_id: str | None = None,
+    run_name: str | None = None,
+    parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+) -> str:
+    """Create (or reopen, as RUNNING) a run that this process logs to but never ends.
+
+    For runs whose end another process decides: a Tune trial's run is ended by the study
+    driver, which alone knows how the trial ended (completed, stopped by ASHA, failed). A
+    trainable that also ended its own run would race the driver, and could turn the driver's
+    FINISHED into KILLED when Tune stops its actor. If this process dies, the driver's
+    :func:`end_running_children` or :func:`sweep_stale_runs` (owner tags) closes the run.
+    """
+    tags = {**(tags or {}), **owner_tags()}
+    if parent_run_id:
+        tags.setdefault(MLFLOW_PARENT_RUN_ID, parent_run_id)
+    if run_id is None:
+        return client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+    client.update_run(run_id, status=RUNNING)
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+    return run_id
+
+
+def tag_error(client: MlflowClient, run_id: str, exc: BaseException) -> None:
+    """Tag ``run_id`` with a redacted, one-line account of ``exc`` (best effort)."""
+    try:
+        client.set_tag(run_id, "error.type", type(exc).__name__)
+        client.set_tag(run_id, "error.message", one_line(exc, limit=ERROR_MESSAGE_LIMIT) or type(exc).__name__)
+    except Exception as e:  # noqa: BLE001 - best effort: the status matters more
+        logger.warning("could not tag MLflow run %s with the error: %s", run_id, one_line(e))
 
 
 def terminate_run(client: MlflowClient, run_id: str, status: str = KILLED) -> bool:

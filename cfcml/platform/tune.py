@@ -283,71 +283,79 @@ def trial_validation_plot(client, run_id: str, runs: list[str]):
 
 def _trial(config: dict, ctx: dict) -> None:
     """Tune function trainable: one trial = one TorchTrainer run over all of the trial's folds."""
+    from ray import tune
+
+    from .tracking import open_supervised_run, tag_error
+
+    trial_id = tune.get_context().get_trial_id()
+    params = dict(config)
+    cfg = resolve_trial_config(ctx["preset"], ctx["overrides"], params, ctx["epochs"])
+
+    # the trial's MLflow run: opened here, ended only by the study driver (StudyCallback), which
+    # alone knows whether Tune completed, stopped (ASHA) or lost the trial
+    mlflow_spec, client, run_id = None, None, None
+    if ctx.get("tracking_uri"):
+        import yaml
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(ctx["tracking_uri"])
+        existing = find_child_run(client, ctx["experiment_id"], ctx["parent_run_id"], trial_id)
+        run_id = open_supervised_run(client, ctx["experiment_id"], run_id=existing, run_name=trial_run_name(params),
+                                     parent_run_id=ctx["parent_run_id"], tags={TAG_TRIAL: trial_id, TAG_STUDY: ctx["study"]})  # fmt: skip
+        if existing is None:
+            logged = {**params, "trial_id": trial_id, "workers": ctx["workers"], "runs": ",".join(r["name"] for r in ctx["runs"])}
+            client.log_batch(run_id, params=[Param(k, str(v)) for k, v in logged.items()])
+            client.log_text(run_id, yaml.safe_dump(cfg.to_dict(), sort_keys=False), "config.yaml")
+        mlflow_spec = {"tracking_uri": ctx["tracking_uri"], "run_id": run_id,
+                       "system_metrics": ctx["system_metrics"], "system_metrics_interval": ctx["system_metrics_interval"]}  # fmt: skip
+    try:
+        _fit_trial(cfg, params, trial_id, ctx, mlflow_spec)
+    except Exception as e:
+        if client is not None:
+            tag_error(client, run_id, e)  # the driver marks the run FAILED (on_trial_error)
+        raise
+
+
+def _fit_trial(cfg: Config, params: dict, trial_id: str, ctx: dict, mlflow_spec: dict | None) -> None:
+    """Run the trial's folds as one Ray Train run, reporting every epoch to Tune."""
     import ray.train
     from ray import tune
     from ray.train._internal.session import get_session
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from .tracking import mlflow_run
     from .train_loop import train_loop_per_worker
 
-    trial_id = tune.get_context().get_trial_id()
-    params = dict(config)
-    cfg = resolve_trial_config(ctx["preset"], ctx["overrides"], params, ctx["epochs"])
-
-    mlflow_spec, run_cm, created = None, nullcontext(), False
-    if ctx.get("tracking_uri"):
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(ctx["tracking_uri"])
-        existing = find_child_run(client, ctx["experiment_id"], ctx["parent_run_id"], trial_id)
-        created = existing is None
-        run_cm = mlflow_run(
-            run_name=trial_run_name(params), experiment_id=ctx["experiment_id"], parent_run_id=ctx["parent_run_id"],
-            run_id=existing, tags={TAG_TRIAL: trial_id, TAG_STUDY: ctx["study"]}, tracking_uri=ctx["tracking_uri"],
-            log_system_metrics=False,
-        )  # fmt: skip
-    with run_cm as run:
-        if run is not None:
-            import mlflow
-            import yaml
-
-            if created:
-                mlflow.log_params({**params, "trial_id": trial_id, "workers": ctx["workers"],
-                                   "runs": ",".join(r["name"] for r in ctx["runs"])})  # fmt: skip
-                mlflow.log_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), "config.yaml")
-            mlflow_spec = {"tracking_uri": ctx["tracking_uri"], "run_id": run.info.run_id,
-                           "system_metrics": ctx["system_metrics"], "system_metrics_interval": ctx["system_metrics_interval"]}  # fmt: skip
-        fault = ctx.get("fault")
-        loop_config = {
-            "cfg": cfg.to_dict(), "data": ctx["data"], "runs": ctx["runs"], "mlflow": mlflow_spec, "trial_id": trial_id,
-            "spec": ctx["spec"], "decisions": ctx.get("decisions"),
-            "fault": fault if fault and params == fault.get("params") else None,
-        }  # fmt: skip
-        gpus = ctx["gpus_per_worker"]
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config=loop_config,
-            scaling_config=ray.train.ScalingConfig(
-                num_workers=ctx["workers"], use_gpu=gpus > 0,
-                resources_per_worker={"CPU": ctx["cpus_per_worker"], **({"GPU": gpus} if gpus > 0 else {})},
-            ),
-            run_config=ray.train.RunConfig(
-                name=trial_id,
-                storage_path=ctx["train_storage"],
-                failure_config=ray.train.FailureConfig(max_failures=ctx["max_failures"]),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-                callbacks=[TuneReportCallback()],
-            ),
-        )
-        session = get_session()  # the trial's Tune session: counts the results it has received
-        received = session.iteration if session else None
-        result = trainer.fit()
-        if received is not None and session.iteration == received and OBJECTIVE in (result.metrics or {}):
-            # the Train run had already finished (its last epoch ran while the study was being
-            # interrupted): nothing reached Tune in this call, so hand it the run's final result
-            tune.report({k: v for k, v in result.metrics.items() if k != "checkpoint_path"})
+    fault = ctx.get("fault")
+    loop_config = {
+        "cfg": cfg.to_dict(), "data": ctx["data"], "runs": ctx["runs"], "mlflow": mlflow_spec, "trial_id": trial_id,
+        "spec": ctx["spec"], "decisions": ctx.get("decisions"),
+        "fault": fault if fault and params == fault.get("params") else None,
+    }  # fmt: skip
+    gpus = ctx["gpus_per_worker"]
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=ctx["workers"], use_gpu=gpus > 0,
+            resources_per_worker={"CPU": ctx["cpus_per_worker"], **({"GPU": gpus} if gpus > 0 else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=trial_id,
+            storage_path=ctx["train_storage"],
+            failure_config=ray.train.FailureConfig(max_failures=ctx["max_failures"]),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=[TuneReportCallback()],
+        ),
+    )
+    session = get_session()  # the trial's Tune session: counts the results it has received
+    received = session.iteration if session else None
+    result = trainer.fit()
+    if received is not None and session.iteration == received and OBJECTIVE in (result.metrics or {}):
+        # the Train run had already finished (its last epoch ran while the study was being
+        # interrupted): nothing reached Tune in this call, so hand it the run's final result
+        tune.report({k: v for k, v in result.metrics.items() if k != "checkpoint_path"})
 
 
 def _study_callback_cls():
