@@ -254,3 +254,70 @@ def test_supervised_run_is_opened_and_reopened_but_never_ended_by_its_worker(exp
     assert "\n" not in tags["error.message"] and "hunter2" not in tags["error.message"]
     client.set_terminated(run_id, "FAILED")  # what StudyCallback.on_trial_error does
     client.set_terminated(parent)
+
+
+def test_study_callback_ends_trial_runs_at_once_and_plots_in_the_background(experiment, caplog):
+    """The driver's StudyCallback: status, objective and outcome tags at once (Tune's loop is not
+    held up by the plots); the curves are drawn on its thread and awaited at experiment end;
+    it pickles with plots in flight (Tune saves callbacks with the experiment state)."""
+    import threading
+    from types import SimpleNamespace
+
+    from mlflow.entities import Metric
+    from ray import cloudpickle
+
+    from cfcml.platform import tune as tune_mod
+
+    client = MlflowClient()
+    experiment_id = client.create_experiment(experiment)
+    parent = client.create_run(experiment_id).info.run_id
+    runs = {}
+    for trial_id in ("t-done", "t-pruned"):
+        runs[trial_id] = client.create_run(experiment_id, tags={"mlflow.parentRunId": parent, "cfcml.trial_id": trial_id}).info.run_id
+        client.log_batch(runs[trial_id], metrics=[Metric(f"fold1/{k}", 0.5 + e / 10, 0, e) for k in ("val_auc", "val_loss", "train_loss")
+                                                   for e in (1, 2)])  # fmt: skip
+    callback = tune_mod._study_callback_cls()(mlflow.get_tracking_uri(), experiment_id, parent, 4, ["fold1"], [2])
+    entered, release, real_plot = threading.Event(), threading.Event(), tune_mod.trial_validation_plot
+
+    def slow_plot(*args):  # a loaded driver: drawing takes long
+        entered.set()
+        assert release.wait(60)
+        return real_plot(*args)
+
+    tune_mod.trial_validation_plot = slow_plot
+    try:
+        callback.on_trial_complete(0, [], SimpleNamespace(trial_id="t-done", last_result={"epoch": 4, "cv_val_auc": 0.8}))
+        callback.on_trial_complete(0, [], SimpleNamespace(trial_id="t-pruned", last_result={"epoch": 2, "cv_val_auc": 0.6}))
+        assert entered.wait(60)
+        tune_mod.trial_validation_plot = real_plot  # the next plot draws at once
+        done, pruned = (client.get_run(runs[t]) for t in ("t-done", "t-pruned"))
+        assert done.info.status == "FINISHED" and done.data.metrics["val_auc"] == 0.8
+        assert done.data.tags["cfcml.trial_state"] == "COMPLETE"
+        assert pruned.info.status == "FINISHED" and pruned.data.tags["cfcml.trial_state"] == "PRUNED"
+        assert pruned.data.tags["cfcml.asha_rung"] == "2"
+        assert client.list_artifacts(runs["t-done"], "plots") == []  # still being drawn
+        saved = cloudpickle.dumps(callback)  # as Tune saves it with the experiment state, plots in flight
+        release.set()
+        callback.on_experiment_end([])
+    finally:
+        release.set()
+        tune_mod.trial_validation_plot = real_plot
+    for run_id in runs.values():
+        assert {a.path for a in client.list_artifacts(run_id, "plots")} == {"plots/validation_auc.png", "plots/loss.png"}
+    # a failed trial: FAILED at once; a plot that fails is a warning, not a failed study
+    failed = client.create_run(experiment_id, tags={"mlflow.parentRunId": parent, "cfcml.trial_id": "t-fail"}).info.run_id
+    tune_mod.trial_validation_plot = lambda *a: (_ for _ in ()).throw(RuntimeError("no disk"))
+    try:
+        callback.on_trial_error(0, [], SimpleNamespace(trial_id="t-fail", last_result={"epoch": 1}))
+        callback.on_trial_error(0, [], SimpleNamespace(trial_id="t-without-run", last_result={}))  # skipped
+        with caplog.at_level("WARNING", logger=tune_mod.log.name):
+            callback.on_experiment_end([])
+    finally:
+        tune_mod.trial_validation_plot = real_plot
+    run = client.get_run(failed)
+    assert run.info.status == "FAILED" and run.data.tags["cfcml.trial_state"] == "FAIL"
+    assert "could not plot the validation curves of trial t-fail: no disk" in caplog.text
+    # loaded last: in the process that saved it, loading rebinds the class's methods
+    restored = cloudpickle.loads(saved)
+    assert restored.parent_run_id == parent and restored._plots == [] and restored._plotter is None
+    client.set_terminated(parent)
