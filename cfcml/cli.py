@@ -138,7 +138,7 @@ def cmd_cv(args) -> int:
     try:
         summary = run_protocol(cfg, args.data, out_dir=args.out, compare=args.compare, jobs=args.jobs,
                                report=lambda message: print(message, file=sys.stderr, flush=True),
-                               overwrite=args.overwrite)  # fmt: skip
+                               overwrite=args.overwrite, baselines=args.baselines)  # fmt: skip
     except ProtocolError as e:  # a run failed in a worker; finished runs are kept for the next call
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -155,7 +155,7 @@ def _cv_methods(args) -> int:
         return EXIT_BAD_INPUT
     try:
         comparison = run_comparison(args.preset, args.overrides, parse_methods(args.methods), args.data, args.out,
-                                    epochs=args.epochs, jobs=args.jobs,
+                                    epochs=args.epochs, jobs=args.jobs, baselines=args.baselines,
                                     report=lambda message: print(message, file=sys.stderr, flush=True))
     except ProtocolError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -273,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("runs/cv"))
     p.add_argument("--overwrite", action="store_true", help="replace different runs already in --out")
     p.add_argument("--compare", type=Path, help="another protocol run: add Wilcoxon p-values")
+    p.add_argument("--baselines", action="store_true", help="also fit classical models on the attributes alone "
+                   "(logistic regression, gradient boosting) on the same splits: rows of summary.md, paired tests")
     p.add_argument("--methods", help="comma-separated model.method values (or 'all'): the protocol once per method into "
                    "OUT/<method>/, then OUT/comparison.md and .json with Wilcoxon p-values against CFCML (always run)")
     p.add_argument("--jobs", type=_positive_int, help="runs trained at once in worker processes (default: all while at most two per "

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..config import ConfigError, build_config, cohort_spec
 from ..models.methods.args import METHODS
+from .baselines import LABELS
 from .metrics import metric_labels, metric_names
 from .protocol import run_protocol
 from .summary import wilcoxon_compare
@@ -81,7 +82,7 @@ def comparison_markdown(comparison: dict, title: str) -> str:
                 p = row["wilcoxon_p"][n]
                 cell += ("*" if row["significant"][n] else "") + (" (p n/a)" if math.isnan(p) else f" (p={p:.3f})")
             cells.append(cell)
-        lines.append(f"| {DISPLAY.get(method, method)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {DISPLAY.get(method, LABELS.get(method, method))} | " + " | ".join(cells) + " |")
     n, floor, unit = comparison["runs"], comparison["min_attainable_p"], comparison["unit"]
     lines += ["", f"Mean ± std over {n} {unit}, in %; model selection on validation only. p: two-sided Wilcoxon "
               f"signed-rank test against CFCML, paired by {unit[:-1]}; * p < {ALPHA}. With {n} pairs the exact test "
@@ -92,9 +93,11 @@ def comparison_markdown(comparison: dict, title: str) -> str:
 
 def run_comparison(preset: str, overrides: list[str], methods: list[str], data_root: str | Path, out_dir: str | Path,
                    epochs: int | None = None, jobs: int | None = None,
-                   report: Callable[[str], None] | None = None) -> dict:
+                   report: Callable[[str], None] | None = None, baselines: bool = False) -> dict:
     """Run the protocol for every method (CFCML included) into out_dir/<method>/ and write
-    out_dir/comparison.md and comparison.json; -> the comparison (with "markdown")."""
+    out_dir/comparison.md and comparison.json; -> the comparison (with "markdown").
+    `baselines`: the classical attribute models too (fitted once, with CFCML's protocol, into
+    out_dir/cfcml/baselines/): rows before the methods, and CFCML's paired evidence on patients."""
     out, report = Path(out_dir), report or (lambda message: None)
     configs = {}
     for method in methods:  # every config is checked before anything trains
@@ -105,14 +108,21 @@ def run_comparison(preset: str, overrides: list[str], methods: list[str], data_r
     summaries = {}
     for i, (method, cfg) in enumerate(configs.items(), 1):
         report(f"[{i}/{len(configs)}] {method}")
-        summaries[method] = run_protocol(cfg, data_root, out / method, jobs=jobs, report=report)
+        extra = {"baselines": True} if baselines and method == REFERENCE else {}
+        summaries[method] = run_protocol(cfg, data_root, out / method, jobs=jobs, report=report, **extra)
     cfg = configs[REFERENCE]
-    comparison = compare_summaries(summaries, cohort_spec(cfg))
+    classical = summaries[REFERENCE].get("baselines", {})
+    comparison = compare_summaries({**classical, **summaries}, cohort_spec(cfg))
     comparison |= {"preset": cfg.name, "overrides": list(overrides), "out": str(out)}
     comparison["markdown"] = comparison_markdown(
         comparison, f"{cfg.name}: comparison methods on CFCML's encoders (test, %, mean ± std over {comparison['runs']} "
         f"{comparison['unit']})"
     )
+    if "paired" in summaries[REFERENCE]:
+        from .evidence import evidence_markdown
+
+        comparison["paired"] = summaries[REFERENCE]["paired"]
+        comparison["markdown"] += "\n" + evidence_markdown(comparison["paired"], comparison["unit"])
     out.mkdir(parents=True, exist_ok=True)
     for name, text in (("comparison.json", json.dumps(comparison, indent=2, default=float)),
                        ("comparison.md", comparison["markdown"])):  # fmt: skip

@@ -31,6 +31,8 @@ from .run import LAST, _write_json, clear_run, finished_result, train_one
 from .splits import protocol_runs
 from .summary import markdown_table, summarize_runs, wilcoxon_compare
 
+BASELINES_DIR = "baselines"
+
 
 class ProtocolError(RuntimeError):
     pass
@@ -147,9 +149,29 @@ def check_run_folders(cfg: Config, cohort, out: Path, planned: list[dict], overw
     return reused
 
 
+def _paired(cfg: Config, spec, out: Path, summary: dict, compare, other: dict | None) -> dict:
+    """Paired evidence on patients: this model vs the --compare model and every baseline."""
+    from .evidence import Model, model_kind, model_name, paired_evidence  # imports the report's statistics
+
+    this = Model(model_name(cfg.to_dict()), model_kind(cfg.to_dict()), [out / r["name"] for r in summary["runs"]], summary)
+    others = []
+    if other is not None:
+        name = f"{model_name(other.get('config'))} [{Path(compare).name}]"
+        others.append(Model(name, model_kind(other.get("config")), [Path(compare) / r["name"] for r in other["runs"]],
+                            other))
+    for b in summary.get("baselines", {}).values():
+        others.append(Model(b["label"], "attributes", [Path(b["folder"]) / r["name"] for r in b["runs"]], b))
+    return paired_evidence(this, others, spec)
+
+
 def run_protocol(cfg: Config, data_root: str | Path, out_dir: str | Path, compare: str | Path | None = None,
-                 jobs: int | None = None, report: Callable[[str], None] | None = None, overwrite: bool = False) -> dict:
+                 jobs: int | None = None, report: Callable[[str], None] | None = None, overwrite: bool = False,
+                 baselines: bool = False) -> dict:
     """Train every run into out_dir/<run>/, then write summary.json and summary.md.
+
+    `baselines`: also fit the classical models on the attributes alone (`engine.baselines`)
+    on the same splits into out_dir/baselines/, as rows of the table; with them or `compare`,
+    summary.md gets the paired evidence on patients (`engine.evidence`).
 
     Runs already finished with the same config, cohort and code are reused (and unfinished
     ones resumed), so an interrupted protocol continues where it stopped; a folder holding a
@@ -178,15 +200,25 @@ def run_protocol(cfg: Config, data_root: str | Path, out_dir: str | Path, compar
     runs = [{"name": r["name"], "metrics": results[r["name"]]["test"], "selected_epoch": results[r["name"]]["selected_epoch"]}
             for r in planned]
     summary = summarize_runs(runs)
-    pvalues = None
+    pvalues = other = None
     if compare:
         other = json.loads((Path(compare) / "summary.json").read_text())
         pvalues = wilcoxon_compare(summary, other)
         summary["compare"] = {"against": str(compare), "wilcoxon_p": pvalues}
+    if baselines:
+        from .baselines import run_baselines
+
+        summary["baselines"] = run_baselines(cfg, cohort, planned, out / BASELINES_DIR, report=report)
     summary["markdown"] = markdown_table(
         summary, spec, title=f"{cfg.name} on {spec.name}: test results (%, mean ± std over {len(runs)} {spec.run_unit}; "
         "epoch selected on validation)", pvalues=pvalues,
+        extra_rows=[(b["label"], b) for b in summary.get("baselines", {}).values()],
     )  # fmt: skip
+    if baselines or compare:
+        summary["paired"] = _paired(cfg, spec, out, summary, compare, other)
+        from .evidence import evidence_markdown
+
+        summary["markdown"] += "\n" + evidence_markdown(summary["paired"], spec.run_unit)
     summary |= {"preset": cfg.name, "dataset": spec.name, "data": str(Path(data_root).resolve()),
                 "cohort_digest": cohort.digest(), "config": cfg.to_dict()}  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)

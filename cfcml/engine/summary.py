@@ -50,6 +50,14 @@ def _row(cells: list[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def _cells(summary: dict, names: list[str]) -> list[str]:
+    cells = []
+    for name in names:
+        stats = summary["metrics"].get(name, {"mean": NAN, "std": NAN})
+        cells.append(f"{_pct(stats['mean'])} ± {_pct(stats['std'])}")
+    return cells
+
+
 def markdown_table(
     summary: dict,
     spec,
@@ -58,12 +66,14 @@ def markdown_table(
     include_paper: bool = True,
     pvalues: dict[str, float] | None = None,
     pvalue_label: str = "p (Wilcoxon)",
+    extra_rows: list[tuple[str, dict]] = (),
 ) -> str:
     """Render ``summary`` as a Markdown table laid out like the paper's Table 2 / 3.
 
     Columns follow the cohort's metric set (`metric_names(spec.classes)`), in percent with
     ``mean ± std``; a row of the paper's reported means when the schema carries them
-    (``paper.metrics``) and ``include_paper``; a row of Wilcoxon p-values when given.
+    (``paper.metrics``) and ``include_paper``; a row of Wilcoxon p-values when given; then one
+    row per ``extra_rows`` entry ``(label, summary)`` (e.g. the classical baselines).
     Undefined values are ``n/a``. The paper's Derm7pt AUPRC is average precision on hard
     labels, so it sits in the ``auprc_label`` column and a footnote says so.
     """
@@ -75,11 +85,7 @@ def markdown_table(
 
     lines = [f"### {title}", "", _row(["Method"] + [labels[n] for n in names]),
              _row(["---"] * (len(names) + 1))]  # fmt: skip
-    cells = []
-    for name in names:
-        stats = summary["metrics"].get(name, {"mean": NAN, "std": NAN})
-        cells.append(f"{_pct(stats['mean'])} ± {_pct(stats['std'])}")
-    lines.append(_row([method] + cells))
+    lines.append(_row([method] + _cells(summary, names)))
     paper = (spec.paper or {}).get("metrics") if include_paper else None
     if paper:
         lines.append(_row(["CFCML (paper)"] + [_pct(paper[n]) if n in paper else "n/a" for n in names]))
@@ -87,6 +93,7 @@ def markdown_table(
         lines.append(_row([pvalue_label] + [
             "n/a" if math.isnan(pvalues.get(n, NAN)) else f"{pvalues[n]:.3f}" for n in names
         ]))
+    lines += [_row([label] + _cells(other, names)) for label, other in extra_rows]
     notes = []
     if paper and "auprc_label" in paper and "auprc" not in paper:
         notes.append("The paper's AUPRC is average precision on hard predictions: compare it with AUPRC (labels); "

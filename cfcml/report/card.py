@@ -84,6 +84,8 @@ def limitations(report: dict) -> list[str]:
     else:
         out.append("No tabular-only baseline is recorded with this report: train one "
                    "(`--set model.use_images=false`) before crediting the images with the result.")
+    if meta.get("images_add"):
+        out.append(f"Do the images add to the table? {meta['images_add']}")
     n = report.get("bootstrap", {}).get("n_cases")
     if isinstance(n, int) and n < SMALL_TEST_SET:
         out.append(f"The test set is small ({n} patients): intervals are wide and subgroup results are "

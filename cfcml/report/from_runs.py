@@ -373,6 +373,20 @@ def inputs_from_runs(runs: Sequence[RunFolder], cohort, *, device: str = "cpu", 
                         explanations=explanations, meta=run_meta(runs, cohort, meta))  # fmt: skip
 
 
+def evidence_meta(summary: dict | None) -> dict:
+    """From a cv folder's summary.json (`cfcml cv --baselines` / `--compare`): the single-modality
+    models' pooled test AUCs as meta "baselines" and the answer to "do the images add to the
+    table?" as meta "images_add" (both shown in the model card)."""
+    paired = (summary or {}).get("paired") or {}
+    out = {}
+    single = {p["b"]: {"auc": p["auc_b"]} for p in paired.get("pairs", []) if p.get("kind_b") in ("attributes", "images")}
+    if single:
+        out["baselines"] = single
+    if paired.get("images_add"):
+        out["images_add"] = paired["images_add"]["sentence"]
+    return out
+
+
 def report_from_folder(path: str | Path, out_dir: str | Path, data: str | Path | None = None, *, device: str = "cpu",
                        missing: bool = True, explain: tuple[int, int] = (2, 2), meta: dict | None = None,
                        **options) -> dict:  # fmt: skip
@@ -386,6 +400,7 @@ def report_from_folder(path: str | Path, out_dir: str | Path, data: str | Path |
     if len(configs) > 1:
         raise ReportError(f"{path}: the runs were trained with different configurations")
     cohort = load_run_cohort(runs, summary, data)
-    meta = {"run_dir": redact(str(Path(path).resolve())), **(meta or {})}
+    paired = evidence_meta(summary) if (Path(path) / "summary.json").is_file() else {}  # the cv folder's, not a run's
+    meta = {"run_dir": redact(str(Path(path).resolve())), **paired, **(meta or {})}
     inputs = inputs_from_runs(runs, cohort, device=device, missing=missing, explain=explain, meta=meta)
     return build_report(inputs, out_dir, **options)
