@@ -1,4 +1,6 @@
-# The README's two commands: `make run` and `make test`.
+# The README's two commands: `make run` and `make test`. `make run` (scripts/run.sh) is the commands a
+# user types: `cfcml dev start`, `cfcml synth men`, `ray job submit ... -- python jobs/tune_men.py`;
+# `make stop` is `cfcml dev stop`.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin

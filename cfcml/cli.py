@@ -13,7 +13,7 @@ EXIT_REFUSED = 3
 
 
 def _add_preset_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", required=True, help="men | derm7pt | men-smoke | derm7pt-smoke")
+    p.add_argument("--preset", required=True, help="men | derm7pt | men-smoke | derm7pt-smoke | photo-starter | volume-starter")
     p.add_argument("--dataset", metavar="NAME|PATH.yaml",
                    help="the cohort: a built-in one (men, derm7pt) or a schema file (default: the preset's)")  # fmt: skip
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -45,6 +45,8 @@ def _config(args):
     overrides = list(args.overrides)
     if getattr(args, "dataset", None):
         overrides.insert(0, f"dataset={json.dumps(_dataset_arg(args.dataset))}")
+    if getattr(args, "epochs", None) is not None:  # validated with the rest (e.g. against selection)
+        overrides.append(f"train.epochs={args.epochs}")
     return build_config(args.preset, overrides)
 
 
@@ -116,13 +118,17 @@ def cmd_data_check(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from .engine.progress import Progress, reporter_for
     from .engine.run import train_one
 
     cfg = _config(args)
-    if args.epochs is not None:
-        cfg.train.epochs = args.epochs
+    name = f"fold{args.fold}" if args.fold is not None else f"seed{args.seed}"
+    live = None if args.quiet else Progress([name], cfg.train.epochs, cfg.train.select_metric)
     result = train_one(cfg, args.data, out_dir=args.out, fold=args.fold, seed=args.seed, resume=args.resume,
-                       overwrite=args.overwrite)  # fmt: skip
+                       overwrite=args.overwrite, reporter=reporter_for(live, name, cfg.train.select_metric),
+                       progress=False)  # fmt: skip
+    if live is not None:
+        live.close()
     print(json.dumps(result["test"], indent=2))
     return 0
 
@@ -133,17 +139,21 @@ def cmd_cv(args) -> int:
     if args.methods:
         return _cv_methods(args)
     cfg = _config(args)
-    if args.epochs is not None:
-        cfg.train.epochs = args.epochs
     try:
         summary = run_protocol(cfg, args.data, out_dir=args.out, compare=args.compare, jobs=args.jobs,
-                               report=lambda message: print(message, file=sys.stderr, flush=True),
-                               overwrite=args.overwrite, baselines=args.baselines)  # fmt: skip
+                               report=_stderr_or_quiet(args), overwrite=args.overwrite, baselines=args.baselines,
+                               progress=not args.quiet)  # fmt: skip
     except ProtocolError as e:  # a run failed in a worker; finished runs are kept for the next call
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(summary["markdown"])
     return 0
+
+
+def _stderr_or_quiet(args):
+    if args.quiet:
+        return lambda message: None
+    return lambda message: print(message, file=sys.stderr, flush=True)
 
 
 def _cv_methods(args) -> int:
@@ -156,7 +166,7 @@ def _cv_methods(args) -> int:
     try:
         comparison = run_comparison(args.preset, args.overrides, parse_methods(args.methods), args.data, args.out,
                                     epochs=args.epochs, jobs=args.jobs, baselines=args.baselines,
-                                    report=lambda message: print(message, file=sys.stderr, flush=True))
+                                    report=_stderr_or_quiet(args), progress=not args.quiet)
     except ProtocolError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -202,6 +212,22 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .platform.serve import serve
+    from .platform.serve_request import Limits
+
+    limits = Limits(max_bytes=int(args.max_request_mb * 2**20), max_cases=args.max_cases)
+    return serve(args.model, host=args.host, port=args.port, data_root=args.data_root, tracking_uri=args.tracking_uri,
+                 limits=limits)
+
+
+def _megabytes(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 4096:
+        raise argparse.ArgumentTypeError(f"expected a size in MiB in (0, 4096], got {text}")
+    return value
+
+
 def cmd_report(args) -> int:
     from .report.from_runs import report_from_folder
 
@@ -216,6 +242,18 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    from .platform.study_options import run
+
+    return run(args)
+
+
+def cmd_dev(args) -> int:
+    from .platform.services import run_dev
+
+    return run_dev(args)
+
+
 def _epochs(text: str) -> int:
     return _positive_int(text)
 
@@ -225,7 +263,9 @@ def _add_dataset_choice(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", dest="dataset_opt", metavar="NAME|PATH.yaml", help="a built-in cohort or a schema file")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(tune_options: bool = True) -> argparse.ArgumentParser:
+    """The `cfcml` parser; ``tune_options=False`` leaves out the options of `tune` (generating
+    them imports the study machinery, which other commands do not need)."""
     parser = argparse.ArgumentParser(prog="cfcml", description="Train, tune, track and ship CFCML models.",
                                      epilog="Exit status: 0 done, 2 bad input (one line on stderr), 1 internal error, "
                                      "3 promotion refused by the gate.")  # fmt: skip
@@ -264,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("runs/train"))
     p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a different run already in --out")
+    p.add_argument("--quiet", action="store_true", help="no live progress (runs x epochs, latest validation metric, time left)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("cv", help="the paper's protocol: all folds, or all seeds of a fixed split")
@@ -279,14 +320,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "OUT/<method>/, then OUT/comparison.md and .json with Wilcoxon p-values against CFCML (always run)")
     p.add_argument("--jobs", type=_positive_int, help="runs trained at once in worker processes (default: all while at most two per "
                    "CPU core, else one per core; one per GPU); CPU threads are split between them")
+    p.add_argument("--quiet", action="store_true", help="no live progress (runs x epochs, latest validation metric, time left)")
     p.set_defaults(func=cmd_cv)
 
-    p = sub.add_parser("promote", help="move the 'champion' alias if the candidate is better")
+    p = sub.add_parser("promote", help="move the 'champion' alias if the candidate's own measured metric is better")
     p.add_argument("--model", required=True)
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--version")
     g.add_argument("--alias")
-    p.add_argument("--metric", default="val_auc", help="a metric of the versions' source runs (default val_auc)")
+    p.add_argument("--metric", default="auc", help="the versions' own metric on untouched patients, from their "
+                   "evaluation.json (default auc); never the search's val_*/cv_* maximum")
     d = p.add_mutually_exclusive_group()
     d.add_argument("--greater-is-better", dest="greater_is_better", action="store_const", const=True, default=None,
                    help="needed for a metric the gate does not know (it knows auc, acc, loss, ...)")
@@ -305,6 +348,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: $MLFLOW_TRACKING_URI; required for models:/ and runs:/ URIs (no local fallback)")
     p.set_defaults(func=cmd_predict)
 
+    p = sub.add_parser("serve", help="serve a registered model over HTTP (POST /invocations, GET /ping)")
+    p.add_argument("--model", required=True, help="e.g. models:/cfcml-men@champion")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--data-root", type=Path, help="images may be given as paths under this folder (default: inline only)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="default: $MLFLOW_TRACKING_URI; required for models:/ and runs:/ URIs (no local fallback)")
+    p.add_argument("--max-request-mb", type=_megabytes, default=64.0, help="largest request body in MiB (default 64)")
+    p.add_argument("--max-cases", type=_positive_int, default=64, help="most cases in one request (default 64)")
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("report", help="the clinical report of a finished run or cv folder (report.html + report.json)")
     p.add_argument("run_dir", type=Path, metavar="RUN_OR_CV_DIR")
     p.add_argument("--out", required=True, type=Path)
@@ -317,6 +371,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-missing", action="store_true", help="skip the missing-input evaluation")
     p.add_argument("--synthetic", action="store_true", help="state in the report that the cohort is synthetic")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("tune", help="a hyper-parameter study (Ray Tune + Optuna + ASHA, tracked in MLflow)")
+    if tune_options:
+        from .platform import study_options
+
+        p.description = study_options.DESCRIPTION
+        study_options.add_study_options(p)
+    p.set_defaults(func=cmd_tune)
+
+    from .platform import services
+
+    p = sub.add_parser("dev", help="start, stop or list the local Ray head, MLflow server and S3")
+    p.description = services.DESCRIPTION
+    services.add_dev_arguments(p)
+    p.set_defaults(func=cmd_dev)
     return parser
 
 
@@ -369,7 +438,8 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
-    args = build_parser().parse_args([a for a in argv if a != "--debug"])
+    argv = [a for a in argv if a != "--debug"]
+    args = build_parser(tune_options=argv[:1] == ["tune"]).parse_args(argv)
     show = warnings.showwarning
     if not debug:
         warnings.showwarning = _quiet_showwarning(show)

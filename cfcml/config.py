@@ -79,6 +79,8 @@ class TrainConfig:
     epoch_steps: str = "dataset"  # majority (the authors' epoch: the majority class once through) | dataset
     select_metric: str = "auc"  # validation metric that picks the best epoch
     select_window: int = 1  # pick on the mean of the last N epochs' metric (small val sets)
+    select_min_epoch: int = -1  # first epoch that may be selected (-1 = train.warmup_epochs; 0 allowed explicitly)
+    patience: int = 0  # stop after N epochs without a better windowed score (0 = run all train.epochs)
     deterministic: bool = False
     amp: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -93,6 +95,11 @@ class ReportConfig:
 
 
 @dataclass
+class PredictConfig:
+    decision: str = "balanced"  # balanced (argmax: balanced priors) | prior (logits + log training class priors)
+
+
+@dataclass
 class Config:
     name: str = "men"
     dataset: str = "men"  # a built-in cohort (men, derm7pt) or the path of a cohort schema file
@@ -102,6 +109,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     method_args: MethodArgs = field(default_factory=MethodArgs)  # only the selected method's section may be set
     report: ReportConfig = field(default_factory=ReportConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -124,6 +132,7 @@ CHOICES = {
     "model.sg_stage": {1, 2, 3, 4},
     "train.amp": {"auto", "bf16", "fp32"},
     "train.epoch_steps": {"majority", "dataset"},
+    "predict.decision": {"balanced", "prior"},
     **METHOD_CHOICES,
 }
 
@@ -151,7 +160,11 @@ def parse_overrides(items: list[str] | None) -> dict:
         *parents, leaf = key.strip().split(".")
         for p in parents:
             node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(raw)
+        try:
+            node[leaf] = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            detail = str(e).splitlines()[0]
+            raise ConfigError(f"{key.strip()}: {raw!r} is not a plain YAML value ({detail})") from None
     return out
 
 
@@ -265,9 +278,17 @@ _RANGES = [
     ("train.decay_every", lambda v: v >= 1, ">= 1"),
     ("train.decay_factor", lambda v: 0 < v <= 1, "a factor in (0, 1]"),
     ("train.select_window", lambda v: v >= 1, ">= 1 (1 = the epoch's own metric)"),
+    ("train.select_min_epoch", lambda v: v >= -1, ">= 0, or -1 for train.warmup_epochs"),
+    ("train.patience", lambda v: v >= 0, ">= 0 (0 = no early stop)"),
     ("train.threads", lambda v: 0 <= v <= 1024, "0 (torch's default) or a positive count"),
     ("train.modality_dropout", lambda v: 0 <= v < 1, "a probability in [0, 1)"),
 ]
+
+
+def first_candidate_epoch(train: TrainConfig) -> int:
+    """The first epoch (0-based) that may be selected: its window is full and the LR warm-up is over."""
+    min_epoch = train.warmup_epochs if train.select_min_epoch < 0 else train.select_min_epoch
+    return max(min_epoch, train.select_window - 1)
 
 
 def _get(cfg: Config, key: str):
@@ -297,6 +318,10 @@ def _validate(cfg: Config) -> None:
     _check(len(t.seeds) >= 1 and len(set(t.seeds)) == len(t.seeds), "train.seeds", f"expected distinct seeds, got {t.seeds}")
     _check(all(1 <= s <= 8192 for s in cfg.data.image_size), "data.image_size", f"sizes must lie in 1..8192, got {cfg.data.image_size}")
 
+    _check(first_candidate_epoch(t) < t.epochs, "train.select_min_epoch",
+           f"no epoch can be selected: the first candidate is epoch {first_candidate_epoch(t)} (select_window "
+           f"{t.select_window}, select_min_epoch {t.select_min_epoch}, warmup_epochs {t.warmup_epochs}) "
+           f"but train.epochs = {t.epochs}")  # fmt: skip
     spec = cohort_spec(cfg)
     wants = {"nnmamba3d": "volume", "swin_t": "photo"}[m.image_encoder]
     _check(wants == spec.image_kind, "model.image_encoder",

@@ -3,15 +3,13 @@
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
         python jobs/tune_derm7pt.py --preset derm7pt-smoke --num-samples 3 --epochs 2
 
-Every option: `python jobs/tune_derm7pt.py --help`; design: docs/platform.md.
+`cfcml tune` with the derm7pt cohort and preset as defaults. Every option: `python jobs/tune_derm7pt.py --help`;
+design: docs/platform.md.
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import main
+from cfcml.platform.study_options import main
 
 if __name__ == "__main__":
-    sys.exit(main("jobs/tune_derm7pt.py", dataset="derm7pt", preset="derm7pt", synth_size=120))
+    sys.exit(main(prog="jobs/tune_derm7pt.py", defaults={"dataset": "derm7pt", "preset": "derm7pt"}, synth_size=120))

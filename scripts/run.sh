@@ -8,7 +8,7 @@
 #   4. ends with the best model registered as cfcml-men@challenger, and prints where to look.
 #
 # Everything it starts is recorded in $CFCML_STATE_DIR (default .cfcml-state/) and stopped by
-# process id with `make stop`. Knobs (environment): CFCML_RUN_TRIALS (3), CFCML_RUN_EPOCHS (15),
+# process id with `make stop` (`cfcml dev stop`). Knobs (environment): CFCML_RUN_TRIALS (3), CFCML_RUN_EPOCHS (15),
 # CFCML_RUN_PATIENTS (300: with fewer the tiny model learns too little to show), CFCML_RUN_STUDY (men-smoke-<time>), CFCML_MLFLOW_PORT (5000),
 # CFCML_RAY_DASHBOARD_PORT (8265), CFCML_RAY_NUM_CPUS (nproc).
 set -euo pipefail
@@ -30,10 +30,8 @@ mkdir -p "$STATE"
 
 step() { printf '\n==> %s\n' "$*"; }
 
-step "MLflow tracking server"
-bash mlflow/start.sh
-step "Ray head"
-bash cluster/start_local.sh --num-cpus "${CFCML_RAY_NUM_CPUS:-$(nproc)}"
+step "cfcml dev start: MLflow tracking server, then a local Ray head"
+CFCML_RAY_NUM_CPUS="${CFCML_RAY_NUM_CPUS:-$(nproc)}" "$BIN/cfcml" dev start
 # shellcheck disable=SC1091
 source "$STATE/mlflow.env"
 # shellcheck disable=SC1091

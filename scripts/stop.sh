@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# `make stop`: stop what `make run` started (Ray head, MLflow server), by recorded process id.
+# `make stop`: stop what `make run` started (Ray head, MLflow server), by recorded process id:
+# `cfcml dev stop` with the interpreter of $CFCML_PYTHON (default .venv/bin/python).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -9,7 +10,4 @@ if [[ ! -x "$CFCML_PYTHON" ]]; then
   echo "make stop: $CFCML_PYTHON not found; nothing started by make run can be running" >&2
   exit 0
 fi
-rc=0
-bash cluster/stop_local.sh || rc=1
-bash mlflow/stop.sh || rc=1
-exit $rc
+exec "$CFCML_PYTHON" -m cfcml.cli dev stop  # `cfcml dev stop`: the Ray head, then MLflow (and an S3 if started)

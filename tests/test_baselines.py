@@ -143,6 +143,8 @@ def cv_with_baselines(tmp_path_factory):
         f"data.cache_dir={base / 'cache'}",
         "--set",
         "train.seeds=[0,1]",
+        "--set",
+        "train.select_min_epoch=0",
     ]
     assert main(["cv", *args, "--out", str(base / "cv"), "--baselines"]) == 0
     return base / "cv", data
@@ -215,6 +217,8 @@ def test_cv_methods_with_baselines_puts_them_in_the_comparison(cv_with_baselines
         f"data.cache_dir={tmp_path / 'cache'}",
         "--set",
         "train.seeds=[0]",
+        "--set",
+        "train.select_min_epoch=0",
     ]
     assert main(["cv", *args, "--methods", "etmc", "--baselines", "--out", str(tmp_path / "cmp")]) == 0
     table = (tmp_path / "cmp" / "comparison.md").read_text()

@@ -18,7 +18,8 @@ from cfcml.datasets.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 GLIOMA = ROOT / "examples" / "glioma-demo.yaml"
-SMALL = ["--set", "data.image_size=[4,16,16]", "--set", "model.image_channels=2", "--set", "train.batch_size=6"]
+SMALL = ["--set", "data.image_size=[4,16,16]", "--set", "model.image_channels=2", "--set", "train.batch_size=6",
+         "--set", "train.select_min_epoch=0", "--set", "train.select_window=1"]  # 1-epoch runs select epoch 0
 
 SKIN = """
 name: skin-demo
@@ -93,7 +94,7 @@ def test_a_photo_cohort_with_three_classes_and_split_lists(skin, tmp_path, capsy
     assert all(set(c) == {"benign", "dysplastic", "malignant"} and min(c.values()) > 0 for c in counts.values())
     assert (data / "lists" / "train.txt").read_text().split()[0].startswith("SKI")  # one id per line
     args = ["--preset", "derm7pt-smoke", "--dataset", str(schema), "--data", str(data), "--epochs", "1", "--set",
-            "data.image_size=[32,32]", "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", "train.seeds=[0]"]
+            "data.image_size=[32,32]", "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", "train.seeds=[0]", "--set", "train.select_min_epoch=0"]
     assert main(["cv", *args, "--out", str(tmp_path / "cv")]) == 0
     summary = json.loads((tmp_path / "cv" / "summary.json").read_text())
     assert set(summary["metrics"]) >= {"acc", "acc_benign", "acc_dysplastic", "acc_malignant", "macro_f1", "auc"}

@@ -177,7 +177,7 @@ def trained_run(tmp_path_factory):
 
     base = tmp_path_factory.mktemp("ckpt")
     root = write_synthetic("derm7pt", base / "derm", 40, seed=1)
-    overrides = ["data.image_size=[32,32]", "train.epochs=2", f"data.cache_dir={base / 'cache'}"]
+    overrides = ["data.image_size=[32,32]", "train.epochs=2", "train.select_min_epoch=0", f"data.cache_dir={base / 'cache'}"]
     run = TrainingRun(build_config("derm7pt-smoke", overrides), root, base / "run", seed=0, progress=False)
     run.train_epoch()
     return run, root, overrides

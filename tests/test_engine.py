@@ -1,7 +1,9 @@
 """One training run and the protocol, end to end on tiny synthetic cohorts (CPU)."""
 
 import json
+import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,7 +13,7 @@ from cfcml.engine.protocol import run_protocol
 from cfcml.engine.run import TrainingRun, train_one
 from cfcml.engine.schedule import lr_factor
 
-TINY = ["data.image_size=[32,32]", "train.epochs=3", "train.deterministic=true"]
+TINY = ["data.image_size=[32,32]", "train.epochs=3", "train.deterministic=true", "train.select_min_epoch=0"]
 
 
 @pytest.fixture(scope="module")
@@ -144,19 +146,24 @@ def test_selection_window_ignores_a_one_epoch_spike():
     spiky = [selection_score(history[: i + 1], "auc", 1) for i in range(6)]
     smooth = [selection_score(history[: i + 1], "auc", 3) for i in range(6)]
     assert spiky.index(max(spiky)) == 1
-    assert smooth.index(max(smooth)) == 5 and smooth[5] == pytest.approx(0.8)
+    assert all(math.isnan(v) for v in smooth[:2])  # partly filled windows are no candidates
+    assert int(np.nanargmax(smooth)) == 5 and smooth[5] == pytest.approx(0.8)
     with_nan = [{"val_auc": 0.6}, {"val_auc": float("nan")}]
     assert selection_score(with_nan, "auc", 2) == pytest.approx(0.6)
 
 
 def test_run_selects_on_the_windowed_validation_score(derm_cohort, cache_dir, tmp_path):
-    from cfcml.engine.run import selection_score
+    from cfcml.engine.run import select_epoch, selection_score
 
-    saved = train_one(_cfg(cache_dir, "train.select_window=2", "train.epochs=4"), derm_cohort, tmp_path, seed=1)
+    saved = train_one(_cfg(cache_dir, "train.select_window=2", "train.epochs=4", "train.select_min_epoch=2"),
+                      derm_cohort, tmp_path, seed=1)  # fmt: skip
     history = saved["history"]
-    scores = [selection_score(history[: i + 1], "auc", 2) for i in range(len(history))]
+    scores = [selection_score(history[: i + 1], "auc", 2, 2) for i in range(len(history))]
     assert [h["select_score"] for h in history] == pytest.approx(scores, nan_ok=True)
-    assert saved["selected_epoch"] == scores.index(max(scores)) and saved["select_window"] == 2
+    assert all(math.isnan(v) for v in scores[:2])
+    assert saved["selected_epoch"] == select_epoch(history, "auc", 2, 2) >= 2 and saved["select_window"] == 2
+    on_disk = json.loads((tmp_path / "metrics.json").read_text())
+    assert on_disk["first_candidate_epoch"] == 2 and on_disk["epochs_trained"] == 4 and not on_disk["stopped_early"]
 
 
 def test_device_augmentation_path_trains_deterministically_and_resumes(tmp_path):
@@ -165,7 +172,7 @@ def test_device_augmentation_path_trains_deterministically_and_resumes(tmp_path)
     from cfcml.datasets.volume_augment import DeviceBatches
 
     men = write_synthetic("men", tmp_path / "men", 18, seed=2)
-    over = ["data.image_size=[4,16,16]", "model.image_channels=2", "train.batch_size=6", "train.epochs=3",
+    over = ["data.image_size=[4,16,16]", "model.image_channels=2", "train.batch_size=6", "train.epochs=3", "train.select_min_epoch=0", "train.select_window=1",
             "train.deterministic=true", "data.device_augment=always", "data.aug_prob=0.8", f"data.cache_dir={tmp_path / 'c'}"]
     cfg = build_config("men-smoke", over)
     run = TrainingRun(cfg, men, tmp_path / "probe", fold=1)

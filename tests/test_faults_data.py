@@ -23,7 +23,8 @@ from cfcml.datasets import write_synthetic
 from cfcml.datasets.photo_transforms import decode_resized
 from cfcml.datasets.reader import check_cohort
 
-SMALL_MEN = ["--set", "data.image_size=[4,16,16]", "--set", "model.image_channels=2", "--set", "train.batch_size=6"]
+SMALL_MEN = ["--set", "data.image_size=[4,16,16]", "--set", "model.image_channels=2", "--set", "train.batch_size=6",
+             "--set", "train.select_min_epoch=0", "--set", "train.select_window=1"]
 
 
 @pytest.fixture(scope="module")
@@ -235,7 +236,7 @@ def test_a_non_finite_loss_stops_the_run_keeping_the_last_good_checkpoint(men, t
     from cfcml.engine.errors import TrainingFailed
 
     calls = {"n": 0}
-    cfg = build_config("men-smoke", ["data.image_size=[4,16,16]", "model.image_channels=2", "train.epochs=3", "train.batch_size=6",
+    cfg = build_config("men-smoke", ["data.image_size=[4,16,16]", "model.image_channels=2", "train.epochs=3", "train.select_min_epoch=0", "train.select_window=1", "train.batch_size=6",
                                      f"data.cache_dir={tmp_path / 'cache'}"])  # fmt: skip
     run = run_module.TrainingRun(cfg, men, tmp_path / "run", fold=1)
     steps_per_epoch, real = len(run.train_loader), run.model.loss_terms

@@ -137,47 +137,40 @@ def test_errors_may_declare_their_exit_code(monkeypatch, capsys):
 
 @pytest.fixture(scope="module")
 def registry_versions(mlflow_server):
-    """A registered model with versions whose source runs hold val_auc / val_loss / digests."""
-    import mlflow
+    """A registered model with versions whose evaluation.json holds auc / brier / dice, measured
+    on the same patients under the same protocol, but for `other_data`."""
     from mlflow import MlflowClient
 
-    from tests.test_registry import FixedProbs
+    from tests.test_registry import version
 
     client = MlflowClient(mlflow_server.url)
-    exp = client.create_experiment(f"faults-{uuid.uuid4().hex[:6]}")
-    mlflow.set_tracking_uri(mlflow_server.url)
-    with mlflow.start_run(experiment_id=exp):
-        info = mlflow.pyfunc.log_model(name="model", python_model=FixedProbs([[1.0, 0.0]] * 3), pip_requirements=["numpy"])
+    env = (client, client.create_experiment(f"faults-{uuid.uuid4().hex[:6]}"), None)
     name = f"faults-{uuid.uuid4().hex[:6]}"
     client.create_registered_model(name)
     versions = {}
     for key, metrics, digest in [
-        ("champion", {"val_auc": 0.8, "val_loss": 0.2}, "d1"),
-        ("worse_loss", {"val_auc": 0.9, "val_loss": 0.9}, "d1"),
-        ("infinite", {"val_auc": float("inf"), "val_loss": 0.1}, "d1"),
-        ("other_data", {"val_auc": 0.95, "val_loss": 0.1}, "d2"),
-        ("custom", {"val_auc": 0.9, "dice": 0.7}, "d1"),
+        ("champion", {"auc": 0.8, "brier": 0.2}, "d1"),
+        ("worse_brier", {"auc": 0.9, "brier": 0.9}, "d1"),
+        ("infinite", {"auc": float("inf"), "brier": 0.1}, "d1"),
+        ("other_data", {"auc": 0.95, "brier": 0.1}, "d2"),
+        ("custom", {"auc": 0.9, "dice": 0.7}, "d1"),
     ]:
-        run = client.create_run(exp)
-        for k, v in metrics.items():
-            client.log_metric(run.info.run_id, k, v)
-        client.log_param(run.info.run_id, "data.digest", digest)
-        client.set_terminated(run.info.run_id)
-        mv = client.create_model_version(name, source=info.model_uri, run_id=run.info.run_id, model_id=info.model_id)
-        versions[key] = str(mv.version)
+        versions[key] = version(env, name, metrics, data_digest=digest)
     client.set_registered_model_alias(name, "champion", versions["champion"])
     return mlflow_server.url, name, versions
 
 
 SERVER_CASES = {
-    "val_loss 0.9 does not beat 0.2": (["--version", "{worse_loss}", "--metric", "val_loss"], 3,
-                                       ["refused", "val_loss=0.9 is not better", "lower is better"]),
-    "inf is not a value": (["--version", "{infinite}"], 2, ["val_auc", "outside its valid range [0, 1]"]),
-    "other evaluation data": (["--version", "{other_data}", "--metric", "val_loss"], 2,
-                              ["evaluated on other data", "--force --reason"]),
+    "brier 0.9 does not beat 0.2": (["--version", "{worse_brier}", "--metric", "brier"], 3,
+                                    ["refused", "brier=0.9 is not better", "lower is better"]),
+    "inf is not a value": (["--version", "{infinite}"], 2, ["auc = inf is not a finite number"]),
+    "other evaluation data": (["--version", "{other_data}", "--metric", "brier"], 2,
+                              ["not measured alike", "data_digest d2 vs d1", "--force --reason"]),
+    "the search's maximum": (["--version", "{custom}", "--metric", "val_auc"], 2,
+                             ["search's maximum", "can never be the gate metric"]),
     "unknown metric without a direction": (["--version", "{custom}", "--metric", "dice"], 2,
                                            ["unknown metric 'dice'", "--greater-is-better"]),
-    "direction contradicts the metric": (["--version", "{custom}", "--metric", "val_loss", "--greater-is-better"], 2,
+    "direction contradicts the metric": (["--version", "{custom}", "--metric", "brier", "--greater-is-better"], 2,
                                          ["lower is better; --greater-is-better contradicts it"]),
     "force without reason": (["--version", "{other_data}", "--force"], 2, ["--force needs a non-empty --reason"]),
     "unknown model": (["--version", "1", "--model-suffix", "-nope"], 2, ["unknown registered model"]),

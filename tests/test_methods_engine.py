@@ -18,10 +18,10 @@ from cfcml.engine.run import train_one
 from cfcml.models.cfcml import build_model
 from cfcml.models.methods import METHODS
 from cfcml.models.summary import example_inputs, summarize
-from cfcml.platform.search_space import load_search_space, params_to_overrides
+from cfcml.platform.search_space import load_search_space
 
 SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
-TINY = ["data.image_size=[32,32]", "train.epochs=1", "train.deterministic=true"]
+TINY = ["data.image_size=[32,32]", "train.epochs=1", "train.deterministic=true", "train.select_min_epoch=0", "train.select_window=1"]
 
 
 @pytest.fixture(scope="module")
@@ -136,12 +136,12 @@ def test_comparison_table_stars_significant_methods_and_explains_the_floor():
 def test_run_comparison_runs_each_method_into_its_folder(tmp_path, monkeypatch):
     calls = []
 
-    def fake_protocol(cfg, data_root, out_dir, jobs=None, report=None):
+    def fake_protocol(cfg, data_root, out_dir, jobs=None, report=None, progress=False):
         calls.append((cfg.model.method, cfg.train.epochs, Path(out_dir)))
         return _summary({"auc": {"cfcml": [0.9, 0.93, 0.97], "mvcnet": [0.8, 0.82, 0.79], "mrim": [0.7, 0.6, 0.8]}[cfg.model.method]})
 
     monkeypatch.setattr(compare, "run_protocol", fake_protocol)
-    c = compare.run_comparison("men-smoke", ["train.lr=1e-3"], ["mvcnet", "mrim", "cfcml"], tmp_path / "data", tmp_path / "out", epochs=2)
+    c = compare.run_comparison("men-smoke", ["train.lr=1e-3", "train.select_min_epoch=0", "train.select_window=1"], ["mvcnet", "mrim", "cfcml"], tmp_path / "data", tmp_path / "out", epochs=2)
     assert [(m, e, d.name) for m, e, d in calls] == [("mvcnet", 2, "mvcnet"), ("mrim", 2, "mrim"), ("cfcml", 2, "cfcml")]
     saved = json.loads((tmp_path / "out" / "comparison.json").read_text())
     assert list(saved["methods"]) == ["mvcnet", "mrim", "cfcml"] and saved["reference"] == "cfcml"
@@ -172,8 +172,7 @@ def test_each_method_has_a_search_space_around_its_defaults(method):
         # the corners of the space build (no foreign method_args, no invalid combination)
         for pick in (0, -1):
             point = {p.name: (p.choices[pick] if p.type == "categorical" else p.cast([p.low, p.high][pick])) for p in space.params}
-            overrides = params_to_overrides(point) | {"model": {"method": method}}
-            build_config(preset, overrides)
+            build_config(preset, [f"{k}={json.dumps(v)}" for k, v in point.items()] + [f"model.method={method}"])
 
 
 def test_example_inputs_drive_every_method_on_a_volume_cohort_with_more_series():
@@ -198,7 +197,7 @@ def test_every_method_packages_and_predicts_on_a_schema_described_cohort(method,
     schema = Path(__file__).resolve().parents[1] / "examples" / "glioma-demo.yaml"
     data = write_synthetic(load_spec(schema), tmp_path / "glioma", 48, seed=1)
     cfg = build_config("men-smoke", ["data.image_size=[4,16,16]", "model.image_channels=2", "train.batch_size=6",
-                                     "train.epochs=1", f"dataset={schema}", f"model.method={method}",
+                                     "train.epochs=1", f"dataset={schema}", f"model.method={method}", "train.select_min_epoch=0", "train.select_window=1",
                                      f"data.cache_dir={tmp_path / 'cache'}"])  # fmt: skip
     result = train_one(cfg, data, tmp_path / "run", fold=1, progress=False)
     assert result["finished"]

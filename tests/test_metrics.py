@@ -138,7 +138,7 @@ def test_compute_metrics_follows_the_class_count():
     assert m == pytest.approx(derm7pt_metrics(DERM_Y, DERM_P))
     # four classes: per-class accuracy named after each class
     names = metric_names(("LGG", "HGG II", "HGG-III", "GBM"))
-    assert names == ["acc", "acc_lgg", "acc_hgg_ii", "acc_hgg_iii", "acc_gbm", "weighted_f1", "macro_f1", "auc"]
+    assert names == ["acc", "balanced_acc", "acc_lgg", "acc_hgg_ii", "acc_hgg_iii", "acc_gbm", "weighted_f1", "macro_f1", "auc"]
 
 
 def _runs(values_by_metric, names=("fold0", "fold1", "fold2")):
@@ -167,14 +167,14 @@ def test_markdown_table_men_headers_and_values():
     lines = md.strip().splitlines()
     assert lines[0] == "### MEN test"
     header = [c.strip() for c in lines[2].strip("|").split("|")]
-    assert header == ["Method", "ACC", "ACC_G1", "ACC_G2inv", "ACC_G2ninv", "W-F1", "M-F1", "AUC"]
+    assert header == ["Method", "ACC", "BA", "ACC_G1", "ACC_G2inv", "ACC_G2ninv", "W-F1", "M-F1", "AUC"]
     ours = [c.strip() for c in lines[4].strip("|").split("|")]
     auc_mean, auc_std = 100 * np.mean(vals["auc"]), 100 * np.std(vals["auc"], ddof=1)
     assert ours[-1] == f"{auc_mean:.2f} ± {auc_std:.2f}"
     paper = [c.strip() for c in lines[5].strip("|").split("|")]
     assert paper[1] == f"{100 * PAPER_RESULTS['men']['acc']:.2f}"
     pv = [c.strip() for c in lines[6].strip("|").split("|")]
-    assert pv[1:] == ["0.250"] * 7
+    assert pv[1:] == ["0.250"] * 8
 
 
 def test_markdown_table_derm7pt_headers_without_paper():

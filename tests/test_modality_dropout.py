@@ -92,7 +92,7 @@ def test_training_with_modality_dropout_is_deterministic_and_eval_is_untouched(t
     from cfcml.engine.run import TrainingRun
 
     data = write_synthetic("men", tmp_path / "men", 45, 0)
-    cfg = build_config("men-smoke", ["data.image_size=[4,16,16]", "data.aug_prob=0.0", "train.epochs=1",
+    cfg = build_config("men-smoke", ["data.image_size=[4,16,16]", "data.aug_prob=0.0", "train.epochs=1", "train.select_min_epoch=0", "train.select_window=1",
                                      f"data.cache_dir={tmp_path / 'cache'}", "train.device=cpu",
                                      "train.modality_dropout=0.5"])  # fmt: skip
     histories, drop_call = [], ModalityDropout.__call__

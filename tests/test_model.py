@@ -36,14 +36,12 @@ def test_derm7pt_paper_preset_shapes_and_size():
 
 @pytest.mark.parametrize("preset", ["men-smoke", "derm7pt-smoke"])
 def test_gradient_reaches_every_trainable_parameter(preset):
-    from cfcml.engine.loss import compute_loss
-
     # 8x32x32 volumes: at the smoke preset's 8x16x16 the last stage is a single voxel, a
     # length-1 sequence that leaves the Mamba conv's earlier taps without gradient.
     cfg = build_config(preset, ["data.image_size=[8,32,32]"] if preset == "men-smoke" else [])
     model, out = _forward(cfg, batch=4)
     labels = torch.tensor([0, 1, 0, 1])
-    compute_loss(out, labels, cfg, out["logits"].shape[1])["loss"].backward()
+    model.loss_terms(out, labels, epoch=0)["loss"].backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing
 

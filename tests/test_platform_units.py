@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,7 +12,6 @@ from cfcml.config import build_config
 from cfcml.platform.search_space import (
     SearchSpaceError,
     load_search_space,
-    params_to_overrides,
     trial_run_name,
 )
 from cfcml.platform.tune import StudySpec, join_uri, plan_concurrency, resolve_trial_config
@@ -72,9 +70,9 @@ def test_bad_spaces_are_refused(tmp_path):
 
 
 def test_trial_parameters_become_a_config():
-    cfg = resolve_trial_config("men-smoke", ["train.batch_size=6"], {"loss.alpha": 0.123, "model.n_image_tokens": 16}, 3)
+    small = ["train.batch_size=6", "train.select_min_epoch=0", "train.select_window=1"]  # 3 epochs: a candidate exists
+    cfg = resolve_trial_config("men-smoke", small, {"loss.alpha": 0.123, "model.n_image_tokens": 16}, 3)
     assert (cfg.loss.alpha, cfg.model.n_image_tokens, cfg.train.batch_size, cfg.train.epochs) == (0.123, 16, 6, 3)
-    assert params_to_overrides({"a.b": 1, "a.c": 2}) == {"a": {"b": 1, "c": 2}}
     assert trial_run_name({"model.n_image_tokens": 48, "loss.alpha": 0.0612345}) == "ni48 a0.0612"
 
 
@@ -113,8 +111,11 @@ def test_cv_objective_uses_each_folds_selected_epoch():
     assert m["cv_val_auc_epoch"] == pytest.approx((0.7 + 0.8) / 2)
     assert m["fold1/selected_epoch"] == 1 and m["fold2/selected_epoch"] == 2
     assert m["fold2/val_auc"] == 0.8
-    nan = cv_metrics([run("fold1", [{"val_auc": math.nan}], 0)], [{"epoch": 0, "val_auc": math.nan}])
-    assert nan["cv_val_auc"] == 0.0  # never NaN: ASHA and Optuna could not rank it
+    early = cv_metrics([run("fold1", h1[:1], None), run("fold2", h2[:1], 0)], [dict(h1[0], epoch=0), dict(h2[0], epoch=0)])
+    assert math.isnan(early["cv_val_auc"]) and early["cv_candidate"] == 0  # no candidate yet: not an AUC of 0
+    assert m["cv_candidate"] == 1
+    stopped = cv_metrics([run("fold1", h1, 0), run("fold2", h2, 1)], [records[1]], trained=[run("fold2", h2, 1)])
+    assert stopped["cv_val_auc"] == pytest.approx((0.9 + 0.8) / 2) and "fold1/val_auc" not in stopped
 
 
 def test_pyfunc_rows_round_trip_to_the_same_sentences(tmp_path):
@@ -152,13 +153,9 @@ def test_pyfunc_rows_round_trip_to_the_same_sentences(tmp_path):
 
 
 def test_gpus_per_worker_defaults_to_the_hardware_the_cluster_has():
-    sys_path = str(Path(__file__).resolve().parents[1] / "jobs")
-    sys.path.insert(0, sys_path)
-    try:
-        from _common import build_parser
-    finally:
-        sys.path.remove(sys_path)
-    parser = build_parser("jobs/tune_men.py", "men", "men", 60)
+    from cfcml.platform.study_options import build_parser
+
+    parser = build_parser("jobs/tune_men.py", {"dataset": "men", "preset": "men"}, 60)
     assert parser.parse_args([]).gpus_per_worker is None  # auto
     assert parser.parse_args(["--gpus-per-worker", "auto"]).gpus_per_worker is None
     assert parser.parse_args(["--gpus-per-worker", "0.5"]).gpus_per_worker == 0.5

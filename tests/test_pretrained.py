@@ -89,7 +89,7 @@ def test_train_on_a_paper_preset_without_weights_exits_2_and_random_init_on_purp
 
     data = write_synthetic("derm7pt", tmp_path / "release_v0", 40, seed=1)
     base = ["train", "--preset", "derm7pt", "--data", str(data), "--out", str(tmp_path / "run"), "--epochs", "1",
-            "--set", "data.image_size=[32,32]", "--set", "model.swin_variant=micro", "--set", "train.batch_size=8",
+            "--set", "train.select_min_epoch=0", "--set", "data.image_size=[32,32]", "--set", "model.swin_variant=micro", "--set", "train.batch_size=8",
             "--set", "model.text_pretrained=none", "--set", f"data.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
     assert main(base) == 2
     err = capsys.readouterr().err

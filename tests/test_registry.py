@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
+import tempfile
 import uuid
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -12,7 +15,8 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 
 from cfcml.platform import registry
-from cfcml.platform.registry import CHAMPION, PromotionError, metric_spec, promote
+from cfcml.platform.protocol_digest import PROTOCOL_DIGEST_KEY, PROTOCOL_KEY, fields_digest
+from cfcml.platform.registry import CHAMPION, PromotionError, audit_trail, metric_spec, promote
 
 pytestmark = pytest.mark.services
 
@@ -60,25 +64,42 @@ def model_name(registry_env):
     return name
 
 
-def version(env, name, metrics, *, digest="digest-a", digest_as="param", tags=None) -> str:
-    """Register a version whose source run logged `metrics` and records `digest` as a param,
-    a tag, or (``parent``) a tag of its parent run — like a tuned trial under its study run."""
+PROTOCOL = {  # what cfcml.platform.protocol_digest.protocol_fields records for a study
+    "preset": "men-smoke", "data.image_size": [16, 32, 32], "runs": ["fold1", "fold2", "fold3"],
+    "data.val_fraction": 0.2, "holdout": 0.2, "train.select_metric": "auc", "train.select_window": 5,
+    "train.select_min_epoch": 4, "train.patience": 0, "train.epochs": 50,
+}
+IDS = [f"MEN{i:04d}" for i in range(30)]
+
+
+def version(env, name, metrics, *, kind="holdout", ids=IDS, data_digest="digest-a", protocol=PROTOCOL,
+            protocol_as="param", document=None, tags=None, pyfunc=False, at="model") -> str:
+    """Register a version whose artifacts hold an `evaluation.json` with `metrics` measured on
+    `ids` (or `document` as written, or none when `document` is False), and whose protocol is
+    recorded as params of its source run (``protocol_as="param"``), as version tags ("tag") or
+    not at all (`protocol` None) — as a study's registration does. `at`: where the file lies in
+    the run's artifacts. ``pyfunc=True``: the version is the module's logged pyfunc model, the
+    file inside its package as a study ships it (one such version per module)."""
     client, experiment_id, info = env
-    run_tags = {}
-    if digest_as == "parent":
-        parent = client.create_run(experiment_id, tags={"data.digest": digest})
-        client.set_terminated(parent.info.run_id)
-        run_tags["mlflow.parentRunId"] = parent.info.run_id
-    run = client.create_run(experiment_id, tags=run_tags)
-    run_id = run.info.run_id
-    for key, value in metrics.items():
-        client.log_metric(run_id, key, value)
-    if digest_as == "param":
-        client.log_param(run_id, "data.digest", digest)
-    elif digest_as == "tag":
-        client.set_tag(run_id, "data.digest", digest)
+    run_id = client.create_run(experiment_id).info.run_id
+    record = {} if protocol is None else {PROTOCOL_KEY: json.dumps(protocol), PROTOCOL_DIGEST_KEY: fields_digest(protocol)}
+    if protocol_as == "param":
+        for key, value in record.items():
+            client.log_param(run_id, key, value)
+    doc = {"kind": kind, "ids": list(ids), "data_digest": data_digest, "metrics": metrics} if document is None else document
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "evaluation.json"
+        path.write_text(json.dumps(doc))
+        if document is not False and pyfunc:
+            client.log_model_artifact(info.model_id, str(path), artifact_path="artifacts/package")
+        elif document is not False:
+            client.log_artifact(run_id, str(path), artifact_path=at)
     client.set_terminated(run_id)
-    mv = client.create_model_version(name, source=info.model_uri, run_id=run_id, tags=tags, model_id=info.model_id)
+    version_tags = {**(tags or {}), **(record if protocol_as == "tag" else {})}
+    if pyfunc:
+        mv = client.create_model_version(name, source=info.model_uri, run_id=run_id, tags=version_tags, model_id=info.model_id)
+    else:
+        mv = client.create_model_version(name, source=f"runs:/{run_id}/model", run_id=run_id, tags=version_tags)
     return str(mv.version)
 
 
@@ -88,19 +109,20 @@ def champion(client, name):
 
 def test_gate_promotes_only_a_better_model(registry_env, model_name, mlflow_tracking):
     client = registry_env[0]
-    v1 = version(registry_env, model_name, {"val_auc": 0.70})
-    v2 = version(registry_env, model_name, {"val_auc": 0.65})
-    v3 = version(registry_env, model_name, {"val_auc": 0.80})
-    v_eq = version(registry_env, model_name, {"val_auc": 0.70})
+    v1 = version(registry_env, model_name, {"auc": 0.70})
+    v2 = version(registry_env, model_name, {"auc": 0.65})
+    v3 = version(registry_env, model_name, {"auc": 0.80}, pyfunc=True)
+    v_eq = version(registry_env, model_name, {"auc": 0.70})
     client.set_registered_model_alias(model_name, "challenger", v1)
 
-    r = promote(client, model_name, alias="challenger")
-    assert r.promoted and not r.forced and r.previous_champion is None and r.champion == v1
+    r = promote(client, model_name, alias="challenger")  # default metric: the artifact's own auc
+    assert r.promoted and not r.forced and r.previous_champion is None and r.champion == v1 and r.metric == "auc"
     assert champion(client, model_name) == v1 and r.candidate_value == pytest.approx(0.70)
     tags = client.get_model_version(model_name, v1).tags
     assert tags["promotion.forced"] == "false" and tags["promotion.previous_champion"] == "none"
+    assert tags["promotion.evaluation"] == "holdout" and tags["promotion.protocol_digest"] == fields_digest(PROTOCOL)
 
-    r = promote(client, model_name, version=v2)  # worse: refused, nothing written
+    r = promote(client, model_name, version=v2)  # worse: refused, nothing written but the audit trail
     assert not r.promoted and r.champion == v1 and "not better" in r.message and "higher is better" in r.message
     assert champion(client, model_name) == v1
     assert "promotion.timestamp" not in client.get_model_version(model_name, v2).tags
@@ -113,24 +135,29 @@ def test_gate_promotes_only_a_better_model(registry_env, model_name, mlflow_trac
     np.testing.assert_allclose(probs.sum(axis=1), 1.0)
     assert not promote(client, model_name, version=v3).promoted  # already champion: a no-op
 
+    trail = audit_trail(client, model_name)  # every attempt, in order
+    assert [(e["candidate"], e["outcome"]) for e in trail] == [
+        (v1, "promoted"), (v2, "unchanged"), (v_eq, "unchanged"), (v3, "promoted"), (v3, "unchanged")]
+    assert trail[3]["previous_champion"] == v1 and trail[3]["candidate_value"] == pytest.approx(0.80)
 
-def test_val_loss_is_lower_is_better(registry_env, model_name):
-    """The reported bug: --metric val_loss promoted 0.9 over 0.2."""
+
+def test_brier_is_lower_is_better(registry_env, model_name):
+    """The reported bug (then on val_loss): a lower-is-better metric promoted 0.9 over 0.2."""
     client = registry_env[0]
-    good = version(registry_env, model_name, {"val_loss": 0.2})
-    worse = version(registry_env, model_name, {"val_loss": 0.9})
-    better = version(registry_env, model_name, {"val_loss": 0.1})
-    assert promote(client, model_name, version=good, metric="val_loss").promoted
-    r = promote(client, model_name, version=worse, metric="val_loss")
+    good = version(registry_env, model_name, {"brier": 0.2})
+    worse = version(registry_env, model_name, {"brier": 0.9})
+    better = version(registry_env, model_name, {"brier": 0.1})
+    assert promote(client, model_name, version=good, metric="brier").promoted
+    r = promote(client, model_name, version=worse, metric="brier")
     assert not r.promoted and champion(client, model_name) == good and "lower is better" in r.message
-    assert promote(client, model_name, version=better, metric="val_loss").promoted
+    assert promote(client, model_name, version=better, metric="brier").promoted
     assert champion(client, model_name) == better
 
 
-def test_version_tags_never_override_run_metrics(registry_env, model_name):
+def test_version_tags_never_override_the_evaluation(registry_env, model_name):
     client = registry_env[0]
-    v1 = version(registry_env, model_name, {"val_auc": 0.7})
-    forged = version(registry_env, model_name, {"val_auc": 0.5}, tags={"metric.val_auc": "0.99"})
+    v1 = version(registry_env, model_name, {"auc": 0.7})
+    forged = version(registry_env, model_name, {"auc": 0.5}, tags={"metric.auc": "0.99", "auc": "0.99"})
     promote(client, model_name, version=v1)
     r = promote(client, model_name, version=forged)
     assert not r.promoted and r.candidate_value == pytest.approx(0.5)
@@ -140,11 +167,12 @@ def test_version_tags_never_override_run_metrics(registry_env, model_name):
 @pytest.mark.parametrize(
     ("metric", "value", "match"),
     [
-        ("val_auc", math.inf, r"(not a finite number|outside its valid range \[0, 1\])"),
-        ("val_auc", math.nan, "not a finite number"),
-        ("val_auc", 1.7, r"outside its valid range \[0, 1\]"),
-        ("val_acc", -0.1, r"outside its valid range \[0, 1\]"),
-        ("val_loss", -0.5, r"outside its valid range \[0, inf\]"),
+        ("auc", math.inf, r"(not a finite number|outside its valid range \[0, 1\])"),
+        ("auc", math.nan, "not a finite number"),
+        ("auc", 1.7, r"outside its valid range \[0, 1\]"),
+        ("acc", -0.1, r"outside its valid range \[0, 1\]"),
+        ("brier", 2.5, r"outside its valid range \[0, 2\]"),
+        ("loss", -0.5, r"outside its valid range \[0, inf\]"),
     ],
 )
 def test_invalid_values_are_refused(registry_env, model_name, metric, value, match):
@@ -155,10 +183,11 @@ def test_invalid_values_are_refused(registry_env, model_name, metric, value, mat
     with pytest.raises(PromotionError, match=match):
         promote(client, model_name, version=bad, metric=metric)
     assert champion(client, model_name) == champ
+    assert audit_trail(client, model_name)[-1]["outcome"] == "error"
 
 
 def test_invalid_value_is_refused_for_a_first_champion_too(registry_env, model_name):
-    bad = version(registry_env, model_name, {"val_auc": 3.0})
+    bad = version(registry_env, model_name, {"auc": 3.0})
     with pytest.raises(PromotionError, match="outside its valid range"):
         promote(registry_env[0], model_name, version=bad)
     assert champion(registry_env[0], model_name) is None
@@ -169,6 +198,7 @@ def test_metric_directions():
     assert metric_spec("fold2/val_auc").greater_is_better is True
     assert metric_spec("cv_val_auc").high == 1.0 and metric_spec("test_auc_mean").greater_is_better
     assert metric_spec("acc_G2inv").greater_is_better and metric_spec("val_brier").greater_is_better is False
+    assert metric_spec("brier").high == 2.0  # the multi-class Brier score sums over classes: [0, 2]
     with pytest.raises(PromotionError, match="unknown metric 'my_score'.*--greater-is-better"):
         metric_spec("my_score")
     with pytest.raises(PromotionError, match="unknown metric"):
@@ -191,17 +221,17 @@ def test_unknown_metric_needs_a_direction(registry_env, model_name):
 
 def test_evaluation_data_must_match(registry_env, model_name):
     client = registry_env[0]
-    champ = version(registry_env, model_name, {"val_auc": 0.6}, digest="aaaa1111", digest_as="parent")
-    other_data = version(registry_env, model_name, {"val_auc": 0.9}, digest="bbbb2222")
-    no_digest = version(registry_env, model_name, {"val_auc": 0.9}, digest_as=None)
-    same_data = version(registry_env, model_name, {"val_auc": 0.7}, digest="aaaa1111", digest_as="tag")
+    champ = version(registry_env, model_name, {"auc": 0.6}, data_digest="aaaa1111")
+    other_data = version(registry_env, model_name, {"auc": 0.9}, data_digest="bbbb2222")
+    no_protocol = version(registry_env, model_name, {"auc": 0.9}, data_digest="aaaa1111", protocol=None)
+    same_data = version(registry_env, model_name, {"auc": 0.7}, data_digest="aaaa1111", protocol_as="tag")
     promote(client, model_name, version=champ)
-    with pytest.raises(PromotionError, match=r"evaluated on other data \(data.digest bbbb2222…\).*aaaa1111"):
+    with pytest.raises(PromotionError, match=r"not measured alike — data: data_digest bbbb2222 vs aaaa1111"):
         promote(client, model_name, version=other_data)
-    with pytest.raises(PromotionError, match=r"records no data.digest"):
-        promote(client, model_name, version=no_digest)
+    with pytest.raises(PromotionError, match=r"records no cfcml.protocol_digest"):
+        promote(client, model_name, version=no_protocol)
     assert champion(client, model_name) == champ
-    assert promote(client, model_name, version=same_data).promoted  # digest from the parent run vs a run tag
+    assert promote(client, model_name, version=same_data).promoted  # protocol from a run param vs a version tag
     r = promote(client, model_name, version=other_data, force=True, reason="new cohort release, re-validated")
     assert r.forced and champion(client, model_name) == other_data
 
@@ -211,9 +241,9 @@ def test_champion_moved_between_read_and_write_is_re_evaluated(registry_env, mod
                                                                concurrent_value, promoted):  # fmt: skip
     """Another promotion lands after the gate read the champion: the gate compares again."""
     client = registry_env[0]
-    old = version(registry_env, model_name, {"val_auc": 0.70})
-    concurrent = version(registry_env, model_name, {"val_auc": concurrent_value})
-    candidate = version(registry_env, model_name, {"val_auc": 0.80})
+    old = version(registry_env, model_name, {"auc": 0.70})
+    concurrent = version(registry_env, model_name, {"auc": concurrent_value})
+    candidate = version(registry_env, model_name, {"auc": 0.80})
     promote(client, model_name, version=old)
 
     real, calls = registry.current_champion, []
@@ -233,9 +263,9 @@ def test_champion_moved_between_read_and_write_is_re_evaluated(registry_env, mod
 
 def test_a_champion_that_keeps_moving_is_an_error(registry_env, model_name, monkeypatch):
     client = registry_env[0]
-    a = version(registry_env, model_name, {"val_auc": 0.1})
-    b = version(registry_env, model_name, {"val_auc": 0.2})
-    candidate = version(registry_env, model_name, {"val_auc": 0.9})
+    a = version(registry_env, model_name, {"auc": 0.1})
+    b = version(registry_env, model_name, {"auc": 0.2})
+    candidate = version(registry_env, model_name, {"auc": 0.9})
     promote(client, model_name, version=a)
     real, state = registry.current_champion, {"n": 0}
 
@@ -252,8 +282,8 @@ def test_a_champion_that_keeps_moving_is_an_error(registry_env, model_name, monk
 
 def test_force_with_reason_records_tags(registry_env, model_name):
     client = registry_env[0]
-    good = version(registry_env, model_name, {"val_auc": 0.90})
-    bad = version(registry_env, model_name, {"val_auc": 0.50})
+    good = version(registry_env, model_name, {"auc": 0.90})
+    bad = version(registry_env, model_name, {"auc": 0.50})
     promote(client, model_name, version=good)
     for reason in (None, "   "):
         with pytest.raises(PromotionError, match="reason"):
@@ -264,12 +294,16 @@ def test_force_with_reason_records_tags(registry_env, model_name):
     tags = client.get_model_version(model_name, bad).tags
     assert tags["promotion.forced"] == "true" and tags["promotion.reason"] == "rollback: v1 leaks data"
     assert tags["promotion.previous_champion"] == good and tags["promotion.timestamp"]
-    assert float(tags["promotion.val_auc"]) == pytest.approx(0.5)
+    assert float(tags["promotion.auc"]) == pytest.approx(0.5)
+    assert audit_trail(client, model_name)[-1] | {"time": None} == {
+        "time": None, "candidate": bad, "metric": "auc", "forced": True, "reason": "rollback: v1 leaks data",
+        "outcome": "promoted", "previous_champion": good, "champion": bad, "candidate_value": 0.5,
+        "champion_value": 0.9, "attempts": 1, "message": r.message}
 
 
 def test_errors(registry_env, model_name):
     client = registry_env[0]
-    v1 = version(registry_env, model_name, {"val_auc": 0.7})
+    v1 = version(registry_env, model_name, {"auc": 0.7})
     with pytest.raises(PromotionError, match="unknown registered model"):
         promote(client, f"{model_name}-nope", version=v1)
     with pytest.raises(PromotionError, match="no alias 'challenger'"):
@@ -278,8 +312,8 @@ def test_errors(registry_env, model_name):
         promote(client, model_name, version=99)
     with pytest.raises(PromotionError, match="exactly one"):
         promote(client, model_name)
-    with pytest.raises(PromotionError, match="has no metric 'val_loss'"):
-        promote(client, model_name, version=v1, metric="val_loss")
+    with pytest.raises(PromotionError, match=r"evaluation.json has no metric 'brier' \(it has: auc\)"):
+        promote(client, model_name, version=v1, metric="brier")
     # MLflow 3 refuses to register a version without provenance, but older registries hold them
     orphan = ModelVersion(model_name, "7", creation_timestamp=0, run_id=None)
     with pytest.raises(PromotionError, match="v7 has no source run"):

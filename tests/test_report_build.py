@@ -49,7 +49,7 @@ def test_files_and_json_contract(built):
     assert report["n_bootstrap"] == report["bootstrap"]["n"] == 2000
     assert report["bootstrap"]["n_cases"] == 90
     names = ["sen", "spe", "acc", "g_mean", "balanced_acc", "auprc", "auprc_label", "auc"] if k == 2 else \
-        ["acc", "acc_g1", "acc_g2inv", "acc_g2ninv", "weighted_f1", "macro_f1", "auc"]
+        ["acc", "balanced_acc", "acc_g1", "acc_g2inv", "acc_g2ninv", "weighted_f1", "macro_f1", "auc"]
     assert list(report["metrics"]) == names
     assert report["auc"] == report["metrics"]["auc"]["value"]
     assert report["missing_modality"] == inputs.missing_modality
@@ -255,7 +255,7 @@ def test_subgroup_rules():
     assert [g["name"] for g in res[0]["groups"]] == ["A", "B", "C"]
     assert site["A"]["reportable"] and set(site["A"]["metrics"]) == {"acc", "spe"}
     assert "no AUC: no MEL case" in site["A"]["notes"] and "no sen: no MEL case" in site["A"]["notes"]
-    assert set(site["B"]["metrics"]) == {"acc", "auc", "sen", "spe"}
+    assert set(site["B"]["metrics"]) == {"acc", "balanced_acc", "auc", "sen", "spe"}
     assert not site["C"]["reportable"] and site["C"]["n"] == 8
     # tertiles come from validation (100..159), so every test score (0..59) falls in the lowest band
     score = res[1]

@@ -10,7 +10,7 @@ import pytest
 
 from cfcml.cli import main as cfcml_main
 
-TINY = ["data.image_size=[4,16,16]", "data.aug_prob=0.0", "train.epochs=1", "train.device=cpu"]
+TINY = ["data.image_size=[4,16,16]", "data.aug_prob=0.0", "train.epochs=1", "train.device=cpu", "train.select_min_epoch=0", "train.select_window=1"]
 SERIES = ["T1C", "FLAIR_C", "ADC"]
 ATTRIBUTES = ["location", "sex", "age", "adc_value", "tumor_area", "edema_area"]
 
@@ -57,7 +57,7 @@ def test_report_of_a_cv_folder(cv, report):
     assert list(r["missing_modality"]) == ["none", *[f"series {s}" for s in SERIES],
                                            *[f"attribute {a}" for a in ATTRIBUTES]]  # fmt: skip
     assert r["missing_modality"]["none"]["auc"] == pytest.approx(r["auc"], abs=1e-6)
-    assert all(set(v) == {"auc", "acc", "macro_f1"} for v in r["missing_modality"].values())
+    assert all(set(v) == {"auc", "acc", "balanced_acc", "macro_f1"} for v in r["missing_modality"].values())
     # subgroups from the cohort's attributes, t-SNE of the saved fused features, Grad-CAM per series
     assert [s["column"] for s in r["subgroups"]] == ATTRIBUTES
     assert r["embedding"]["n"] == 45 and r["embedding"]["features_dim"] > 0

@@ -151,7 +151,7 @@ def test_multiclass_metric_set_matches_sklearn_and_engine():
     y, _, p = _scores(120, 3, seed=4, signal=1.0)
     classes = ["G1", "G2inv", "G2ninv"]
     m = stats.classification_metrics(y, p, classes)
-    assert list(m) == ["acc", "acc_g1", "acc_g2inv", "acc_g2ninv", "weighted_f1", "macro_f1", "auc"]
+    assert list(m) == ["acc", "balanced_acc", "acc_g1", "acc_g2inv", "acc_g2ninv", "weighted_f1", "macro_f1", "auc"]
     engine = multiclass_metrics(y, p, classes)
     for k in engine:
         assert m[k] == pytest.approx(engine[k])

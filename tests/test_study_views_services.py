@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -39,7 +40,8 @@ def test_study_views_pruned_trials_and_budget(services, tmp_path):
 
     cohort = write_synthetic("men", tmp_path / "men45", 45, 0)
     space = tmp_path / "space.yaml"
-    space.write_text((ROOT / "search_spaces" / "smoke.yaml").read_text() + "sampler: {n_startup_trials: 2}\n")
+    smoke = re.sub(r"grace_period: \d+", "grace_period: 1", (ROOT / "search_spaces" / "smoke.yaml").read_text())
+    space.write_text(smoke + "sampler: {n_startup_trials: 2}\n")  # a rung at epoch 1 of 2
     url, study, optuna_url = services["mlflow"].url, "views", f"sqlite:///{tmp_path / 'optuna.db'}"
     cmd = [
         sys.executable, str(ROOT / "jobs" / "tune_men.py"), "--preset", "men-smoke", "--data", str(cohort),
@@ -47,6 +49,7 @@ def test_study_views_pruned_trials_and_budget(services, tmp_path):
         "--storage", str(tmp_path / "ray"), "--tracking-uri", url, "--ray-address", services["ray"].address,
         "--search-space", str(space), "--optuna-storage", optuna_url, "--no-register", "--no-system-metrics",
         "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", "data.image_size=[4,16,16]", "--set", "data.aug_prob=0.0",
+        "--set", "train.select_min_epoch=0", "--set", "train.select_window=1",
         "--json-out", str(tmp_path / "summary.json"),
     ]  # fmt: skip
     env = {**os.environ, **services["env"], "PYTHONUNBUFFERED": "1"}

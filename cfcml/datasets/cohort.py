@@ -13,6 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cfcml.datasets.file_digests import file_digests
 from cfcml.datasets.spec import DatasetSpec
 
 
@@ -69,8 +70,11 @@ class Cohort:
 
     def digest(self) -> str:
         """sha256 over the schema, the cases (id, label, split, sentences) and each image's
-        relative path and size: cheap for thousands of volumes, and changes with the data."""
+        relative path and content digest (cached on disk by path, size and mtime: see
+        `cfcml.datasets.file_digests`), so an edited file of the same size is new data."""
         h = hashlib.sha256(json.dumps(self.spec.to_dict(), sort_keys=True, default=str).encode())
+        files = [Path(p) for c in self.cases for p in (*c.images, c.mask) if p is not None]
+        contents = file_digests([p for p in files if p.exists()])
         for c in sorted(self.cases, key=lambda c: c.case_id):
             h.update(f"|{c.case_id}|{c.label}|{c.split}|{'/'.join(c.sentences)}".encode())
             for p in (*c.images, c.mask):
@@ -78,7 +82,7 @@ class Cohort:
                     continue
                 p = Path(p)
                 rel = p.relative_to(self.root) if p.is_relative_to(self.root) else p.name
-                h.update(f"|{rel}:{p.stat().st_size if p.exists() else -1}".encode())
+                h.update(f"|{rel}:{contents.get(str(p), 'missing')}".encode())
         return h.hexdigest()
 
     def counts(self) -> dict[str, dict[str, int]]:

@@ -9,6 +9,7 @@ unreadable, too small for the model input, or blank.
 from __future__ import annotations
 
 import os
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,8 @@ class PathFinder:
             names = self._listing(folder)
             if names is None:
                 return None, f"folder {Path(*parts[:i]).as_posix() or '.'} does not exist"
+            if part not in names:  # the same text in another Unicode normalization (macOS writes NFD) is the name
+                part = next((n for n in names if unicodedata.normalize("NFC", n) == unicodedata.normalize("NFC", part)), part)
             if part not in names:
                 near = [n for n in names if n.lower() == part.lower()]
                 hint = f" (on disk as {near[0]!r}: names are case-sensitive)" if near else ""

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import string
+import unicodedata
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -132,6 +134,7 @@ def _check(spec: DatasetSpec, root: Path, read: LayoutRead, opts: CheckOptions) 
     kept: list[tuple[RowInput, str, int | None]] = []  # (row, id, label or None when invalid)
     labels_by_index: dict[int, int | None] = {}  # every row not dropped, valid id or not (class coverage)
     seen: dict[str, str] = {}
+    refused: dict[str, int | None] = {}  # ids refused as folder names -> label: not judged again (folders, folds)
     for row in read.rows:
         text = row.label_text if row.label_text is not None else row.cells.get(spec.label_column, "")
         label = spec.class_of(text)
@@ -142,11 +145,12 @@ def _check(spec: DatasetSpec, root: Path, read: LayoutRead, opts: CheckOptions) 
         cid, bad = parser.case_id(row.cells, row.where)
         if bad:
             problems.append(bad)
+            refused[bad.case or ""] = label
             continue
-        if cid in seen:
-            problems.append(Problem(row.where, cid, spec.id_column, f"duplicate case id (first on {seen[cid]})"))
+        if _nfc(cid) in seen:  # NFC: `MÉN0001` typed composed and decomposed name one folder on macOS
+            problems.append(Problem(row.where, cid, spec.id_column, f"duplicate case id (first on {seen[_nfc(cid)]})"))
             continue
-        seen[cid] = row.where
+        seen[_nfc(cid)] = row.where
         if label is None:
             problems.append(label_problem(spec, text, row.where, cid))
         kept.append((row, cid, label))
@@ -155,8 +159,8 @@ def _check(spec: DatasetSpec, root: Path, read: LayoutRead, opts: CheckOptions) 
         notes.append(f"{read.table_rel}: {sum(dropped.values())} row(s) dropped: {spec.label_column} is none of "
                      f"{', '.join(spec.classes)} ({shown})")  # fmt: skip
 
-    split_of, split_names = _assign_splits(spec, root, read, kept, labels_by_index, problems, notes)
-    _orphan_image_folders(spec, root, {cid for _, cid, _ in kept}, problems)
+    split_of, split_names = _assign_splits(spec, root, read, kept, labels_by_index, problems, notes, set(refused.values()))
+    _orphan_image_folders(spec, root, {cid for _, cid, _ in kept}, problems, set(refused))
 
     finder = PathFinder(root)
     todo = []  # (row, id, label, split, {series: (path, rel)}, mask, ok so far)
@@ -244,8 +248,12 @@ def _rel(path: Path, root: Path) -> str:
         return str(path)
 
 
-def _orphan_image_folders(spec: DatasetSpec, root: Path, ids: set[str], problems: list[Problem]) -> None:
-    """Folders named like a case id under the image root that no table row names."""
+def _orphan_image_folders(
+    spec: DatasetSpec, root: Path, ids: set[str], problems: list[Problem], refused: set[str] = frozenset()
+) -> None:
+    """Folders named like a case id under the image root that no table row names (compared in
+    Unicode NFC: macOS may store `MÉN0001` decomposed). A folder a refused id leads to (`A` for
+    the id `A/1`) is not reported again: the id's own problem says what is wrong."""
     prefixes = set()
     for template in spec.image_paths.values():
         head, sep, _ = template.partition("{id}/")
@@ -257,17 +265,24 @@ def _orphan_image_folders(spec: DatasetSpec, root: Path, ids: set[str], problems
     folder = root / prefixes.pop()
     if not folder.is_dir():
         return
+    named = {_nfc(i) for i in ids} | {_nfc(re.split(r"[/\\]", r.strip())[0]) for r in refused}
     for d in sorted(p.name for p in folder.iterdir() if p.is_dir()):
-        if d not in ids:
+        if _nfc(d) not in named:
             problems.append(Problem(_rel(folder / d, root), d, None, f"image folder without a row in {spec.table_file}"))
+
+
+def _nfc(text: str) -> str:
+    return unicodedata.normalize("NFC", text)
 
 
 # ----------------------------------------------------------------------------- splits
 
 
-def _assign_splits(spec, root, read: LayoutRead, kept, labels_by_index, problems, notes) -> tuple[dict[str, str], tuple[str, ...]]:
+def _assign_splits(
+    spec, root, read: LayoutRead, kept, labels_by_index, problems, notes, unsure=frozenset()
+) -> tuple[dict[str, str], tuple[str, ...]]:
     if spec.split.kind == "folds":
-        return _fold_splits(spec, root, read, kept, problems)
+        return _fold_splits(spec, root, read, kept, problems, unsure)
     return _file_splits(spec, root, read, kept, labels_by_index, problems, notes)
 
 
@@ -279,7 +294,10 @@ def _parse_fold(text: str) -> int | None:
     return int(x) if x.is_integer() and x >= 1 else None
 
 
-def _fold_splits(spec, root, read: LayoutRead, kept, problems) -> tuple[dict[str, str], tuple[str, ...]]:
+def _fold_splits(
+    spec, root, read: LayoutRead, kept, problems, unsure=frozenset()
+) -> tuple[dict[str, str], tuple[str, ...]]:
+    """`unsure`: labels of rows refused before (their fold is unknown): classes not judged."""
     folds: dict[str, int] = {}
     source = _folds_file(spec, root)
     if read.folds_preset:
@@ -326,10 +344,10 @@ def _fold_splits(spec, root, read: LayoutRead, kept, problems) -> tuple[dict[str
         if not have:
             problems.append(Problem(where, None, "fold", f"fold {f} has no patient (folds are numbered 1..{k})"))
             continue
-        if None in have:
+        if None in have or None in unsure:
             continue  # an unreadable label may be the missing class: not judged
         for i, name in enumerate(spec.classes):
-            if i not in have:
+            if i not in have and i not in unsure:
                 problems.append(Problem(where, None, "fold", f"fold {f} has no {name} patient (every fold needs every class)"))
     return {cid: f"fold{f}" for cid, f in folds.items()}, tuple(f"fold{f}" for f in range(1, k + 1))
 

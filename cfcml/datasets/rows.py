@@ -7,8 +7,8 @@ model's input), so both read a patient the same way.
 from __future__ import annotations
 
 import math
-import re
 import string
+import unicodedata
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,7 +16,8 @@ from cfcml.datasets.cohort import Problem
 from cfcml.datasets.spec import Attribute, DatasetSpec, _code
 from cfcml.datasets.table import is_missing
 
-SAFE_ID = re.compile(r"[A-Za-z0-9._-]+")
+ID_PUNCTUATION = "._-"  # besides letters, marks and digits of any script
+MAX_NAME_BYTES = 255  # one file-name component on ext4, XFS, APFS, NTFS (UTF-8 bytes)
 MAX_ABS_NUMBER = 1e12  # beyond this a "number" is a data-entry error that would swamp scaling
 
 
@@ -51,6 +52,26 @@ def parse_attribute(a: Attribute, text: str) -> tuple[object, str, str | None]:
     return x, text, None
 
 
+def id_problem(cid: str) -> str | None:
+    """Why `cid` cannot name a folder on every mainstream file system, or None when it can.
+
+    Letters, combining marks and digits of any script (`MÉN0001`, `病例-001`) and '.', '_',
+    '-' are accepted; path separators, whitespace, control and other characters, an id of
+    dots only ('.', '..') and names over 255 UTF-8 bytes are not.
+    """
+    for c in cid:
+        if unicodedata.category(c)[0] not in "LMN" and c not in ID_PUNCTUATION:
+            name = unicodedata.name(c, "")
+            what = name.lower() if name else "whitespace" if c.isspace() else "a control character"
+            allowed = f"letters and digits of any script, {', '.join(map(repr, ID_PUNCTUATION))}"
+            return f"{c!r} (U+{ord(c):04X}, {what}) is not allowed: it may hold {allowed}"
+    if set(cid) == {"."}:
+        return f"{cid!r} is not a folder name"
+    if len(cid.encode("utf-8")) > MAX_NAME_BYTES:
+        return f"it is {len(cid.encode('utf-8'))} bytes long in UTF-8; a file name holds at most {MAX_NAME_BYTES}"
+    return None
+
+
 class RowParser:
     """Turns table cells (keyed by the schema's column names) into case fields."""
 
@@ -62,9 +83,9 @@ class RowParser:
         cid = cells.get(self.spec.id_column, "").strip()
         if not cid:
             return None, Problem(where, None, self.spec.id_column, "empty case id")
-        if self.id_in_paths and not SAFE_ID.fullmatch(cid):
-            return None, Problem(where, cid, self.spec.id_column,
-                                 "the id names a folder: it may only hold letters, digits, '.', '_' and '-'")  # fmt: skip
+        why = id_problem(cid) if self.id_in_paths else None
+        if why:
+            return None, Problem(where, cid, self.spec.id_column, f"the id names a folder: {why}")
         return cid, None
 
     def attributes(self, cells: dict, where: str, cid: str | None) -> tuple[dict, dict, tuple | None, list[Problem]]:

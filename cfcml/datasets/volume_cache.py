@@ -26,27 +26,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cfcml.datasets.file_digests import file_digest
 from cfcml.datasets.volume_checks import blank_reason
 from cfcml.datasets.volume_transforms import (
     PIPELINE_VERSION,
     case_to_dict,
     deterministic_pipeline,
 )
-
-_CHUNK = 1 << 20
-
-
-def file_digest(path, _memo: dict = {}) -> str:  # noqa: B006 - per-process memo on purpose
-    """blake2b of a file's bytes, memoised on (path, size, mtime) so epochs don't re-hash."""
-    st = os.stat(path)
-    key = (str(path), st.st_size, st.st_mtime_ns)
-    if key not in _memo:
-        h = hashlib.blake2b(digest_size=16)
-        with open(path, "rb") as f:
-            while chunk := f.read(_CHUNK):
-                h.update(chunk)
-        _memo[key] = h.hexdigest()
-    return _memo[key]
 
 
 class BlankSeriesError(ValueError):

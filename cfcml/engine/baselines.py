@@ -36,6 +36,7 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import OneHotEncoder, OrdinalEncoder, StandardScaler
 
 from ..config import Config, ConfigError
+from .decision import run_decision
 from .metrics import compute_metrics
 from .modality_dropout import MISSING_WORD
 from .run import METRICS, PREDICTIONS, _save_npz, _write_json
@@ -112,10 +113,10 @@ def class_probs(model: Pipeline, frame: pd.DataFrame, num_classes: int) -> np.nd
     return probs
 
 
-def fit_baseline(kind: str, spec, split, seed: int = 0) -> dict:
+def fit_baseline(kind: str, spec, split, seed: int = 0, decision: str = "balanced") -> dict:
     """Fit every grid point on `split.train`, pick the best validation AUC, test it once.
     -> {"params", "grid": [{"params", "val_auc"}], "val": {...}, "test": {...}} with each part's
-    "case_ids", "labels", "probs" and "metrics"."""
+    "case_ids", "labels", "probs" and "metrics" (hard labels by the `decision` rule, as the deep run's)."""
     frames = {part: attribute_frame(spec, getattr(split, part)) for part in ("train", "val", "test")}
     labels = {part: np.array([c.label for c in getattr(split, part)], dtype=np.int64) for part in frames}
     k = spec.num_classes
@@ -131,13 +132,13 @@ def fit_baseline(kind: str, spec, split, seed: int = 0) -> dict:
         if best is None or (not math.isnan(auc) and (math.isnan(best[0]) or auc > best[0])):
             best = (auc, params, model, val_probs)
     _, params, model, val_probs = best
-    out = {"params": params, "grid": grid}
+    out = {"params": params, "grid": grid, "decision": run_decision(decision, labels["train"], k)}
     for part, probs in (("val", val_probs), ("test", class_probs(model, frames["test"], k))):
         out[part] = {
             "case_ids": [c.case_id for c in getattr(split, part)],
             "labels": labels[part],
             "probs": probs,
-            "metrics": compute_metrics(spec, labels[part], probs),
+            "metrics": compute_metrics(spec, labels[part], probs, out["decision"]),
         }
     return out
 
@@ -162,6 +163,7 @@ def write_baseline_run(folder: Path, kind: str, run: str, fitted: dict, spec) ->
         "params": fitted["params"],
         "grid": fitted["grid"],
         "selection": "validation AUC (never test)",
+        "decision": fitted["decision"].to_dict(),
         "validation": fitted["val"]["metrics"],
         "test": fitted["test"]["metrics"],
         "sizes": {part: len(fitted[part]["case_ids"]) for part in ("val", "test")},
@@ -192,7 +194,7 @@ def run_baselines(
         runs = []
         for r in planned:
             split = run_split(cfg, cohort, r.get("fold"), r.get("seed"))
-            fitted = fit_baseline(kind, spec, split, seed=r.get("seed") or 0)
+            fitted = fit_baseline(kind, spec, split, seed=r.get("seed") or 0, decision=cfg.predict.decision)
             saved = write_baseline_run(out / kind / r["name"], kind, r["name"], fitted, spec)
             runs.append({"name": r["name"], "metrics": saved["test"], "params": saved["params"]})
         results[kind] = summarize_runs(runs) | {"label": LABELS[kind], "folder": str(out / kind)}

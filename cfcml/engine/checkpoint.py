@@ -2,7 +2,10 @@
 
 Writing: :func:`atomic_save` writes to a temporary file beside the target and renames it,
 so a crash mid-write never leaves a corrupt checkpoint (a killed process can leave the
-``*.tmp`` file: :func:`clean_stale_temp_files` removes them when a run starts). Payloads are
+``*.tmp`` file: :func:`clean_stale_temp_files` removes them when a run starts). A write the
+storage refuses (disk full, quota, I/O error) removes the temporary file, leaves the previous
+checkpoint at the target untouched and raises :class:`CheckpointWriteError` naming the path
+and the cause. Payloads are
 made plain first: numpy scalars become Python numbers, and RNG states are stored as plain
 ints/lists/tensors (:func:`rng_state`), so a checkpoint holds only tensors, dicts, lists,
 tuples, str/int/float/bool/None.
@@ -20,10 +23,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import os
 import pickle
 import random
 import re
+import shutil
 import tempfile
 import warnings
 import zipfile
@@ -32,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from cfcml.engine.errors import TrainingFailed
 
 # Globals the weights-only unpickler may construct beyond torch's built-in safe set
 # (tensors, storages, dtypes, torch.Size, OrderedDict, plain containers and scalars).
@@ -43,6 +50,15 @@ SAFE_GLOBALS: list = []
 
 class CheckpointError(ValueError):
     """A checkpoint cannot be used: the message names the file and what is wrong."""
+
+
+class CheckpointWriteError(TrainingFailed):
+    """The storage refused a checkpoint write (disk full, quota, I/O error): the message names
+    the path and the cause; the previous file at the path is left as it was."""
+
+    def __init__(self, message: str, path: Path, errno_: int | None):
+        super().__init__(message)
+        self.path, self.errno = path, errno_
 
 
 # --------------------------------------------------------------------------- writing
@@ -73,19 +89,85 @@ def to_plain(obj):
 
 
 def atomic_save(obj, path: Path) -> None:
-    """``torch.save(to_plain(obj))`` to ``path`` through a temporary file and a rename (fsynced)."""
+    """``torch.save(to_plain(obj))`` to ``path`` through a temporary file and a rename (fsynced).
+
+    Raises :class:`CheckpointWriteError` when the storage refuses the write (the previous
+    ``path`` is untouched and no temporary file is left); other errors (an unpicklable
+    payload) pass through, also leaving nothing behind.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
+    tmp = stream = None
     try:
-        torch.save(to_plain(obj), tmp)
-        with open(tmp, "rb") as f:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        with open(fd, "wb") as f:
+            stream = _Recorder(f)
+            torch.save(to_plain(obj), stream)
+            f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                Path(tmp).unlink(missing_ok=True)
+        cause = stream.error if stream is not None and stream.error is not None else e
+        if isinstance(cause, OSError) or _is_writer_failure(cause):
+            raise _write_error(path, cause) from e
         raise
+
+
+class _Recorder:
+    """A file's ``write``/``flush`` that remember the OSError they raised: torch's writer
+    turns a failed write into "unexpected pos ..." without the errno (a full disk, when a
+    large tensor is written, or the file name given to ``torch.save``)."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self):
+        try:
+            self.f.flush()
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+
+def _is_writer_failure(e: BaseException) -> bool:
+    """torch's zip writer failing on the stream (its own wording, no errno)."""
+    return isinstance(e, RuntimeError) and any(w in str(e) for w in ("inline_container", "PytorchStreamWriter"))
+
+
+def _write_error(path: Path, e: BaseException) -> CheckpointWriteError:
+    code = getattr(e, "errno", None)
+    cause = getattr(e, "strerror", None) or _first_line(e, 200)
+    if code is not None and code in errno.errorcode:
+        cause = f"{cause} ({errno.errorcode[code]})"
+    free = _free_space(path.parent)
+    full = code in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)) or (
+        code is None and free is not None and free < 1 << 20
+    )
+    hint = f"; {free / 2**20:.1f} MiB free there" if free is not None else ""
+    advice = (
+        "free space there and resume the run (--resume)" if full else "resume the run (--resume) once the storage works"
+    )
+    message = (
+        f"cannot write checkpoint {path}: {cause}{hint}; the previous {path.name} (if any) is unchanged — {advice}"
+    )
+    return CheckpointWriteError(message, path, code)
+
+
+def _free_space(folder: Path) -> int | None:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
 
 
 def clean_stale_temp_files(run_dir) -> list[Path]:

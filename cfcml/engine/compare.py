@@ -93,7 +93,8 @@ def comparison_markdown(comparison: dict, title: str) -> str:
 
 def run_comparison(preset: str, overrides: list[str], methods: list[str], data_root: str | Path, out_dir: str | Path,
                    epochs: int | None = None, jobs: int | None = None,
-                   report: Callable[[str], None] | None = None, baselines: bool = False) -> dict:
+                   report: Callable[[str], None] | None = None, baselines: bool = False,
+                   progress: bool = False) -> dict:
     """Run the protocol for every method (CFCML included) into out_dir/<method>/ and write
     out_dir/comparison.md and comparison.json; -> the comparison (with "markdown").
     `baselines`: the classical attribute models too (fitted once, with CFCML's protocol, into
@@ -101,15 +102,14 @@ def run_comparison(preset: str, overrides: list[str], methods: list[str], data_r
     out, report = Path(out_dir), report or (lambda message: None)
     configs = {}
     for method in methods:  # every config is checked before anything trains
-        cfg = build_config(preset, [*overrides, f"model.method={method}"])
-        if epochs is not None:
-            cfg.train.epochs = epochs
-        configs[method] = cfg
+        epochs_set = [f"train.epochs={epochs}"] if epochs is not None else []
+        configs[method] = build_config(preset, [*overrides, f"model.method={method}", *epochs_set])
     summaries = {}
     for i, (method, cfg) in enumerate(configs.items(), 1):
         report(f"[{i}/{len(configs)}] {method}")
         extra = {"baselines": True} if baselines and method == REFERENCE else {}
-        summaries[method] = run_protocol(cfg, data_root, out / method, jobs=jobs, report=report, **extra)
+        summaries[method] = run_protocol(cfg, data_root, out / method, jobs=jobs, report=report, progress=progress,
+                                         **extra)
     cfg = configs[REFERENCE]
     classical = summaries[REFERENCE].get("baselines", {})
     comparison = compare_summaries({**classical, **summaries}, cohort_spec(cfg))

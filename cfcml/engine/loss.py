@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..config import Config, LossConfig
+from ..config import LossConfig
 from ..models.ccrm import ccrm_losses_distributed
 
 
@@ -27,9 +27,3 @@ def cfcml_objective(model_out: dict, labels: torch.Tensor, loss: LossConfig, num
         parts.update(c)
     parts["loss"] = total
     return parts
-
-
-def compute_loss(model_out: dict, labels: torch.Tensor, cfg: Config, num_classes: int) -> dict:
-    """CFCML's objective with the config's `loss` section (kept for callers that hold a CFCML
-    output and a config, e.g. benchmarks; the engine calls `model.loss_terms`)."""
-    return cfcml_objective(model_out, labels, cfg.loss, num_classes)

@@ -4,12 +4,15 @@
   auprc, auprc_label, auc``. ``auprc`` is the average precision of the positive-class
   probability (good practice); ``auprc_label`` the average precision of the hard
   predictions, which is what the paper's Derm7pt "AUPRC" column reports.
-- 3+ classes: ``acc``, ``acc_<class>`` (recall of each class, names lower-cased), ``weighted_f1``,
-  ``macro_f1`` and ``auc`` (macro one-vs-rest on probabilities).
+- 3+ classes: ``acc``, ``balanced_acc`` (mean recall over the classes present), ``acc_<class>``
+  (recall of each class, names lower-cased), ``weighted_f1``, ``macro_f1`` and ``auc`` (macro
+  one-vs-rest on probabilities).
 
-Every function is a pure function of ``y_true`` (integer labels) and ``probs`` (one row per
-sample). Predictions are ``argmax(probs)``. Values are fractions in [0, 1]. They never raise
-on degenerate input: an undefined value (absent class, one class only, empty input) is NaN.
+Every function is a pure function of ``y_true`` (integer labels), ``probs`` (one row per
+sample) and the hard-label rule ``decision`` (`cfcml.engine.decision`; None = argmax, i.e.
+``balanced``). The rule changes hard-label metrics only, never AUC/AUPRC of probabilities.
+Values are fractions in [0, 1]. They never raise on degenerate input: an undefined value
+(absent class, one class only, empty input) is NaN.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ import re
 import warnings
 
 import numpy as np
-from sklearn.metrics import accuracy_score, average_precision_score, f1_score, roc_auc_score
+from sklearn.metrics import accuracy_score, average_precision_score, balanced_accuracy_score, f1_score, roc_auc_score
+
+from .decision import Decision
 
 NAN = float("nan")
 BINARY_METRICS = ["sen", "spe", "acc", "g_mean", "balanced_acc", "auprc", "auprc_label", "auc"]
@@ -35,14 +40,14 @@ def class_key(name: str) -> str:
 def metric_names(classes) -> list[str]:
     if len(classes) == 2:
         return list(BINARY_METRICS)
-    return ["acc", *[f"acc_{class_key(c)}" for c in classes], "weighted_f1", "macro_f1", "auc"]
+    return ["acc", "balanced_acc", *[f"acc_{class_key(c)}" for c in classes], "weighted_f1", "macro_f1", "auc"]
 
 
 def metric_labels(classes) -> dict[str, str]:
     """Column headers in the paper's style (Table 2: ACC_G1, W-F1...; Table 3: SEN, SPE...)."""
     if len(classes) == 2:
         return dict(BINARY_LABELS)
-    return {"acc": "ACC", **{f"acc_{class_key(c)}": f"ACC_{c}" for c in classes}, "weighted_f1": "W-F1",
+    return {"acc": "ACC", "balanced_acc": "BA", **{f"acc_{class_key(c)}": f"ACC_{c}" for c in classes}, "weighted_f1": "W-F1",
             "macro_f1": "M-F1", "auc": "AUC"}  # fmt: skip
 
 
@@ -56,15 +61,14 @@ def _to_numpy(x) -> np.ndarray:
     return np.asarray(x)
 
 
-def _prepare(y_true, probs, n_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _prepare(y_true, probs, n_classes: int, decision: Decision | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     y = _to_numpy(y_true).reshape(-1).astype(np.int64)
     p = _to_numpy(probs).astype(np.float64)
     if p.ndim != 2 or p.shape[1] != n_classes:
         raise ValueError(f"probs must have shape [N, {n_classes}], got {p.shape}")
     if p.shape[0] != y.shape[0]:
         raise ValueError(f"y_true has {y.shape[0]} samples but probs has {p.shape[0]}")
-    pred = p.argmax(axis=1) if len(p) else np.zeros(0, dtype=np.int64)
-    return y, p, pred
+    return y, p, (decision or Decision()).labels(p)
 
 
 def _recall(y: np.ndarray, pred: np.ndarray, c: int) -> float:
@@ -87,10 +91,10 @@ def _binary_auc(y_bin: np.ndarray, score: np.ndarray) -> float:
     return _safe(roc_auc_score, y_bin, score)
 
 
-def binary_metrics(y_true, probs, positive: int = 1) -> dict[str, float]:
+def binary_metrics(y_true, probs, positive: int = 1, decision: Decision | None = None) -> dict[str, float]:
     """SEN = recall of `positive`, SPE = recall of the other class, ACC, G-Mean = √(SEN·SPE),
     BA = (SEN + SPE) / 2, AUPRC (probabilities), AUPRC on hard labels, AUC."""
-    y, p, pred = _prepare(y_true, probs, 2)
+    y, p, pred = _prepare(y_true, probs, 2, decision)
     if len(y) == 0:
         return {n: NAN for n in BINARY_METRICS}
     negative = 1 - positive
@@ -109,17 +113,17 @@ def binary_metrics(y_true, probs, positive: int = 1) -> dict[str, float]:
     }
 
 
-def multiclass_metrics(y_true, probs, classes) -> dict[str, float]:
-    """ACC, per-class recall, weighted/macro F1 (over labels seen in y or predictions,
+def multiclass_metrics(y_true, probs, classes, decision: Decision | None = None) -> dict[str, float]:
+    """ACC, balanced accuracy (mean recall over the classes present in y), per-class recall, weighted/macro F1 (over labels seen in y or predictions,
     zero_division=0) and the macro one-vs-rest AUC over the classes present in y."""
     k = len(classes)
-    y, p, pred = _prepare(y_true, probs, k)
+    y, p, pred = _prepare(y_true, probs, k, decision)
     names = metric_names(classes)
     if len(y) == 0:
         return {n: NAN for n in names}
     present = [c for c in range(k) if (y == c).any()]
     auc = float(np.mean([_binary_auc((y == c).astype(int), p[:, c]) for c in present])) if len(present) >= 2 else NAN
-    out = {"acc": float(accuracy_score(y, pred))}
+    out = {"acc": float(accuracy_score(y, pred)), "balanced_acc": _safe(balanced_accuracy_score, y, pred)}
     out |= {f"acc_{class_key(c)}": _recall(y, pred, i) for i, c in enumerate(classes)}
     out |= {
         "weighted_f1": _safe(f1_score, y, pred, average="weighted", zero_division=0),
@@ -129,8 +133,10 @@ def multiclass_metrics(y_true, probs, classes) -> dict[str, float]:
     return out
 
 
-def compute_metrics(spec, y_true, probs) -> dict[str, float]:
-    """The cohort's metric set (`spec`: a DatasetSpec, or anything with classes/positive_index)."""
+def compute_metrics(spec, y_true, probs, decision: Decision | None = None) -> dict[str, float]:
+    """The cohort's metric set (`spec`: a DatasetSpec, or anything with classes/positive_index),
+    hard labels by `decision` (None: argmax)."""
     if len(spec.classes) == 2:
-        return binary_metrics(y_true, probs, positive=spec.positive_index if spec.positive_index is not None else 1)
-    return multiclass_metrics(y_true, probs, spec.classes)
+        positive = spec.positive_index if spec.positive_index is not None else 1
+        return binary_metrics(y_true, probs, positive=positive, decision=decision)
+    return multiclass_metrics(y_true, probs, spec.classes, decision=decision)

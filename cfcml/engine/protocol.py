@@ -27,6 +27,7 @@ from ..models.pretrained import check_pretrained
 from .checkpoint import load_checkpoint
 from .errors import RunMismatch
 from .identity import explain_mismatch, run_identity
+from .progress import Progress, queue_reporter, reporter_for
 from .run import LAST, _write_json, clear_run, finished_result, train_one
 from .splits import protocol_runs
 from .summary import markdown_table, summarize_runs, wilcoxon_compare
@@ -79,22 +80,23 @@ def _report_finished(report: Callable[[str], None], cfg: Config, name: str, resu
 _WORKER: dict = {}  # this worker process's device and thread count
 
 
-def _init_worker(counter, devices: list[str], threads: int) -> None:
+def _init_worker(counter, devices: list[str], threads: int, events=None) -> None:
     with counter.get_lock():
         index = counter.value
         counter.value += 1
-    _WORKER.update(device=devices[index % len(devices)], threads=threads)
+    _WORKER.update(device=devices[index % len(devices)], threads=threads, events=events)
 
 
 def _train_in_worker(cfg_dict: dict, data_root: str, run_dir: str, fold, seed, resume: bool) -> dict:
     cfg = config_from_dict(cfg_dict)
     cfg.train.device = _WORKER["device"]
     cfg.train.threads = _WORKER["threads"]
-    return train_one(cfg, data_root, run_dir, fold=fold, seed=seed, resume=resume, progress=False)
+    reporter = queue_reporter(_WORKER.get("events"), Path(run_dir).name, cfg.train.select_metric)
+    return train_one(cfg, data_root, run_dir, fold=fold, seed=seed, resume=resume, progress=False, reporter=reporter)
 
 
 def _train_in_parallel(cfg: Config, data_root, out: Path, pending: list[dict], plan: JobPlan, resume: bool,
-                       report: Callable[[str], None]) -> dict[str, dict]:
+                       report: Callable[[str], None], progress: Progress | None = None) -> dict[str, dict]:
     """Train `pending` runs in `plan.jobs` worker processes; -> {run name: metrics.json}.
 
     A failed run stops the runs not yet started; runs already training finish (their results
@@ -102,9 +104,11 @@ def _train_in_parallel(cfg: Config, data_root, out: Path, pending: list[dict], p
     """
     ctx = mp.get_context("spawn")  # fork after torch's thread pools exist can deadlock
     counter = ctx.Value("i", 0)
+    events = ctx.Queue() if progress is not None else None
+    follower = progress.follow(events) if progress is not None else None
     results, failures = {}, []
     with ProcessPoolExecutor(plan.jobs, mp_context=ctx, initializer=_init_worker,
-                             initargs=(counter, plan.devices, plan.threads)) as pool:
+                             initargs=(counter, plan.devices, plan.threads, events)) as pool:
         futures = {
             pool.submit(_train_in_worker, cfg.to_dict(), str(data_root), str(out / r["name"]),
                         r.get("fold"), r.get("seed"), resume): r["name"]
@@ -119,7 +123,12 @@ def _train_in_parallel(cfg: Config, data_root, out: Path, pending: list[dict], p
                 for f in futures:
                     f.cancel()
                 continue
+            if progress is not None:
+                progress.run_done(name, len(results[name]["history"]))
             _report_finished(report, cfg, name, results[name], len(results), len(pending))
+    if follower is not None:
+        events.put(None)
+        follower.join()
     if failures:
         name, error = failures[0]
         raise ProtocolError(f"run {name} failed ({out / name}): {type(error).__name__}: {error}") from error
@@ -166,7 +175,7 @@ def _paired(cfg: Config, spec, out: Path, summary: dict, compare, other: dict | 
 
 def run_protocol(cfg: Config, data_root: str | Path, out_dir: str | Path, compare: str | Path | None = None,
                  jobs: int | None = None, report: Callable[[str], None] | None = None, overwrite: bool = False,
-                 baselines: bool = False) -> dict:
+                 baselines: bool = False, progress: bool = False) -> dict:
     """Train every run into out_dir/<run>/, then write summary.json and summary.md.
 
     `baselines`: also fit the classical models on the attributes alone (`engine.baselines`)
@@ -176,7 +185,8 @@ def run_protocol(cfg: Config, data_root: str | Path, out_dir: str | Path, compar
     Runs already finished with the same config, cohort and code are reused (and unfinished
     ones resumed), so an interrupted protocol continues where it stopped; a folder holding a
     different run is refused unless `overwrite`. `jobs`: runs trained at once (None: see
-    `plan_jobs`). `report` receives one line per event (e.g. print to stderr).
+    `plan_jobs`). `report` receives one line per event (e.g. print to stderr); `progress` shows
+    live epochs on stderr (`engine.progress`).
     """
     out, report = Path(out_dir), report or (lambda message: None)
     check_pretrained(cfg)  # before any worker starts
@@ -185,6 +195,10 @@ def run_protocol(cfg: Config, data_root: str | Path, out_dir: str | Path, compar
     planned = protocol_runs(cfg, cohort)
     results = check_run_folders(cfg, cohort, out, planned, overwrite)
     pending = [r for r in planned if r["name"] not in results]
+    live = Progress([r["name"] for r in planned], cfg.train.epochs, cfg.train.select_metric) if progress else None
+    for name, result in results.items() if live else ():
+        live.run_done(name, len(result["history"]))
+    report = live.wrap(report) if live else report
     if pending:
         plan = plan_jobs(cfg, len(pending), jobs)
         report(f"{cfg.name}: training {len(pending)} run(s), {plan.jobs} at a time"
@@ -192,11 +206,16 @@ def run_protocol(cfg: Config, data_root: str | Path, out_dir: str | Path, compar
                + (f", {len(results)} reused from {out}" if results else ""))
         if plan.jobs == 1:
             for done, r in enumerate(pending, 1):
+                reporter = reporter_for(live, r["name"], cfg.train.select_metric)
                 results[r["name"]] = train_one(cfg, data_root, out / r["name"], fold=r.get("fold"), seed=r.get("seed"),
-                                               resume=True, cohort=cohort)
+                                               resume=True, cohort=cohort, reporter=reporter, progress=not live)
+                if live:
+                    live.run_done(r["name"], len(results[r["name"]]["history"]))
                 _report_finished(report, cfg, r["name"], results[r["name"]], done, len(pending))
         else:
-            results |= _train_in_parallel(cfg, data_root, out, pending, plan, True, report)
+            results |= _train_in_parallel(cfg, data_root, out, pending, plan, True, report, live)
+        if live:
+            live.close()
     runs = [{"name": r["name"], "metrics": results[r["name"]]["test"], "selected_epoch": results[r["name"]]["selected_epoch"]}
             for r in planned]
     summary = summarize_runs(runs)

@@ -32,7 +32,7 @@ from cfcml.datasets.reader import load_cohort
 from cfcml.datasets.tabular import num_features
 from cfcml.datasets.volume_augment import BankTooLarge, BatchVolumeAugment, DeviceBatches, bank_batches
 
-from ..config import Config, cohort_spec, save_config
+from ..config import Config, cohort_spec, first_candidate_epoch, save_config
 from ..models.cfcml import build_model
 from ..models.pretrained import check_pretrained, pretrained_provenance
 from .checkpoint import (
@@ -44,6 +44,7 @@ from .checkpoint import (
     seed_everything,
     set_rng_state,
 )
+from .decision import run_decision
 from .errors import RunMismatch, TrainingFailed
 from .identity import explain_mismatch, run_identity
 from .metrics import compute_metrics, higher_is_better
@@ -187,13 +188,36 @@ def _better(metric: str, new: float, old: float | None) -> bool:
     return new > old if higher_is_better(metric) else new < old
 
 
-def selection_score(history: list[dict], metric: str, window: int) -> float:
-    """The validation score an epoch is selected on: the mean of `metric` over the last `window`
-    epochs (NaN epochs skipped). A window > 1 keeps a one-epoch spike on a small validation
-    set from picking the weights; the weights kept are still those of the epoch itself."""
+def selection_score(history: list[dict], metric: str, window: int, first_candidate: int = 0) -> float:
+    """The validation score the last epoch of `history` is selected on: the mean of `metric` over
+    the last `window` epochs (NaN epochs skipped), or NaN while that epoch is not a candidate —
+    before `first_candidate` (a full window, the LR warm-up over; see `first_candidate_epoch`).
+    A window > 1 keeps a one-epoch spike on a small validation set from picking the weights; the
+    weights kept are still those of the epoch itself."""
+    if len(history) - 1 < max(first_candidate, window - 1):
+        return math.nan  # a partly filled window would compete with full ones
     values = [h[f"val_{metric}"] for h in history[-window:]]
     values = [v for v in values if not math.isnan(v)]
     return sum(values) / len(values) if values else math.nan
+
+
+def select_epoch(history: list[dict], metric: str, window: int, first_candidate: int = 0) -> int | None:
+    """The epoch a run with this validation history selects (None: no finite score yet); the
+    same rule `TrainingRun` applies one epoch at a time."""
+    best, value = None, None
+    for epoch in range(len(history)):
+        score = selection_score(history[: epoch + 1], metric, window, first_candidate)
+        if _better(metric, score, value):
+            best, value = epoch, score
+    return best
+
+
+def patience_exhausted(best_epoch: int | None, epochs_done: int, first_candidate: int, patience: int) -> bool:
+    """True when `patience` candidate epochs have passed without a better selection score."""
+    if patience <= 0 or epochs_done <= first_candidate:
+        return False
+    since = first_candidate - 1 if best_epoch is None else best_epoch
+    return epochs_done - 1 - since >= patience
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -250,6 +274,8 @@ class TrainingRun:
         self.spec = cohort.spec if cohort is not None else cohort_spec(cfg)
         cohort = cohort or load_cohort(self.spec, data_root)  # refuses a cohort that fails the check
         self.split = split = run_split(cfg, cohort, fold, seed)
+        # predict.decision's hard-label rule, with this run's training class counts (saved in metrics.json)
+        self.decision = run_decision(cfg.predict.decision, [c.label for c in split.train], len(self.spec.classes))
         self.identity = run_identity(cfg, cohort.digest(), split.name)
         if t.batch_size > len(split.train):
             raise RunMismatch(f"train.batch_size {t.batch_size} is larger than the training part of "
@@ -320,8 +346,18 @@ class TrainingRun:
     finished: dict | None = None  # set when the folder already holds this run, finished
 
     @property
+    def first_candidate(self) -> int:
+        return first_candidate_epoch(self.cfg.train)
+
+    @property
+    def stopped_early(self) -> bool:
+        """`train.patience` epochs without a better windowed validation score."""
+        t = self.cfg.train
+        return self.epoch < t.epochs and patience_exhausted(self.best["epoch"], self.epoch, self.first_candidate, t.patience)
+
+    @property
     def done(self) -> bool:
-        return self.finished is not None or self.epoch >= self.cfg.train.epochs
+        return self.finished is not None or self.epoch >= self.cfg.train.epochs or self.stopped_early
 
     def train_epoch(self) -> dict:
         """Train one epoch, validate, checkpoint; -> the epoch's record (train_*, val_* metrics)."""
@@ -360,11 +396,11 @@ class TrainingRun:
         self.scheduler.step()
 
         pred = predict(self.model, self.val_loader, self.tables["val"], env)
-        val = compute_metrics(self.spec, pred["labels"], pred["probs"]) | {"loss": pred["loss"]}
+        val = compute_metrics(self.spec, pred["labels"], pred["probs"], self.decision) | {"loss": pred["loss"]}
         record = {"epoch": epoch, "lr": lr, "seconds": time.time() - t0}
         record |= {f"train_{k}": v / max(n, 1) for k, v in sums.items()} | {f"val_{k}": v for k, v in val.items()}
         self.history.append(record)
-        record["select_score"] = score = selection_score(self.history, t.select_metric, t.select_window)
+        record["select_score"] = score = selection_score(self.history, t.select_metric, t.select_window, self.first_candidate)
         improved = _better(t.select_metric, score, self.best["value"])
         if improved:
             self.best = {"epoch": epoch, "value": score}
@@ -406,9 +442,14 @@ class TrainingRun:
             "selected_epoch": best_epoch,
             "select_metric": self.cfg.train.select_metric,
             "select_window": self.cfg.train.select_window,
+            "first_candidate_epoch": self.first_candidate,  # 0-based, as selected_epoch
+            "patience": self.cfg.train.patience,
+            "epochs_trained": len(self.history),
+            "stopped_early": self.stopped_early,
             "selection": "validation (never test)",
             "validation": self.history[best_epoch] if best_epoch is not None else None,
-            "test": compute_metrics(self.spec, test["labels"], test["probs"]) | {"loss": test["loss"]},
+            "decision": self.decision.to_dict(),  # the hard-label rule and the training class counts
+            "test": compute_metrics(self.spec, test["labels"], test["probs"], self.decision) | {"loss": test["loss"]},
             "history": self.history,
             "sizes": {"train": len(self.split.train), "val": len(self.split.val), "test": len(self.split.test)},
             # CPU results are bit-identical for a seed only at the same thread count

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 from dataclasses import dataclass
 
 from sklearn.model_selection import train_test_split
@@ -58,3 +60,44 @@ def protocol_runs(cfg: Config, cohort: Cohort) -> list[dict]:
 
 def _key(c: Case) -> str:
     return c.case_id
+
+
+def hold_out(cohort: Cohort, fraction: float, seed: int = 0) -> tuple[Cohort, list[Case]]:
+    """(the cohort without a held-back part, the held-back cases): a stratified, patient-level,
+    seeded `fraction` of a `folds` cohort that no run trains, validates or selects on. The kept
+    patients stay in their folds. `fraction` 0 holds nothing back."""
+    if not 0 <= fraction < 1:
+        raise ConfigError(f"--holdout {fraction}: expected a fraction in [0, 1)")
+    if fraction == 0:
+        return cohort, []
+    if cohort.spec.split.kind != "folds":
+        raise ConfigError(
+            f"--holdout {fraction}: {cohort.dataset} has a fixed train/valid/test split whose test part no run "
+            "sees already; --holdout is for cross-validated (folds) cohorts"
+        )
+    cases = sorted(cohort.cases, key=_key)
+    try:
+        _, held = train_test_split(cases, test_size=fraction, stratify=[c.label for c in cases], random_state=seed)
+    except ValueError as e:  # a class too rare to put one case on each side
+        raise ConfigError(
+            f"--holdout {fraction}: cannot hold back a stratified part of {len(cases)} patients ({e})"
+        ) from None
+    return without_cases(cohort, {c.case_id for c in held}), sorted(held, key=_key)
+
+
+def without_cases(cohort: Cohort, ids) -> Cohort:
+    """The cohort minus the cases whose id is in `ids` (the study's held-back patients)."""
+    ids = set(ids or ())
+    if not ids:
+        return cohort
+    return dataclasses.replace(cohort, cases=[c for c in cohort.cases if c.case_id not in ids])
+
+
+def ids_digest(ids) -> str:
+    """sha256 over the sorted, newline-joined case ids: names a set of patients."""
+    return hashlib.sha256("\n".join(sorted(str(i) for i in ids)).encode()).hexdigest()
+
+
+def seen_ids(split: RunSplit) -> dict[str, list[str]]:
+    """The ids a run trained on and selected its epoch on."""
+    return {"train": [c.case_id for c in split.train], "selection": [c.case_id for c in split.val]}

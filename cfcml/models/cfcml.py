@@ -44,7 +44,7 @@ class CFCML(nn.Module):
 
     forward -> {"logits": [B, K], "features": M tensors [B, C_t] (images first, tabular last),
                 "fused": [B, M C_t] (the classifier input)}.
-    loss_terms -> CE + CCRM (SPEC §3; `cfcml.engine.loss.compute_loss`).
+    loss_terms -> CE + CCRM (SPEC §3; `cfcml.engine.loss.cfcml_objective`).
     """
 
     def __init__(self, cfg: Config, shape: CohortShape, num_tabular_features: int | None = None):

@@ -157,6 +157,7 @@ def build_package(cfg: Config, runs: list[dict], cohort: Cohort, out_dir: str | 
     (``numeric_stats``: the MLP embedding's scaling, fitted on that run's training part).
     """
     from ..engine.checkpoint import atomic_save, load_checkpoint
+    from ..engine.decision import pooled_decision, recorded_train_counts
 
     out = Path(out_dir)
     (out / "weights").mkdir(parents=True, exist_ok=True)
@@ -167,12 +168,15 @@ def build_package(cfg: Config, runs: list[dict], cohort: Cohort, out_dir: str | 
         state = load_checkpoint(r["weights"], required=("model",))
         atomic_save({k: v.contiguous() for k, v in state["model"].items()}, out / "weights" / f"{r['name']}.pt")
         meta_runs.append({"name": r["name"], "selected_epoch": None if state.get("epoch") is None else int(state["epoch"]) + 1,
-                          "numeric_stats": r.get("numeric_stats")})  # fmt: skip
+                          "numeric_stats": r.get("numeric_stats"),
+                          "train_counts": r.get("train_counts") or recorded_train_counts(Path(r["weights"]).parent)})  # fmt: skip
     if cfg.model.use_tabular and cfg.model.tabular_embedding == "clip":
         sentences, emb = sentence_table(cfg, cohort.cases, cohort.spec)
         np.savez(out / "sentences.npz", sentences=np.array(sentences, dtype=str), embeddings=emb)
     meta = {"dataset": cohort.spec.name, "classes": list(cohort.spec.classes), "columns": input_columns(cohort.spec),
-            "runs": meta_runs, **(extra_meta or {})}  # fmt: skip
+            "runs": meta_runs, **(extra_meta or {}),
+            # predict.decision: the hard-label rule, with the packaged runs' training class counts summed
+            "decision": pooled_decision(cfg.predict.decision, [m["train_counts"] for m in meta_runs]).to_dict()}  # fmt: skip
     (out / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
     return out
 
@@ -186,6 +190,7 @@ class PackagedModel:
         from cfcml.datasets.spec import remember
         from cfcml.datasets.tabular import num_features
 
+        from ..engine.decision import decision_from_dict
         from ..engine.run import Env
         from ..models.cfcml import build_model
         from ..models.pretrained import without_pretrained_weights
@@ -199,6 +204,7 @@ class PackagedModel:
         self.env = Env(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")), amp=False)
         # report.temperature: the temperature fitted on the validation logits of the packaged runs
         self.temperature = self.meta.get("temperature")
+        self.decision = decision_from_dict(self.meta.get("decision"))  # `pred`: argmax, or prior-adjusted argmax
         self.table = None
         if (package / "sentences.npz").exists():
             with np.load(package / "sentences.npz", allow_pickle=False) as t:
@@ -281,7 +287,8 @@ class PackagedModel:
         out = pd.DataFrame({"case_id": [str(r.get("case_id", "")) for r in rows]})
         for k, name in enumerate(self.spec.classes):
             out[f"prob_{name}"] = full[:, k].astype(float)
-        out["pred"] = ["" if np.isnan(p).any() else self.spec.classes[int(p.argmax())] for p in full]
+        hard = self.decision.labels(np.nan_to_num(full))
+        out["pred"] = ["" if np.isnan(p).any() else self.spec.classes[int(k)] for p, k in zip(full, hard)]
         out["inputs_used"] = [",".join(n for n in names if n not in m) if s == "ok" else "" for s, m in zip(status, missing)]
         out["inputs_missing"] = [",".join(m) for m in missing]
         out["status"] = status
@@ -352,20 +359,30 @@ def log_model(package_dir: str | Path, spec: DatasetSpec, registered_model_name:
     """Log the package as a pyfunc in the active run, the MLflow way that pickles nothing
     (models from code), with its signature and a synthetic input example; register it when
     `registered_model_name` is given. Returns MLflow's ModelInfo."""
+    return mlflow.pyfunc.log_model(
+        name=name, registered_model_name=registered_model_name, **_model_arguments(package_dir, spec, metadata)
+    )
+
+
+def save_model(package_dir: str | Path, spec: DatasetSpec, path: str | Path, metadata: dict | None = None) -> Path:
+    """The same MLflow model as `log_model` logs, saved to a local folder (what the study loads
+    with `cfcml predict`'s loader to measure the package before it is logged)."""
+    mlflow.pyfunc.save_model(path=str(path), **_model_arguments(package_dir, spec, metadata))
+    return Path(path)
+
+
+def _model_arguments(package_dir: str | Path, spec: DatasetSpec, metadata: dict | None) -> dict:
     import cfcml
 
-    code = Path(__file__).with_name("mlflow_model.py")
-    return mlflow.pyfunc.log_model(
-        name=name,
-        python_model=str(code),
-        artifacts={PACKAGE_ARTIFACT: str(package_dir)},
-        code_paths=[str(Path(cfcml.__file__).resolve().parent)],
-        signature=model_signature(spec),
-        input_example=example_frame(spec),
-        pip_requirements=_requirements(),
-        metadata={"dataset": spec.name, **(metadata or {})},
-        registered_model_name=registered_model_name,
-    )
+    return {
+        "python_model": str(Path(__file__).with_name("mlflow_model.py")),
+        "artifacts": {PACKAGE_ARTIFACT: str(package_dir)},
+        "code_paths": [str(Path(cfcml.__file__).resolve().parent)],
+        "signature": model_signature(spec),
+        "input_example": example_frame(spec),
+        "pip_requirements": _requirements(),
+        "metadata": {"dataset": spec.name, **(metadata or {})},
+    }
 
 
 def tag_version(client, name: str, version: str, tags: dict, alias: str | None = ALIAS) -> None:

@@ -24,6 +24,7 @@ state, so a resumed study keeps counting where it stopped.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -227,6 +228,9 @@ class RungSyncASHA(_asha_base()):
         self.board, self.decision_epochs = board, {int(e) for e in decision_epochs}
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        value = result.get(self._metric)
+        if isinstance(value, float) and math.isnan(value):  # no finite validation metric: ranks last
+            result = {**result, self._metric: -math.inf * self._metric_op}
         decision = super().on_trial_result(tune_controller, trial, result)
         epoch = result.get(TIME_ATTR)
         if epoch is not None and int(epoch) in self.decision_epochs:
@@ -265,6 +269,12 @@ class PrunedAwareOptunaSearch(_optuna_search_base()):
         if self.budget is not None and isinstance(suggestion, dict):
             self.budget.on_start(trial_id)
         return suggestion
+
+    def on_trial_result(self, trial_id: str, result: dict):
+        value = result.get(self.metric) if isinstance(self.metric, str) else None
+        if isinstance(value, float) and math.isnan(value):
+            return  # no candidate epoch yet (see cfcml.platform.train_loop.cv_metrics): nothing to report
+        super().on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
         if self.budget is not None:
@@ -336,3 +346,25 @@ def trial_outcome(status: str, last_result: dict, max_epochs: int, rungs: list[i
     else:
         tags["cfcml.trial_state"] = "COMPLETE"
     return tags, metrics
+
+
+def latest_first_candidate(train, params) -> int:
+    """The latest first candidate epoch (0-based) any trial can have: the config's, with the
+    searched selection/warm-up keys at the top of their ranges."""
+    from ..config import first_candidate_epoch
+
+    keys = ("warmup_epochs", "select_window", "select_min_epoch")
+    highs = {p.name.split(".", 1)[1]: p.high if p.type != "categorical" else max(p.choices)
+             for p in params if p.name in {f"train.{k}" for k in keys}}  # fmt: skip
+    return first_candidate_epoch(dataclasses.replace(train, **{k: int(v) for k, v in highs.items()}))
+
+
+def check_first_rung(grace_period: int, first_candidate: int, source: str) -> None:
+    """Refuse ASHA rungs before the first candidate epoch: there a trial has no selected epoch
+    and reports no objective, so the rung would rank nothing. `first_candidate` is 0-based."""
+    if int(grace_period) < first_candidate + 1:
+        raise ValueError(
+            f"{source}: asha.grace_period = {grace_period} falls before the first epoch that can be selected "
+            f"(epoch {first_candidate + 1}: train.select_window and the LR warm-up / train.select_min_epoch); "
+            f"set asha.grace_period >= {first_candidate + 1}"
+        )

@@ -126,18 +126,6 @@ def get_dotted(cfg: Config, key: str) -> Any:
     return node
 
 
-def params_to_overrides(params: dict) -> dict:
-    """{"loss.alpha": 0.1, "model.n_image_tokens": 32} -> nested overrides for build_config."""
-    out: dict = {}
-    for key, value in params.items():
-        node = out
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return out
-
-
 def _param(name: str, spec: Any) -> Param | None:
     if not isinstance(spec, dict):
         raise SearchSpaceError(f"{name}: expected a mapping like {{type: float, low: ..., high: ...}}")

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import signal
@@ -57,24 +56,34 @@ def selected_value(run, key: str = "val_auc") -> float:
     return float(run.history[best].get(key, float("nan")))
 
 
-def cv_metrics(runs, records: list[dict]) -> dict:
-    """What a trial reports after one lockstep epoch.
+def cv_metrics(runs, records: list[dict], trained=None) -> dict:
+    """What a trial reports after one lockstep epoch (Tune's and Optuna's view of it).
 
-    - ``cv_val_auc``: mean over runs of the validation AUC at each run's selected epoch (the
-      weights each fold would ship with) — the study's objective; it never decreases.
+    - ``cv_val_auc``, the study's objective: the mean over runs of the validation AUC (the epoch's
+      own, not the windowed score) at the epoch each run's selection picks so far — the weights
+      each fold would ship with. It changes only when some run selects a new epoch and can then
+      go down (selection ranks epochs by the mean over ``train.select_window`` epochs, this
+      reports the selected epoch's own AUC). It is NaN until every run has a candidate epoch
+      (``first_candidate_epoch``: a full window after the LR warm-up); ``cv_candidate`` is 0
+      then. ASHA's first rung lies at or after the first candidate (search spaces are checked),
+      and the searcher skips NaN intermediate values.
     - ``cv_val_auc_epoch``, ``cv_val_loss``, ``cv_train_loss``: means over runs of this epoch.
     - ``<run>/<metric>``: every run's record (train_*, val_*, lr) and ``<run>/selected_epoch``.
+
+    `records` belong to the runs in `trained` (default: all `runs`); a run stopped by
+    ``train.patience`` trains no more epochs but keeps its selected epoch in the objective.
     """
     epoch = int(records[0]["epoch"]) + 1  # epochs completed (ASHA's time attribute)
-    objective = _nanmean(selected_value(r) for r in runs)
+    candidate = all(r.best["epoch"] is not None for r in runs)
     out = {
         "epoch": epoch,
-        OBJECTIVE: 0.0 if math.isnan(objective) else objective,  # NaN would break ASHA/Optuna
+        OBJECTIVE: _nanmean(selected_value(r) for r in runs) if candidate else float("nan"),
+        "cv_candidate": int(candidate),
         "cv_val_auc_epoch": _nanmean(rec.get("val_auc") for rec in records),
         "cv_val_loss": _nanmean(rec.get("val_loss") for rec in records),
         "cv_train_loss": _nanmean(rec.get("train_loss") for rec in records),
     }
-    for run, rec in zip(runs, records):
+    for run, rec in zip(runs if trained is None else trained, records):
         name = run.split.name
         for key, value in rec.items():
             if key.startswith(("train_", "val_")) or key in ("lr", "seconds"):
@@ -84,16 +93,25 @@ def cv_metrics(runs, records: list[dict]) -> dict:
 
 
 class _Tracker:
-    """Rank 0's MLflow logging into the trial's run (no-op elsewhere or without MLflow)."""
+    """Rank 0's MLflow logging into the trial's run (no-op elsewhere or without MLflow).
+
+    Metrics go through a :class:`~cfcml.platform.tracking.MetricSender`: training never waits for
+    the tracking server, values it misses while away are sent when it is back, and what never
+    arrives within ``spec["flush_timeout_s"]`` (default 120 s) after the last epoch is counted in
+    the run's ``cfcml.metrics_lost`` tag."""
 
     def __init__(self, spec: dict | None, rank: int, resumed: bool):
-        self.client = self.monitor = None
+        self.client = self.monitor = self.sender = None
         if not spec or rank != 0 or not spec.get("run_id"):
             return
         from mlflow.tracking import MlflowClient
 
+        from .tracking import MetricSender
+
         self.run_id = spec["run_id"]
         self.client = MlflowClient(spec.get("tracking_uri"))
+        self.sender = MetricSender(self.client, self.run_id)
+        self.flush_timeout_s = float(spec.get("flush_timeout_s", 120.0))
         if spec.get("system_metrics", True):
             try:
                 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
@@ -108,19 +126,12 @@ class _Tracker:
                 self.monitor = None
 
     def log(self, metrics: dict, step: int) -> None:
-        if self.client is None:
-            return
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float)) and k != "epoch"]
-        try:
-            for i in range(0, len(batch), 900):  # the server takes at most 1000 per call
-                self.client.log_batch(self.run_id, metrics=batch[i : i + 900])
-        except Exception as e:  # noqa: BLE001 - tracking trouble must not kill a trial
-            log.warning("could not log metrics to MLflow run %s: %s", self.run_id, redact(str(e)))
+        if self.sender is not None:  # queued: sent in the background, retried while the server is away
+            self.sender.log({k: v for k, v in metrics.items() if k != "epoch"}, step)
 
     def close(self) -> None:
+        if self.sender is not None:
+            self.sender.close(self.flush_timeout_s)
         if self.monitor is not None:
             try:
                 self.monitor.finish()
@@ -188,6 +199,7 @@ def train_loop_per_worker(config: dict) -> None:
     - ``mlflow``: ``{"tracking_uri", "run_id", "system_metrics"}`` or None;
     - ``decisions``: ``{"board", "epochs"}``: after reporting one of these epochs (ASHA's rungs),
       wait for the study's decision and stop here on STOP (`cfcml.platform.search_control`);
+    - ``holdout``: case ids the study holds back (no run sees them), or None;
     - ``fault``: tests only, see :func:`_maybe_inject_fault`.
     """
     import ray.train
@@ -198,6 +210,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     from ..config import config_from_dict
     from ..engine.run import TrainingRun
+    from ..engine.splits import without_cases
     from .search_control import await_decision
 
     ctx = ray.train.get_context()
@@ -212,7 +225,7 @@ def train_loop_per_worker(config: dict) -> None:
     if checkpoint is not None:
         state = _restore(checkpoint, work)
     try:
-        cohort = load_cohort(spec, config["data"])
+        cohort = without_cases(load_cohort(spec, config["data"]), config.get("holdout"))  # the study's held-back ids
         runs = [
             TrainingRun(cfg, config["data"], work / r["name"], fold=r.get("fold"), seed=r.get("seed"),
                         resume=checkpoint is not None, cohort=cohort)
@@ -224,12 +237,12 @@ def train_loop_per_worker(config: dict) -> None:
         tracker = _Tracker(config.get("mlflow"), rank, resumed=checkpoint is not None)
         try:
             while not all(r.done for r in runs):
-                records = []
-                for i, run in enumerate(runs):
+                records, trained = [], [r for r in runs if not r.done]  # patience stops runs one by one
+                for i, run in enumerate(trained):
                     records.append(run.train_epoch())
                     if i == 0:
                         _maybe_inject_fault(config.get("fault"), rank, run.epoch)
-                metrics = cv_metrics(runs, records)
+                metrics = cv_metrics(runs, records, trained)
                 metrics["restarts"] = state["restarts"]
                 metrics["resumed_from_epoch"] = state["resumed_from_epoch"] or 0
                 tracker.log(metrics, metrics["epoch"])

@@ -39,10 +39,12 @@ from pathlib import Path
 
 from cfcml.datasets.spec import load_spec
 
-from ..config import Config, build_config, parse_overrides, save_config
+from ..config import Config, ConfigError, build_config, parse_overrides, save_config
+from ..engine.splits import hold_out, ids_digest, without_cases
 from ..models.pretrained import check_pretrained, pretrained_provenance
 from .redact import redact
 from .search_space import SearchSpace, load_search_space, trial_run_name
+from .study_progress import study_progress_callback
 from .train_loop import OBJECTIVE
 
 log = logging.getLogger(__name__)
@@ -93,8 +95,10 @@ class StudySpec:
     ray_address: str | None = None
     system_metrics: bool = True
     system_metrics_interval: float = 10.0
+    quiet: bool = False  # no live progress line on the driver's stderr
     work_dir: str | None = None  # local scratch for the final evaluation (default: a temp dir)
     fault: dict | None = None  # tests: {"epoch": 2, "marker": path}: kill the first trial's worker once
+    holdout: float = 0.0  # a folds cohort: this stratified fraction of patients held back from the whole study
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -139,10 +143,8 @@ def default_search_space(cfg: Config) -> Path:
 def resolve_trial_config(preset: str, overrides: list[str], params: dict, epochs: int | None) -> Config:
     """The preset + the study's `--set` overrides (the cohort among them) + the trial's parameters."""
     items = list(overrides) + [f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in params.items()]
-    cfg = build_config(preset, parse_overrides(items))
-    if epochs:
-        cfg.train.epochs = int(epochs)
-    return cfg
+    items += [f"train.epochs={int(epochs)}"] if epochs else []  # validated with the rest (e.g. against selection)
+    return build_config(preset, parse_overrides(items))
 
 
 def plan_concurrency(resources: dict, spec: StudySpec) -> int:
@@ -170,7 +172,9 @@ def warm_caches(cfg: Config, cohort) -> None:
     if cfg.model.use_tabular and cfg.model.tabular_embedding == "clip":
         from ..models.text import sentence_cache
 
-        sentence_cache(cfg.data.cache_dir, cfg.model.text_pretrained).embed(sorted({s for c in cohort.cases for s in c.sentences}))
+        sentence_cache(cfg.data.cache_dir, cfg.model.text_pretrained).embed(
+            sorted({s for c in cohort.cases for s in c.sentences})
+        )
 
 
 def find_child_run(client, experiment_id: str, parent_run_id: str, trial_id: str) -> str | None:
@@ -186,6 +190,30 @@ def find_parent_run(client, experiment_id: str, study_path: str) -> str | None:
     runs = client.search_runs([experiment_id], filter_string=f"tags.`{TAG_STUDY_PATH}` = '{study_path}'",
                               order_by=["attributes.start_time DESC"], max_results=1)  # fmt: skip
     return runs[0].info.run_id if runs else None
+
+
+TAG_HOLDOUT_DIGEST = "cfcml.holdout_ids_digest"
+HOLDOUT_ARTIFACT = "holdout_ids.json"
+
+
+def record_holdout(client, parent_id: str, spec: StudySpec, held: list) -> None:
+    """The held-back patients on the parent run: param ``holdout`` (the fraction), tag
+    ``cfcml.holdout_ids_digest`` and artifact ``holdout_ids.json`` (fraction, seed, ids, digest).
+    A resumed study must hold back the same patients, or it is refused."""
+    ids = [c.case_id for c in held]
+    digest = ids_digest(ids) if ids else "none"
+    tags = client.get_run(parent_id).data.tags
+    if TAG_HOLDOUT_DIGEST in tags:
+        if tags[TAG_HOLDOUT_DIGEST] != digest:
+            raise StudyError(
+                f"this study held back other patients (ids digest {tags[TAG_HOLDOUT_DIGEST][:12]}, now "
+                f"{digest[:12]}): resume it with its own --holdout and --seed"
+            )
+        return
+    client.log_param(parent_id, "holdout", spec.holdout)
+    client.set_tag(parent_id, TAG_HOLDOUT_DIGEST, digest)
+    record = {"fraction": spec.holdout, "seed": spec.seed, "ids": ids, "ids_digest": digest}
+    client.log_text(parent_id, json.dumps(record, indent=2), HOLDOUT_ARTIFACT)
 
 
 # ----------------------------------------------------------------------------- plots
@@ -285,7 +313,7 @@ def _trial(config: dict, ctx: dict) -> None:
     """Tune function trainable: one trial = one TorchTrainer run over all of the trial's folds."""
     from ray import tune
 
-    from .tracking import open_supervised_run, tag_error
+    from .tracking import call_with_retry, open_supervised_run, tag_error
 
     trial_id = tune.get_context().get_trial_id()
     params = dict(config)
@@ -300,13 +328,29 @@ def _trial(config: dict, ctx: dict) -> None:
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(ctx["tracking_uri"])
-        existing = find_child_run(client, ctx["experiment_id"], ctx["parent_run_id"], trial_id)
-        run_id = open_supervised_run(client, ctx["experiment_id"], run_id=existing, run_name=trial_run_name(params),
-                                     parent_run_id=ctx["parent_run_id"], tags={TAG_TRIAL: trial_id, TAG_STUDY: ctx["study"]})  # fmt: skip
-        if existing is None:
-            logged = {**params, "trial_id": trial_id, "workers": ctx["workers"], "runs": ",".join(r["name"] for r in ctx["runs"])}
-            client.log_batch(run_id, params=[Param(k, str(v)) for k, v in logged.items()])
-            client.log_text(run_id, yaml.safe_dump(cfg.to_dict(), sort_keys=False), "config.yaml")
+
+        def open_run() -> str:  # retried whole while the server is away: a try finds the run an earlier one made
+            existing = find_child_run(client, ctx["experiment_id"], ctx["parent_run_id"], trial_id)
+            run_id = open_supervised_run(
+                client,
+                ctx["experiment_id"],
+                run_id=existing,
+                run_name=trial_run_name(params),
+                parent_run_id=ctx["parent_run_id"],
+                tags={TAG_TRIAL: trial_id, TAG_STUDY: ctx["study"]},
+            )
+            if existing is None or "trial_id" not in client.get_run(run_id).data.params:
+                logged = {
+                    **params,
+                    "trial_id": trial_id,
+                    "workers": ctx["workers"],
+                    "runs": ",".join(r["name"] for r in ctx["runs"]),
+                }
+                client.log_batch(run_id, params=[Param(k, str(v)) for k, v in logged.items()])
+                client.log_text(run_id, yaml.safe_dump(cfg.to_dict(), sort_keys=False), "config.yaml")
+            return run_id
+
+        run_id = call_with_retry(open_run, f"open the MLflow run of trial {trial_id}")
         mlflow_spec = {"tracking_uri": ctx["tracking_uri"], "run_id": run_id,
                        "system_metrics": ctx["system_metrics"], "system_metrics_interval": ctx["system_metrics_interval"]}  # fmt: skip
     try:
@@ -321,24 +365,26 @@ def _fit_trial(cfg: Config, params: dict, trial_id: str, ctx: dict, mlflow_spec:
     """Run the trial's folds as one Ray Train run, reporting every epoch to Tune."""
     import ray.train
     from ray import tune
-    from ray.train._internal.session import get_session
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
+    from ray.util.queue import Queue
 
     from .train_loop import train_loop_per_worker
 
     fault = ctx.get("fault")
     loop_config = {
         "cfg": cfg.to_dict(), "data": ctx["data"], "runs": ctx["runs"], "mlflow": mlflow_spec, "trial_id": trial_id,
-        "spec": ctx["spec"], "decisions": ctx.get("decisions"),
+        "spec": ctx["spec"], "decisions": ctx.get("decisions"), "holdout": ctx.get("holdout"),
         "fault": fault if fault and params == fault.get("params") else None,
     }  # fmt: skip
     gpus = ctx["gpus_per_worker"]
+    reports = Queue(actor_options={"num_cpus": 0})  # filled by the Train controller as reports reach Tune
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
-            num_workers=ctx["workers"], use_gpu=gpus > 0,
+            num_workers=ctx["workers"],
+            use_gpu=gpus > 0,
             resources_per_worker={"CPU": ctx["cpus_per_worker"], **({"GPU": gpus} if gpus > 0 else {})},
         ),
         run_config=ray.train.RunConfig(
@@ -346,16 +392,32 @@ def _fit_trial(cfg: Config, params: dict, trial_id: str, ctx: dict, mlflow_spec:
             storage_path=ctx["train_storage"],
             failure_config=ray.train.FailureConfig(max_failures=ctx["max_failures"]),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            callbacks=[TuneReportCallback()],
+            callbacks=[TuneReportCallback(), _report_counter_cls()(reports)],
         ),
     )
-    session = get_session()  # the trial's Tune session: counts the results it has received
-    received = session.iteration if session else None
-    result = trainer.fit()
-    if received is not None and session.iteration == received and OBJECTIVE in (result.metrics or {}):
-        # the Train run had already finished (its last epoch ran while the study was being
-        # interrupted): nothing reached Tune in this call, so hand it the run's final result
-        tune.report({k: v for k, v in result.metrics.items() if k != "checkpoint_path"})
+    try:
+        result = trainer.fit()
+        if reports.empty() and OBJECTIVE in (result.metrics or {}):
+            # the Train run had already finished (its last epoch ran while the study was being
+            # interrupted): nothing reached Tune in this call, so hand it the run's final result
+            tune.report({k: v for k, v in result.metrics.items() if k != "checkpoint_path"})
+    finally:
+        reports.shutdown()
+
+
+def _report_counter_cls():
+    """A Train callback that counts, in a Ray queue the trial driver reads, the reports that
+    reached Tune during one `fit()` (public APIs only: `ray.train.UserCallback`, `ray.util.queue`)."""
+    import ray.train
+
+    class ReportCounter(ray.train.UserCallback):
+        def __init__(self, queue):
+            self.queue = queue
+
+        def after_report(self, run_context, metrics, checkpoint):
+            self.queue.put(1)
+
+    return ReportCounter
 
 
 def _study_callback_cls():
@@ -375,11 +437,11 @@ def _study_callback_cls():
             self.tracking_uri, self.experiment_id, self.parent_run_id = tracking_uri, experiment_id, parent_run_id
             self.max_epochs, self.runs, self.rungs = max_epochs, runs, list(rungs)
             self._client = self._plotter = None
-            self._plots = []
+            self._plots, self._gave_up = [], False
 
         def __getstate__(self):  # Tune pickles callbacks with the experiment state
             state = dict(self.__dict__)
-            state.update(_client=None, _plotter=None, _plots=[])
+            state.update(_client=None, _plotter=None, _plots=[], _gave_up=False)
             return state
 
         @property
@@ -400,31 +462,46 @@ def _study_callback_cls():
             self.wait_for_plots()
 
         def _close(self, trial, status: str) -> None:
-            from mlflow.entities import Metric, RunTag
-
             from .search_control import trial_outcome
-            from .tracking import terminate_run
 
-            try:
-                run_id = find_child_run(self.client, self.experiment_id, self.parent_run_id, trial.trial_id)
-                if run_id is None:
-                    return
-                last = trial.last_result or {}
-                epochs = int(last.get("epoch", 0) or 0)
-                if OBJECTIVE in last:
-                    self.client.log_metric(run_id, "val_auc", float(last[OBJECTIVE]), step=epochs)
-                tags, metrics = trial_outcome(status, last, self.max_epochs, self.rungs)  # PRUNED / COMPLETE / FAIL
-                self.client.log_batch(run_id, metrics=[Metric(k, v, int(time.time() * 1000), epochs) for k, v in metrics.items()],
-                                      tags=[RunTag(k, v) for k, v in tags.items()])  # fmt: skip
-                terminate_run(self.client, run_id, status)
-            except Exception as e:  # noqa: BLE001 - bookkeeping must not stop the study
-                log.warning("could not close the MLflow run of trial %s: %s", trial.trial_id, redact(e))
-                return
             if self._plotter is None:
                 from concurrent.futures import ThreadPoolExecutor
 
                 self._plotter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trial-plots")  # pyplot: one thread
-            self._plots.append((trial.trial_id, self._plotter.submit(self._plot, run_id)))
+            last = dict(trial.last_result or {})
+            epochs = int(last.get("epoch", 0) or 0)
+            tags, metrics = trial_outcome(status, last, self.max_epochs, self.rungs)  # PRUNED / COMPLETE / FAIL
+            if OBJECTIVE in last:
+                metrics = {"val_auc": float(last[OBJECTIVE]), **metrics}
+            # on the background thread, retried while the tracking server is away: Tune's loop never waits for it
+            now = int(time.time() * 1000)
+            job = self._plotter.submit(self._finish, trial.trial_id, status, epochs, tags, metrics, now)
+            self._plots.append((trial.trial_id, job))
+
+        def _finish(self, trial_id: str, status: str, epochs: int, tags: dict, metrics: dict, now: int) -> None:
+            from mlflow.entities import Metric, RunTag
+
+            from .tracking import call_with_retry, terminate_run
+
+            def close() -> str | None:  # idempotent: MLflow stores a metric with the same timestamp once
+                run_id = find_child_run(self.client, self.experiment_id, self.parent_run_id, trial_id)
+                if run_id is not None:
+                    self.client.log_batch(
+                        run_id,
+                        metrics=[Metric(k, v, now, epochs) for k, v in metrics.items()],
+                        tags=[RunTag(k, v) for k, v in tags.items()],
+                    )
+                    terminate_run(self.client, run_id, status)
+                return run_id
+
+            try:  # once the server has stayed away past one deadline, later trials try once
+                run_id = call_with_retry(close, f"close the run of trial {trial_id}", deadline_s=0 if self._gave_up else 300)
+            except Exception as e:  # noqa: BLE001 - bookkeeping must not stop the study
+                self._gave_up = True
+                log.warning("could not close the MLflow run of trial %s: %s", trial_id, redact(e))
+                return
+            if run_id is not None:
+                self._plot(run_id)
 
         def _plot(self, run_id: str) -> None:
             auc_fig, loss_fig = trial_validation_plot(self.client, run_id, self.runs)
@@ -484,6 +561,13 @@ def run_study(spec: StudySpec) -> dict:
     from .report_logging import ensure_experiment, log_cohort
     from .study_views import log_study_views
     from .tracking import end_running_children, mlflow_run, sweep_stale_runs
+    from .tracking_server import TrackingServerError, check_tracking_server
+
+    if spec.tracking_uri and spec.tracking_uri.split("://", 1)[0].lower() in ("http", "https"):
+        try:  # a server that does not answer: one line in seconds, before Ray or Optuna start anything
+            check_tracking_server(spec.tracking_uri)
+        except TrackingServerError as e:
+            raise StudyError(str(e)) from None
 
     overrides = list(spec.overrides)
     if spec.dataset:
@@ -498,7 +582,11 @@ def run_study(spec: StudySpec) -> dict:
     data = str(Path(spec.data).expanduser().resolve())
     check_pretrained(cfg)  # refuse in the driver, before any trial starts
     cohort_spec = load_spec(cfg.dataset)
-    cohort = load_cohort(cohort_spec, data)
+    full = load_cohort(cohort_spec, data)
+    try:  # `cohort` is what the study sees; `held`: patients nothing in it ever sees
+        cohort, held = hold_out(full, spec.holdout, spec.seed)
+    except ConfigError as e:
+        raise StudyError(str(e)) from None
     runs = protocol_runs(cfg, cohort)[: spec.search_runs or None]
     name = spec.name or cfg.name
     storage = normalize_storage(spec.storage)
@@ -507,7 +595,9 @@ def run_study(spec: StudySpec) -> dict:
     fs, _ = storage_filesystem(study_path)
     exists = tune.Tuner.can_restore(study_path)
     if exists and not spec.resume:
-        raise StudyError(f"a study already exists at {redact(study_path)}: pass --resume to continue it, or another --name")
+        raise StudyError(
+            f"a study already exists at {redact(study_path)}: pass --resume to continue it, or another --name"
+        )
     restoring = spec.resume and exists
     if spec.resume and not exists:
         log.warning("nothing to resume at %s: starting the study", redact(study_path))
@@ -520,7 +610,9 @@ def run_study(spec: StudySpec) -> dict:
     if not restoring:
         try:
             optuna.load_study(study_name=name, storage=optuna_url)
-            raise StudyError(f"Optuna study {name!r} already exists in {redact(optuna_url)}; use --resume or another --name")
+            raise StudyError(
+                f"Optuna study {name!r} already exists in {redact(optuna_url)}; use --resume or another --name"
+            )
         except KeyError:
             pass
 
@@ -532,7 +624,7 @@ def run_study(spec: StudySpec) -> dict:
         spec = dataclasses.replace(spec, gpus_per_worker=1.0 if resources.get("GPU", 0) >= 1 else 0.0)
     concurrent = plan_concurrency(resources, spec)
     log.info("cluster %s: up to %d concurrent trial(s) of %d worker(s)", resources, concurrent, spec.workers_per_trial)
-    warm_caches(cfg, cohort)
+    warm_caches(cfg, full)
 
     tracking_uri = spec.tracking_uri or mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(tracking_uri)
@@ -543,7 +635,7 @@ def run_study(spec: StudySpec) -> dict:
     parent_id = find_parent_run(client, experiment_id, redact(study_path)) if restoring else None
     if parent_id:
         end_running_children(client, parent_id, "KILLED")  # trials that died with the last driver
-    digest = cohort.digest()
+    digest = full.digest()
     commit = spec.git_commit or git_commit()
 
     if spec.system_metrics:
@@ -555,7 +647,8 @@ def run_study(spec: StudySpec) -> dict:
         log_system_metrics=spec.system_metrics,
     ) as parent:  # fmt: skip
         parent_id = parent.info.run_id
-        log_cohort(client, parent_id, cohort, data)  # the cohort as the study's dataset (once per digest)
+        log_cohort(client, parent_id, full, data)  # the cohort as the study's dataset (once per digest)
+        record_holdout(client, parent_id, spec, held)
         if not restoring:
             mlflow.log_params({
                 "preset": spec.preset, "dataset": cohort_spec.name, "data": redact(data), "num_samples": spec.num_samples,
@@ -589,8 +682,13 @@ def run_study(spec: StudySpec) -> dict:
             "gpus_per_worker": spec.gpus_per_worker, "max_failures": spec.max_failures, "train_storage": train_storage,
             "system_metrics": spec.system_metrics, "system_metrics_interval": spec.system_metrics_interval,
             "fault": spec.fault and {**spec.fault, "params": first},  # the first trial (the preset's point)
+            "holdout": [c.case_id for c in held] or None,
         }  # fmt: skip
         grace = min(int(space.asha["grace_period"]), cfg.train.epochs)
+        try:
+            sc.check_first_rung(grace, sc.latest_first_candidate(cfg.train, space.params), "search space")
+        except ValueError as e:
+            raise StudyError(str(e)) from None
         rungs = sc.asha_rungs(grace, float(space.asha["reduction_factor"]), cfg.train.epochs)
         board = sc.board_name(name)  # rung decisions reach the Train workers through it (search_control)
         sc.open_board(board)
@@ -615,11 +713,12 @@ def run_study(spec: StudySpec) -> dict:
                                      decision_epochs=ctx["decisions"]["epochs"])  # fmt: skip
             callback = _study_callback_cls()(tracking_uri, experiment_id, parent_id, cfg.train.epochs, [r["name"] for r in runs],
                                              rungs)  # fmt: skip
+            progress = study_progress_callback(spec.num_samples, cfg.train.epochs, space.metric, spec.quiet)
             tuner = tune.Tuner(
                 trainable,
                 tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, search_alg=searcher, scheduler=scheduler,
                                             num_samples=spec.num_samples, max_concurrent_trials=concurrent),
-                run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=[callback], verbose=1,
+                run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=[c for c in (callback, progress) if c], verbose=1,
                                           stop=sc.BudgetStopper(budget, board) if budget else None),
             )  # fmt: skip
         t0 = time.time()
@@ -633,15 +732,17 @@ def run_study(spec: StudySpec) -> dict:
         ended_by_budget = bool(spec.budget_epochs) and not unfinished and (budget is None or budget.exhausted)
         if unfinished or (finished < spec.num_samples and not ended_by_budget):
             mlflow.set_tag("cfcml.status", "interrupted")
-            raise StudyInterrupted(f"study {name} interrupted; continue it with --resume (same --name {name} and --storage)")
+            raise StudyInterrupted(
+                f"study {name} interrupted; continue it with --resume (same --name {name} and --storage)"
+            )
         mlflow.set_tag("cfcml.status", "searched")
         views = log_study_views(client, parent_id, name, optuna_url, len(runs), budget)  # importances, history, ...
         return views | _after_search(spec, results, cfg, space, cohort, runs, client, parent_id, experiment_id, fs, study_path,
-                             overrides, digest, commit, optuna_url, name)  # fmt: skip
+                             overrides, digest, commit, optuna_url, name, full=full, held=held)  # fmt: skip
 
 
 def _after_search(spec, results, cfg, space: SearchSpace, cohort, runs, client, parent_id, experiment_id, fs, study_path,
-                  overrides, digest, commit, optuna_url, name) -> dict:  # fmt: skip
+                  overrides, digest, commit, optuna_url, name, full=None, held=()) -> dict:  # fmt: skip
     import mlflow
     import ray.train
 
@@ -688,15 +789,15 @@ def _after_search(spec, results, cfg, space: SearchSpace, cohort, runs, client, 
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         ray.train.Checkpoint(best.metrics["checkpoint_path"], filesystem=fs).to_directory(str(ckpt_dir))
         test = evaluate_where_trials_ran(spec, best_cfg, cohort, runs, ckpt_dir, best.metrics["checkpoint_path"],
-                                         study_path)  # fmt: skip
+                                         study_path, holdout=[c.case_id for c in held])  # fmt: skip
         _log_test(client, parent_id, best_run, test, best_cfg)
         summary["test"] = {k: v for k, v in test["summary"]["metrics"].items()}
         summary["test_markdown"] = test["markdown"]
         report = study_report(cohort, runs, ckpt_dir, work / "report", client, [parent_id, best_run], summary, commit)
         if spec.register:
             summary |= register_best(spec, best_cfg, cohort, runs, test, ckpt_dir, work, client, best_run, trial_id,
-                                     summary, digest, commit, name, report=report)  # fmt: skip
-        final = {k: summary[k] for k in ("model_name", "model_version", "model_uri") if k in summary}
+                                     summary, digest, commit, name, report=report, full=full, held=held)  # fmt: skip
+        final = {k: summary[k] for k in ("model_name", "model_version", "model_uri", "evaluation") if k in summary}
         client.set_tag(parent_id, "cfcml.final_summary", json.dumps(final))
         client.set_tag(parent_id, TAG_FINAL, "done")
     finally:
@@ -706,7 +807,7 @@ def _after_search(spec, results, cfg, space: SearchSpace, cohort, runs, client, 
 
 
 def evaluate_where_trials_ran(spec: StudySpec, cfg: Config, cohort, runs: list[dict], ckpt_dir: Path,
-                              checkpoint_path: str, storage: str) -> dict:  # fmt: skip
+                              checkpoint_path: str, storage: str, holdout: list[str] | None = None) -> dict:  # fmt: skip
     """`evaluate_best` on the hardware the trials used: in the driver (CPU) when they trained
     on CPUs, else as a Ray task holding a GPU; its predictions and metrics files come back
     into `ckpt_dir` either way."""
@@ -717,14 +818,15 @@ def evaluate_where_trials_ran(spec: StudySpec, cfg: Config, cohort, runs: list[d
     from cfcml.datasets.spec import shipped
 
     task = ray.remote(num_gpus=min(1.0, spec.gpus_per_worker), num_cpus=spec.cpus_per_worker)(_evaluate_task)
-    result, files = ray.get(task.remote(cfg.to_dict(), shipped(cohort.spec), spec.data, runs, checkpoint_path, storage))
+    args = (cfg.to_dict(), shipped(cohort.spec), spec.data, runs, checkpoint_path, storage, holdout)
+    result, files = ray.get(task.remote(*args))
     for rel, blob in files.items():
         (ckpt_dir / rel).write_bytes(blob)
     return result
 
 
 def _evaluate_task(cfg_dict: dict, cohort_spec: dict, data: str, runs: list[dict], checkpoint_path: str,
-                   storage: str) -> tuple[dict, dict]:  # fmt: skip
+                   storage: str, holdout: list[str] | None = None) -> tuple[dict, dict]:  # fmt: skip
     """Ray task body: fetch the best trial's checkpoint, evaluate it on this node's device."""
     import ray.train
 
@@ -739,8 +841,11 @@ def _evaluate_task(cfg_dict: dict, cohort_spec: dict, data: str, runs: list[dict
     fs, _ = storage_filesystem(storage)
     with tempfile.TemporaryDirectory(prefix="cfcml-eval-") as tmp:
         ray.train.Checkpoint(checkpoint_path, filesystem=fs).to_directory(tmp)
-        result = evaluate_best(cfg, data, load_cohort(spec, data), runs, Path(tmp), device=cfg.train.device)
-        files = {f"{r['name']}/{n}": (Path(tmp) / r["name"] / n).read_bytes() for r in runs for n in (PREDICTIONS, METRICS)}
+        cohort = without_cases(load_cohort(spec, data), holdout)  # what the trials trained on
+        result = evaluate_best(cfg, data, cohort, runs, Path(tmp), device=cfg.train.device)
+        files = {
+            f"{r['name']}/{n}": (Path(tmp) / r["name"] / n).read_bytes() for r in runs for n in (PREDICTIONS, METRICS)
+        }
     return result, files
 
 
@@ -756,7 +861,9 @@ def evaluate_best(cfg: Config, data: str, cohort, runs: list[dict], ckpt_dir: Pa
     cfg.train.device = device
     per_run, preds = [], {"test": ([], []), "val": ([], [])}
     for r in runs:
-        run = TrainingRun(cfg, data, ckpt_dir / r["name"], fold=r.get("fold"), seed=r.get("seed"), resume=True, cohort=cohort)
+        run = TrainingRun(
+            cfg, data, ckpt_dir / r["name"], fold=r.get("fold"), seed=r.get("seed"), resume=True, cohort=cohort
+        )
         result = run.finish()
         saved = np.load(ckpt_dir / r["name"] / PREDICTIONS)
         for part in ("test", "val"):
@@ -769,7 +876,13 @@ def evaluate_best(cfg: Config, data: str, cohort, runs: list[dict], ckpt_dir: Pa
     md = markdown_table(summary, spec, title=f"best trial: test results (%, mean ± std over {len(per_run)} {spec.run_unit}; "
                         "epochs selected on validation, test evaluated once)")  # fmt: skip
     pooled = {k: (np.concatenate(v[0]), np.concatenate(v[1])) for k, v in preds.items()}
-    return {"runs": per_run, "summary": summary, "markdown": md, "pooled": pooled, "metric_names": metric_names(spec.classes)}
+    return {
+        "runs": per_run,
+        "summary": summary,
+        "markdown": md,
+        "pooled": pooled,
+        "metric_names": metric_names(spec.classes),
+    }
 
 
 def _log_test(client, parent_id: str, best_run: str | None, test: dict, cfg: Config) -> None:
@@ -787,7 +900,9 @@ def _log_test(client, parent_id: str, best_run: str | None, test: dict, cfg: Con
                 if not math.isnan(stats[stat]):
                     metrics.append(Metric(f"test_{name}_{stat}", float(stats[stat]), now, 0))
         for r in test["runs"]:
-            metrics += [Metric(f"test/{r['name']}/{k}", float(v), now, 0) for k, v in r["metrics"].items() if not math.isnan(v)]
+            metrics += [
+                Metric(f"test/{r['name']}/{k}", float(v), now, 0) for k, v in r["metrics"].items() if not math.isnan(v)
+            ]
         client.log_batch(run_id, metrics=metrics)
         client.log_text(run_id, test["markdown"] + "\n", "best_trial/test_summary.md")
         client.log_text(run_id, json.dumps({k: v for k, v in test["summary"].items() if k != "runs"} | {
@@ -801,35 +916,209 @@ def _log_test(client, parent_id: str, best_run: str | None, test: dict, cfg: Con
 
 
 def register_best(spec, cfg, cohort, runs, test, ckpt_dir: Path, work: Path, client, best_run, trial_id, summary, digest,
-                  commit, study, report: dict | None = None) -> dict:  # fmt: skip
-    """Package the best trial's runs as a pyfunc in its MLflow run and register it, with the
-    model card of `report` as the version's description."""
+                  commit, study, report: dict | None = None, full=None, held=()) -> dict:  # fmt: skip
+    """Package the best trial's runs as a pyfunc, measure the package as `cfcml predict` loads
+    it on the patients nothing in the study saw (`cfcml.platform.artifact_eval`), ship that as
+    evaluation.json inside it, and register it: the version's metrics, tags, card and report
+    are the package's own (or, without untouched patients, say that they are a single fold
+    model's cross-validated estimate)."""
     import mlflow
 
+    from .artifact_eval import evaluation_set, member_seen_ids, write_evaluation
+    from .protocol_digest import protocol_record
     from .pyfunc import ALIAS, build_package, log_model, package_versions, tag_version
-    from .report_logging import cohort_dataset, describe_version, link_model, package_meta, version_tags
+    from .report_logging import cohort_dataset, link_model, package_meta, version_tags
     from .tracking import mlflow_run
 
+    full = full or cohort
+    evalset = evaluation_set(full, cohort, list(held), digest)
     by_name = {r["name"]: r for r in test["runs"]}
-    package = build_package(
-        cfg, [{"name": r["name"], "weights": ckpt_dir / r["name"] / "best.pt", "numeric_stats": by_name[r["name"]]["numeric_stats"]}
-              for r in runs],
-        cohort, work / "package",
-        extra_meta={"study": study, "trial_id": trial_id, "cv_val_auc": summary["best_cv_val_auc"], "data_digest": digest,
-                    **package_meta(cfg, ckpt_dir, runs)},
-    )  # fmt: skip
+    meta = {
+        "study": study,
+        "trial_id": trial_id,
+        "cv_val_auc": summary["best_cv_val_auc"],
+        "data_digest": digest,
+        "evaluation_kind": evalset.kind,
+        "members_seen": member_seen_ids(cfg, cohort, runs),
+        **_calibration_meta(cfg, ckpt_dir, runs, package_meta),
+    }
+    members = [
+        {
+            "name": r["name"],
+            "weights": ckpt_dir / r["name"] / "best.pt",
+            "numeric_stats": by_name[r["name"]]["numeric_stats"],
+        }
+        for r in runs
+    ]
+    package = build_package(cfg, members, full, work / "package", extra_meta=meta)
+    record, own_report = measure_package(
+        package, cohort, full, evalset, ckpt_dir, runs, work, report, study_meta_for(summary, commit, cfg, evalset)
+    )
+    write_evaluation(record, package)
     suffix = "" if cfg.model.method == "cfcml" else f"-{cfg.model.method}"  # baselines never meet CFCML's gate
     model_name = spec.model_name or f"cfcml-{cohort.spec.name}{suffix}"
     with mlflow_run(run_id=best_run, nested=True, tracking_uri=spec.tracking_uri) if best_run else nullcontext():
         mlflow.log_param("data.digest", digest)  # the promotion gate compares it between versions
-        info = log_model(package, cohort.spec, registered_model_name=model_name,
-                         metadata={"trial_id": trial_id, "study": study, "cv_val_auc": summary["best_cv_val_auc"]})
+        protocol = protocol_record(cfg, runs, spec.holdout)  # and the protocol (cfcml.protocol_digest)
+        mlflow.log_params(protocol)
+        info = log_model(
+            package,
+            full.spec,
+            registered_model_name=model_name,
+            metadata={
+                "trial_id": trial_id,
+                "study": study,
+                "cv_val_auc": summary["best_cv_val_auc"],
+                "evaluation_kind": evalset.kind,
+            },
+        )
     version = str(info.registered_model_version)
-    link_model(client, summary["parent_run_id"], info.model_id, report, cohort_dataset(cohort, str(cohort.root)))
+    own = evaluation_metrics(record, own_report)
+    link_model(client, summary["parent_run_id"], info.model_id, None, cohort_dataset(full, str(full.root)))
+    mlflow.log_metrics(own, run_id=summary["parent_run_id"], synchronous=True)
+    if evalset.kind != "out_of_fold":  # the model's own numbers; a fold model's CV estimate is not
+        mlflow.log_metrics(own, run_id=summary["parent_run_id"], model_id=info.model_id, synchronous=True)
+    client.log_text(summary["parent_run_id"], json.dumps(record, indent=2), "evaluation.json")
     tags = version_tags(trial_id, digest, commit, pretrained_provenance(cfg), package_versions()["cfcml"])
-    tags["method"] = cfg.model.method
+    tags |= {
+        "method": cfg.model.method,
+        "evaluation.kind": evalset.kind,
+        "evaluation.ids_digest": record["ids_digest"],
+        "evaluation.data_digest": record["data_digest"],
+        "evaluation.n": str(record["n"]),
+        **protocol,
+    }
+    if evalset.kind != "out_of_fold":
+        tags |= {k: f"{v:.6g}" for k, v in own.items()}
     tag_version(client, model_name, version, tags, alias=ALIAS)
-    describe_version(client, model_name, version, report)  # the model card; the parameters are on the logged model
+    describe_model(client, model_name, version, own_report, evalset.kind)
     uri = f"models:/{model_name}@{ALIAS}"
-    log.info("registered %s version %s (%s)", model_name, version, uri)
-    return {"model_name": model_name, "model_version": version, "model_uri": uri, "model_info_uri": info.model_uri}
+    log.info(
+        "registered %s version %s (%s); measured on %d %s patient(s)",
+        model_name,
+        version,
+        uri,
+        record["n"],
+        evalset.kind,
+    )
+    evaluation = {k: record[k] for k in ("kind", "ids_digest", "n", "metrics")}
+    return {
+        "model_name": model_name,
+        "model_version": version,
+        "model_uri": uri,
+        "model_info_uri": info.model_uri,
+        "evaluation": evaluation,
+    }
+
+
+def _calibration_meta(cfg: Config, ckpt_dir: Path, runs: list[dict], package_meta) -> dict:
+    """The package's temperature: fitted on the ensemble's own validation probabilities where
+    every member selected on the same patients (a `files` cohort's valid split); with folds
+    (no patient is unseen by every member) on the members' pooled validation logits, as said."""
+    from .artifact_eval import ensemble_temperature
+
+    if not cfg.report.temperature:
+        return {}
+    t = ensemble_temperature([ckpt_dir / r["name"] for r in runs])
+    if t is not None:
+        return {"temperature": t, "temperature_fitted_on": "the ensemble's probabilities on the validation split"}
+    return package_meta(cfg, ckpt_dir, runs) | {
+        "temperature_fitted_on": "each fold model's validation logits, pooled (no validation patient is unseen by "
+        "every fold model)"
+    }
+
+
+def study_meta_for(summary: dict, commit: str, cfg: Config, evalset) -> dict:
+    """Report header facts for the package's own report."""
+    from .artifact_eval import ESTIMATES
+    from .report_logging import study_meta
+
+    return study_meta(summary, commit) | {
+        "preset": cfg.name,
+        "method": cfg.model.method,
+        "data_digest": evalset.data_digest,
+        "selection_rule": "the study's best trial; per member the epoch selected on its validation part",
+        "split_description": f"{evalset.kind}: {ESTIMATES[evalset.kind]}",
+    }
+
+
+def measure_package(
+    package: Path,
+    cohort,
+    full,
+    evalset,
+    ckpt_dir: Path,
+    runs: list[dict],
+    work: Path,
+    members_report: dict | None,
+    meta: dict,
+) -> tuple[dict, dict | None]:
+    """(evaluation.json's record, the report the version carries). With untouched patients the
+    package is saved as an MLflow model, loaded by `cfcml predict`'s loader and scored on them;
+    its report takes thresholds from the ensemble's validation-side probabilities (a `files`
+    cohort's valid split scored by the package; with folds, the members' own validation parts).
+    Without (out_of_fold), the members' pooled out-of-fold predictions and their report."""
+    from ..engine.decision import decision_from_dict
+    from ..report.build import build_report
+    from ..report.from_runs import pooled_predictions, read_run
+    from ..report.inputs import SplitPredictions
+    from .artifact_eval import artifact_report_inputs, evaluation_record, score_frame
+    from .predict import load_model
+    from .pyfunc import save_model
+
+    folders = [read_run(ckpt_dir / r["name"]) for r in runs]
+    decision = decision_from_dict(json.loads((Path(package) / "meta.json").read_text()).get("decision"))
+    meta = {**meta, "decision": decision.to_dict()}  # the package's hard-label rule, for its own report and card
+    if evalset.kind == "out_of_fold":
+        oof = pooled_predictions(folders, "test")
+        return evaluation_record(evalset, full.spec, oof.case_ids, oof.labels, oof.probs, decision), members_report
+    local = work / "measured_model"
+    shutil.rmtree(local, ignore_errors=True)
+    model = load_model(str(save_model(package, full.spec, local)))
+    ids, labels, probs = score_frame(model, full, evalset.cases)
+    record = evaluation_record(evalset, full.spec, ids, labels, probs, decision)
+    if evalset.kind == "test_split":
+        v_ids, v_labels, v_probs = score_frame(model, full, cohort.split("valid"))
+        val = SplitPredictions(v_ids, v_labels, v_probs, runs=["package"] * len(v_ids))
+    else:
+        val = pooled_predictions(folders, "val")
+    try:
+        inputs = artifact_report_inputs(full, record, labels, probs, val, meta)
+        own = build_report(inputs, work / "model_report")
+    except Exception as e:  # noqa: BLE001 - the report is evidence; evaluation.json stands without it
+        log.warning("could not build the registered model's own report: %s", redact(e))
+        return record, None
+    return record, own
+
+
+def evaluation_metrics(record: dict, report: dict | None) -> dict[str, float]:
+    """The version's metrics: ``<kind>_<metric>`` from evaluation.json, with the report's
+    bootstrap CI as ``<kind>_<metric>_ci_low`` / ``_ci_high`` where it has one."""
+    from .artifact_eval import METRIC_PREFIX, metric_names_for
+
+    out = metric_names_for(record["kind"], record["metrics"])
+    if report is not None and record["kind"] != "out_of_fold":
+        prefix = METRIC_PREFIX[record["kind"]]
+        for name, m in (report.get("metrics") or {}).items():
+            lo, hi = (m.get("ci") or [None, None])[:2]
+            if f"{prefix}_{name}" in out and isinstance(lo, int | float) and isinstance(hi, int | float):
+                out[f"{prefix}_{name}_ci_low"], out[f"{prefix}_{name}_ci_high"] = float(lo), float(hi)
+    return {k: v for k, v in out.items() if math.isfinite(v)}
+
+
+def describe_model(client, name: str, version: str, report: dict | None, kind: str) -> None:
+    """The model card as the version's description, opening with what its numbers estimate."""
+    from ..report.card import REGISTRY_DESCRIPTION_MAX, model_card_markdown
+    from .artifact_eval import ESTIMATES
+
+    if kind == "out_of_fold":
+        lead = (
+            "**What these numbers are:** the cross-validated estimate of a single fold model (each patient scored "
+            "by the fold model that did not train on it). The registered model averages the fold models; every "
+            "patient here trained or selected some of them, so its own accuracy has not been measured: run a "
+            "study with --holdout to measure it.\n\n"
+        )
+    else:
+        lead = f"**What these numbers are:** {ESTIMATES[kind]}; measured by loading this package as `cfcml predict` does.\n\n"
+    card = model_card_markdown(report, REGISTRY_DESCRIPTION_MAX - len(lead)) if report else ""
+    client.update_model_version(name, str(version), description=lead + card)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..engine.decision import decision_from_dict
 from . import figures as fig
 from . import stats
 from .card import model_card_markdown
@@ -60,13 +61,14 @@ def _counts(split: SplitPredictions, classes) -> dict:
             "patients": len(per_case), "predictions": len(split)}
 
 
-def _per_run(split: SplitPredictions, classes, positive) -> dict:
+def _per_run(split: SplitPredictions, classes, positive, decision=None) -> dict:
     """The paper's view: each run's metrics and their mean ± std (ddof=1)."""
     runs = list(dict.fromkeys(split.runs))
     by_run = {}
     for run in runs:
         rows = np.flatnonzero(np.asarray(split.runs) == run)
-        by_run[run] = stats.classification_metrics(split.labels[rows], split.probs[rows], classes, positive)
+        by_run[run] = stats.classification_metrics(split.labels[rows], split.probs[rows], classes, positive,
+                                                   decision=decision)
     names = stats.metric_names(classes)
     values = {k: np.array([by_run[r][k] for r in runs], dtype=np.float64) for k in names}
     mean = {k: float(np.nanmean(v)) if np.isfinite(v).any() else math.nan for k, v in values.items()}
@@ -131,7 +133,9 @@ def compute_report(inputs: ReportInputs, n_bootstrap: int = stats.N_BOOTSTRAP, s
     test, val = inputs.splits["test"], inputs.splits.get("val")
     y, p = test.labels, test.probs
     weights = stats.bootstrap_weights(test.case_ids, y, n_bootstrap, seed, stratified)
-    metrics = stats.metrics_with_ci(y, p, classes, positive, weights, level)
+    decision = decision_from_dict(inputs.meta.get("decision"))  # predict.decision; absent: argmax
+    pred = decision.labels(p)
+    metrics = stats.metrics_with_ci(y, p, classes, positive, weights, level, decision=decision)
     report = {
         "schema": SCHEMA,
         "cohort": {"name": inputs.cohort.name, "classes": classes, "positive": positive,
@@ -146,8 +150,9 @@ def compute_report(inputs: ReportInputs, n_bootstrap: int = stats.N_BOOTSTRAP, s
         "auc": metrics["auc"]["value"],
         "auc_ci": metrics["auc"]["ci"],
         "metrics": metrics,
-        "per_run": _per_run(test, classes, positive),
-        "confusion": stats.confusion(y, p.argmax(1), len(classes))[0].astype(int).tolist(),
+        "per_run": _per_run(test, classes, positive, decision),
+        "decision": decision.to_dict(),
+        "confusion": stats.confusion(y, pred, len(classes))[0].astype(int).tolist(),
     }
     figures: dict[str, bytes] = {}
 
@@ -180,14 +185,14 @@ def compute_report(inputs: ReportInputs, n_bootstrap: int = stats.N_BOOTSTRAP, s
 
     report["subgroup_min_n"] = min_group
     report["subgroups"] = subgroup_analysis(test, inputs.attributes, inputs.cohort.attributes, classes, positive, val,
-                                            n_bootstrap, seed, level, min_group)
+                                            n_bootstrap, seed, level, min_group, decision)
     if report["subgroups"]:
         figures["subgroups"] = fig.subgroup_figure(report["subgroups"])
 
     report["embedding"] = None
     if tsne and test.features is not None and len(test) >= MIN_TSNE_POINTS:
         coords, perplexity = fig.tsne_embedding(test.features, seed)
-        figures["embedding"] = fig.embedding_figure(coords, y, classes, p.argmax(1) == y)
+        figures["embedding"] = fig.embedding_figure(coords, y, classes, pred == y)
         report["embedding"] = {"method": "t-SNE (scikit-learn)", "perplexity": perplexity, "seed": seed,
                                "n": len(test), "features_dim": int(test.features.shape[1])}
 

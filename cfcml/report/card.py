@@ -57,6 +57,17 @@ def _table(header: Sequence[str], rows: Sequence[Sequence]) -> list[str]:
             *["| " + " | ".join(map(cell, r)) + " |" for r in rows], ""]
 
 
+def decision_sentence(decision: dict | None) -> str:
+    """The hard-label rule (`predict.decision`, as `Decision.to_dict` records it) in words."""
+    decision = decision or {}
+    if decision.get("rule", "balanced") == "balanced":
+        return "`balanced`: argmax of the probabilities (equal class priors, as class-balanced training assumes)"
+    counts, priors = decision.get("train_counts") or [], decision.get("priors") or []
+    shown = ", ".join(f"{p:.3f}" for p in priors)
+    return (f"`prior`: argmax of the logits plus the log class priors of the training split (logit adjustment, "
+            f"Menon et al. 2021); priors {shown} from {sum(counts)} training cases")
+
+
 def bootstrap_sentence(report: dict) -> str:
     b = report.get("bootstrap", {})
     strata = "stratified by class" if b.get("stratified") else "not stratified"
@@ -171,7 +182,9 @@ def _sections(report: dict, compact: bool) -> dict[str, list[str]]:
                          for s, c in counts.items()])
     out["cohort"] = lines
 
-    out["performance"] = ["## Performance on the test set", "", bootstrap_sentence(report), "", *_table(
+    decision = report.get("decision") or meta.get("decision")  # predict.decision, kept in the compact card too
+    rule = [f"Hard labels (accuracy, recall, F1): {decision_sentence(decision)}.", ""] if decision else []
+    out["performance"] = ["## Performance on the test set", "", bootstrap_sentence(report), "", *rule, *_table(
         ["metric", "value", "95 % CI"],
         [(metric_label(k), fmt(m["value"]), fmt_ci(m["ci"])) for k, m in report.get("metrics", {}).items()])]
 
@@ -203,8 +216,9 @@ def _sections(report: dict, compact: bool) -> dict[str, list[str]]:
                            [(col, g["name"], g["n"], value_ci(g["metrics"].get("auc")))
                             for col, g in groups if g.get("reportable")])
         else:
-            table = _table(["attribute", "group", "patients", "accuracy", "AUC", "note"],
+            table = _table(["attribute", "group", "patients", "accuracy", "balanced accuracy", "AUC", "note"],
                            [(col, g["name"], g["n"], value_ci(g.get("metrics", {}).get("acc")),
+                             value_ci(g.get("metrics", {}).get("balanced_acc")),
                              value_ci(g.get("metrics", {}).get("auc")), "; ".join(g.get("notes", [])))
                             for col, g in groups])
         out["subgroups"] = ["## Subgroups (test)", "", *table]

@@ -7,15 +7,17 @@ from collections.abc import Sequence
 import numpy as np
 
 
-def select_cases(labels, probs, n_correct: int = 2, n_wrong: int = 2) -> list[int]:
+def select_cases(labels, probs, n_correct: int = 2, n_wrong: int = 2, pred=None) -> list[int]:
     """Row indices of the cases to explain: the most confident correct predictions, then the
     most confident wrong ones (the errors a reader most needs to see), ties by row order.
 
-    labels [N] int, probs [N, K] -> up to n_correct + n_wrong indices.
+    labels [N] int, probs [N, K], pred [N] the hard labels (None: argmax) -> up to n_correct +
+    n_wrong indices; confidence is the probability of the predicted class.
     """
     labels = np.asarray(labels).reshape(-1)
     probs = np.asarray(probs, dtype=np.float64)
-    pred, conf = probs.argmax(axis=1), probs.max(axis=1)
+    pred = probs.argmax(axis=1) if pred is None else np.asarray(pred).reshape(-1).astype(np.int64)
+    conf = probs[np.arange(len(pred)), pred]
     order = np.lexsort((np.arange(len(conf)), -conf))  # confidence descending, then row
     correct = [int(i) for i in order if pred[i] == labels[i]][:n_correct]
     wrong = [int(i) for i in order if pred[i] != labels[i]][:n_wrong]

@@ -38,7 +38,7 @@ from .inputs import CohortInfo, Explanation, ReportInputs, SplitPredictions
 
 log = logging.getLogger(__name__)
 
-MISSING_METRICS = {2: ("auc", "acc", "balanced_acc"), 3: ("auc", "acc", "macro_f1")}  # by class count (3 = 3+)
+MISSING_METRICS = {2: ("auc", "acc", "balanced_acc"), 3: ("auc", "acc", "balanced_acc", "macro_f1")}  # by class count (3 = 3+)
 RUN_NAME = re.compile(r"(fold|seed)(-?\d+)")
 
 
@@ -109,6 +109,18 @@ def find_runs(path: str | Path) -> tuple[list[RunFolder], dict | None]:
         parent = path.parent / "summary.json"
         return [read_run(path)], _read_json(parent) if parent.is_file() else None
     raise ReportError(f"{path} is neither a run folder (metrics.json) nor a cv folder (summary.json)")
+
+
+def runs_decision(runs: Sequence[RunFolder]):
+    """The hard-label rule of the runs (`predict.decision`), with their training class counts
+    (each run's metrics.json "decision") summed: one rule for the pooled predictions."""
+    from ..engine.decision import pooled_decision
+
+    counts = [(r.metrics.get("decision") or {}).get("train_counts") for r in runs]
+    try:
+        return pooled_decision(runs[0].cfg.predict.decision, counts)
+    except ValueError as e:
+        raise ReportError(f"{runs[0].path}: {e}") from None
 
 
 def pooled_predictions(runs: Sequence[RunFolder], split: str) -> SplitPredictions:
@@ -254,6 +266,7 @@ def missing_modality(loaded: Sequence[LoadedRun], cohort, device: str = "cpu") -
     spec = cohort.spec
     classes, positive = list(spec.classes), spec.positive
     names = MISSING_METRICS[min(len(classes), 3)]
+    decision = runs_decision([r.folder for r in loaded])
     labels = np.concatenate([[c.label for c in r.split.test] for r in loaded])
     cfg = loaded[0].folder.cfg
     rows = {"none": [_probs(r, r.test_dataset, r.test_tabular, device) for r in loaded]}
@@ -273,14 +286,15 @@ def missing_modality(loaded: Sequence[LoadedRun], cohort, device: str = "cpu") -
         rows[row] = probs
     out = {}
     for row, probs in rows.items():
-        m = classification_metrics(labels, np.concatenate(probs), classes, positive)
+        m = classification_metrics(labels, np.concatenate(probs), classes, positive, decision=decision)
         out[row] = {k: float(m[k]) for k in names}
     return out
 
 
 def explain_cases(loaded: Sequence[LoadedRun], test: SplitPredictions, cohort, n_correct: int = 2, n_wrong: int = 2,
                   device: str = "cpu") -> list[Explanation]:  # fmt: skip
-    """Grad-CAM of the predicted class for the cases `select_cases` picks from the pooled test rows."""
+    """Grad-CAM of the predicted class (`predict.decision`) for the cases `select_cases` picks
+    from the pooled test rows."""
     from ..models.cfcml import stage_grids
     from .explain import cam_stage, select_cases
     from .gradcam import grad_cam
@@ -292,14 +306,15 @@ def explain_cases(loaded: Sequence[LoadedRun], test: SplitPredictions, cohort, n
     by_run = {r.folder.name: r for r in loaded}
     size = tuple(cfg.data.image_size)
     stage = cam_stage(stage_grids(cfg.model.image_encoder, list(size)))
+    hard = runs_decision([r.folder for r in loaded]).labels(test.probs)
     out = []
-    for row in select_cases(test.labels, test.probs, n_correct, n_wrong):
+    for row in select_cases(test.labels, test.probs, n_correct, n_wrong, pred=hard):
         run = by_run[test.runs[row]]
         index = [c.case_id for c in run.split.test].index(test.case_ids[row])
         item = run.test_dataset[index]
         images = [x[None].to(device) for x in item["images"]]
         tabular = None if run.test_tabular is None else run.test_tabular[index : index + 1].to(device)
-        pred = int(test.probs[row].argmax())
+        pred = int(hard[row])
         heatmaps, forward = [], functools.partial(run.model, images=images, tabular=tabular)
         for encoder in run.model.encoders:  # one per series, or one shared encoder called once per photo
             heatmaps += grad_cam(forward, encoder, pred, output_size=size, output_index=stage)
@@ -346,6 +361,7 @@ def run_meta(runs: Sequence[RunFolder], cohort, extra: dict | None = None) -> di
         "date": datetime.date.today().isoformat(), "runs": [r.name for r in runs],
         "pretrained": first.get("pretrained"), "modality_dropout": cfg.train.modality_dropout,
         "synthetic": (Path(cohort.root) / SYNTHETIC_MARKER).exists() or None,  # written by `cfcml synth`
+        "decision": runs_decision(runs).to_dict(),  # the hard-label rule every hard-label metric uses
     }  # fmt: skip
     limitations = []
     if cfg.train.modality_dropout > 0:

@@ -12,7 +12,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 
-from .card import RULES, bootstrap_sentence, fmt, fmt_ci, metric_label, value_ci
+from .card import RULES, bootstrap_sentence, decision_sentence, fmt, fmt_ci, metric_label, value_ci
 
 SECTIONS = (
     ("summary", "Summary"),
@@ -125,7 +125,7 @@ def _card(label: str, m: Mapping | None) -> str:
 
 def _summary(r: dict) -> str:
     metrics = r["metrics"]
-    keys = ["auc", "sen", "spe", "balanced_acc"] if "sen" in metrics else ["auc", "acc", "macro_f1"]
+    keys = ["auc", "sen", "spe", "balanced_acc"] if "sen" in metrics else ["auc", "acc", "balanced_acc", "macro_f1"]
     cards = [_card(metric_label(k), metrics.get(k)) for k in keys]
     cards.append(_card("ECE", {"value": r.get("ece"), "ci": r.get("ece_ci")}))
     cards.append(_card("Brier score", {"value": r.get("brier"), "ci": r.get("brier_ci")}))
@@ -150,6 +150,8 @@ def _discrimination(r: dict, figs: Mapping[str, bytes]) -> str:
         parts.append("<h3>Per run (the paper's mean ± std)</h3>" + table(["run", *names], rows))
     classes = r["cohort"]["classes"]
     cm = r.get("confusion", [])
+    if r.get("decision"):
+        parts.append(f"<p>Hard labels (accuracy, recall, F1, confusion): {esc(decision_sentence(r['decision']))}.</p>")
     if cm:
         parts.append("<h3>Confusion matrix (test; rows: true, columns: predicted)</h3>"
                      + table(["true \\ predicted", *classes], [(c, *row) for c, row in zip(classes, cm)]))
@@ -208,10 +210,11 @@ def _subgroups(r: dict, figs: Mapping[str, bytes]) -> str:
     for s in subgroups:
         bands = s.get("bands")
         how = f" — bands: {bands['source']} ({bands['rule']})" if bands else ""
-        header = ["group", "patients", *classes, "accuracy", "AUC", *(["sen", "spe"] if binary else []), "note"]
+        header = ["group", "patients", *classes, "accuracy", "balanced accuracy", "AUC",
+                  *(["sen", "spe"] if binary else []), "note"]
         rows = [(g["name"], g["n"], *[g["counts"].get(c, 0) for c in classes],
                  *[value_ci(g.get("metrics", {}).get(k)) if g.get("metrics", {}).get(k) else "—"
-                   for k in ["acc", "auc", *(["sen", "spe"] if binary else [])]],
+                   for k in ["acc", "balanced_acc", "auc", *(["sen", "spe"] if binary else [])]],
                  "; ".join(g.get("notes", []))) for g in s["groups"]]
         parts.append(f"<h3>{esc(s['column'])} <span class=\"muted\">({esc(s['type'])}{esc(how)})</span></h3>"
                      + table(header, rows))

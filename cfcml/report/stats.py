@@ -2,7 +2,9 @@
 
 Pure numpy/scipy. Conventions:
 
-* ``labels`` [N] int class indices, ``probs`` [N, K]; predictions are ``argmax(probs)``.
+* ``labels`` [N] int class indices, ``probs`` [N, K]; hard predictions follow the report's
+  ``decision`` (`cfcml.engine.decision`: argmax, or argmax after the training-prior logit
+  adjustment); curves, AUC and calibration use the probabilities and never depend on it.
 * Every metric takes optional ``weights`` [B, N]: one row of case multiplicities per
   bootstrap resample (a case drawn twice weighs 2). A resample is then one matrix row, so
   2000 resamples cost a few array operations instead of 2000 scikit-learn calls. Without
@@ -25,6 +27,8 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, softmax
 
+from ..engine.decision import Decision
+
 N_BOOTSTRAP = 2000
 CI_LEVEL = 0.95
 N_BINS = 15  # reliability bins (Guo et al. 2017)
@@ -43,10 +47,10 @@ def class_key(name: str) -> str:
 
 def metric_names(classes: Sequence[str]) -> list[str]:
     """The paper's metric set (DESIGN §2): binary -> BINARY_METRICS; 3+ classes -> acc,
-    acc_<class>..., weighted_f1, macro_f1, auc (macro one-vs-rest)."""
+    balanced_acc, acc_<class>..., weighted_f1, macro_f1, auc (macro one-vs-rest)."""
     if len(classes) == 2:
         return list(BINARY_METRICS)
-    return ["acc", *[f"acc_{class_key(c)}" for c in classes], "weighted_f1", "macro_f1", "auc"]
+    return ["acc", "balanced_acc", *[f"acc_{class_key(c)}" for c in classes], "weighted_f1", "macro_f1", "auc"]
 
 
 def _weights(weights, n: int) -> np.ndarray:
@@ -231,20 +235,21 @@ def confusion(labels, pred, num_classes: int, weights=None) -> np.ndarray:
     return (_weights(weights, len(labels)) @ onehot).reshape(-1, num_classes, num_classes)
 
 
-def classification_metrics(labels, probs, classes: Sequence[str], positive: str | None = None, weights=None) -> dict:
+def classification_metrics(labels, probs, classes: Sequence[str], positive: str | None = None, weights=None,
+                           decision: Decision | None = None) -> dict:
     """The paper's metric set (`metric_names(classes)`); floats, or [B] arrays with weights.
 
     Binary (positive class p): sen = recall of p, spe = recall of the other class, acc,
     g_mean = sqrt(sen * spe), balanced_acc, auprc = average precision of P(p), auprc_label =
     average precision of the hard prediction (the paper's definition), auc. 3+ classes: acc,
-    acc_<class> (recall), weighted_f1 / macro_f1 (scikit-learn's defaults: labels present in
+    balanced_acc (mean recall over the classes present), acc_<class> (recall), weighted_f1 / macro_f1 (scikit-learn's defaults: labels present in
     y or prediction, zero_division=0) and auc = mean one-vs-rest AUC over the classes present
     (scikit-learn's macro OvR when all are present; NaN with fewer than two).
     """
     labels = np.asarray(labels).reshape(-1).astype(np.int64)
     probs = np.asarray(probs, dtype=np.float64)
     k = len(classes)
-    pred = probs.argmax(axis=1) if len(probs) else np.zeros(0, dtype=np.int64)
+    pred = (decision or Decision()).labels(probs.reshape(len(probs), k))  # hard labels: `decision` (None: argmax)
     c = confusion(labels, pred, k, weights)
     support, predicted, tp = c.sum(axis=2), c.sum(axis=1), np.diagonal(c, axis1=1, axis2=2)
     recall = _div(tp, support)
@@ -270,6 +275,7 @@ def classification_metrics(labels, probs, classes: Sequence[str], positive: str 
                                       for j in range(k)])
             values = {
                 "acc": acc,
+                "balanced_acc": np.nanmean(recall, axis=1),
                 **{f"acc_{class_key(name)}": recall[:, j] for j, name in enumerate(classes)},
                 "weighted_f1": _div((f1 * support).sum(axis=1), support.sum(axis=1)),
                 "macro_f1": _div((f1 * present).sum(axis=1), present.sum(axis=1)),
@@ -279,10 +285,10 @@ def classification_metrics(labels, probs, classes: Sequence[str], positive: str 
 
 
 def metrics_with_ci(labels, probs, classes: Sequence[str], positive: str | None, boot_weights,
-                    level: float = CI_LEVEL) -> dict:
+                    level: float = CI_LEVEL, decision: Decision | None = None) -> dict:
     """{metric: {"value", "ci": [lo, hi], "n_valid"}} for the paper's metric set."""
-    point = classification_metrics(labels, probs, classes, positive)
-    samples = classification_metrics(labels, probs, classes, positive, boot_weights)
+    point = classification_metrics(labels, probs, classes, positive, decision=decision)
+    samples = classification_metrics(labels, probs, classes, positive, boot_weights, decision=decision)
     return {name: with_ci(point[name], samples[name], level) for name in point}
 
 

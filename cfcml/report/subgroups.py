@@ -99,7 +99,7 @@ def _is_number(s: str) -> bool:
 
 
 def _score_group(split: SplitPredictions, rows: np.ndarray, classes: Sequence[str], positive: str | None,
-                 min_n: int, n_boot: int, seed: int, level: float) -> dict:
+                 min_n: int, n_boot: int, seed: int, level: float, decision=None) -> dict:
     ids = [split.case_ids[i] for i in rows]
     labels, probs = split.labels[rows], split.probs[rows]
     case_label = dict(zip(ids, labels.tolist()))
@@ -110,17 +110,18 @@ def _score_group(split: SplitPredictions, rows: np.ndarray, classes: Sequence[st
         group["notes"].append(f"too small to report: n={len(case_label)} < {min_n}")
         return group
     absent = [c for c, n in counts.items() if n == 0]
-    wanted = ["acc", "auc"] + (["sen", "spe"] if len(classes) == 2 else [])
+    wanted = ["acc", "balanced_acc", "auc"] + (["sen", "spe"] if len(classes) == 2 else [])
     withheld = {}
     if absent:
         withheld["auc"] = f"no AUC: no {', '.join(absent)} case"
         if len(classes) == 2:
             pos_absent = positive in absent
             withheld["sen" if pos_absent else "spe"] = f"no {'sen' if pos_absent else 'spe'}: no {absent[0]} case"
+            withheld["balanced_acc"] = f"no balanced accuracy: no {absent[0]} case"
     wanted = [m for m in wanted if m not in withheld]
-    point = classification_metrics(labels, probs, classes, positive)
+    point = classification_metrics(labels, probs, classes, positive, decision=decision)
     samples = classification_metrics(labels, probs, classes, positive,
-                                     bootstrap_weights(ids, labels, n_boot=n_boot, seed=seed))
+                                     bootstrap_weights(ids, labels, n_boot=n_boot, seed=seed), decision=decision)
     group["metrics"] = {m: with_ci(point[m], samples[m], level) for m in wanted}
     group["reportable"] = True
     group["notes"].extend(withheld.values())
@@ -130,11 +131,12 @@ def _score_group(split: SplitPredictions, rows: np.ndarray, classes: Sequence[st
 def subgroup_analysis(test: SplitPredictions, attributes: Mapping[str, Mapping[str, Any]], specs: Sequence[dict],
                       classes: Sequence[str], positive: str | None, val: SplitPredictions | None = None,
                       n_boot: int = N_BOOTSTRAP, seed: int = 0, level: float = CI_LEVEL,
-                      min_n: int = MIN_GROUP_SIZE) -> list[dict]:
+                      min_n: int = MIN_GROUP_SIZE, decision=None) -> list[dict]:
     """Per attribute: {"column", "type", "bands" (numeric only: edges, source, rule),
     "groups": [{"name", "n" (cases), "n_rows", "counts" {class: cases}, "reportable",
-    "notes", "metrics" {acc, auc[, sen, spe]: {"value", "ci", "n_valid"}}}]}; cases without
-    a value form a "missing" group. Each group is bootstrapped on its own cases."""
+    "notes", "metrics" {acc, balanced_acc, auc[, sen, spe]: {"value", "ci", "n_valid"}}}]}; cases
+    without a value form a "missing" group. Each group is bootstrapped on its own cases. Hard
+    labels follow `decision` (a `cfcml.engine.decision.Decision`; None: argmax)."""
     val_ids = list(dict.fromkeys(val.case_ids)) if val is not None else []
     out = []
     for a, spec in enumerate(specs):
@@ -149,7 +151,7 @@ def subgroup_analysis(test: SplitPredictions, attributes: Mapping[str, Mapping[s
                 groups.append({"name": name, "n": 0, "n_rows": 0, "counts": {c: 0 for c in classes},
                                "reportable": False, "notes": ["no test case"], "metrics": {}})
                 continue
-            scored = _score_group(test, rows, classes, positive, min_n, n_boot, seed + 1000 * a + g, level)
+            scored = _score_group(test, rows, classes, positive, min_n, n_boot, seed + 1000 * a + g, level, decision)
             groups.append({"name": name, **scored})
         entry = {"column": spec["column"], "type": spec["type"], "groups": groups}
         if bands:

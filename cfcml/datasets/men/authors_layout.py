@@ -12,11 +12,12 @@ folder (cross-checked with the table's grade when that column exists). Everythin
 from __future__ import annotations
 
 import re
+import unicodedata
 from pathlib import Path
 
 from cfcml.datasets.cohort import Problem
 from cfcml.datasets.reader import LayoutRead, RowInput
-from cfcml.datasets.rows import resolve_cells
+from cfcml.datasets.rows import id_problem, resolve_cells
 from cfcml.datasets.spec import DatasetSpec
 from cfcml.datasets.table import read_table, require_columns
 
@@ -65,7 +66,7 @@ def read(spec: DatasetSpec, root: Path) -> LayoutRead:
                 gdir = fdir / part / gname
                 for p in sorted(gdir.iterdir()) if gdir.is_dir() else []:
                     if p.is_dir():
-                        spots.setdefault(p.name, []).append((f, part, g, p))
+                        spots.setdefault(_nfc(p.name), []).append((f, part, g, p))
             others = [p.name for p in (fdir / part).iterdir()] if (fdir / part).is_dir() else []
             for name in sorted(set(others) - set(GRADE_DIRS)):
                 problems.append(Problem(f"{fdir.name}/{part}/{name}", None, "grade",
@@ -77,7 +78,8 @@ def read(spec: DatasetSpec, root: Path) -> LayoutRead:
     if table is None or require_columns(table, wanted, problems) is None:
         return LayoutRead([], path.name if path else "clinical.csv", problems, folds_preset=True, fold_where="<k>fold/test")
     grade_col = table.column(spec.label_column)
-    listed = {r.get(table.column(spec.id_column), "") for r in table.rows}
+    listed = {_nfc(r.get(table.column(spec.id_column), "").strip()) for r in table.rows}
+    listed |= {re.split(r"[/\\]", cid)[0] for cid in listed if id_problem(cid)}  # `A` of a refused id `A/1`: no 2nd error
     for cid in sorted(set(spots) - listed):
         problems.append(Problem(_rel(spots[cid][0][3], root), cid, None, f"image folder without a row in {table.rel}"))
 
@@ -85,9 +87,9 @@ def read(spec: DatasetSpec, root: Path) -> LayoutRead:
     for i, r in enumerate(table.rows):
         cells = resolve_cells(r, table.column, wanted)
         cid, where = cells[spec.id_column].strip(), table.where(i)
-        here = spots.get(cid, [])
-        if not cid:
-            rows.append(RowInput(where, cells, i))  # the common checks report the empty id
+        here = spots.get(_nfc(cid), [])  # NFC: macOS may store `MÉN0001` decomposed
+        if not cid or id_problem(cid):
+            rows.append(RowInput(where, cells, i))  # the common checks report the empty or refused id
             continue
         if not here:
             problems.append(Problem(where, cid, None, "patient has no image folder under any <k>fold/"))
@@ -117,6 +119,10 @@ def read(spec: DatasetSpec, root: Path) -> LayoutRead:
         images = {s: folder / SERIES_FILES[s] for s in spec.series}
         rows.append(RowInput(where, cells, i, images=images, fold=fold, label_text=label_text))
     return LayoutRead(rows, table.rel, problems, folds_preset=True, fold_where="<k>fold/test")
+
+
+def _nfc(text: str) -> str:
+    return unicodedata.normalize("NFC", text)
 
 
 def _rel(path: Path, root: Path) -> str:
