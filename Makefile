@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export RAY_USAGE_STATS_ENABLED := 0
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: setup test test-fast run stop bench clean
+.PHONY: setup test lint test-fast run stop bench clean
 
 # Re-installs only when pyproject.toml changed since the last install.
 setup: $(STAMP)
@@ -18,8 +18,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-test: setup
+test: setup lint
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q --timeout=900
+
+# The formatter owns the layout; the linter the rest.
+lint: setup
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
 
 test-fast: setup
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q -m "not slow and not services"

@@ -97,15 +97,21 @@ def run(args, cases, device: torch.device) -> None:
     decode = time.perf_counter() - t0
     labels = [c.label for c in cases]
     shape = f"{len(MODALITIES)} x {'x'.join(map(str, SIZE))}, batch {args.batch}, p={args.prob}"
-    print(f"# {len(cases)} patients ({shape}); preprocessing {len(cases) / decode:.1f} patients/s (cached before "
-          f"timing); torch threads {torch.get_num_threads()}; device {device}")  # fmt: skip
+    print(
+        f"# {len(cases)} patients ({shape}); preprocessing {len(cases) / decode:.1f} patients/s (cached before "
+        f"timing); torch threads {torch.get_num_threads()}; device {device}"
+    )
 
     # (a) per-sample MONAI augmentation in a DataLoader
     dataset = VolumeDataset(cases, MODALITIES, SIZE, train=True, cache=cache, aug_prob=args.prob)
     for workers in args.workers:
         torch.manual_seed(0)
-        loader = DataLoader(dataset, batch_sampler=_sampler(labels, args.batch, args.batches), num_workers=workers,
-                            pin_memory=device.type == "cuda")  # fmt: skip
+        loader = DataLoader(
+            dataset,
+            batch_sampler=_sampler(labels, args.batch, args.batches),
+            num_workers=workers,
+            pin_memory=device.type == "cuda",
+        )
         rate = _rate(loader, device, args.batches)
         print(f"per-sample MONAI DataLoader, workers={workers}, -> {device}: {rate:.1f} patients/s")
 
@@ -114,8 +120,9 @@ def run(args, cases, device: torch.device) -> None:
     for dtype in (torch.float32, torch.bfloat16):
         if args.bank_patients > len(cases):
             n = args.bank_patients
-            bank = DeviceVolumeBank(torch.randn(n, len(MODALITIES), *SIZE, device=device, dtype=dtype),
-                                    torch.arange(n) % 3)  # fmt: skip
+            bank = DeviceVolumeBank(
+                torch.randn(n, len(MODALITIES), *SIZE, device=device, dtype=dtype), torch.arange(n) % 3
+            )
             bank_labels = bank.labels.tolist()
         else:
             bank, bank_labels = DeviceVolumeBank.from_cache(cache, cases, device, dtype=dtype), labels

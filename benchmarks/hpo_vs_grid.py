@@ -65,8 +65,11 @@ log = logging.getLogger("hpo_vs_grid")
 
 def scaled_grid(scale: int = SCALE) -> dict:
     """The paper's coordinate-search grids divided by `scale` (token counts stay >= 1)."""
-    return {"nt": [max(1, v // scale) for v in PAPER_NT], "ni": [max(1, v // scale) for v in PAPER_NI],
-            "ni_fixed": max(1, PAPER_NI_FIXED // scale)}  # fmt: skip
+    return {
+        "nt": [max(1, v // scale) for v in PAPER_NT],
+        "ni": [max(1, v // scale) for v in PAPER_NI],
+        "ni_fixed": max(1, PAPER_NI_FIXED // scale),
+    }
 
 
 def coordinate_step_one(grid: dict) -> list[tuple[int, int]]:
@@ -119,8 +122,13 @@ def grid_curve(records: list[dict]) -> list[tuple[int, float]]:
 
 def spread(values: list[float]) -> dict:
     vals = [float(v) for v in values]
-    return {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
-            "min": min(vals), "max": max(vals), "n": len(vals)}  # fmt: skip
+    return {
+        "mean": statistics.fmean(vals),
+        "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+        "min": min(vals),
+        "max": max(vals),
+        "n": len(vals),
+    }
 
 
 def aggregate_seeds(seeds: list[dict]) -> dict:
@@ -147,22 +155,35 @@ def verdict(grid: dict, hpo: dict, budget: int) -> dict:
     wins = [s["seed"] for s in seeds if s["test_auc"] >= grid["test_auc"]]
     within = all(s["epochs"] <= budget for s in seeds)
     return {
-        "seeds_at_least_grid_test_auc": len(wins), "seeds": len(seeds),
+        "seeds_at_least_grid_test_auc": len(wins),
+        "seeds": len(seeds),
         "mean_test_auc_delta": hpo["test_auc"] - grid["test_auc"],
         "mean_val_auc_delta": hpo["best_val_auc"] - grid["best_val_auc"],
-        "epochs_ratio": hpo["epochs"] / grid["epochs"], "every_seed_within_budget": within,
+        "epochs_ratio": hpo["epochs"] / grid["epochs"],
+        "every_seed_within_budget": within,
         "search_wins": within and hpo["test_auc"] >= grid["test_auc"],
-        **({"retrained_test_auc_delta": hpo["retrained_test_auc"] - grid["retrained"]["test_auc_mean"],
-            "search_wins_retrained": within and hpo["retrained_test_auc"] >= grid["retrained"]["test_auc_mean"]}
-           if "retrained" in grid and "retrained_test_auc" in hpo else {}),
-    }  # fmt: skip
+        **(
+            {
+                "retrained_test_auc_delta": hpo["retrained_test_auc"] - grid["retrained"]["test_auc_mean"],
+                "search_wins_retrained": within and hpo["retrained_test_auc"] >= grid["retrained"]["test_auc_mean"],
+            }
+            if "retrained" in grid and "retrained_test_auc" in hpo
+            else {}
+        ),
+    }
 
 
 def short_config(config: dict) -> str:
-    names = {"model.n_image_tokens": "n_i", "model.n_tabular_tokens": "n_t", "loss.alpha": "α", "loss.beta": "β",
-             "loss.gamma": "γ"}  # fmt: skip
-    return ", ".join(f"{names.get(k, k)} {v:.3g}" if isinstance(v, float) else f"{names.get(k, k)} {v}"
-                     for k, v in config.items())  # fmt: skip
+    names = {
+        "model.n_image_tokens": "n_i",
+        "model.n_tabular_tokens": "n_t",
+        "loss.alpha": "α",
+        "loss.beta": "β",
+        "loss.gamma": "γ",
+    }
+    return ", ".join(
+        f"{names.get(k, k)} {v:.3g}" if isinstance(v, float) else f"{names.get(k, k)} {v}" for k, v in config.items()
+    )
 
 
 def markdown(result: dict) -> str:
@@ -183,30 +204,46 @@ def markdown(result: dict) -> str:
     if retrained:
         head += f" test AUC of the configuration retrained ({len(grid['retrained']['seeds'])} other training seeds) |"
         rule += "---|"
-    rows = [head + " epochs | wall time | selected configuration |", rule + "---|---|---|",
-            (f"| grid (paper's coordinate search) | – | {pct(grid['best_val_auc'])} | {pct(grid['test_auc'])} ± "
-             f"{pct(grid['test_auc_std'])} |{again(grid)} {grid['epochs']} | {grid['seconds'] / 60:.1f} min | "
-             f"{short_config(grid['config'])} |")]  # fmt: skip
+    rows = [
+        head + " epochs | wall time | selected configuration |",
+        rule + "---|---|---|",
+        (
+            f"| grid (paper's coordinate search) | – | {pct(grid['best_val_auc'])} | {pct(grid['test_auc'])} ± "
+            f"{pct(grid['test_auc_std'])} |{again(grid)} {grid['epochs']} | {grid['seconds'] / 60:.1f} min | "
+            f"{short_config(grid['config'])} |"
+        ),
+    ]
     for s in hpo["seeds"]:
-        rows.append(f"| study (TPE + ASHA) | {s['seed']} | {pct(s['best_val_auc'])} | {pct(s['test_auc'])} ± "
-                    f"{pct(s['test_auc_std'])} |{again(s)} {s['epochs']} | {s['seconds'] / 60:.1f} min | "
-                    f"{short_config(s['config'])} |")  # fmt: skip
+        rows.append(
+            f"| study (TPE + ASHA) | {s['seed']} | {pct(s['best_val_auc'])} | {pct(s['test_auc'])} ± "
+            f"{pct(s['test_auc_std'])} |{again(s)} {s['epochs']} | {s['seconds'] / 60:.1f} min | "
+            f"{short_config(s['config'])} |"
+        )
     sp = hpo["spread"]
     mean_again = ""
     if retrained:
         r = sp["retrained_test_auc"]
         mean_again = f" {pct(r['mean'])} ± {pct(r['std'])} |"
-    rows.append(f"| study, {sp['test_auc']['n']} seeds | mean ± std (min–max) | {pct(sp['best_val_auc']['mean'])} ± "
-                f"{pct(sp['best_val_auc']['std'])} | {pct(sp['test_auc']['mean'])} ± {pct(sp['test_auc']['std'])} "
-                f"({pct(sp['test_auc']['min'])}–{pct(sp['test_auc']['max'])}) |{mean_again} {sp['epochs']['mean']:.0f} "
-                f"(≤ {result['settings']['budget_epochs']}) | {sp['seconds']['mean'] / 60:.1f} min | – |")  # fmt: skip
-    lines = ["\n".join(rows), "",
-             (f"Study vs grid: test AUC {100 * v['mean_test_auc_delta']:+.2f} points on average over seeds "
-              f"({v['seeds_at_least_grid_test_auc']}/{v['seeds']} seeds at least the grid's), validation AUC "
-              f"{100 * v['mean_val_auc_delta']:+.2f}, epochs {v['epochs_ratio']:.2f}x the grid's.")]  # fmt: skip
+    rows.append(
+        f"| study, {sp['test_auc']['n']} seeds | mean ± std (min–max) | {pct(sp['best_val_auc']['mean'])} ± "
+        f"{pct(sp['best_val_auc']['std'])} | {pct(sp['test_auc']['mean'])} ± {pct(sp['test_auc']['std'])} "
+        f"({pct(sp['test_auc']['min'])}–{pct(sp['test_auc']['max'])}) |{mean_again} {sp['epochs']['mean']:.0f} "
+        f"(≤ {result['settings']['budget_epochs']}) | {sp['seconds']['mean'] / 60:.1f} min | – |"
+    )
+    lines = [
+        "\n".join(rows),
+        "",
+        (
+            f"Study vs grid: test AUC {100 * v['mean_test_auc_delta']:+.2f} points on average over seeds "
+            f"({v['seeds_at_least_grid_test_auc']}/{v['seeds']} seeds at least the grid's), validation AUC "
+            f"{100 * v['mean_val_auc_delta']:+.2f}, epochs {v['epochs_ratio']:.2f}x the grid's."
+        ),
+    ]
     if "retrained_test_auc_delta" in v:
-        lines.append(f"Selected configurations retrained with other seeds: study {100 * v['retrained_test_auc_delta']:+.2f} "
-                     "points against the grid's.")  # fmt: skip
+        lines.append(
+            f"Selected configurations retrained with other seeds: study {100 * v['retrained_test_auc_delta']:+.2f} "
+            "points against the grid's."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -221,17 +258,32 @@ def plot(result: dict, path: Path | None = None):
 
     fig, ax = plt.subplots(figsize=(6.8, 4.2))
     g = result["grid"]["curve"]
-    ax.step([x for x, _ in g], [y for _, y in g], where="post", c="black", lw=2, label="grid (paper's coordinate search)")
+    ax.step(
+        [x for x, _ in g], [y for _, y in g], where="post", c="black", lw=2, label="grid (paper's coordinate search)"
+    )
     configs = result["grid"].get("configs") or []
     if configs:  # each configuration's own value, where it finished
-        ax.scatter([x for x, _ in g], [r["val_auc"] for r in configs], c="black", s=14, alpha=0.4, zorder=3,
-                   label="grid: each configuration")  # fmt: skip
+        ax.scatter(
+            [x for x, _ in g],
+            [r["val_auc"] for r in configs],
+            c="black",
+            s=14,
+            alpha=0.4,
+            zorder=3,
+            label="grid: each configuration",
+        )
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, s in enumerate(result["hpo"]["seeds"]):
         c = s["curve"]
         if c:
-            ax.step([x for x, _ in c], [y for _, y in c], where="post", c=colors[i % len(colors)], lw=1.4,
-                    label=f"study, search seed {s['seed']}")  # fmt: skip
+            ax.step(
+                [x for x, _ in c],
+                [y for _, y in c],
+                where="post",
+                c=colors[i % len(colors)],
+                lw=1.4,
+                label=f"study, search seed {s['seed']}",
+            )
     ax.axvline(result["settings"]["budget_epochs"], c="gray", ls="--", lw=1, label="study budget (½ the grid's)")
     ax.set_xlabel("epochs spent (every fold of every trial / configuration)")
     ax.set_ylabel("best mean validation AUC so far")
@@ -248,8 +300,13 @@ def plot(result: dict, path: Path | None = None):
 
 
 def config_params(ni: int, nt: int, cfg) -> dict:
-    return {"model.n_image_tokens": ni, "model.n_tabular_tokens": nt, "loss.alpha": cfg.loss.alpha,
-            "loss.beta": cfg.loss.beta, "loss.gamma": cfg.loss.gamma}  # fmt: skip
+    return {
+        "model.n_image_tokens": ni,
+        "model.n_tabular_tokens": nt,
+        "loss.alpha": cfg.loss.alpha,
+        "loss.beta": cfg.loss.beta,
+        "loss.gamma": cfg.loss.gamma,
+    }
 
 
 def run_grid(data: Path, overrides: list[str], epochs: int, work: Path, grid: dict) -> dict:
@@ -261,8 +318,9 @@ def run_grid(data: Path, overrides: list[str], epochs: int, work: Path, grid: di
 
     def train(ni: int, nt: int) -> dict:
         nonlocal seconds
-        cfg = build_config(PRESET, [*overrides, f"train.epochs={epochs}", f"model.n_image_tokens={ni}",
-                                    f"model.n_tabular_tokens={nt}"])  # fmt: skip
+        cfg = build_config(
+            PRESET, [*overrides, f"train.epochs={epochs}", f"model.n_image_tokens={ni}", f"model.n_tabular_tokens={nt}"]
+        )
         out = work / f"ni{ni}_nt{nt}"
         t0 = time.time()
         summary = run_protocol(cfg, data, out, overwrite=True, report=lambda m: log.info("grid: %s", m))
@@ -273,10 +331,19 @@ def run_grid(data: Path, overrides: list[str], epochs: int, work: Path, grid: di
             metrics = json.loads((out / r["name"] / "metrics.json").read_text())
             vals.append(float(metrics["validation"]["val_auc"]))
             trained += len(metrics["history"])
-        rec = {"config": config_params(ni, nt, cfg), "val_auc": statistics.fmean(vals), "val_auc_folds": vals,
-               "test_auc": summary["metrics"]["auc"]["mean"], "test_auc_std": summary["metrics"]["auc"]["std"],
-               "test_auc_folds": [r["metrics"]["auc"] for r in summary["runs"]], "epochs": trained, "seconds": took}  # fmt: skip
-        log.info("grid: n_i %d n_t %d: val AUC %.4f, test AUC %.4f (%.0f s)", ni, nt, rec["val_auc"], rec["test_auc"], took)
+        rec = {
+            "config": config_params(ni, nt, cfg),
+            "val_auc": statistics.fmean(vals),
+            "val_auc_folds": vals,
+            "test_auc": summary["metrics"]["auc"]["mean"],
+            "test_auc_std": summary["metrics"]["auc"]["std"],
+            "test_auc_folds": [r["metrics"]["auc"] for r in summary["runs"]],
+            "epochs": trained,
+            "seconds": took,
+        }
+        log.info(
+            "grid: n_i %d n_t %d: val AUC %.4f, test AUC %.4f (%.0f s)", ni, nt, rec["val_auc"], rec["test_auc"], took
+        )
         records.append(rec)
         return rec
 
@@ -288,9 +355,18 @@ def run_grid(data: Path, overrides: list[str], epochs: int, work: Path, grid: di
         if (ni, nt) not in done:  # the shared configuration is not trained twice
             done[(ni, nt)] = train(ni, nt)
     best = select(records)
-    return {"best_val_auc": best["val_auc"], "test_auc": best["test_auc"], "test_auc_std": best["test_auc_std"],
-            "test_auc_folds": best["test_auc_folds"], "epochs": sum(r["epochs"] for r in records), "seconds": seconds,
-            "config": best["config"], "best_nt_step_one": best_nt, "configs": records, "curve": grid_curve(records)}  # fmt: skip
+    return {
+        "best_val_auc": best["val_auc"],
+        "test_auc": best["test_auc"],
+        "test_auc_std": best["test_auc_std"],
+        "test_auc_folds": best["test_auc_folds"],
+        "epochs": sum(r["epochs"] for r in records),
+        "seconds": seconds,
+        "config": best["config"],
+        "best_nt_step_one": best_nt,
+        "configs": records,
+        "curve": grid_curve(records),
+    }
 
 
 def retrain(data: Path, overrides: list[str], epochs: int, work: Path, config: dict, seeds: list[int]) -> dict:
@@ -304,13 +380,24 @@ def retrain(data: Path, overrides: list[str], epochs: int, work: Path, config: d
     per_seed = []
     for seed in seeds:
         cfg = build_config(PRESET, [*overrides, f"train.epochs={epochs}", *sets, f"train.seed={seed}"])
-        name = "_".join(f"{k.split('.')[-1]}{v:.4g}" if isinstance(v, float) else f"{k.split('.')[-1]}{v}"
-                        for k, v in config.items())  # fmt: skip
-        summary = run_protocol(cfg, data, work / "retrain" / name / f"seed{seed}", overwrite=True,
-                               report=lambda m: log.info("retrain: %s", m))  # fmt: skip
+        name = "_".join(
+            f"{k.split('.')[-1]}{v:.4g}" if isinstance(v, float) else f"{k.split('.')[-1]}{v}"
+            for k, v in config.items()
+        )
+        summary = run_protocol(
+            cfg,
+            data,
+            work / "retrain" / name / f"seed{seed}",
+            overwrite=True,
+            report=lambda m: log.info("retrain: %s", m),
+        )
         per_seed.append(summary["metrics"]["auc"]["mean"])
         log.info("retrain %s seed %d: test AUC %.4f", short_config(config), seed, per_seed[-1])
-    return {"seeds": seeds, "test_auc": per_seed, **{f"test_auc_{k}": v for k, v in spread(per_seed).items() if k != "n"}}
+    return {
+        "seeds": seeds,
+        "test_auc": per_seed,
+        **{f"test_auc_{k}": v for k, v in spread(per_seed).items() if k != "n"},
+    }
 
 
 def add_retrained(result: dict, data: Path, overrides: list[str], epochs: int, work: Path, seeds: list[int]) -> None:
@@ -344,7 +431,9 @@ def write_space(path: Path, grid: dict, asha: dict, sampler: dict) -> Path:
 
     ni, nt = sorted(grid["ni"]), sorted(grid["nt"])
     space = {
-        "metric": "cv_val_auc", "mode": "max", "first_trial": "preset",
+        "metric": "cv_val_auc",
+        "mode": "max",
+        "first_trial": "preset",
         "params": {
             "model.n_image_tokens": {"type": "int", "low": ni[0], "high": ni[-1], "step": ni[1] - ni[0]},
             "model.n_tabular_tokens": {"type": "int", "low": nt[0], "high": nt[-1], "step": nt[1] - nt[0]},
@@ -354,7 +443,7 @@ def write_space(path: Path, grid: dict, asha: dict, sampler: dict) -> Path:
         },
         "asha": asha,
         **({"sampler": sampler} if sampler else {}),
-    }  # fmt: skip
+    }
     path.write_text("# written by benchmarks/hpo_vs_grid.py\n" + yaml.safe_dump(space, sort_keys=False))
     return path
 
@@ -362,8 +451,9 @@ def write_space(path: Path, grid: dict, asha: dict, sampler: dict) -> Path:
 def study_timeline(client, experiment_id: str, parent_run_id: str, folds: int) -> tuple[list[int], list[tuple]]:
     """Per trial: epochs trained (what its Train workers logged, so epochs finished after a stop
     decision count too), and every epoch's (time, cv_val_auc, folds) point, from MLflow."""
-    children = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
-                                  max_results=1000)  # fmt: skip
+    children = client.search_runs(
+        [experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'", max_results=1000
+    )
     epochs, points = [], []
     for child in children:
         history = client.get_metric_history(child.info.run_id, "cv_val_auc")
@@ -373,18 +463,33 @@ def study_timeline(client, experiment_id: str, parent_run_id: str, folds: int) -
     return epochs, points
 
 
-def run_hpo(seed: int, data: Path, overrides: list[str], epochs: int, budget: int, space: Path, args, work: Path) -> dict:
+def run_hpo(
+    seed: int, data: Path, overrides: list[str], epochs: int, budget: int, space: Path, args, work: Path
+) -> dict:
     from mlflow.tracking import MlflowClient
 
     from cfcml.platform.tune import StudySpec, run_study
 
     name = f"hpo-vs-grid-{args.stamp}-s{seed}"
     spec = StudySpec(
-        preset=PRESET, data=str(data), dataset="men", name=name, overrides=overrides, search_space=str(space),
-        num_samples=args.max_trials, epochs=epochs, budget_epochs=budget, storage=str(work / "ray_results"), seed=seed,
-        tracking_uri=os.environ["MLFLOW_TRACKING_URI"], experiment=EXPERIMENT, register=False,
-        ray_address=os.environ.get("RAY_ADDRESS"), work_dir=str(work / f"eval-{seed}"), git_commit=args.git_commit,
-    )  # fmt: skip
+        preset=PRESET,
+        data=str(data),
+        dataset="men",
+        name=name,
+        overrides=overrides,
+        search_space=str(space),
+        num_samples=args.max_trials,
+        epochs=epochs,
+        budget_epochs=budget,
+        storage=str(work / "ray_results"),
+        seed=seed,
+        tracking_uri=os.environ["MLFLOW_TRACKING_URI"],
+        experiment=EXPERIMENT,
+        register=False,
+        ray_address=os.environ.get("RAY_ADDRESS"),
+        work_dir=str(work / f"eval-{seed}"),
+        git_commit=args.git_commit,
+    )
     t0 = time.time()
     summary = run_study(spec)
     seconds = time.time() - t0
@@ -393,12 +498,21 @@ def run_hpo(seed: int, data: Path, overrides: list[str], epochs: int, budget: in
     spent = max(study_epochs(trial_epochs, FOLDS), int(summary.get("epochs_spent", 0)))
     auc = summary["test"]["auc"]
     return {
-        "seed": seed, "best_val_auc": summary["best_cv_val_auc"], "test_auc": auc["mean"], "test_auc_std": auc["std"],
-        "epochs": spent, "seconds": seconds, "config": summary["best_params"], "best_epochs": summary["best_epochs"],
-        "trials": len(trial_epochs), "trial_states": summary.get("trial_states", {}), "trial_epochs": sorted(trial_epochs),
-        "importances": summary.get("importances", {}), "parent_run_id": summary["parent_run_id"],
+        "seed": seed,
+        "best_val_auc": summary["best_cv_val_auc"],
+        "test_auc": auc["mean"],
+        "test_auc_std": auc["std"],
+        "epochs": spent,
+        "seconds": seconds,
+        "config": summary["best_params"],
+        "best_epochs": summary["best_epochs"],
+        "trials": len(trial_epochs),
+        "trial_states": summary.get("trial_states", {}),
+        "trial_epochs": sorted(trial_epochs),
+        "importances": summary.get("importances", {}),
+        "parent_run_id": summary["parent_run_id"],
         "curve": best_so_far(points),
-    }  # fmt: skip
+    }
 
 
 # ----------------------------------------------------------------------------- services and MLflow
@@ -412,7 +526,6 @@ def warm_sentence_cache(data: Path, overrides: list[str]) -> None:
 
     cfg = build_config(PRESET, overrides)
     warm_caches(cfg, load_cohort(cfg.dataset, data))
-
 
 
 def start_services(state: Path, cpus: int):
@@ -442,30 +555,45 @@ def log_to_mlflow(result: dict, files: dict[str, Path]) -> str:
     client = MlflowClient()
     exp = client.get_experiment_by_name(EXPERIMENT)
     exp_id = exp.experiment_id if exp else client.create_experiment(EXPERIMENT)
-    run = client.create_run(exp_id, run_name=f"hpo-vs-grid-{result['settings']['stamp']}",
-                            tags={"cfcml.benchmark": "hpo_vs_grid"})  # fmt: skip
+    run = client.create_run(
+        exp_id, run_name=f"hpo-vs-grid-{result['settings']['stamp']}", tags={"cfcml.benchmark": "hpo_vs_grid"}
+    )
     rid, now = run.info.run_id, int(time.time() * 1000)
     try:
         grid, hpo, v = result["grid"], result["hpo"], result["verdict"]
         metrics = {f"grid.{k}": grid[k] for k in ("best_val_auc", "test_auc", "test_auc_std", "epochs", "seconds")}
         metrics |= {f"hpo.{k}": hpo[k] for k in ("best_val_auc", "test_auc", "test_auc_std", "epochs", "seconds")}
-        metrics |= {"hpo.test_auc_seed_std": hpo["spread"]["test_auc"]["std"], "test_auc_delta": v["mean_test_auc_delta"],
-                    "epochs_ratio": v["epochs_ratio"]}  # fmt: skip
+        metrics |= {
+            "hpo.test_auc_seed_std": hpo["spread"]["test_auc"]["std"],
+            "test_auc_delta": v["mean_test_auc_delta"],
+            "epochs_ratio": v["epochs_ratio"],
+        }
         metrics |= {f"hpo.s{s['seed']}.{k}": s[k] for s in hpo["seeds"] for k in ("best_val_auc", "test_auc", "epochs")}
         params = {k: str(v)[:500] for k, v in result["settings"].items()}
-        client.log_batch(rid, metrics=[Metric(k, float(x), now, 0) for k, x in metrics.items()],
-                         params=[Param(k, x) for k, x in params.items()])  # fmt: skip
+        client.log_batch(
+            rid,
+            metrics=[Metric(k, float(x), now, 0) for k, x in metrics.items()],
+            params=[Param(k, x) for k, x in params.items()],
+        )
         client.set_tag(rid, "cfcml.search_wins", str(v["search_wins"]))
         for s in hpo["seeds"]:
             client.set_tag(rid, f"study.s{s['seed']}.parent_run_id", s["parent_run_id"])
         for path in files.values():
             client.log_artifact(rid, str(path))
         for rec in grid["configs"]:
-            child = client.create_run(exp_id, run_name=f"grid ni{rec['config']['model.n_image_tokens']} "
-                                      f"nt{rec['config']['model.n_tabular_tokens']}", tags={"mlflow.parentRunId": rid})  # fmt: skip
-            client.log_batch(child.info.run_id, params=[Param(k, str(x)) for k, x in rec["config"].items()],
-                             metrics=[Metric(k, float(rec[k]), now, 0) for k in ("val_auc", "test_auc", "test_auc_std",
-                                                                                 "epochs", "seconds")])  # fmt: skip
+            child = client.create_run(
+                exp_id,
+                run_name=f"grid ni{rec['config']['model.n_image_tokens']} nt{rec['config']['model.n_tabular_tokens']}",
+                tags={"mlflow.parentRunId": rid},
+            )
+            client.log_batch(
+                child.info.run_id,
+                params=[Param(k, str(x)) for k, x in rec["config"].items()],
+                metrics=[
+                    Metric(k, float(rec[k]), now, 0)
+                    for k in ("val_auc", "test_auc", "test_auc_std", "epochs", "seconds")
+                ],
+            )
             terminate_run(client, child.info.run_id, FINISHED)
         terminate_run(client, rid, FINISHED)
     except BaseException:
@@ -478,7 +606,9 @@ def log_to_mlflow(result: dict, files: dict[str, Path]) -> str:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--json", type=Path, help="write the result here")
     p.add_argument("--docs", type=Path, help="write hpo_vs_grid.{md,png} here (e.g. docs)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="search (TPE) seeds")
@@ -494,16 +624,31 @@ def parse_args(argv=None):
     p.add_argument("--cpus", type=int, default=os.cpu_count() or 2, help="CPUs of the local Ray head")
     p.add_argument("--data", type=Path, help="cohort folder (default: a synthetic one under --work)")
     p.add_argument("--work", type=Path, default=None, help="scratch (default: a temp dir, removed at the end)")
-    p.add_argument("--tracking-uri", default=None, help="use this MLflow server (with --ray-address) instead of starting one")
+    p.add_argument(
+        "--tracking-uri", default=None, help="use this MLflow server (with --ray-address) instead of starting one"
+    )
     p.add_argument("--ray-address", default=None)
     p.add_argument("--git-commit", default=None)
-    p.add_argument("--retrain-seeds", type=int, nargs="*", default=[1, 2, 3],
-                   help="retrain each selected configuration with these training seeds (none: skip)")
-    p.add_argument("--reuse-result", type=Path, default=None,
-                   help="take the grid and the studies from an earlier --json with the same settings and only retrain")
-    p.add_argument("--reuse-grid", type=Path, default=None,
-                   help="take the grid from an earlier --json with the same cohort, epochs and image size (the grid "
-                   "is deterministic): for trying study settings")
+    p.add_argument(
+        "--retrain-seeds",
+        type=int,
+        nargs="*",
+        default=[1, 2, 3],
+        help="retrain each selected configuration with these training seeds (none: skip)",
+    )
+    p.add_argument(
+        "--reuse-result",
+        type=Path,
+        default=None,
+        help="take the grid and the studies from an earlier --json with the same settings and only retrain",
+    )
+    p.add_argument(
+        "--reuse-grid",
+        type=Path,
+        default=None,
+        help="take the grid from an earlier --json with the same cohort, epochs and image size (the grid "
+        "is deterministic): for trying study settings",
+    )
     return p.parse_args(argv)
 
 
@@ -529,21 +674,41 @@ def main(argv=None) -> int:
         if not (data / "clinical.csv").exists():
             write_synthetic("men", data, args.patients, 0)
         size = [int(x) for x in args.image_size.split(",")]
-        overrides = [f"data.image_size=[{','.join(map(str, size))}]", f"data.cache_dir={work / 'cache'}",
-                     "train.device=cpu", "train.threads=1"]  # fmt: skip
+        overrides = [
+            f"data.image_size=[{','.join(map(str, size))}]",
+            f"data.cache_dir={work / 'cache'}",
+            "train.device=cpu",
+            "train.threads=1",
+        ]
         grid_def = scaled_grid()
         n_configs = len(set(coordinate_step_one(grid_def)) | set(coordinate_step_two(grid_def, grid_def["nt"][0])))
         budget = grid_budget(n_configs, FOLDS, args.epochs, args.budget_fraction)
         asha = {"grace_period": args.grace_period, "reduction_factor": args.reduction_factor}
-        sampler = {"n_startup_trials": args.n_startup_trials, **({} if args.no_multivariate else {"multivariate": True})}
+        sampler = {
+            "n_startup_trials": args.n_startup_trials,
+            **({} if args.no_multivariate else {"multivariate": True}),
+        }
         space = write_space(work / "space.yaml", grid_def, asha, sampler)
         settings = {
-            "stamp": args.stamp, "preset": PRESET, "patients": args.patients, "image_size": size, "epochs": args.epochs,
-            "folds": FOLDS, "grid_nt": grid_def["nt"], "grid_ni": grid_def["ni"], "grid_ni_fixed": grid_def["ni_fixed"],
-            "grid_scale": f"paper / {SCALE}", "budget_fraction": args.budget_fraction, "budget_epochs": budget,
-            "asha": asha, "sampler": {"name": "TPESampler", **sampler}, "seeds": args.seeds, "train_seed": 0,
-            "cpus": args.cpus, "space": space.read_text(),
-        }  # fmt: skip
+            "stamp": args.stamp,
+            "preset": PRESET,
+            "patients": args.patients,
+            "image_size": size,
+            "epochs": args.epochs,
+            "folds": FOLDS,
+            "grid_nt": grid_def["nt"],
+            "grid_ni": grid_def["ni"],
+            "grid_ni_fixed": grid_def["ni_fixed"],
+            "grid_scale": f"paper / {SCALE}",
+            "budget_fraction": args.budget_fraction,
+            "budget_epochs": budget,
+            "asha": asha,
+            "sampler": {"name": "TPESampler", **sampler},
+            "seeds": args.seeds,
+            "train_seed": 0,
+            "cpus": args.cpus,
+            "space": space.read_text(),
+        }
         log.info("settings: %s", {k: v for k, v in settings.items() if k != "space"})
 
         warm_sentence_cache(data, overrides)
@@ -557,15 +722,28 @@ def main(argv=None) -> int:
                 grid = reused_grid(args.reuse_grid, settings)
             else:
                 grid = run_grid(data, overrides, args.epochs, work / "grid", grid_def)
-            log.info("grid: %d epochs, %.0f s, selected %s (val %.4f, test %.4f)", grid["epochs"], grid["seconds"],
-                     short_config(grid["config"]), grid["best_val_auc"], grid["test_auc"])  # fmt: skip
+            log.info(
+                "grid: %d epochs, %.0f s, selected %s (val %.4f, test %.4f)",
+                grid["epochs"],
+                grid["seconds"],
+                short_config(grid["config"]),
+                grid["best_val_auc"],
+                grid["test_auc"],
+            )
             seeds = []
             for seed in args.seeds:
                 seeds.append(run_hpo(seed, data, overrides, args.epochs, budget, space, args, work))
                 s = seeds[-1]
-                log.info("study seed %d: %d epochs, %.0f s, %d trials, selected %s (val %.4f, test %.4f)", seed,
-                         s["epochs"], s["seconds"], s["trials"], short_config(s["config"]), s["best_val_auc"],
-                         s["test_auc"])  # fmt: skip
+                log.info(
+                    "study seed %d: %d epochs, %.0f s, %d trials, selected %s (val %.4f, test %.4f)",
+                    seed,
+                    s["epochs"],
+                    s["seconds"],
+                    s["trials"],
+                    short_config(s["config"]),
+                    s["best_val_auc"],
+                    s["test_auc"],
+                )
             hpo = aggregate_seeds(seeds)
         result = {"grid": grid, "hpo": hpo, "settings": settings}
         if args.retrain_seeds:
@@ -577,7 +755,11 @@ def main(argv=None) -> int:
         print(table)
         out_dir = args.docs or work / "out"
         out_dir.mkdir(parents=True, exist_ok=True)
-        files = {"md": out_dir / "hpo_vs_grid.md", "png": out_dir / "hpo_vs_grid.png", "json": out_dir / "hpo_vs_grid.json"}
+        files = {
+            "md": out_dir / "hpo_vs_grid.md",
+            "png": out_dir / "hpo_vs_grid.png",
+            "json": out_dir / "hpo_vs_grid.json",
+        }
         files["md"].write_text(table)
         import matplotlib.pyplot as plt
 
@@ -588,7 +770,9 @@ def main(argv=None) -> int:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(text)
         run_id = log_to_mlflow(result, files)
-        log.info("logged to MLflow run %s (experiment %s); total %.1f min", run_id, EXPERIMENT, (time.time() - t_start) / 60)
+        log.info(
+            "logged to MLflow run %s (experiment %s); total %.1f min", run_id, EXPERIMENT, (time.time() - t_start) / 60
+        )
         return 0
     except BaseException:
         log.exception("the benchmark failed")  # before the services go: a Ray driver dies with its head

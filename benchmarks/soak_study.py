@@ -157,15 +157,34 @@ def main(argv=None) -> int:
             write_synthetic("men", data, args.patients, 0)
         name = f"soak-{time.strftime('%Y%m%d-%H%M%S')}"
         optuna_db = work / f"{name}.optuna.db"
-        overrides = ["data.image_size=[4,16,16]", "data.aug_prob=0.0", f"data.cache_dir={work / 'cache'}",
-                     "train.device=cpu", "train.threads=1", "train.select_min_epoch=0", "train.select_window=1"]  # fmt: skip
+        overrides = [
+            "data.image_size=[4,16,16]",
+            "data.aug_prob=0.0",
+            f"data.cache_dir={work / 'cache'}",
+            "train.device=cpu",
+            "train.threads=1",
+            "train.select_min_epoch=0",
+            "train.select_window=1",
+        ]
         spec = StudySpec(
-            preset="men-smoke", data=str(data), dataset="men", name=name, overrides=overrides,
-            search_space=str(write_space(work / "space.yaml")), num_samples=args.trials, epochs=args.epochs,
-            storage=str(work / "ray_results"), search_runs=1, tracking_uri=os.environ["MLFLOW_TRACKING_URI"],
-            experiment="cfcml-soak", register=False, optuna_storage=f"sqlite:///{optuna_db}",
-            ray_address=os.environ.get("RAY_ADDRESS"), work_dir=str(work / "eval"), git_commit="soak",
-        )  # fmt: skip
+            preset="men-smoke",
+            data=str(data),
+            dataset="men",
+            name=name,
+            overrides=overrides,
+            search_space=str(write_space(work / "space.yaml")),
+            num_samples=args.trials,
+            epochs=args.epochs,
+            storage=str(work / "ray_results"),
+            search_runs=1,
+            tracking_uri=os.environ["MLFLOW_TRACKING_URI"],
+            experiment="cfcml-soak",
+            register=False,
+            optuna_storage=f"sqlite:///{optuna_db}",
+            ray_address=os.environ.get("RAY_ADDRESS"),
+            work_dir=str(work / "eval"),
+            git_commit="soak",
+        )
         start = driver_sample()
         sampler = Sampler(optuna_db, os.environ.get("RAY_ADDRESS"), at=args.at)
         sampler.start()
@@ -180,19 +199,27 @@ def main(argv=None) -> int:
             raise SystemExit(f"the study closed fewer than {args.at} trials: nothing to compare")
         samples = sampler.samples
         summary = {
-            "trials": end["trials"], "seconds": round(seconds, 1), "at": args.at, "start": start, "early": early,
-            "end": end, "peak_rss_mib": max(s["rss_mib"] for s in samples),
-            "rss_mib_per_trial": slope(samples, "rss_mib", args.at), "fds_per_trial": slope(samples, "fds", args.at),
+            "trials": end["trials"],
+            "seconds": round(seconds, 1),
+            "at": args.at,
+            "start": start,
+            "early": early,
+            "end": end,
+            "peak_rss_mib": max(s["rss_mib"] for s in samples),
+            "rss_mib_per_trial": slope(samples, "rss_mib", args.at),
+            "fds_per_trial": slope(samples, "fds", args.at),
             "threads_per_trial": slope(samples, "threads", args.at),
-        }  # fmt: skip
+        }
         print(f"soak: {end['trials']} trials in {seconds:.0f} s (driver pid {os.getpid()})")
         print(f"{'':>14} {'RSS MiB':>9} {'fds':>5} {'threads':>8} {'object store MiB':>17}")
         print(f"{'start':>14} {start['rss_mib']:9.1f} {start['fds']:5d} {start['threads']:8d} {'':>17}")
         for label, s in ((f"trial {early['trials']}", early), (f"end ({end['trials']})", end)):
             print(f"{label:>14} {s['rss_mib']:9.1f} {s['fds']:5d} {s['threads']:8d} {s['object_store_mib']:17.2f}")
-        print(f"growth per trial after trial {args.at}: RSS {summary['rss_mib_per_trial']:+.2f} MiB, "
-              f"fds {summary['fds_per_trial']:+.3f}, threads {summary['threads_per_trial']:+.3f}; "
-              f"peak RSS {summary['peak_rss_mib']:.1f} MiB")  # fmt: skip
+        print(
+            f"growth per trial after trial {args.at}: RSS {summary['rss_mib_per_trial']:+.2f} MiB, "
+            f"fds {summary['fds_per_trial']:+.3f}, threads {summary['threads_per_trial']:+.3f}; "
+            f"peak RSS {summary['peak_rss_mib']:.1f} MiB"
+        )
         if args.json:
             args.json.write_text(json.dumps({"summary": summary, "samples": samples}, indent=1) + "\n")
     finally:

@@ -13,11 +13,22 @@ EXIT_REFUSED = 3
 
 
 def _add_preset_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", required=True, help="men | derm7pt | men-smoke | derm7pt-smoke | photo-starter | volume-starter")
-    p.add_argument("--dataset", metavar="NAME|PATH.yaml",
-                   help="the cohort: a built-in one (men, derm7pt) or a schema file (default: the preset's)")  # fmt: skip
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.lr=1e-3 (repeatable)")
+    p.add_argument(
+        "--preset", required=True, help="men | derm7pt | men-smoke | derm7pt-smoke | photo-starter | volume-starter"
+    )
+    p.add_argument(
+        "--dataset",
+        metavar="NAME|PATH.yaml",
+        help="the cohort: a built-in one (men, derm7pt) or a schema file (default: the preset's)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.lr=1e-3 (repeatable)",
+    )
 
 
 def _positive_int(text: str) -> int:
@@ -113,7 +124,11 @@ def cmd_data_check(args) -> int:
             print(f"info: {note}")
         print(f"{spec.name} cohort at {args.root}: {len(cohort.cases)} cases, no problems")
         for split, per_class in counts.items():
-            print(f"  {split:8s} " + "  ".join(f"{c} {n}" for c, n in per_class.items()) + f"  (total {sum(per_class.values())})")
+            print(
+                f"  {split:8s} "
+                + "  ".join(f"{c} {n}" for c, n in per_class.items())
+                + f"  (total {sum(per_class.values())})"
+            )
     return 0
 
 
@@ -124,9 +139,17 @@ def cmd_train(args) -> int:
     cfg = _config(args)
     name = f"fold{args.fold}" if args.fold is not None else f"seed{args.seed}"
     live = None if args.quiet else Progress([name], cfg.train.epochs, cfg.train.select_metric)
-    result = train_one(cfg, args.data, out_dir=args.out, fold=args.fold, seed=args.seed, resume=args.resume,
-                       overwrite=args.overwrite, reporter=reporter_for(live, name, cfg.train.select_metric),
-                       progress=False)  # fmt: skip
+    result = train_one(
+        cfg,
+        args.data,
+        out_dir=args.out,
+        fold=args.fold,
+        seed=args.seed,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        reporter=reporter_for(live, name, cfg.train.select_metric),
+        progress=False,
+    )
     if live is not None:
         live.close()
     print(json.dumps(result["test"], indent=2))
@@ -140,9 +163,17 @@ def cmd_cv(args) -> int:
         return _cv_methods(args)
     cfg = _config(args)
     try:
-        summary = run_protocol(cfg, args.data, out_dir=args.out, compare=args.compare, jobs=args.jobs,
-                               report=_stderr_or_quiet(args), overwrite=args.overwrite, baselines=args.baselines,
-                               progress=not args.quiet)  # fmt: skip
+        summary = run_protocol(
+            cfg,
+            args.data,
+            out_dir=args.out,
+            compare=args.compare,
+            jobs=args.jobs,
+            report=_stderr_or_quiet(args),
+            overwrite=args.overwrite,
+            baselines=args.baselines,
+            progress=not args.quiet,
+        )
     except ProtocolError as e:  # a run failed in a worker; finished runs are kept for the next call
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -161,12 +192,24 @@ def _cv_methods(args) -> int:
     from .engine.protocol import ProtocolError
 
     if args.compare:
-        print("error: --compare and --methods exclude each other (--methods compares against CFCML itself)", file=sys.stderr)
+        print(
+            "error: --compare and --methods exclude each other (--methods compares against CFCML itself)",
+            file=sys.stderr,
+        )
         return EXIT_BAD_INPUT
     try:
-        comparison = run_comparison(args.preset, args.overrides, parse_methods(args.methods), args.data, args.out,
-                                    epochs=args.epochs, jobs=args.jobs, baselines=args.baselines,
-                                    report=_stderr_or_quiet(args), progress=not args.quiet)
+        comparison = run_comparison(
+            args.preset,
+            args.overrides,
+            parse_methods(args.methods),
+            args.data,
+            args.out,
+            epochs=args.epochs,
+            jobs=args.jobs,
+            baselines=args.baselines,
+            report=_stderr_or_quiet(args),
+            progress=not args.quiet,
+        )
     except ProtocolError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -194,8 +237,16 @@ def cmd_promote(args) -> int:
         raise PromotionError(str(e)) from None
     try:
         with cli_mlflow_client():
-            r = promote(MlflowClient(uri), args.model, version=args.version, alias=args.alias, metric=args.metric,
-                        force=args.force, reason=args.reason, greater_is_better=args.greater_is_better)  # fmt: skip
+            r = promote(
+                MlflowClient(uri),
+                args.model,
+                version=args.version,
+                alias=args.alias,
+                metric=args.metric,
+                force=args.force,
+                reason=args.reason,
+                greater_is_better=args.greater_is_better,
+            )
     except MlflowException as e:
         raise PromotionError(f"the tracking server failed the request: {one_line(e.message, limit=300)}") from None
     print(r.message)
@@ -206,8 +257,13 @@ def cmd_promote(args) -> int:
 def cmd_predict(args) -> int:
     from .platform.predict import predict_cohort
 
-    out = predict_cohort(args.model, args.data, out=args.out, tracking_uri=args.tracking_uri,
-                         dataset=_dataset_arg(args.dataset) if args.dataset else None)  # fmt: skip
+    out = predict_cohort(
+        args.model,
+        args.data,
+        out=args.out,
+        tracking_uri=args.tracking_uri,
+        dataset=_dataset_arg(args.dataset) if args.dataset else None,
+    )
     print(f"wrote predictions to {out}")
     return 0
 
@@ -217,8 +273,14 @@ def cmd_serve(args) -> int:
     from .platform.serve_request import Limits
 
     limits = Limits(max_bytes=int(args.max_request_mb * 2**20), max_cases=args.max_cases)
-    return serve(args.model, host=args.host, port=args.port, data_root=args.data_root, tracking_uri=args.tracking_uri,
-                 limits=limits)
+    return serve(
+        args.model,
+        host=args.host,
+        port=args.port,
+        data_root=args.data_root,
+        tracking_uri=args.tracking_uri,
+        limits=limits,
+    )
 
 
 def _megabytes(text: str) -> float:
@@ -232,9 +294,17 @@ def cmd_report(args) -> int:
     from .report.from_runs import report_from_folder
 
     meta = {"synthetic": True} if args.synthetic else None
-    report = report_from_folder(args.run_dir, args.out, data=args.data, device=args.device, missing=not args.no_missing,
-                                explain=(args.explain, args.explain), meta=meta, n_bootstrap=args.n_bootstrap,
-                                seed=args.seed)  # fmt: skip
+    report = report_from_folder(
+        args.run_dir,
+        args.out,
+        data=args.data,
+        device=args.device,
+        missing=not args.no_missing,
+        explain=(args.explain, args.explain),
+        meta=meta,
+        n_bootstrap=args.n_bootstrap,
+        seed=args.seed,
+    )
     ci = report.get("auc_ci") or [None, None]
     auc = "n/a" if report.get("auc") is None else f"{report['auc']:.3f}"
     span = "n/a" if None in ci else f"{ci[0]:.3f}-{ci[1]:.3f}"
@@ -266,9 +336,12 @@ def _add_dataset_choice(p: argparse.ArgumentParser) -> None:
 def build_parser(tune_options: bool = True) -> argparse.ArgumentParser:
     """The `cfcml` parser; ``tune_options=False`` leaves out the options of `tune` (generating
     them imports the study machinery, which other commands do not need)."""
-    parser = argparse.ArgumentParser(prog="cfcml", description="Train, tune, track and ship CFCML models.",
-                                     epilog="Exit status: 0 done, 2 bad input (one line on stderr), 1 internal error, "
-                                     "3 promotion refused by the gate.")  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="cfcml",
+        description="Train, tune, track and ship CFCML models.",
+        epilog="Exit status: 0 done, 2 bad input (one line on stderr), 1 internal error, "
+        "3 promotion refused by the gate.",
+    )
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error (any position)")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -304,7 +377,9 @@ def build_parser(tune_options: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("runs/train"))
     p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a different run already in --out")
-    p.add_argument("--quiet", action="store_true", help="no live progress (runs x epochs, latest validation metric, time left)")
+    p.add_argument(
+        "--quiet", action="store_true", help="no live progress (runs x epochs, latest validation metric, time left)"
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("cv", help="the paper's protocol: all folds, or all seeds of a fixed split")
@@ -314,13 +389,26 @@ def build_parser(tune_options: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("runs/cv"))
     p.add_argument("--overwrite", action="store_true", help="replace different runs already in --out")
     p.add_argument("--compare", type=Path, help="another protocol run: add Wilcoxon p-values")
-    p.add_argument("--baselines", action="store_true", help="also fit classical models on the attributes alone "
-                   "(logistic regression, gradient boosting) on the same splits: rows of summary.md, paired tests")
-    p.add_argument("--methods", help="comma-separated model.method values (or 'all'): the protocol once per method into "
-                   "OUT/<method>/, then OUT/comparison.md and .json with Wilcoxon p-values against CFCML (always run)")
-    p.add_argument("--jobs", type=_positive_int, help="runs trained at once in worker processes (default: all while at most two per "
-                   "CPU core, else one per core; one per GPU); CPU threads are split between them")
-    p.add_argument("--quiet", action="store_true", help="no live progress (runs x epochs, latest validation metric, time left)")
+    p.add_argument(
+        "--baselines",
+        action="store_true",
+        help="also fit classical models on the attributes alone "
+        "(logistic regression, gradient boosting) on the same splits: rows of summary.md, paired tests",
+    )
+    p.add_argument(
+        "--methods",
+        help="comma-separated model.method values (or 'all'): the protocol once per method into "
+        "OUT/<method>/, then OUT/comparison.md and .json with Wilcoxon p-values against CFCML (always run)",
+    )
+    p.add_argument(
+        "--jobs",
+        type=_positive_int,
+        help="runs trained at once in worker processes (default: all while at most two per "
+        "CPU core, else one per core; one per GPU); CPU threads are split between them",
+    )
+    p.add_argument(
+        "--quiet", action="store_true", help="no live progress (runs x epochs, latest validation metric, time left)"
+    )
     p.set_defaults(func=cmd_cv)
 
     p = sub.add_parser("promote", help="move the 'champion' alias if the candidate's own measured metric is better")
@@ -328,11 +416,21 @@ def build_parser(tune_options: bool = True) -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--version")
     g.add_argument("--alias")
-    p.add_argument("--metric", default="auc", help="the versions' own metric on untouched patients, from their "
-                   "evaluation.json (default auc); never the search's val_*/cv_* maximum")
+    p.add_argument(
+        "--metric",
+        default="auc",
+        help="the versions' own metric on untouched patients, from their "
+        "evaluation.json (default auc); never the search's val_*/cv_* maximum",
+    )
     d = p.add_mutually_exclusive_group()
-    d.add_argument("--greater-is-better", dest="greater_is_better", action="store_const", const=True, default=None,
-                   help="needed for a metric the gate does not know (it knows auc, acc, loss, ...)")
+    d.add_argument(
+        "--greater-is-better",
+        dest="greater_is_better",
+        action="store_const",
+        const=True,
+        default=None,
+        help="needed for a metric the gate does not know (it knows auc, acc, loss, ...)",
+    )
     d.add_argument("--lower-is-better", dest="greater_is_better", action="store_const", const=False)
     p.add_argument("--force", action="store_true", help="skip the comparison (needs --reason)")
     p.add_argument("--reason")
@@ -342,19 +440,29 @@ def build_parser(tune_options: bool = True) -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="score a cohort with a registered model")
     p.add_argument("--model", required=True, help="e.g. models:/cfcml-men@champion")
     p.add_argument("--data", required=True, type=Path)
-    p.add_argument("--dataset", metavar="NAME|PATH.yaml", help="read --data with this schema (default: the model's own)")
+    p.add_argument(
+        "--dataset", metavar="NAME|PATH.yaml", help="read --data with this schema (default: the model's own)"
+    )
     p.add_argument("--out", type=Path, default=Path("preds.csv"))
-    p.add_argument("--tracking-uri", default=None,
-                   help="default: $MLFLOW_TRACKING_URI; required for models:/ and runs:/ URIs (no local fallback)")
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="default: $MLFLOW_TRACKING_URI; required for models:/ and runs:/ URIs (no local fallback)",
+    )
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("serve", help="serve a registered model over HTTP (POST /invocations, GET /ping)")
     p.add_argument("--model", required=True, help="e.g. models:/cfcml-men@champion")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--data-root", type=Path, help="images may be given as paths under this folder (default: inline only)")
-    p.add_argument("--tracking-uri", default=None,
-                   help="default: $MLFLOW_TRACKING_URI; required for models:/ and runs:/ URIs (no local fallback)")
+    p.add_argument(
+        "--data-root", type=Path, help="images may be given as paths under this folder (default: inline only)"
+    )
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="default: $MLFLOW_TRACKING_URI; required for models:/ and runs:/ URIs (no local fallback)",
+    )
     p.add_argument("--max-request-mb", type=_megabytes, default=64.0, help="largest request body in MiB (default 64)")
     p.add_argument("--max-cases", type=_positive_int, default=64, help="most cases in one request (default 64)")
     p.set_defaults(func=cmd_serve)
@@ -366,8 +474,13 @@ def build_parser(tune_options: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="where the model runs for missing inputs and Grad-CAM (cpu, cuda)")
     p.add_argument("--n-bootstrap", type=_positive_int, default=2000, help="bootstrap resamples of the test patients")
     p.add_argument("--seed", type=int, default=0, help="bootstrap and t-SNE seed")
-    p.add_argument("--explain", type=_count, default=2, metavar="N",
-                   help="Grad-CAM for the N most confident correct and N most confident wrong test cases (0: none)")
+    p.add_argument(
+        "--explain",
+        type=_count,
+        default=2,
+        metavar="N",
+        help="Grad-CAM for the N most confident correct and N most confident wrong test cases (0: none)",
+    )
     p.add_argument("--no-missing", action="store_true", help="skip the missing-input evaluation")
     p.add_argument("--synthetic", action="store_true", help="state in the report that the cohort is synthetic")
     p.set_defaults(func=cmd_report)
@@ -403,9 +516,24 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
     from .platform.tracking_server import TrackingServerError
 
     # FileNotFoundError & co.: a path the user gave (data, run folder, checkpoint) is not there
-    return (ConfigError, CohortError, SpecError, RunMismatch, TrainingFailed, TextEncoderUnavailable, BlankSeriesError,
-            CheckpointError, PromotionError, PredictError, TrackingServerError,
-            FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, UnicodeDecodeError)  # fmt: skip
+    return (
+        ConfigError,
+        CohortError,
+        SpecError,
+        RunMismatch,
+        TrainingFailed,
+        TextEncoderUnavailable,
+        BlankSeriesError,
+        CheckpointError,
+        PromotionError,
+        PredictError,
+        TrackingServerError,
+        FileNotFoundError,
+        NotADirectoryError,
+        IsADirectoryError,
+        PermissionError,
+        UnicodeDecodeError,
+    )
 
 
 def _error_line(e: BaseException) -> str:

@@ -26,7 +26,9 @@ class DataConfig:
     color: str = "rgb_imagenet"  # photos: rgb_imagenet | bgr_255 (the authors' code)
     aug_prob: float = 0.3
     augment: str = "default"  # Derm7pt: authors (their albumentations pipeline) | default (milder, both photos)
-    device_augment: str = "auto"  # volumes: auto (CUDA; small splits on CPU) | always | never: split on the device, augmented per batch
+    device_augment: str = (
+        "auto"  # volumes: auto (CUDA; small splits on CPU) | always | never: split on the device, augmented per batch
+    )
     num_workers: int = 2
     cache_dir: str = ".cfcml-cache"
 
@@ -38,7 +40,9 @@ class ModelConfig:
     image_channels: int = 16  # nnMamba base width C
     mamba_d_state: int = 16  # nnMamba's SSM state size N
     scan_impl: str = "auto"  # auto (mamba-ssm kernels on CUDA if installed, else chunked) | chunked | logdepth
-    image_pretrained: str = "none"  # Swin-T: required (refuse to train without) | none | a checkpoint path | a timm hub name
+    image_pretrained: str = (
+        "none"  # Swin-T: required (refuse to train without) | none | a checkpoint path | a timm hub name
+    )
     swin_variant: str = "tiny"  # tiny (the paper's Swin-T) | micro (smoke presets)
     swin_detach_early_stages: bool = False  # the authors' behaviour: only stage 4 trains Swin
     text_encoder: str = "clip"  # clip (open_clip ViT-B-32 text tower)
@@ -230,8 +234,10 @@ def build_config(preset: str, overrides: list[str] | dict | None = None) -> Conf
     values = _merge(load_preset(preset), over)
     method, foreign = foreign_method_args(values)
     if foreign:
-        raise ConfigError(f"{', '.join(foreign)} set while model.method={method}: those values would be ignored "
-                          "(select that method with --set model.method=..., or drop them)")
+        raise ConfigError(
+            f"{', '.join(foreign)} set while model.method={method}: those values would be ignored "
+            "(select that method with --set model.method=..., or drop them)"
+        )
     cfg = _build(Config, values, "")
     _validate(cfg)
     return cfg
@@ -312,37 +318,72 @@ def _validate(cfg: Config) -> None:
         _check(_finite(value) and test(value), key, f"expected {expected}, got {value!r}")
     m, t = cfg.model, cfg.train
     _check(m.dim % m.heads == 0, "model.heads", f"{m.heads} heads do not divide model.dim = {m.dim}")
-    _check(m.use_images or m.use_tabular, "model.use_images", "model.use_images and model.use_tabular cannot both be false")
-    _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", t.device) is not None, "train.device",
-           f"{t.device!r} is not one of auto, cpu, cuda, cuda:N, mps")  # fmt: skip
-    _check(len(t.seeds) >= 1 and len(set(t.seeds)) == len(t.seeds), "train.seeds", f"expected distinct seeds, got {t.seeds}")
-    _check(all(1 <= s <= 8192 for s in cfg.data.image_size), "data.image_size", f"sizes must lie in 1..8192, got {cfg.data.image_size}")
+    _check(
+        m.use_images or m.use_tabular, "model.use_images", "model.use_images and model.use_tabular cannot both be false"
+    )
+    _check(
+        re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", t.device) is not None,
+        "train.device",
+        f"{t.device!r} is not one of auto, cpu, cuda, cuda:N, mps",
+    )
+    _check(
+        len(t.seeds) >= 1 and len(set(t.seeds)) == len(t.seeds),
+        "train.seeds",
+        f"expected distinct seeds, got {t.seeds}",
+    )
+    _check(
+        all(1 <= s <= 8192 for s in cfg.data.image_size),
+        "data.image_size",
+        f"sizes must lie in 1..8192, got {cfg.data.image_size}",
+    )
 
-    _check(first_candidate_epoch(t) < t.epochs, "train.select_min_epoch",
-           f"no epoch can be selected: the first candidate is epoch {first_candidate_epoch(t)} (select_window "
-           f"{t.select_window}, select_min_epoch {t.select_min_epoch}, warmup_epochs {t.warmup_epochs}) "
-           f"but train.epochs = {t.epochs}")  # fmt: skip
+    _check(
+        first_candidate_epoch(t) < t.epochs,
+        "train.select_min_epoch",
+        f"no epoch can be selected: the first candidate is epoch {first_candidate_epoch(t)} (select_window "
+        f"{t.select_window}, select_min_epoch {t.select_min_epoch}, warmup_epochs {t.warmup_epochs}) "
+        f"but train.epochs = {t.epochs}",
+    )
     spec = cohort_spec(cfg)
     wants = {"nnmamba3d": "volume", "swin_t": "photo"}[m.image_encoder]
-    _check(wants == spec.image_kind, "model.image_encoder",
-           f"the preset {cfg.name}'s encoder {m.image_encoder} reads {wants}s, but the {spec.name} cohort "
-           f"({spec.source}) holds {spec.image_kind}s: choose a {spec.image_kind} preset")  # fmt: skip
+    _check(
+        wants == spec.image_kind,
+        "model.image_encoder",
+        f"the preset {cfg.name}'s encoder {m.image_encoder} reads {wants}s, but the {spec.name} cohort "
+        f"({spec.source}) holds {spec.image_kind}s: choose a {spec.image_kind} preset",
+    )
     ndim = 3 if spec.image_kind == "volume" else 2
-    _check(len(cfg.data.image_size) == ndim, "data.image_size",
-           f"the {spec.name} cohort holds {spec.image_kind}s, which need {ndim} sizes "
-           f"({'D, H, W' if ndim == 3 else 'H, W'}), got {cfg.data.image_size}")  # fmt: skip
+    _check(
+        len(cfg.data.image_size) == ndim,
+        "data.image_size",
+        f"the {spec.name} cohort holds {spec.image_kind}s, which need {ndim} sizes "
+        f"({'D, H, W' if ndim == 3 else 'H, W'}), got {cfg.data.image_size}",
+    )
     if spec.image_kind == "photo":
-        _check(cfg.data.image_size[0] == cfg.data.image_size[1] and cfg.data.image_size[0] % 32 == 0,
-               "data.image_size", f"Swin needs square photos with a side divisible by 32, got {cfg.data.image_size}")  # fmt: skip
+        _check(
+            cfg.data.image_size[0] == cfg.data.image_size[1] and cfg.data.image_size[0] % 32 == 0,
+            "data.image_size",
+            f"Swin needs square photos with a side divisible by 32, got {cfg.data.image_size}",
+        )
     else:
-        _check(min(cfg.data.image_size) >= 2, "data.image_size", f"volumes need at least 2 voxels per axis, got {cfg.data.image_size}")
-    _check(t.batch_size >= spec.num_classes, "train.batch_size",
-           f"{t.batch_size} cannot hold one case of each of the {spec.num_classes} classes")  # fmt: skip
+        _check(
+            min(cfg.data.image_size) >= 2,
+            "data.image_size",
+            f"volumes need at least 2 voxels per axis, got {cfg.data.image_size}",
+        )
+    _check(
+        t.batch_size >= spec.num_classes,
+        "train.batch_size",
+        f"{t.batch_size} cannot hold one case of each of the {spec.num_classes} classes",
+    )
     from .engine.metrics import metric_names
 
     names = [*metric_names(spec.classes), "loss"]
-    _check(t.select_metric in names, "train.select_metric",
-           f"{t.select_metric!r} is not a metric of the {spec.name} cohort ({', '.join(names)})")  # fmt: skip
+    _check(
+        t.select_metric in names,
+        "train.select_metric",
+        f"{t.select_metric!r} is not a metric of the {spec.name} cohort ({', '.join(names)})",
+    )
     problems = method_config_problems(cfg)
     if problems:
         raise ConfigError("; ".join(problems))

@@ -18,8 +18,18 @@ from cfcml.datasets.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 GLIOMA = ROOT / "examples" / "glioma-demo.yaml"
-SMALL = ["--set", "data.image_size=[4,16,16]", "--set", "model.image_channels=2", "--set", "train.batch_size=6",
-         "--set", "train.select_min_epoch=0", "--set", "train.select_window=1"]  # 1-epoch runs select epoch 0
+SMALL = [
+    "--set",
+    "data.image_size=[4,16,16]",
+    "--set",
+    "model.image_channels=2",
+    "--set",
+    "train.batch_size=6",
+    "--set",
+    "train.select_min_epoch=0",
+    "--set",
+    "train.select_window=1",
+]  # 1-epoch runs select epoch 0
 
 SKIN = """
 name: skin-demo
@@ -78,7 +88,17 @@ def test_glioma_trains_and_cross_validates_with_the_binary_metric_set(glioma, tm
     assert main(["train", *base, "--fold", "2", "--out", str(tmp_path / "run")]) == 0
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["dataset"] == "glioma-demo" and metrics["run"] == "fold2"
-    assert set(metrics["test"]) == {"sen", "spe", "acc", "g_mean", "balanced_acc", "auprc", "auprc_label", "auc", "loss"}
+    assert set(metrics["test"]) == {
+        "sen",
+        "spe",
+        "acc",
+        "g_mean",
+        "balanced_acc",
+        "auprc",
+        "auprc_label",
+        "auc",
+        "loss",
+    }
     assert main(["cv", *base, "--out", str(tmp_path / "cv")]) == 0
     table = (tmp_path / "cv" / "summary.md").read_text()
     assert "glioma-demo" in table and "| SEN |" in table and "3 folds" in table
@@ -93,8 +113,24 @@ def test_a_photo_cohort_with_three_classes_and_split_lists(skin, tmp_path, capsy
     assert list(counts) == ["train", "valid", "test"]
     assert all(set(c) == {"benign", "dysplastic", "malignant"} and min(c.values()) > 0 for c in counts.values())
     assert (data / "lists" / "train.txt").read_text().split()[0].startswith("SKI")  # one id per line
-    args = ["--preset", "derm7pt-smoke", "--dataset", str(schema), "--data", str(data), "--epochs", "1", "--set",
-            "data.image_size=[32,32]", "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", "train.seeds=[0]", "--set", "train.select_min_epoch=0"]
+    args = [
+        "--preset",
+        "derm7pt-smoke",
+        "--dataset",
+        str(schema),
+        "--data",
+        str(data),
+        "--epochs",
+        "1",
+        "--set",
+        "data.image_size=[32,32]",
+        "--set",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "--set",
+        "train.seeds=[0]",
+        "--set",
+        "train.select_min_epoch=0",
+    ]
     assert main(["cv", *args, "--out", str(tmp_path / "cv")]) == 0
     summary = json.loads((tmp_path / "cv" / "summary.json").read_text())
     assert set(summary["metrics"]) >= {"acc", "acc_benign", "acc_dysplastic", "acc_malignant", "macro_f1", "auc"}
@@ -103,7 +139,18 @@ def test_a_photo_cohort_with_three_classes_and_split_lists(skin, tmp_path, capsy
 
 def test_a_volume_preset_on_the_photo_cohort_is_refused_naming_both(skin, tmp_path, capsys):
     schema, data = skin
-    code = main(["train", "--preset", "men-smoke", "--dataset", str(schema), "--data", str(data),
-                 "--out", str(tmp_path / "run")])  # fmt: skip
+    code = main(
+        [
+            "train",
+            "--preset",
+            "men-smoke",
+            "--dataset",
+            str(schema),
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "run"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "men-smoke" in err and "nnmamba3d" in err and "skin-demo" in err and "photos" in err

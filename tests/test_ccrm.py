@@ -25,9 +25,7 @@ def _unit(v):
 def _ell(a, pos, neg):
     """-log(sum_P s / (sum_P s + sum_N s)) with s = exp(cos/tau), literally."""
     sp = sum(torch.exp(torch.dot(a, p) / TAU) for p in pos)
-    sn = sum(
-        (torch.exp(torch.dot(a, n) / TAU) for n in neg), torch.zeros((), dtype=a.dtype)
-    )
+    sn = sum((torch.exp(torch.dot(a, n) / TAU) for n in neg), torch.zeros((), dtype=a.dtype))
     return -torch.log(sp / (sp + sn))
 
 
@@ -38,17 +36,8 @@ def reference(features, labels, num_classes):
     z = [[_unit(features[j][i]) for i in range(B)] for j in range(M)]
     classes = [c for c in range(num_classes) if c in y]
     members = {c: [i for i in range(B) if y[i] == c] for c in classes}
-    up = {
-        (j, c): _unit(sum(z[j][i] for i in members[c]) / len(members[c]))
-        for j in range(M)
-        for c in classes
-    }
-    cp = {
-        c: _unit(
-            sum(z[j][i] for j in range(M) for i in members[c]) / (M * len(members[c]))
-        )
-        for c in classes
-    }
+    up = {(j, c): _unit(sum(z[j][i] for i in members[c]) / len(members[c])) for j in range(M) for c in classes}
+    cp = {c: _unit(sum(z[j][i] for j in range(M) for i in members[c]) / (M * len(members[c]))) for c in classes}
 
     sam = 0.0
     for j in range(M):
@@ -80,10 +69,7 @@ def _make(M, labels, D=16, seed=0, dtype=torch.float64):
     # A class-dependent offset makes the losses non-trivial (not all ~log(#P+#N)).
     centers = torch.randn(M, 8, D, generator=g, dtype=dtype)
     return [
-        (
-            centers[j, labels]
-            + 1.5 * torch.randn(len(labels), D, generator=g, dtype=dtype)
-        ).requires_grad_()
+        (centers[j, labels] + 1.5 * torch.randn(len(labels), D, generator=g, dtype=dtype)).requires_grad_()
         for j in range(M)
     ]
 
@@ -100,9 +86,7 @@ def _check_against_reference(feats64, labels, K, rtol=1e-4, atol=1e-5):
             rtol=rtol,
             atol=atol,
         )
-        if (
-            not torch.is_tensor(ref[key]) or not ref[key].requires_grad
-        ):  # constant 0 in the reference
+        if not torch.is_tensor(ref[key]) or not ref[key].requires_grad:  # constant 0 in the reference
             g = torch.autograd.grad(out[key], feats32, allow_unused=True)
             assert all(x is None or torch.all(x == 0) for x in g)
             continue
@@ -110,9 +94,7 @@ def _check_against_reference(feats64, labels, K, rtol=1e-4, atol=1e-5):
         g = torch.autograd.grad(out[key], feats32, retain_graph=True)
         for a, b in zip(g, g_ref):
             assert torch.isfinite(a).all()
-            torch.testing.assert_close(
-                a.double(), b, rtol=rtol, atol=atol * max(1.0, b.abs().max().item())
-            )
+            torch.testing.assert_close(a.double(), b, rtol=rtol, atol=atol * max(1.0, b.abs().max().item()))
 
 
 @pytest.mark.parametrize("M", [3, 4])
@@ -152,9 +134,7 @@ def test_bf16_autocast_close():
     ref = reference([f.detach().double() for f in feats], labels, 3)  # same bf16 inputs
     for key in out:
         assert out[key].dtype == torch.float32
-        assert math.isclose(
-            out[key].item(), float(ref[key]), rel_tol=1e-4, abs_tol=1e-5
-        )
+        assert math.isclose(out[key].item(), float(ref[key]), rel_tol=1e-4, abs_tol=1e-5)
     sum(out.values()).backward()
     assert all(torch.isfinite(p.grad).all() for lin in lins for p in lin.parameters())
 
@@ -212,10 +192,7 @@ def _ddp_worker(rank, world, init_file, splits):
             ref_total = sum(WEIGHTS[k] * v for k, v in ref_out.items())
             ref_fgrad = torch.autograd.grad(ref_total, ref_feats)
             ref_model.zero_grad()
-            sum(
-                WEIGHTS[k] * v
-                for k, v in ccrm_losses(ref_model(x), labels, K, TAU).items()
-            ).backward()
+            sum(WEIGHTS[k] * v for k, v in ccrm_losses(ref_model(x), labels, K, TAU).items()).backward()
 
             # DDP: each rank sees only its rows.
             torch.manual_seed(1)
@@ -230,9 +207,7 @@ def _ddp_worker(rank, world, init_file, splits):
 
             # Documented convention: local feature grads = W x single-process grads of those rows ...
             for f, g in zip(feats, ref_fgrad):
-                torch.testing.assert_close(
-                    f.grad, world * g[rows], rtol=1e-4, atol=1e-6
-                )
+                torch.testing.assert_close(f.grad, world * g[rows], rtol=1e-4, atol=1e-6)
             # ... so DDP's averaged parameter grads equal the single-process ones, unscaled.
             for p, q in zip(model.module.parameters(), ref_model.parameters()):
                 torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6)

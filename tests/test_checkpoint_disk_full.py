@@ -161,8 +161,19 @@ def derm(tmp_path_factory) -> Path:
 
 def _train(derm: Path, out: Path, cache: Path, *extra: str) -> list[str]:
     sets = ["data.image_size=[32,32]", f"data.cache_dir={cache}", "train.select_min_epoch=0"]
-    return ["train", "--preset", "derm7pt-smoke", "--data", str(derm), "--epochs", "2", "--out", str(out),
-            *[a for s in sets for a in ("--set", s)], *extra]  # fmt: skip
+    return [
+        "train",
+        "--preset",
+        "derm7pt-smoke",
+        "--data",
+        str(derm),
+        "--epochs",
+        "2",
+        "--out",
+        str(out),
+        *[a for s in sets for a in ("--set", s)],
+        *extra,
+    ]
 
 
 def _train_fails_then_resumes(derm, out, cache, capsys, free_space) -> None:

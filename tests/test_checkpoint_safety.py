@@ -157,8 +157,11 @@ def test_module_mismatch_names_keys_and_shapes(tmp_path):
     atomic_save({"model": torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)).state_dict()}, path)
     state = load_checkpoint(path)["model"]
     other = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Linear(8, 2), torch.nn.ReLU(), torch.nn.Linear(2, 2))
-    with pytest.raises(CheckpointError, match=r"best\.pt does not fit this model \(.*size mismatch: 0\.weight \(4x3 in "
-                       r"the file, 8x3 in the model\).*2 missing: 3\.weight, 3\.bias"):  # fmt: skip
+    with pytest.raises(
+        CheckpointError,
+        match=r"best\.pt does not fit this model \(.*size mismatch: 0\.weight \(4x3 in "
+        r"the file, 8x3 in the model\).*2 missing: 3\.weight, 3\.bias",
+    ):
         load_state_checked(other, state, path)
     opt = torch.optim.Adam(other.parameters())
     with pytest.raises(CheckpointError, match=r"its optimizer state does not fit"):
@@ -177,7 +180,12 @@ def trained_run(tmp_path_factory):
 
     base = tmp_path_factory.mktemp("ckpt")
     root = write_synthetic("derm7pt", base / "derm", 40, seed=1)
-    overrides = ["data.image_size=[32,32]", "train.epochs=2", "train.select_min_epoch=0", f"data.cache_dir={base / 'cache'}"]
+    overrides = [
+        "data.image_size=[32,32]",
+        "train.epochs=2",
+        "train.select_min_epoch=0",
+        f"data.cache_dir={base / 'cache'}",
+    ]
     run = TrainingRun(build_config("derm7pt-smoke", overrides), root, base / "run", seed=0, progress=False)
     run.train_epoch()
     return run, root, overrides
@@ -185,8 +193,10 @@ def trained_run(tmp_path_factory):
 
 def test_real_checkpoints_round_trip(trained_run):
     run, _, _ = trained_run
-    last = load_checkpoint(run.out / "last.pt", required=("model", "optimizer", "scheduler", "sampler", "epoch",
-                                                          "history", "best", "rng", "config"))  # fmt: skip
+    last = load_checkpoint(
+        run.out / "last.pt",
+        required=("model", "optimizer", "scheduler", "sampler", "epoch", "history", "best", "rng", "config"),
+    )
     best = load_checkpoint(run.out / "best.pt", required=("model", "config", "epoch", "val"))
     load_state_checked(run.model, last["model"], run.out / "last.pt")
     load_state_checked(run.model, best["model"], run.out / "best.pt")
@@ -205,8 +215,9 @@ def test_checkpoint_of_another_architecture_is_refused(trained_run, tmp_path):
     from cfcml.engine.run import TrainingRun
 
     run, root, overrides = trained_run
-    other = TrainingRun(build_config("derm7pt-smoke", [*overrides, "model.dim=16"]), root, tmp_path, seed=0,
-                        progress=False)  # fmt: skip
+    other = TrainingRun(
+        build_config("derm7pt-smoke", [*overrides, "model.dim=16"]), root, tmp_path, seed=0, progress=False
+    )
     state = load_checkpoint(run.out / "last.pt")
     with pytest.raises(CheckpointError, match=r"last\.pt does not fit this model \(\d+ size mismatch: .* in the file"):
         load_state_checked(other.model, state["model"], run.out / "last.pt")

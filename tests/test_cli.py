@@ -25,8 +25,12 @@ def test_summary_of_paper_presets_matches_the_paper_sizes(capsys):
 
 
 def test_bad_override_exits_2_with_the_key_named():
-    r = subprocess.run([sys.executable, "-m", "cfcml.cli", "summary", "--preset", "men-smoke", "--set", "model.dim=x"],
-                       check=False, capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "cfcml.cli", "summary", "--preset", "men-smoke", "--set", "model.dim=x"],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "model.dim" in r.stderr
 
 

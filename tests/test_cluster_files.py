@@ -49,18 +49,14 @@ def test_aws_autoscaler_config():
     types = config["available_node_types"]
     head = types[config["head_node_type"]]
     assert head["resources"].get("GPU", 0) == 0
-    gpu_workers = {
-        k: v for k, v in types.items() if v.get("resources", {}).get("GPU", 0) >= 1
-    }
+    gpu_workers = {k: v for k, v in types.items() if v.get("resources", {}).get("GPU", 0) >= 1}
     assert gpu_workers, "no GPU worker type"
     instance_types = {v["node_config"]["InstanceType"] for v in gpu_workers.values()}
     assert instance_types & {"g5.xlarge", "p4d.24xlarge"}
     for spec in gpu_workers.values():
         assert spec["min_workers"] == 0 and spec["max_workers"] >= 1
     assert any(".[cuda]" in c for c in config["worker_setup_commands"])
-    start = " ".join(
-        config["head_start_ray_commands"] + config["worker_start_ray_commands"]
-    )
+    start = " ".join(config["head_start_ray_commands"] + config["worker_start_ray_commands"])
     assert start.count("RAY_AUTH_MODE=token") == 2
     assert "RAY_USAGE_STATS_ENABLED=0" in start
 
@@ -81,10 +77,7 @@ def test_kuberay_rayjob():
     gpu_groups = [
         g
         for g in cluster["workerGroupSpecs"]
-        if any(
-            int(c["resources"]["limits"].get("nvidia.com/gpu", 0)) >= 1
-            for c in g["template"]["spec"]["containers"]
-        )
+        if any(int(c["resources"]["limits"].get("nvidia.com/gpu", 0)) >= 1 for c in g["template"]["spec"]["containers"])
     ]
     assert gpu_groups, "no GPU worker group"
     assert all(g["maxReplicas"] >= g["minReplicas"] >= 0 for g in gpu_groups)
@@ -95,9 +88,7 @@ def test_shell_scripts(script):
     path = ROOT / script
     assert os.access(path, os.X_OK), f"{script} is not executable"
     subprocess.run(["bash", "-n", str(path)], check=True)
-    out = subprocess.run(
-        ["bash", str(path), "--help"], capture_output=True, text=True, check=True
-    ).stdout
+    out = subprocess.run(["bash", str(path), "--help"], capture_output=True, text=True, check=True).stdout
     assert out.strip()
 
 
@@ -134,8 +125,10 @@ def test_readme_documents_each_file():
 
 @pytest.mark.parametrize(
     ("script", "flags"),
-    [("mlflow/start.sh", ["--allow-remote", "--allowed-hosts", "MLFLOW_BACKEND_STORE_URI"]),
-     ("cluster/start_local.sh", ["--node-ip-address", "CFCML_RAY_NODE_IP"])],
+    [
+        ("mlflow/start.sh", ["--allow-remote", "--allowed-hosts", "MLFLOW_BACKEND_STORE_URI"]),
+        ("cluster/start_local.sh", ["--node-ip-address", "CFCML_RAY_NODE_IP"]),
+    ],
 )
 def test_scripts_document_their_exposure_flags(script, flags):
     out = subprocess.run(["bash", str(ROOT / script), "--help"], capture_output=True, text=True, check=True).stdout
@@ -147,4 +140,4 @@ def test_mlflow_start_passes_no_uri_on_a_command_line():
     """The backend/artifact URIs may hold passwords: exported to the server, never argv."""
     text = (ROOT / "mlflow/start.sh").read_text()
     assert 'export MLFLOW_BACKEND_STORE_URI="$BACKEND"' in text
-    assert "--backend-uri \"$BACKEND\"" not in text and "--artifacts-destination \"$ARTIFACTS\"" not in text
+    assert '--backend-uri "$BACKEND"' not in text and '--artifacts-destination "$ARTIFACTS"' not in text

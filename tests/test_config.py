@@ -18,7 +18,9 @@ def test_paper_presets_hold_the_paper_values():
 
 
 def test_overrides_are_parsed_as_yaml_and_type_checked():
-    cfg = build_config("men-smoke", ["train.lr=1e-3", "model.mg_cie=false", "model.sg_stage=3", "data.image_size=[8,16,16]"])
+    cfg = build_config(
+        "men-smoke", ["train.lr=1e-3", "model.mg_cie=false", "model.sg_stage=3", "data.image_size=[8,16,16]"]
+    )
     assert cfg.train.lr == 1e-3 and cfg.model.mg_cie is False and cfg.model.sg_stage == 3
     assert cfg.data.image_size == [8, 16, 16]
     assert parse_overrides(["a.b.c=1"]) == {"a": {"b": {"c": 1}}}

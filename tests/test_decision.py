@@ -142,8 +142,9 @@ def test_the_report_and_card_record_the_rule():
     y_train, y, logits = imbalanced_problem(seed=2, n_test=300)
     d = run_decision("prior", y_train, 5)
     test = SplitPredictions([f"c{i}" for i in range(len(y))], y, softmax(logits, 1), logits=logits)
-    inputs = ReportInputs(cohort={"name": "lesions5", "classes": CLASSES}, splits={"test": test},
-                          meta={"decision": d.to_dict()})
+    inputs = ReportInputs(
+        cohort={"name": "lesions5", "classes": CLASSES}, splits={"test": test}, meta={"decision": d.to_dict()}
+    )
     report, _ = compute_report(inputs, n_bootstrap=50, tsne=False)
     assert report["decision"]["rule"] == "prior" and report["decision"]["train_counts"] == list(d.train_counts)
     engine = multiclass_metrics(y, softmax(logits, 1), CLASSES, d)
@@ -153,8 +154,9 @@ def test_the_report_and_card_record_the_rule():
     assert confusion.trace() / confusion.sum() == pytest.approx(engine["acc"])
     card = model_card_markdown(report)
     assert "`prior`" in card and "Menon" in card and "Balanced accuracy" in card
-    plain, _ = compute_report(ReportInputs(cohort={"name": "lesions5", "classes": CLASSES}, splits={"test": test}),
-                              n_bootstrap=50, tsne=False)
+    plain, _ = compute_report(
+        ReportInputs(cohort={"name": "lesions5", "classes": CLASSES}, splits={"test": test}), n_bootstrap=50, tsne=False
+    )
     assert plain["auc"] == report["auc"] and plain["metrics"]["acc"]["value"] < report["metrics"]["acc"]["value"]
     assert "`balanced`" in model_card_markdown(plain)
 
@@ -184,9 +186,18 @@ def test_a_run_records_its_training_counts_and_the_package_predicts_by_the_rule(
     from cfcml.platform.pyfunc import PackagedModel, build_package, cohort_frame
 
     schema, data = lesions
-    cfg = build_config("derm7pt-smoke", [f"dataset={schema}", "data.image_size=[32,32]", "train.epochs=1",
-                                         "train.select_min_epoch=0", "train.batch_size=6", "predict.decision=prior",
-                                         f"data.cache_dir={tmp_path / 'cache'}"])  # fmt: skip
+    cfg = build_config(
+        "derm7pt-smoke",
+        [
+            f"dataset={schema}",
+            "data.image_size=[32,32]",
+            "train.epochs=1",
+            "train.select_min_epoch=0",
+            "train.batch_size=6",
+            "predict.decision=prior",
+            f"data.cache_dir={tmp_path / 'cache'}",
+        ],
+    )
     result = train_one(cfg, data, tmp_path / "run", fold=1, progress=False)
     cohort = load_cohort(load_spec(schema), data)
     split = run_split(cfg, cohort, 1, None)
@@ -210,7 +221,9 @@ def test_a_run_records_its_training_counts_and_the_package_predicts_by_the_rule(
     assert set(PackagedModel(package, device="cpu").predict_frame(frame)["pred"]) == {"MISC"}
     meta["decision"] = {"rule": "balanced", "train_counts": None}
     (package / "meta.json").write_text(json.dumps(meta))
-    assert list(PackagedModel(package, device="cpu").predict_frame(frame)["pred"]) == [CLASSES[k] for k in probs.argmax(1)]
+    assert list(PackagedModel(package, device="cpu").predict_frame(frame)["pred"]) == [
+        CLASSES[k] for k in probs.argmax(1)
+    ]
 
 
 # --------------------------------------------------------------------------- starter presets

@@ -87,7 +87,9 @@ def _centroid(img):
     return (m * ys).sum().item() / m.sum().item(), (m * xs).sum().item() / m.sum().item()
 
 
-@pytest.mark.parametrize("angle,scale,dx,dy", [(30.0, 0.5, 0.05, -0.03), (-45.0, 1.5, -0.0625, 0.0), (0.0, 0.6, 0.0, 0.0)])
+@pytest.mark.parametrize(
+    "angle,scale,dx,dy", [(30.0, 0.5, 0.05, -0.03), (-45.0, 1.5, -0.0625, 0.0), (0.0, 0.6, 0.0, 0.0)]
+)
 def test_shift_scale_rotate_matches_a_reference_affine_with_mirrored_borders(angle, scale, dx, dy):
     """Against scipy's affine_transform (order 1, mode 'mirror' = OpenCV's reflect-101), given the
     inverse of OpenCV's getRotationMatrix2D + shift."""
@@ -95,12 +97,15 @@ def test_shift_scale_rotate_matches_a_reference_affine_with_mirrored_borders(ang
     h, w = img.shape[-2:]
     a = math.radians(angle)
     al, be = scale * math.cos(a), scale * math.sin(a)
-    fwd = np.array([[al, be, (1 - al) * w / 2 - be * h / 2 + dx * w], [-be, al, be * w / 2 + (1 - al) * h / 2 + dy * h], [0, 0, 1]])
+    fwd = np.array(
+        [[al, be, (1 - al) * w / 2 - be * h / 2 + dx * w], [-be, al, be * w / 2 + (1 - al) * h / 2 + dy * h], [0, 0, 1]]
+    )
     inv = np.linalg.inv(fwd)
     matrix = np.array([[inv[1, 1], inv[1, 0]], [inv[0, 1], inv[0, 0]]])  # (row, col) order
     offset = np.array([inv[1, 2], inv[0, 2]])
-    ref = np.stack([ndimage.affine_transform(ch.astype(np.float64), matrix, offset, order=1, mode="mirror")
-                    for ch in img.numpy()])  # fmt: skip
+    ref = np.stack(
+        [ndimage.affine_transform(ch.astype(np.float64), matrix, offset, order=1, mode="mirror") for ch in img.numpy()]
+    )
     ours = shift_scale_rotate(img, angle, scale, dx, dy).numpy().astype(np.float64)
     assert np.abs(ours - np.clip(np.round(ref), 0, 255)).max() <= 1
     near = shift_scale_rotate(img, angle, scale, dx, dy, nearest=True)

@@ -27,6 +27,7 @@ def check_derm7pt(root, **kw):
 def read_derm7pt(root):
     return load_cohort(SPEC, root)
 
+
 # (diagnosis, split, clinic, derm, case_id); the 5 attributes are filled in below.
 ROWS = [
     ("clark nevus", "train", "Aab/Aab001.jpg", "Aab/AAB002.JPG", "Aab001"),
@@ -57,10 +58,21 @@ def write_release(root, rows=ROWS, attrs=ATTRS, splits=None, skip_images=()):
     metas = []
     for i, ((diag, _, clinic, derm, case_id), a) in enumerate(zip(rows, attrs)):
         meta = dict.fromkeys(META_COLUMNS, "")
-        meta.update(case_num=str(i + 1), diagnosis=diag, seven_point_score="1", pigment_network="typical",
-                    streaks="absent", pigmentation="absent", regression_structures="absent",
-                    dots_and_globules="regular", blue_whitish_veil="absent", vascular_structures="absent",
-                    clinic=clinic, derm=derm, case_id=case_id)  # fmt: skip
+        meta.update(
+            case_num=str(i + 1),
+            diagnosis=diag,
+            seven_point_score="1",
+            pigment_network="typical",
+            streaks="absent",
+            pigmentation="absent",
+            regression_structures="absent",
+            dots_and_globules="regular",
+            blue_whitish_veil="absent",
+            vascular_structures="absent",
+            clinic=clinic,
+            derm=derm,
+            case_id=case_id,
+        )
         meta.update(zip(("level_of_diagnostic_difficulty", "elevation", "location", "sex", "management"), a))
         metas.append(meta)
     write_meta(root, metas)
@@ -99,12 +111,20 @@ def test_reads_the_fixture_with_its_quirks(release):
     root, _ = release
     assert check_derm7pt(root)[1] == []
     c = read_derm7pt(root)
-    assert (c.dataset, c.classes, c.modalities, c.splits) == ("derm7pt", ("NEV", "MEL"), ("clinic", "derm"),
-                                                              ("train", "valid", "test"))  # fmt: skip
+    assert (c.dataset, c.classes, c.modalities, c.splits) == (
+        "derm7pt",
+        ("NEV", "MEL"),
+        ("clinic", "derm"),
+        ("train", "valid", "test"),
+    )
     assert [x.case_id for x in c.cases] == [str(i + 1) for i in sorted(KEPT)]  # meta.csv order, dropped gone
     assert c.counts() == {s: {"NEV": 1, "MEL": 1} for s in c.splits}
-    assert c.notes == [("meta/meta.csv: 2 row(s) dropped: diagnosis is none of NEV, MEL "
-                        "(basal cell carcinoma 1, seborrheic keratosis 1)")]
+    assert c.notes == [
+        (
+            "meta/meta.csv: 2 row(s) dropped: diagnosis is none of NEV, MEL "
+            "(basal cell carcinoma 1, seborrheic keratosis 1)"
+        )
+    ]
     same = next(x for x in c.cases if x.case_id == "4")
     assert same.images[0] == same.images[1] == root / "images" / "NEL/NEL007.JPG"
     mel = c.cases[1]

@@ -87,9 +87,15 @@ def test_cv_protocol_end_to_end_with_comparison(derm_cohort, cache_dir, tmp_path
     saved = json.loads((tmp_path / "cfcml" / "summary.json").read_text())
     assert set(saved["metrics"]["auc"]) == {"mean", "std"}
     assert "| SEN" in (tmp_path / "cfcml" / "summary.md").read_text().replace("SEN |", "| SEN")
-    other = run_protocol(build_config("derm7pt-smoke", TINY + [f"data.cache_dir={cache_dir}", "train.epochs=1",
-                                                                "train.seeds=[0,1]", "loss.ccrm=false"]),
-                         derm_cohort, tmp_path / "noccrm", compare=tmp_path / "cfcml")
+    other = run_protocol(
+        build_config(
+            "derm7pt-smoke",
+            TINY + [f"data.cache_dir={cache_dir}", "train.epochs=1", "train.seeds=[0,1]", "loss.ccrm=false"],
+        ),
+        derm_cohort,
+        tmp_path / "noccrm",
+        compare=tmp_path / "cfcml",
+    )
     assert set(other["compare"]["wilcoxon_p"]) >= {"auc", "acc"}
 
 
@@ -155,8 +161,12 @@ def test_selection_window_ignores_a_one_epoch_spike():
 def test_run_selects_on_the_windowed_validation_score(derm_cohort, cache_dir, tmp_path):
     from cfcml.engine.run import select_epoch, selection_score
 
-    saved = train_one(_cfg(cache_dir, "train.select_window=2", "train.epochs=4", "train.select_min_epoch=2"),
-                      derm_cohort, tmp_path, seed=1)  # fmt: skip
+    saved = train_one(
+        _cfg(cache_dir, "train.select_window=2", "train.epochs=4", "train.select_min_epoch=2"),
+        derm_cohort,
+        tmp_path,
+        seed=1,
+    )
     history = saved["history"]
     scores = [selection_score(history[: i + 1], "auc", 2, 2) for i in range(len(history))]
     assert [h["select_score"] for h in history] == pytest.approx(scores, nan_ok=True)
@@ -172,8 +182,18 @@ def test_device_augmentation_path_trains_deterministically_and_resumes(tmp_path)
     from cfcml.datasets.volume_augment import DeviceBatches
 
     men = write_synthetic("men", tmp_path / "men", 18, seed=2)
-    over = ["data.image_size=[4,16,16]", "model.image_channels=2", "train.batch_size=6", "train.epochs=3", "train.select_min_epoch=0", "train.select_window=1",
-            "train.deterministic=true", "data.device_augment=always", "data.aug_prob=0.8", f"data.cache_dir={tmp_path / 'c'}"]
+    over = [
+        "data.image_size=[4,16,16]",
+        "model.image_channels=2",
+        "train.batch_size=6",
+        "train.epochs=3",
+        "train.select_min_epoch=0",
+        "train.select_window=1",
+        "train.deterministic=true",
+        "data.device_augment=always",
+        "data.aug_prob=0.8",
+        f"data.cache_dir={tmp_path / 'c'}",
+    ]
     cfg = build_config("men-smoke", over)
     run = TrainingRun(cfg, men, tmp_path / "probe", fold=1)
     assert isinstance(run.train_loader, DeviceBatches)
@@ -183,6 +203,13 @@ def test_device_augmentation_path_trains_deterministically_and_resumes(tmp_path)
     train_one(cfg, men, tmp_path / "cut", fold=1, max_epochs_this_call=2)
     resumed = train_one(cfg, men, tmp_path / "cut", fold=1, resume=True)
     assert resumed["test"] == full["test"]
-    off = train_one(build_config("men-smoke", [*over[:-3], "data.device_augment=never", "data.aug_prob=0.8",
-                                               f"data.cache_dir={tmp_path / 'c'}"]), men, tmp_path / "off", fold=1)  # fmt: skip
+    off = train_one(
+        build_config(
+            "men-smoke",
+            [*over[:-3], "data.device_augment=never", "data.aug_prob=0.8", f"data.cache_dir={tmp_path / 'c'}"],
+        ),
+        men,
+        tmp_path / "off",
+        fold=1,
+    )
     assert [h["train_loss"] for h in off["history"]] != [h["train_loss"] for h in full["history"]]  # another path

@@ -23,8 +23,18 @@ from cfcml.datasets import write_synthetic
 from cfcml.datasets.photo_transforms import decode_resized
 from cfcml.datasets.reader import check_cohort
 
-SMALL_MEN = ["--set", "data.image_size=[4,16,16]", "--set", "model.image_channels=2", "--set", "train.batch_size=6",
-             "--set", "train.select_min_epoch=0", "--set", "train.select_window=1"]
+SMALL_MEN = [
+    "--set",
+    "data.image_size=[4,16,16]",
+    "--set",
+    "model.image_channels=2",
+    "--set",
+    "train.batch_size=6",
+    "--set",
+    "train.select_min_epoch=0",
+    "--set",
+    "train.select_window=1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +53,15 @@ def copy(src: Path, tmp_path: Path) -> Path:
 
 def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    return subprocess.run([sys.executable, "-m", "cfcml.cli", *map(str, args)], check=False, capture_output=True, text=True,
-                          env=env, cwd=cwd, timeout=600)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "cfcml.cli", *map(str, args)],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=600,
+    )
 
 
 def assert_refused(r: subprocess.CompletedProcess, *needles: str) -> None:
@@ -113,8 +130,20 @@ def test_unusable_volumes_are_problems_and_training_refuses_them(men, tmp_path, 
     _, problems = check_cohort("men", root)
     p = next(p for p in problems if p.case == cid)
     assert p.field == "ADC" and ("blank series" if kind == "blank" else "too small to be an image") in p.message
-    r = run_cli("train", "--preset", "men-smoke", "--data", root, "--out", tmp_path / "run", "--epochs", 1, *SMALL_MEN,
-                "--set", f"data.cache_dir={tmp_path / 'cache'}")  # fmt: skip
+    r = run_cli(
+        "train",
+        "--preset",
+        "men-smoke",
+        "--data",
+        root,
+        "--out",
+        tmp_path / "run",
+        "--epochs",
+        1,
+        *SMALL_MEN,
+        "--set",
+        f"data.cache_dir={tmp_path / 'cache'}",
+    )
     assert_refused(r, cid, "ADC")
     assert not (tmp_path / "run" / "last.pt").exists()
 
@@ -132,13 +161,16 @@ def test_symlink_loop_in_the_image_tree_is_a_problem_not_a_crash(derm, tmp_path)
 # ----------------------------------------------------------------------------- tables
 
 
-@pytest.mark.parametrize(("cell", "message"), [
-    ("1e308", "above the maximum 120"),
-    ("-3", "below the minimum 0"),
-    ("nan", "missing value"),
-    ("inf", "not a finite number"),
-    ("sixty", "is not a number"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("cell", "message"),
+    [
+        ("1e308", "above the maximum 120"),
+        ("-3", "below the minimum 0"),
+        ("nan", "missing value"),
+        ("inf", "not a finite number"),
+        ("sixty", "is not a number"),
+    ],
+)
 def test_absurd_numbers_are_refused_with_row_and_column(men, tmp_path, cell, message):
     root = copy(men, tmp_path)
     table = rows(root / "clinical.csv")
@@ -172,34 +204,60 @@ def test_json_check_prints_only_the_contract(men, tmp_path):
 # ----------------------------------------------------------------------------- configs and schemas
 
 
-@pytest.mark.parametrize(("args", "needles"), [
-    (["--epochs", "0"], ["--epochs: expected a positive whole number"]),
-    (["--set", "data.num_folds=3"], ["unknown key(s) ['data.num_folds']"]),
-    (["--set", "train.batch_size=100000"], ["train.batch_size: expected 2..4096"]),
-    (["--set", "loss.tau=0"], ["loss.tau"]),
-    (["--set", "train.lr=-1"], ["train.lr: expected a learning rate > 0"]),
-    (["--set", "data.image_size=[0,16,16]"], ["data.image_size"]),
-    (["--set", "model.heads=3"], ["model.heads: 3 heads do not divide"]),
-    (["--set", "train.device=tpu"], ["train.device: 'tpu'"]),
-    (["--fold", "9"], ["--fold 9: the cohort has folds 1..3"]),
-    (["--seed", "1"], ["cross-validated: choose a run with --fold"]),
-    (["--dataset", "derm7pt"], ["encoder nnmamba3d reads volumes, but the derm7pt cohort"]),
-    (["--set", "train.batch_size=64"], ["train.batch_size 64 is larger than the training part"]),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["--epochs", "0"], ["--epochs: expected a positive whole number"]),
+        (["--set", "data.num_folds=3"], ["unknown key(s) ['data.num_folds']"]),
+        (["--set", "train.batch_size=100000"], ["train.batch_size: expected 2..4096"]),
+        (["--set", "loss.tau=0"], ["loss.tau"]),
+        (["--set", "train.lr=-1"], ["train.lr: expected a learning rate > 0"]),
+        (["--set", "data.image_size=[0,16,16]"], ["data.image_size"]),
+        (["--set", "model.heads=3"], ["model.heads: 3 heads do not divide"]),
+        (["--set", "train.device=tpu"], ["train.device: 'tpu'"]),
+        (["--fold", "9"], ["--fold 9: the cohort has folds 1..3"]),
+        (["--seed", "1"], ["cross-validated: choose a run with --fold"]),
+        (["--dataset", "derm7pt"], ["encoder nnmamba3d reads volumes, but the derm7pt cohort"]),
+        (["--set", "train.batch_size=64"], ["train.batch_size 64 is larger than the training part"]),
+    ],
+)
 def test_bad_run_requests_exit_2_with_one_clear_line(men, tmp_path, args, needles):
-    r = run_cli("train", "--preset", "men-smoke", "--data", men, "--out", tmp_path / "run", *SMALL_MEN, *args,
-                "--set", f"data.cache_dir={tmp_path / 'cache'}")  # fmt: skip
+    r = run_cli(
+        "train",
+        "--preset",
+        "men-smoke",
+        "--data",
+        men,
+        "--out",
+        tmp_path / "run",
+        *SMALL_MEN,
+        *args,
+        "--set",
+        f"data.cache_dir={tmp_path / 'cache'}",
+    )
     assert_refused(r, *needles)
     assert not (tmp_path / "run").exists()  # nothing half-written
 
 
-@pytest.mark.parametrize(("edit", "needle"), [
-    (lambda s: s.replace("series: [T1, T1C, T2, FLAIR]", "series: [T1, T1C, T2, mask]"), "images.series: 'mask' names the ROI"),
-    (lambda s: s.replace("label: grade", "label: grade\n  lable: x"), "table.lable: unknown key"),
-    (lambda s: s.replace("The age of patient is {value}", "The age of patient is"), "must hold {value} exactly once"),
-    (lambda s: s.replace("positive: HGG", "positive: GBM"), "positive: 'GBM' is not one of the classes"),
-    (lambda s: s.replace('path: "images/{id}/{series}.nii.gz"', 'path: "../../{id}/{series}.nii.gz"'), "inside the cohort folder"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("edit", "needle"),
+    [
+        (
+            lambda s: s.replace("series: [T1, T1C, T2, FLAIR]", "series: [T1, T1C, T2, mask]"),
+            "images.series: 'mask' names the ROI",
+        ),
+        (lambda s: s.replace("label: grade", "label: grade\n  lable: x"), "table.lable: unknown key"),
+        (
+            lambda s: s.replace("The age of patient is {value}", "The age of patient is"),
+            "must hold {value} exactly once",
+        ),
+        (lambda s: s.replace("positive: HGG", "positive: GBM"), "positive: 'GBM' is not one of the classes"),
+        (
+            lambda s: s.replace('path: "images/{id}/{series}.nii.gz"', 'path: "../../{id}/{series}.nii.gz"'),
+            "inside the cohort folder",
+        ),
+    ],
+)
 def test_bad_schemas_name_the_file_and_key(tmp_path, edit, needle):
     text = (Path(__file__).resolve().parents[1] / "examples" / "glioma-demo.yaml").read_text()
     schema = tmp_path / "bad.yaml"
@@ -236,8 +294,18 @@ def test_a_non_finite_loss_stops_the_run_keeping_the_last_good_checkpoint(men, t
     from cfcml.engine.errors import TrainingFailed
 
     calls = {"n": 0}
-    cfg = build_config("men-smoke", ["data.image_size=[4,16,16]", "model.image_channels=2", "train.epochs=3", "train.select_min_epoch=0", "train.select_window=1", "train.batch_size=6",
-                                     f"data.cache_dir={tmp_path / 'cache'}"])  # fmt: skip
+    cfg = build_config(
+        "men-smoke",
+        [
+            "data.image_size=[4,16,16]",
+            "model.image_channels=2",
+            "train.epochs=3",
+            "train.select_min_epoch=0",
+            "train.select_window=1",
+            "train.batch_size=6",
+            f"data.cache_dir={tmp_path / 'cache'}",
+        ],
+    )
     run = run_module.TrainingRun(cfg, men, tmp_path / "run", fold=1)
     steps_per_epoch, real = len(run.train_loader), run.model.loss_terms
 

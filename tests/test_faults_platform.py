@@ -21,8 +21,15 @@ def cfcml(*args: str, cwd: Path, env: dict | None = None, timeout: float = 120) 
     """Run the `cfcml` command in a fresh interpreter with no tracking server configured."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     base.update({"PYTHONPATH": str(ROOT), "MLFLOW_DISABLE_TELEMETRY": "true", **(env or {})})
-    return subprocess.run([sys.executable, "-m", "cfcml.cli", *args], cwd=cwd, env=base, capture_output=True,
-                          text=True, timeout=timeout, check=False)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "cfcml.cli", *args],
+        cwd=cwd,
+        env=base,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def assert_one_line(r: subprocess.CompletedProcess, code: int, *needles: str) -> None:
@@ -43,22 +50,47 @@ def closed_port() -> int:
 # --------------------------------------------------------------------------- no services needed
 
 NO_SERVER_CASES = {
-    "predict, no tracking URI": (["predict", "--model", "models:/cfcml-men@champion", "--data", "."],
-                                 ["no MLflow tracking server given", "--tracking-uri"]),
-    "predict, closed port": (["predict", "--model", "models:/cfcml-men@champion", "--data", ".", "--tracking-uri",
-                              "http://127.0.0.1:{port}"], ["cannot reach the MLflow tracking server", "connection refused"]),
-    "predict, unknown host": (["predict", "--model", "runs:/abc/model", "--data", ".", "--tracking-uri",
-                               "http://no-such-host.invalid:5000"], ["cannot reach", "unknown host name"]),
-    "predict, no database file": (["predict", "--model", "models:/m@champion", "--data", ".", "--tracking-uri",
-                                   "sqlite:///mlflow.db"], ["no MLflow database at mlflow.db", "does not create one"]),
-    "predict, no model folder": (["predict", "--model", "./no-model", "--data", "."], ["no MLflow model at ./no-model"]),
-    "promote, no tracking URI": (["promote", "--model", "cfcml-men", "--alias", "challenger"],
-                                 ["no MLflow tracking server given"]),
-    "promote, closed port": (["promote", "--model", "cfcml-men", "--alias", "challenger", "--tracking-uri",
-                              "http://127.0.0.1:{port}"], ["cannot reach the MLflow tracking server"]),
-    "promote, password in URI is redacted": (["promote", "--model", "m", "--alias", "a", "--tracking-uri",
-                                              "http://admin:hunter2@127.0.0.1:{port}"], ["admin:***@127.0.0.1"]),
-}  # fmt: skip
+    "predict, no tracking URI": (
+        ["predict", "--model", "models:/cfcml-men@champion", "--data", "."],
+        ["no MLflow tracking server given", "--tracking-uri"],
+    ),
+    "predict, closed port": (
+        [
+            "predict",
+            "--model",
+            "models:/cfcml-men@champion",
+            "--data",
+            ".",
+            "--tracking-uri",
+            "http://127.0.0.1:{port}",
+        ],
+        ["cannot reach the MLflow tracking server", "connection refused"],
+    ),
+    "predict, unknown host": (
+        ["predict", "--model", "runs:/abc/model", "--data", ".", "--tracking-uri", "http://no-such-host.invalid:5000"],
+        ["cannot reach", "unknown host name"],
+    ),
+    "predict, no database file": (
+        ["predict", "--model", "models:/m@champion", "--data", ".", "--tracking-uri", "sqlite:///mlflow.db"],
+        ["no MLflow database at mlflow.db", "does not create one"],
+    ),
+    "predict, no model folder": (
+        ["predict", "--model", "./no-model", "--data", "."],
+        ["no MLflow model at ./no-model"],
+    ),
+    "promote, no tracking URI": (
+        ["promote", "--model", "cfcml-men", "--alias", "challenger"],
+        ["no MLflow tracking server given"],
+    ),
+    "promote, closed port": (
+        ["promote", "--model", "cfcml-men", "--alias", "challenger", "--tracking-uri", "http://127.0.0.1:{port}"],
+        ["cannot reach the MLflow tracking server"],
+    ),
+    "promote, password in URI is redacted": (
+        ["promote", "--model", "m", "--alias", "a", "--tracking-uri", "http://admin:hunter2@127.0.0.1:{port}"],
+        ["admin:***@127.0.0.1"],
+    ),
+}
 
 
 @pytest.mark.parametrize("case", list(NO_SERVER_CASES))
@@ -88,8 +120,10 @@ def test_internal_error_is_one_line_exit_1_and_debug_shows_the_traceback(monkeyp
     assert cli.main(["summary", "--preset", "men-smoke"]) == 1
     err = capsys.readouterr().err
     assert err.strip().splitlines() == [
-        ("error: internal error: TypeError: unsupported operand type(s) for +: 'int' and 'NoneType' "
-         "(cfcml --debug ... shows the traceback)")
+        (
+            "error: internal error: TypeError: unsupported operand type(s) for +: 'int' and 'NoneType' "
+            "(cfcml --debug ... shows the traceback)"
+        )
     ]
     assert cli.main(["summary", "--preset", "men-smoke", "--debug"]) == 1  # --debug anywhere
     err = capsys.readouterr().err
@@ -99,11 +133,17 @@ def test_internal_error_is_one_line_exit_1_and_debug_shows_the_traceback(monkeyp
 @pytest.mark.parametrize(
     ("exc", "code", "line"),
     [
-        (FileNotFoundError(2, "No such file or directory", "/data/men/clinical.csv"), 2,
-         "error: /data/men/clinical.csv: No such file or directory"),
+        (
+            FileNotFoundError(2, "No such file or directory", "/data/men/clinical.csv"),
+            2,
+            "error: /data/men/clinical.csv: No such file or directory",
+        ),
         (PermissionError(13, "Permission denied", "/data/locked"), 2, "error: /data/locked: Permission denied"),
-        (ValueError("cannot open postgresql://u:hunter2@db/x\nsecond line"), 1,
-         "error: internal error: ValueError: cannot open postgresql://u:***@db/x | second line"),
+        (
+            ValueError("cannot open postgresql://u:hunter2@db/x\nsecond line"),
+            1,
+            "error: internal error: ValueError: cannot open postgresql://u:***@db/x | second line",
+        ),
         (KeyboardInterrupt(), 130, "error: interrupted"),
     ],
 )
@@ -115,7 +155,9 @@ def test_error_lines_and_exit_codes(monkeypatch, capsys, exc, code, line):
 
     monkeypatch.setattr(cli, "cmd_summary", failing)
     assert cli.main(["summary", "--preset", "men-smoke"]) == code
-    assert capsys.readouterr().err.strip().splitlines()[0].removesuffix(" (cfcml --debug ... shows the traceback)") == line
+    assert (
+        capsys.readouterr().err.strip().splitlines()[0].removesuffix(" (cfcml --debug ... shows the traceback)") == line
+    )
 
 
 def test_errors_may_declare_their_exit_code(monkeypatch, capsys):
@@ -161,21 +203,36 @@ def registry_versions(mlflow_server):
 
 
 SERVER_CASES = {
-    "brier 0.9 does not beat 0.2": (["--version", "{worse_brier}", "--metric", "brier"], 3,
-                                    ["refused", "brier=0.9 is not better", "lower is better"]),
+    "brier 0.9 does not beat 0.2": (
+        ["--version", "{worse_brier}", "--metric", "brier"],
+        3,
+        ["refused", "brier=0.9 is not better", "lower is better"],
+    ),
     "inf is not a value": (["--version", "{infinite}"], 2, ["auc = inf is not a finite number"]),
-    "other evaluation data": (["--version", "{other_data}", "--metric", "brier"], 2,
-                              ["not measured alike", "data_digest d2 vs d1", "--force --reason"]),
-    "the search's maximum": (["--version", "{custom}", "--metric", "val_auc"], 2,
-                             ["search's maximum", "can never be the gate metric"]),
-    "unknown metric without a direction": (["--version", "{custom}", "--metric", "dice"], 2,
-                                           ["unknown metric 'dice'", "--greater-is-better"]),
-    "direction contradicts the metric": (["--version", "{custom}", "--metric", "brier", "--greater-is-better"], 2,
-                                         ["lower is better; --greater-is-better contradicts it"]),
+    "other evaluation data": (
+        ["--version", "{other_data}", "--metric", "brier"],
+        2,
+        ["not measured alike", "data_digest d2 vs d1", "--force --reason"],
+    ),
+    "the search's maximum": (
+        ["--version", "{custom}", "--metric", "val_auc"],
+        2,
+        ["search's maximum", "can never be the gate metric"],
+    ),
+    "unknown metric without a direction": (
+        ["--version", "{custom}", "--metric", "dice"],
+        2,
+        ["unknown metric 'dice'", "--greater-is-better"],
+    ),
+    "direction contradicts the metric": (
+        ["--version", "{custom}", "--metric", "brier", "--greater-is-better"],
+        2,
+        ["lower is better; --greater-is-better contradicts it"],
+    ),
     "force without reason": (["--version", "{other_data}", "--force"], 2, ["--force needs a non-empty --reason"]),
     "unknown model": (["--version", "1", "--model-suffix", "-nope"], 2, ["unknown registered model"]),
     "unknown alias": (["--alias", "challenger"], 2, ["has no alias 'challenger'"]),
-}  # fmt: skip
+}
 
 
 @pytest.mark.services
@@ -186,7 +243,7 @@ def test_promotion_refusals(registry_versions, case, tmp_path):
     args = [a.format(**versions) for a in args]
     if "--model-suffix" in args:
         i = args.index("--model-suffix")
-        name, args = name + args[i + 1], args[:i] + args[i + 2:]
+        name, args = name + args[i + 1], args[:i] + args[i + 2 :]
     r = cfcml("promote", "--model", name, *args, "--tracking-uri", url, cwd=tmp_path)
     if code == 3:
         assert r.returncode == 3 and "Traceback" not in r.stderr, r.stderr
@@ -217,8 +274,9 @@ def test_predict_unknown_model_is_one_line(mlflow_server, model, needles, tmp_pa
 @pytest.mark.services
 def test_predict_model_that_is_not_cfcml(registry_versions, tmp_path):
     url, name, _ = registry_versions
-    r = cfcml("predict", "--model", f"models:/{name}@champion", "--data", str(tmp_path), "--tracking-uri", url,
-              cwd=tmp_path)  # fmt: skip
+    r = cfcml(
+        "predict", "--model", f"models:/{name}@champion", "--data", str(tmp_path), "--tracking-uri", url, cwd=tmp_path
+    )
     assert_one_line(r, 2, "is not a cfcml model")
     assert not (tmp_path / "preds.csv").exists()
 
@@ -251,8 +309,23 @@ def test_resume_from_a_bad_checkpoint_runs_nothing_and_exits_2(derm_cohort, tmp_
         torch.save({"model": _Gadget(marker), "epoch": 0}, run_dir / "last.pt")
     else:
         (run_dir / "last.pt").write_bytes(b"PK\x03\x04 not really a zip")
-    r = cfcml("train", "--preset", "derm7pt-smoke", "--data", str(derm_cohort), "--seed", "0", "--out", str(run_dir),
-              "--resume", "--set", "data.image_size=[32,32]", "--set", f"data.cache_dir={tmp_path / 'cache'}",
-              cwd=tmp_path, timeout=300)  # fmt: skip
+    r = cfcml(
+        "train",
+        "--preset",
+        "derm7pt-smoke",
+        "--data",
+        str(derm_cohort),
+        "--seed",
+        "0",
+        "--out",
+        str(run_dir),
+        "--resume",
+        "--set",
+        "data.image_size=[32,32]",
+        "--set",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert not marker.exists(), "code from the checkpoint ran"
     assert_one_line(r, 2, str(run_dir / "last.pt"))

@@ -25,8 +25,14 @@ from cfcml.datasets.reader import load_cohort
 from cfcml.datasets.spec import load_spec
 from cfcml.engine.splits import fold_split, hold_out, ids_digest, protocol_runs
 
-QUICK = ["train.epochs=1", "train.select_min_epoch=0", "train.select_window=1", "data.image_size=[4,16,16]",
-         "model.image_channels=2", "train.batch_size=6"]  # fmt: skip
+QUICK = [
+    "train.epochs=1",
+    "train.select_min_epoch=0",
+    "train.select_window=1",
+    "data.image_size=[4,16,16]",
+    "model.image_channels=2",
+    "train.batch_size=6",
+]
 
 
 @pytest.fixture(scope="module")
@@ -120,10 +126,12 @@ def test_predict_flags_seen_ids_streams_and_writes_atomically(measured, men, tmp
     from cfcml.platform import predict as predict_mod
 
     lines = []
-    one = predict_mod.predict_cohort(str(measured["model"]), men.root, tmp_path / "one.csv", batch_cases=10_000,
-                                     echo=lines.append)  # fmt: skip
-    streamed = predict_mod.predict_cohort(str(measured["model"]), men.root, tmp_path / "streamed.csv", batch_cases=4,
-                                          echo=lines.append)  # fmt: skip
+    one = predict_mod.predict_cohort(
+        str(measured["model"]), men.root, tmp_path / "one.csv", batch_cases=10_000, echo=lines.append
+    )
+    streamed = predict_mod.predict_cohort(
+        str(measured["model"]), men.root, tmp_path / "streamed.csv", batch_cases=4, echo=lines.append
+    )
     a, b = pd.read_csv(one, keep_default_na=False), pd.read_csv(streamed, keep_default_na=False)
     pd.testing.assert_frame_equal(a, b, atol=1e-6)
     assert len(a) == len(men.cases) and not list(tmp_path.glob("*.tmp"))

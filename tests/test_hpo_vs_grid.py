@@ -64,20 +64,41 @@ def test_best_so_far_orders_by_time_and_accumulates_epochs(bench):
 
 
 def _seed(seed, val, test, epochs, config):
-    return {"seed": seed, "best_val_auc": val, "test_auc": test, "test_auc_std": 0.05, "epochs": epochs,
-            "seconds": 100.0 * (seed + 1), "config": config, "curve": [(epochs, val)], "parent_run_id": f"r{seed}"}  # fmt: skip
+    return {
+        "seed": seed,
+        "best_val_auc": val,
+        "test_auc": test,
+        "test_auc_std": 0.05,
+        "epochs": epochs,
+        "seconds": 100.0 * (seed + 1),
+        "config": config,
+        "curve": [(epochs, val)],
+        "parent_run_id": f"r{seed}",
+    }
 
 
 def test_aggregate_and_verdict(bench):
-    seeds = [_seed(0, 0.80, 0.78, 201, {"x": 0}), _seed(1, 0.86, 0.74, 207, {"x": 1}), _seed(2, 0.82, 0.82, 198, {"x": 2})]
+    seeds = [
+        _seed(0, 0.80, 0.78, 201, {"x": 0}),
+        _seed(1, 0.86, 0.74, 207, {"x": 1}),
+        _seed(2, 0.82, 0.82, 198, {"x": 2}),
+    ]
     hpo = bench.aggregate_seeds(seeds)
     assert hpo["test_auc"] == pytest.approx(0.78) and hpo["best_val_auc"] == pytest.approx(0.8266667)
     assert hpo["config"] == {"x": 1} and hpo["config_seed"] == 1  # shipped on validation, not test
     assert hpo["spread"]["test_auc"]["min"] == 0.74 and hpo["spread"]["test_auc"]["max"] == 0.82
     assert hpo["spread"]["test_auc"]["std"] == pytest.approx(0.04)
     assert hpo["epochs"] == pytest.approx(202)
-    grid = {"best_val_auc": 0.84, "test_auc": 0.77, "test_auc_std": 0.04, "epochs": 420, "seconds": 600.0,
-            "config": {"x": 9}, "configs": [], "curve": [(60, 0.8)]}  # fmt: skip
+    grid = {
+        "best_val_auc": 0.84,
+        "test_auc": 0.77,
+        "test_auc_std": 0.04,
+        "epochs": 420,
+        "seconds": 600.0,
+        "config": {"x": 9},
+        "configs": [],
+        "curve": [(60, 0.8)],
+    }
     v = bench.verdict(grid, hpo, budget=210)
     assert v["seeds_at_least_grid_test_auc"] == 2 and v["every_seed_within_budget"]
     assert v["mean_test_auc_delta"] == pytest.approx(0.01) and v["epochs_ratio"] == pytest.approx(202 / 420)
@@ -100,8 +121,12 @@ def test_space_covers_the_grid_and_starts_at_the_preset(bench, tmp_path):
     from cfcml.platform.search_space import load_search_space
 
     cfg = build_config("men-smoke")
-    path = bench.write_space(tmp_path / "s.yaml", bench.scaled_grid(), {"grace_period": 4, "reduction_factor": 3},
-                             {"n_startup_trials": 4, "multivariate": True})  # fmt: skip
+    path = bench.write_space(
+        tmp_path / "s.yaml",
+        bench.scaled_grid(),
+        {"grace_period": 4, "reduction_factor": 3},
+        {"n_startup_trials": 4, "multivariate": True},
+    )
     space = load_search_space(path, cfg)
     ni = next(p for p in space.params if p.name == "model.n_image_tokens")
     nt = next(p for p in space.params if p.name == "model.n_tabular_tokens")
@@ -122,17 +147,32 @@ def test_plot_draws_every_seed(bench, tmp_path):
 
 
 def test_retrained_configurations_enter_the_verdict_and_the_table(bench, monkeypatch):
-    seeds = [_seed(0, 0.80, 0.70, 201, {"x": 0}), _seed(1, 0.86, 0.74, 207, {"x": 9}), _seed(2, 0.82, 0.72, 198, {"x": 2})]
-    grid = {"best_val_auc": 0.84, "test_auc": 0.85, "test_auc_std": 0.04, "epochs": 420, "seconds": 600.0,
-            "config": {"x": 9}, "configs": [], "curve": [(60, 0.8)]}  # fmt: skip
+    seeds = [
+        _seed(0, 0.80, 0.70, 201, {"x": 0}),
+        _seed(1, 0.86, 0.74, 207, {"x": 9}),
+        _seed(2, 0.82, 0.72, 198, {"x": 2}),
+    ]
+    grid = {
+        "best_val_auc": 0.84,
+        "test_auc": 0.85,
+        "test_auc_std": 0.04,
+        "epochs": 420,
+        "seconds": 600.0,
+        "config": {"x": 9},
+        "configs": [],
+        "curve": [(60, 0.8)],
+    }
     result = {"grid": grid, "hpo": bench.aggregate_seeds(seeds), "settings": {"budget_epochs": 210}}
     trained = []
 
     def fake_retrain(data, overrides, epochs, work, config, retrain_seeds):  # what one configuration is worth
         trained.append(config["x"])
         values = {0: [0.80, 0.82], 9: [0.76, 0.78], 2: [0.78, 0.78]}[config["x"]]
-        return {"seeds": retrain_seeds, "test_auc": values, **{f"test_auc_{k}": v for k, v in
-                bench.spread(values).items() if k != "n"}}  # fmt: skip
+        return {
+            "seeds": retrain_seeds,
+            "test_auc": values,
+            **{f"test_auc_{k}": v for k, v in bench.spread(values).items() if k != "n"},
+        }
 
     monkeypatch.setattr(bench, "retrain", fake_retrain)
     bench.add_retrained(result, None, [], 20, None, [1, 2])
@@ -141,6 +181,8 @@ def test_retrained_configurations_enter_the_verdict_and_the_table(bench, monkeyp
     assert result["hpo"]["retrained_test_auc"] == pytest.approx((0.81 + 0.77 + 0.78) / 3)
     v = bench.verdict(grid, result["hpo"], budget=210)
     assert not v["search_wins"]  # on the selected runs the grid is ahead...
-    assert v["search_wins_retrained"] and v["retrained_test_auc_delta"] == pytest.approx((0.81 + 0.77 + 0.78) / 3 - 0.77)  # ...not retrained
+    assert v["search_wins_retrained"] and v["retrained_test_auc_delta"] == pytest.approx(
+        (0.81 + 0.77 + 0.78) / 3 - 0.77
+    )  # ...not retrained
     table = bench.markdown(result | {"verdict": v})
     assert "retrained (2 other training seeds)" in table and "| 77.00 ± 1.41 |" in table and "+1.67 points" in table

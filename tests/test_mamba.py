@@ -15,9 +15,7 @@ from cfcml.models.selective_scan import DEFAULT_CHUNK
 F64 = torch.float64
 
 
-def scan_reference(
-    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False
-):
+def scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
     """The recurrence one time step at a time. u, delta [b, d, L]; A [d, n]; B, C [b, n, L]."""
     if delta_bias is not None:
         delta = delta + delta_bias[:, None]
@@ -73,9 +71,7 @@ IMPL_IDS = ["chunked16", "chunked", "logdepth"]
 @pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "-".join(o) or "plain")
 def test_selective_scan_matches_sequential_values_and_grads(L, opts, impl, chunk):
     full = random_scan_inputs(L=L, seed=L)
-    names = ["u", "delta", "A", "B", "C"] + [
-        k for k in ("D", "z", "delta_bias") if opts.get(k)
-    ]
+    names = ["u", "delta", "A", "B", "C"] + [k for k in ("D", "z", "delta_bias") if opts.get(k)]
     inputs = {k: full[k].clone().requires_grad_() for k in names}
     softplus = opts.get("delta_softplus", False)
 
@@ -88,9 +84,7 @@ def test_selective_scan_matches_sequential_values_and_grads(L, opts, impl, chunk
     grads = torch.autograd.grad(y, leaves, grad_out)
     grads_ref = torch.autograd.grad(y_ref, leaves, grad_out)
     for name, g, g_ref in zip(inputs, grads, grads_ref):
-        torch.testing.assert_close(
-            g, g_ref, rtol=1e-9, atol=1e-9, msg=f"grad of {name}"
-        )
+        torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-9, msg=f"grad of {name}")
 
 
 @pytest.mark.parametrize("impl,chunk", IMPLS, ids=IMPL_IDS)
@@ -293,9 +287,7 @@ def test_mamba_forward_and_grads_match_step_by_step(bias, scan_impl):
     torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
     leaves = [x, *m.parameters()]
     g = torch.randn_like(y)
-    for a, b in zip(
-        torch.autograd.grad(y, leaves, g), torch.autograd.grad(y_ref, leaves, g)
-    ):
+    for a, b in zip(torch.autograd.grad(y, leaves, g), torch.autograd.grad(y_ref, leaves, g)):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 

@@ -100,9 +100,7 @@ def test_garbage_nifti(root):
 def _rewrite(path: Path, affine=None, data=None):
     img = nib.load(str(path))
     nib.save(
-        nib.Nifti1Image(
-            np.asanyarray(img.dataobj) if data is None else data, img.affine if affine is None else affine
-        ),
+        nib.Nifti1Image(np.asanyarray(img.dataobj) if data is None else data, img.affine if affine is None else affine),
         str(path),
     )
 
@@ -159,9 +157,7 @@ def test_missing_and_non_numeric_attributes(root):
     cid2 = edit(root, 2, tumor_area="big")
     _, problems = check_men(root)
     assert "missing" in find(problems, case=cid0, field="age").message
-    assert (
-        "not a number" in find(problems, case=cid2, field="tumor_area", where=line(4)).message
-    )
+    assert "not a number" in find(problems, case=cid2, field="tumor_area", where=line(4)).message
 
 
 def test_duplicate_patient_id(root):

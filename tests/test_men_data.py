@@ -291,9 +291,7 @@ def test_augmentation_changes_values_keeps_shapes(cohort):
     # Default probability: some draws leave a sample untouched, others do not.
     aug = augment_pipeline(SIZE, MODALITIES)
     aug.set_random_state(seed=1)
-    changed = [
-        not torch.equal(aug({k: v.clone() for k, v in base.items()})["T1C"], base["T1C"]) for _ in range(20)
-    ]
+    changed = [not torch.equal(aug({k: v.clone() for k, v in base.items()})["T1C"], base["T1C"]) for _ in range(20)]
     assert 0 < sum(changed) < 20
 
 
@@ -344,9 +342,7 @@ def test_dataset_items_and_dataloader_workers(cohort):
     train = VolumeDataset(cases, MODALITIES, SIZE, train=True, cache=cache)
     test = VolumeDataset(cases, MODALITIES, SIZE, train=False, cache=cache)
     item = test[2]
-    assert (
-        set(item) == {"images", "index", "label"} and item["index"] == 2 and item["label"] == cases[2].label
-    )
+    assert set(item) == {"images", "index", "label"} and item["index"] == 2 and item["label"] == cases[2].label
     assert [tuple(x.shape) for x in item["images"]] == [(1, *SIZE)] * 3
     assert torch.equal(test[2]["images"][0], item["images"][0])  # evaluation is deterministic
     clone = pickle.loads(pickle.dumps(train))

@@ -32,10 +32,17 @@ BASELINES = [m for m in METHODS if m != "cfcml"]
 # leaves the Mamba conv's earlier taps without gradient (as in test_model.py).
 COHORTS = {
     "men": ("men-smoke", ["data.image_size=[4,32,32]"], load_spec("men").shape()),
-    "derm7pt": ("derm7pt-smoke", [], load_spec("derm7pt").shape()),  # 64x64: a 2x2 stage-4 window (1x1 leaves Swin's bias table without gradient)
-    "volume4x2": ("men-smoke", ["data.image_size=[4,32,32]", "model.image_channels=2", "model.mamba_d_state=4"],
-                  CohortShape(num_classes=2, num_images=4, num_attributes=3, image_kind="volume")),
-}  # fmt: skip
+    "derm7pt": (
+        "derm7pt-smoke",
+        [],
+        load_spec("derm7pt").shape(),
+    ),  # 64x64: a 2x2 stage-4 window (1x1 leaves Swin's bias table without gradient)
+    "volume4x2": (
+        "men-smoke",
+        ["data.image_size=[4,32,32]", "model.image_channels=2", "model.mamba_d_state=4"],
+        CohortShape(num_classes=2, num_images=4, num_attributes=3, image_kind="volume"),
+    ),
+}
 
 
 def _build(method: str, cohort: str, *extra: str, seed: int = 0):
@@ -123,7 +130,10 @@ def test_evidential_logits_are_the_dirichlet_mean_and_kl_follows_the_epoch(metho
     torch.testing.assert_close(out["logits"].softmax(-1), alpha / alpha.sum(-1, keepdim=True))
     labels = torch.tensor([0, 1, 0, 1])
     args = getattr(cfg.method_args, method)
-    at = {e: model.loss_terms(out, labels, epoch=e) for e in (0, args.annealing_epochs // 2, args.annealing_epochs, 10 * args.annealing_epochs)}
+    at = {
+        e: model.loss_terms(out, labels, epoch=e)
+        for e in (0, args.annealing_epochs // 2, args.annealing_epochs, 10 * args.annealing_epochs)
+    }
     weights = [v["kl_weight"].item() for v in at.values()]
     assert weights == [0.0, (args.annealing_epochs // 2) / args.annealing_epochs, 1.0, 1.0]
     losses = [v["loss"].item() for v in at.values()]
@@ -157,11 +167,14 @@ def _alpha_from_masses(m: dict, k: int) -> list[float]:
     return [m.get(frozenset([i]), 0.0) * k / u + 1 for i in range(k)]
 
 
-ALPHAS = torch.tensor([
-    [[4.0, 1.5, 1.0], [1.2, 6.0, 2.0], [2.0, 2.0, 9.0]],
-    [[1.0, 1.0, 1.0], [3.0, 1.0, 1.5], [1.1, 1.3, 1.2]],
-    [[30.0, 1.0, 2.0], [1.0, 25.0, 1.0], [5.0, 5.0, 5.0]],
-], dtype=torch.float64)  # [sample, opinion, class]  # fmt: skip
+ALPHAS = torch.tensor(
+    [
+        [[4.0, 1.5, 1.0], [1.2, 6.0, 2.0], [2.0, 2.0, 9.0]],
+        [[1.0, 1.0, 1.0], [3.0, 1.0, 1.5], [1.1, 1.3, 1.2]],
+        [[30.0, 1.0, 2.0], [1.0, 25.0, 1.0], [5.0, 5.0, 5.0]],
+    ],
+    dtype=torch.float64,
+)  # [sample, opinion, class]
 
 
 def test_reduced_dempster_shafer_matches_dempsters_rule_on_mass_functions():
@@ -174,7 +187,9 @@ def test_reduced_dempster_shafer_matches_dempsters_rule_on_mass_functions():
         from cfcml.models.methods.etmc import combine_opinions
 
         got3 = combine_opinions([a1[None], a2[None], a3[None]])[0].tolist()
-        ref3 = _alpha_from_masses(_dempster(_dempster(_masses(a1.tolist()), _masses(a2.tolist())), _masses(a3.tolist())), 3)
+        ref3 = _alpha_from_masses(
+            _dempster(_dempster(_masses(a1.tolist()), _masses(a2.tolist())), _masses(a3.tolist())), 3
+        )
         assert got3 == pytest.approx(ref3, rel=1e-10)
     # the vacuous opinion (alpha = 1, u = 1) is the identity
     torch.testing.assert_close(ds_combine(ALPHAS[:, 0], torch.ones_like(ALPHAS[:, 0])), ALPHAS[:, 0])
@@ -208,12 +223,16 @@ def test_ccml_consistent_and_complementary_evidence_match_a_per_class_reference(
             assert parts["complementary"][i].tolist() == pytest.approx(comp, rel=1e-10)
             # sharpening keeps the consistent part's total belief
             s_c = sum(min(e[i, c].item() for e in evidences) + 1 for c in range(3))
-            assert sum(cons) / (len(evidences) * s_c) == pytest.approx(sum(min(e[i, c].item() for e in evidences) for c in range(3)) / s_c)
+            assert sum(cons) / (len(evidences) * s_c) == pytest.approx(
+                sum(min(e[i, c].item() for e in evidences) for c in range(3)) / s_c
+            )
 
 
 def test_dirichlet_losses_match_their_definitions():
     alpha = ALPHAS.flatten(0, 1)
-    ref_kl = torch.distributions.kl_divergence(torch.distributions.Dirichlet(alpha), torch.distributions.Dirichlet(torch.ones_like(alpha)))
+    ref_kl = torch.distributions.kl_divergence(
+        torch.distributions.Dirichlet(alpha), torch.distributions.Dirichlet(torch.ones_like(alpha))
+    )
     torch.testing.assert_close(kl_to_uniform(alpha), ref_kl)
     labels = torch.arange(len(alpha)) % 3
     kept = alpha.clone()
@@ -250,7 +269,11 @@ def test_mrim_losses_match_a_loop_over_anchors():
     s2s, s2p = [], []
     for j, i in itertools.product(range(m), range(b)):
         a = feats[j][i]
-        pos = [cos(a, feats[jj][ii]) for jj, ii in itertools.product(range(m), range(b)) if labels[ii] == labels[i] and (jj, ii) != (j, i)]
+        pos = [
+            cos(a, feats[jj][ii])
+            for jj, ii in itertools.product(range(m), range(b))
+            if labels[ii] == labels[i] and (jj, ii) != (j, i)
+        ]
         neg = [cos(a, feats[jj][ii]) for jj, ii in itertools.product(range(m), range(b)) if labels[ii] != labels[i]]
         s2s.append(term(pos, neg))
         y = int(labels[i])
@@ -302,7 +325,12 @@ def test_moe_gates_pick_top_k_and_the_load_balance_is_cv_squared():
     experts = torch.stack([e(u) for e in moe.experts], 1)
     torch.testing.assert_close(out["out"], (out["gates"][..., None] * experts).sum(1))
     moe.combine = "logsumexp"
-    ref = torch.stack([torch.log(sum(out["gates"][i, e] * experts[i, e].exp() for e in range(3) if out["gates"][i, e] > 0)) for i in range(10)])
+    ref = torch.stack(
+        [
+            torch.log(sum(out["gates"][i, e] * experts[i, e].exp() for e in range(3) if out["gates"][i, e] > 0))
+            for i in range(10)
+        ]
+    )
     torch.testing.assert_close(moe(u)["out"], ref)
     x = torch.tensor([1.0, 2.0, 6.0])
     assert cv_squared(x).item() == pytest.approx(x.var().item() / 9.0)
@@ -318,11 +346,23 @@ def test_moe_gates_pick_top_k_and_the_load_balance_is_cv_squared():
 # BASELINES.md recipe counts on the paper presets (our features-only Swin for Derm7pt). DMD's
 # recipe counts an unused layer we do not build (proj_cosine, see dmd.py): subtracted here.
 RECIPE = {
-    "men": {"etmc": 10_460_703, "ccml": 10_352_220, "dmd": 88_368_080 - 6_390_272, "mvcnet": 10_681_683,
-            "glomo": 12_797_403, "mrim": 10_388_115},
-    "derm7pt": {"etmc": 27_887_554, "ccml": 27_805_504, "dmd": 55_067_788 - 1_687_936, "mvcnet": 28_127_100,
-                "glomo": 29_944_322, "mrim": 27_832_748},
-}  # fmt: skip
+    "men": {
+        "etmc": 10_460_703,
+        "ccml": 10_352_220,
+        "dmd": 88_368_080 - 6_390_272,
+        "mvcnet": 10_681_683,
+        "glomo": 12_797_403,
+        "mrim": 10_388_115,
+    },
+    "derm7pt": {
+        "etmc": 27_887_554,
+        "ccml": 27_805_504,
+        "dmd": 55_067_788 - 1_687_936,
+        "mvcnet": 28_127_100,
+        "glomo": 29_944_322,
+        "mrim": 27_832_748,
+    },
+}
 
 
 @pytest.mark.parametrize("preset", ["men", "derm7pt"])
@@ -352,8 +392,11 @@ def _separable_data(shape: CohortShape, cfg, n: int = 24, seed: int = 0):
     labels = torch.arange(n) % shape.num_classes
     direction = torch.randn(shape.num_classes, 512, generator=g)
     tabular = torch.randn(n, shape.num_attributes, 512, generator=g) + 2.0 * direction[labels][:, None]
-    images = [torch.randn(n, shape.in_channels, *cfg.data.image_size, generator=g) + labels.view(-1, *[1] * (len(cfg.data.image_size) + 1)).float()
-              for _ in range(shape.num_images)]  # fmt: skip
+    images = [
+        torch.randn(n, shape.in_channels, *cfg.data.image_size, generator=g)
+        + labels.view(-1, *[1] * (len(cfg.data.image_size) + 1)).float()
+        for _ in range(shape.num_images)
+    ]
     return images, tabular, labels
 
 

@@ -21,7 +21,13 @@ from cfcml.models.summary import example_inputs, summarize
 from cfcml.platform.search_space import load_search_space
 
 SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
-TINY = ["data.image_size=[32,32]", "train.epochs=1", "train.deterministic=true", "train.select_min_epoch=0", "train.select_window=1"]
+TINY = [
+    "data.image_size=[32,32]",
+    "train.epochs=1",
+    "train.deterministic=true",
+    "train.select_min_epoch=0",
+    "train.select_window=1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +44,9 @@ def _train(method, cohort, tmp_path, cache):
 def test_a_method_trains_logs_its_terms_and_reloads_from_its_checkpoint(method, derm_cohort, tmp_path):
     _, result = _train(method, derm_cohort, tmp_path, tmp_path / "cache")
     assert result["finished"] and 0 <= result["test"]["auc"] <= 1
-    terms = {"etmc": {"train_views", "train_pseudo", "train_combined"}, "glomo": {"train_ce", "train_load_balance"}}[method]
+    terms = {"etmc": {"train_views", "train_pseudo", "train_combined"}, "glomo": {"train_ce", "train_load_balance"}}[
+        method
+    ]
     assert terms <= set(result["history"][0])
     # what `register`/`predict` do: rebuild from the saved config, load the weights, softmax the logits
     state = torch.load(tmp_path / method / "best.pt", weights_only=True)
@@ -78,9 +86,22 @@ def test_summary_reports_each_method(method):
     s = summarize(cfg)  # the cohort and its paper numbers from cfg.dataset
     assert s["method"] == method and s["gflops"] > 0
     assert s["trainable_params"] == sum(p.numel() for p in build_model(cfg, load_spec("derm7pt").shape()).parameters())
-    assert s["paper_convention_params"] - s["trainable_params"] == 128 * 1000 + 1000  # micro Swin's head (we keep its norm)
-    assert s["paper"]["params_m"] == {"cfcml": 30.63, "etmc": 28.69, "ccml": 28.58, "dmd": 184.49, "mvcnet": 28.89,
-                                      "glomo": 30.67, "mrim": 26.60, "mrim_plus": 30.63}[method]  # fmt: skip
+    assert (
+        s["paper_convention_params"] - s["trainable_params"] == 128 * 1000 + 1000
+    )  # micro Swin's head (we keep its norm)
+    assert (
+        s["paper"]["params_m"]
+        == {
+            "cfcml": 30.63,
+            "etmc": 28.69,
+            "ccml": 28.58,
+            "dmd": 184.49,
+            "mvcnet": 28.89,
+            "glomo": 30.67,
+            "mrim": 26.60,
+            "mrim_plus": 30.63,
+        }[method]
+    )
     if method in ("cfcml", "mrim_plus"):
         assert [st["stage"] for st in s["stages"]] == [1, 2, 3, 4]
     else:  # stage 4 only; vector methods read the pooled vector
@@ -128,7 +149,9 @@ def test_comparison_table_stars_significant_methods_and_explains_the_floor():
     assert rows[0].startswith("| Method | SEN | SPE | ACC") and rows[-1].startswith("| CFCML | ")
     assert "82.50 ± 1.87* (p=0.031)" in rows[1]  # AUC of ETMC, starred
     # three folds: the exact test cannot reach 0.05, and the footnote says so
-    c3 = compare.compare_summaries({"dmd": _summary({"auc": [0.1, 0.2, 0.3]}), "cfcml": _summary({"auc": [0.5, 0.65, 0.85]})}, load_spec("men"))
+    c3 = compare.compare_summaries(
+        {"dmd": _summary({"auc": [0.1, 0.2, 0.3]}), "cfcml": _summary({"auc": [0.5, 0.65, 0.85]})}, load_spec("men")
+    )
     assert c3["methods"]["dmd"]["wilcoxon_p"]["auc"] == pytest.approx(0.25)
     assert "cannot go below p = 0.250, so no difference can be significant" in compare.comparison_markdown(c3, "t")
 
@@ -138,11 +161,28 @@ def test_run_comparison_runs_each_method_into_its_folder(tmp_path, monkeypatch):
 
     def fake_protocol(cfg, data_root, out_dir, jobs=None, report=None, progress=False):
         calls.append((cfg.model.method, cfg.train.epochs, Path(out_dir)))
-        return _summary({"auc": {"cfcml": [0.9, 0.93, 0.97], "mvcnet": [0.8, 0.82, 0.79], "mrim": [0.7, 0.6, 0.8]}[cfg.model.method]})
+        return _summary(
+            {
+                "auc": {"cfcml": [0.9, 0.93, 0.97], "mvcnet": [0.8, 0.82, 0.79], "mrim": [0.7, 0.6, 0.8]}[
+                    cfg.model.method
+                ]
+            }
+        )
 
     monkeypatch.setattr(compare, "run_protocol", fake_protocol)
-    c = compare.run_comparison("men-smoke", ["train.lr=1e-3", "train.select_min_epoch=0", "train.select_window=1"], ["mvcnet", "mrim", "cfcml"], tmp_path / "data", tmp_path / "out", epochs=2)
-    assert [(m, e, d.name) for m, e, d in calls] == [("mvcnet", 2, "mvcnet"), ("mrim", 2, "mrim"), ("cfcml", 2, "cfcml")]
+    c = compare.run_comparison(
+        "men-smoke",
+        ["train.lr=1e-3", "train.select_min_epoch=0", "train.select_window=1"],
+        ["mvcnet", "mrim", "cfcml"],
+        tmp_path / "data",
+        tmp_path / "out",
+        epochs=2,
+    )
+    assert [(m, e, d.name) for m, e, d in calls] == [
+        ("mvcnet", 2, "mvcnet"),
+        ("mrim", 2, "mrim"),
+        ("cfcml", 2, "cfcml"),
+    ]
     saved = json.loads((tmp_path / "out" / "comparison.json").read_text())
     assert list(saved["methods"]) == ["mvcnet", "mrim", "cfcml"] and saved["reference"] == "cfcml"
     assert saved["methods"]["mvcnet"]["wilcoxon_p"]["auc"] == pytest.approx(0.25)
@@ -152,7 +192,10 @@ def test_run_comparison_runs_each_method_into_its_folder(tmp_path, monkeypatch):
 def test_cv_methods_cli_refuses_compare_and_bad_method_names(tmp_path, capsys):
     from cfcml.cli import main
 
-    assert main(["cv", "--preset", "men-smoke", "--data", str(tmp_path), "--methods", "etmc", "--compare", str(tmp_path)]) == 2
+    assert (
+        main(["cv", "--preset", "men-smoke", "--data", str(tmp_path), "--methods", "etmc", "--compare", str(tmp_path)])
+        == 2
+    )
     assert "exclude each other" in capsys.readouterr().err
     assert main(["cv", "--preset", "men-smoke", "--data", str(tmp_path), "--methods", "etmc,foo"]) == 2
     assert "foo" in capsys.readouterr().err
@@ -171,7 +214,10 @@ def test_each_method_has_a_search_space_around_its_defaults(method):
         assert any(p.name.startswith(f"method_args.{section}.") for p in space.params)
         # the corners of the space build (no foreign method_args, no invalid combination)
         for pick in (0, -1):
-            point = {p.name: (p.choices[pick] if p.type == "categorical" else p.cast([p.low, p.high][pick])) for p in space.params}
+            point = {
+                p.name: (p.choices[pick] if p.type == "categorical" else p.cast([p.low, p.high][pick]))
+                for p in space.params
+            }
             build_config(preset, [f"{k}={json.dumps(v)}" for k, v in point.items()] + [f"model.method={method}"])
 
 
@@ -180,7 +226,9 @@ def test_example_inputs_drive_every_method_on_a_volume_cohort_with_more_series()
 
     shape = CohortShape(num_classes=4, num_images=5, num_attributes=2, image_kind="volume")
     for method in METHODS:
-        cfg = build_config("men-smoke", ["model.image_channels=2", "data.image_size=[4,16,16]", f"model.method={method}"])
+        cfg = build_config(
+            "men-smoke", ["model.image_channels=2", "data.image_size=[4,16,16]", f"model.method={method}"]
+        )
         out = build_model(cfg, shape).eval()(**example_inputs(cfg, shape, batch=2))
         assert out["logits"].shape == (2, 4) and len(out["features"]) == 6
 
@@ -196,9 +244,20 @@ def test_every_method_packages_and_predicts_on_a_schema_described_cohort(method,
 
     schema = Path(__file__).resolve().parents[1] / "examples" / "glioma-demo.yaml"
     data = write_synthetic(load_spec(schema), tmp_path / "glioma", 48, seed=1)
-    cfg = build_config("men-smoke", ["data.image_size=[4,16,16]", "model.image_channels=2", "train.batch_size=6",
-                                     "train.epochs=1", f"dataset={schema}", f"model.method={method}", "train.select_min_epoch=0", "train.select_window=1",
-                                     f"data.cache_dir={tmp_path / 'cache'}"])  # fmt: skip
+    cfg = build_config(
+        "men-smoke",
+        [
+            "data.image_size=[4,16,16]",
+            "model.image_channels=2",
+            "train.batch_size=6",
+            "train.epochs=1",
+            f"dataset={schema}",
+            f"model.method={method}",
+            "train.select_min_epoch=0",
+            "train.select_window=1",
+            f"data.cache_dir={tmp_path / 'cache'}",
+        ],
+    )
     result = train_one(cfg, data, tmp_path / "run", fold=1, progress=False)
     assert result["finished"]
     cohort = load_cohort(load_spec(schema), data)

@@ -34,20 +34,23 @@ def men_metrics(y, p):
 def derm7pt_metrics(y, p):
     return binary_metrics(y, p, positive=1)
 
+
 # --- fixed MEN example: 10 samples, 3 classes, some errors in every class -------------
 MEN_Y = np.array([0, 0, 0, 0, 1, 1, 1, 2, 2, 2])
-MEN_P = np.array([
-    [0.80, 0.10, 0.10],
-    [0.60, 0.30, 0.10],
-    [0.30, 0.50, 0.20],  # G1 -> G2inv (error)
-    [0.50, 0.20, 0.30],
-    [0.20, 0.70, 0.10],
-    [0.40, 0.35, 0.25],  # G2inv -> G1 (error)
-    [0.10, 0.60, 0.30],
-    [0.20, 0.20, 0.60],
-    [0.10, 0.45, 0.45],  # tie -> argmax picks G2inv (error)
-    [0.25, 0.25, 0.50],
-])
+MEN_P = np.array(
+    [
+        [0.80, 0.10, 0.10],
+        [0.60, 0.30, 0.10],
+        [0.30, 0.50, 0.20],  # G1 -> G2inv (error)
+        [0.50, 0.20, 0.30],
+        [0.20, 0.70, 0.10],
+        [0.40, 0.35, 0.25],  # G2inv -> G1 (error)
+        [0.10, 0.60, 0.30],
+        [0.20, 0.20, 0.60],
+        [0.10, 0.45, 0.45],  # tie -> argmax picks G2inv (error)
+        [0.25, 0.25, 0.50],
+    ]
+)
 
 # --- fixed Derm7pt example: 10 samples, 4 MEL -----------------------------------------
 DERM_Y = np.array([0, 0, 0, 0, 0, 0, 1, 1, 1, 1])
@@ -66,8 +69,7 @@ def test_men_metrics_match_sklearn():
     assert m["acc_g2ninv"] == pytest.approx(recalls[2])
     assert m["weighted_f1"] == pytest.approx(f1_score(MEN_Y, pred, average="weighted"))
     assert m["macro_f1"] == pytest.approx(f1_score(MEN_Y, pred, average="macro"))
-    assert m["auc"] == pytest.approx(
-        roc_auc_score(MEN_Y, MEN_P, multi_class="ovr", average="macro"))
+    assert m["auc"] == pytest.approx(roc_auc_score(MEN_Y, MEN_P, multi_class="ovr", average="macro"))
     # hand check of the per-class accuracy on this example: 3/4, 2/3, 2/3
     assert (m["acc_g1"], m["acc_g2inv"], m["acc_g2ninv"]) == pytest.approx((0.75, 2 / 3, 2 / 3))
     assert all(0.0 <= v <= 1.0 for v in m.values())
@@ -138,12 +140,21 @@ def test_compute_metrics_follows_the_class_count():
     assert m == pytest.approx(derm7pt_metrics(DERM_Y, DERM_P))
     # four classes: per-class accuracy named after each class
     names = metric_names(("LGG", "HGG II", "HGG-III", "GBM"))
-    assert names == ["acc", "balanced_acc", "acc_lgg", "acc_hgg_ii", "acc_hgg_iii", "acc_gbm", "weighted_f1", "macro_f1", "auc"]
+    assert names == [
+        "acc",
+        "balanced_acc",
+        "acc_lgg",
+        "acc_hgg_ii",
+        "acc_hgg_iii",
+        "acc_gbm",
+        "weighted_f1",
+        "macro_f1",
+        "auc",
+    ]
 
 
 def _runs(values_by_metric, names=("fold0", "fold1", "fold2")):
-    return [{"name": n, "metrics": {k: v[i] for k, v in values_by_metric.items()}}
-            for i, n in enumerate(names)]
+    return [{"name": n, "metrics": {k: v[i] for k, v in values_by_metric.items()}} for i, n in enumerate(names)]
 
 
 def test_summarize_runs_matches_numpy():

@@ -68,7 +68,9 @@ def test_removal_convention_mlp_columns():
 
 def test_build_from_config(tmp_path):
     assert build_modality_dropout(build_config("men-smoke"), load_spec("men")) is None  # default 0: off
-    cfg = build_config("men-smoke", ["train.modality_dropout=0.25", "model.tabular_embedding=mlp", "model.use_images=false"])
+    cfg = build_config(
+        "men-smoke", ["train.modality_dropout=0.25", "model.tabular_embedding=mlp", "model.use_images=false"]
+    )
     drop = build_modality_dropout(cfg, load_spec("men"))
     assert (drop.p, drop.num_images, drop.num_attributes, drop.unknown) == (0.25, 0, 6, None)
     assert drop.columns.tolist() == feature_columns(load_spec("men"))
@@ -92,9 +94,19 @@ def test_training_with_modality_dropout_is_deterministic_and_eval_is_untouched(t
     from cfcml.engine.run import TrainingRun
 
     data = write_synthetic("men", tmp_path / "men", 45, 0)
-    cfg = build_config("men-smoke", ["data.image_size=[4,16,16]", "data.aug_prob=0.0", "train.epochs=1", "train.select_min_epoch=0", "train.select_window=1",
-                                     f"data.cache_dir={tmp_path / 'cache'}", "train.device=cpu",
-                                     "train.modality_dropout=0.5"])  # fmt: skip
+    cfg = build_config(
+        "men-smoke",
+        [
+            "data.image_size=[4,16,16]",
+            "data.aug_prob=0.0",
+            "train.epochs=1",
+            "train.select_min_epoch=0",
+            "train.select_window=1",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "train.device=cpu",
+            "train.modality_dropout=0.5",
+        ],
+    )
     histories, drop_call = [], ModalityDropout.__call__
     for name in ("a", "b"):
         run = TrainingRun(cfg, data, tmp_path / name, fold=1, progress=False)

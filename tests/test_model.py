@@ -129,6 +129,8 @@ def test_swin_loads_a_local_imagenet_checkpoint(tmp_path):
 
 
 def test_mamba_state_size_reaches_every_nnmamba_layer():
-    model = build_model(build_config("men-smoke", ["model.mamba_d_state=4"]), load_spec("men").shape(), num_tabular_features=10)
+    model = build_model(
+        build_config("men-smoke", ["model.mamba_d_state=4"]), load_spec("men").shape(), num_tabular_features=10
+    )
     a_logs = [p for name, p in model.named_parameters() if name.endswith("A_log")]
     assert a_logs and all(p.shape[1] == 4 for p in a_logs)

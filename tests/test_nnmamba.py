@@ -43,9 +43,7 @@ def test_mamba_layer_shared_by_blocks_2_and_3():
     # ... and run by blocks 2 and 3 of each stage.
     calls = {i: 0 for i in range(3)}
     for i, stage in enumerate(enc.stages):
-        stage.mamba_layer.register_forward_hook(
-            lambda *_, i=i: calls.__setitem__(i, calls[i] + 1)
-        )
+        stage.mamba_layer.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
     enc(torch.randn(2, 1, 8, 32, 32))
     assert calls == {0: 2, 1: 2, 2: 2}
 

@@ -29,7 +29,12 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
 BUCKET = "cfcml-test"
-SMALL = ["data.image_size=[4,16,16]", "data.aug_prob=0.0", "train.select_min_epoch=0", "train.select_window=1"]  # 1-2 epoch trials
+SMALL = [
+    "data.image_size=[4,16,16]",
+    "data.aug_prob=0.0",
+    "train.select_min_epoch=0",
+    "train.select_window=1",
+]  # 1-2 epoch trials
 
 
 @pytest.fixture(scope="module")
@@ -38,16 +43,24 @@ def stack(moto_s3):
     with the S3 credentials so that Train workers and the server can reach the bucket."""
     import boto3
 
-    boto3.client("s3", endpoint_url=moto_s3.url, region_name="us-east-1", aws_access_key_id="testing",
-                 aws_secret_access_key="testing").create_bucket(Bucket=BUCKET)  # fmt: skip
+    boto3.client(
+        "s3",
+        endpoint_url=moto_s3.url,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    ).create_bucket(Bucket=BUCKET)
     env = {**moto_s3.client_env, "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true"}
     with ray_and_mlflow("cfp-", env, artifacts_destination=f"s3://{BUCKET}/mlflow") as (state, mlflow, ray):
         port = moto_s3.url.rsplit(":", 1)[1]
         yield {
-            "mlflow": mlflow, "ray": ray, "s3": moto_s3, "state": state,
+            "mlflow": mlflow,
+            "ray": ray,
+            "s3": moto_s3,
+            "state": state,
             "env": {**env, **ray.client_env, "MLFLOW_TRACKING_URI": mlflow.url},
             "storage": f"s3://{BUCKET}/ray?endpoint_override=127.0.0.1:{port}&scheme=http",
-        }  # fmt: skip
+        }
 
 
 @pytest.fixture(scope="module")
@@ -101,17 +114,29 @@ def _ddp_compare(cohort: str, cache_dir: str, out: str) -> None:
         t0 = time.time()
         result = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config={"cfg": cfg.to_dict(), "data": str(cohort), "runs": runs, "mlflow": None,
-                               "spec": shipped(load_spec("men"))},
+            train_loop_config={
+                "cfg": cfg.to_dict(),
+                "data": str(cohort),
+                "runs": runs,
+                "mlflow": None,
+                "spec": shipped(load_spec("men")),
+            },
             scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
             run_config=ray.train.RunConfig(name="ddp2", storage_path=str(out / "ray")),
         ).fit()
         print(f"2-worker Train run: {time.time() - t0:.0f} s")
     finally:
         ray.shutdown()
-    (out / "compare.json").write_text(json.dumps({
-        "ref": ref, "ddp": result.metrics, "checkpoint": result.checkpoint is not None,
-    }, default=float))  # fmt: skip
+    (out / "compare.json").write_text(
+        json.dumps(
+            {
+                "ref": ref,
+                "ddp": result.metrics,
+                "checkpoint": result.checkpoint is not None,
+            },
+            default=float,
+        )
+    )
 
 
 def test_two_ddp_workers_match_one_process(stack, cohort, cache_dir, client_env, tmp_path):
@@ -124,9 +149,11 @@ def test_two_ddp_workers_match_one_process(stack, cohort, cache_dir, client_env,
 
     The Ray driver runs in a fresh interpreter: Ray reads its auth mode once per process and
     leaves a SIGTERM handler behind, so an in-process driver would depend on test order."""
-    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
-            f"from test_platform_study import _ddp_compare; "
-            f"_ddp_compare({str(cohort)!r}, {str(cache_dir)!r}, {str(tmp_path)!r})")  # fmt: skip
+    code = (
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+        f"from test_platform_study import _ddp_compare; "
+        f"_ddp_compare({str(cohort)!r}, {str(cache_dir)!r}, {str(tmp_path)!r})"
+    )
     env = {**os.environ, **client_env, "CFCML_TEST_RAY_ADDRESS": stack["ray"].address}
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600, check=False)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
@@ -158,7 +185,9 @@ def _runs(client, study: str):
     return client.search_runs([exp.experiment_id], filter_string=f"tags.`cfcml.study` = '{study}'", max_results=100)
 
 
-def test_study_end_to_end_with_fault_interrupt_resume_registry_and_predict(stack, cohort, cache_dir, client_env, tmp_path):
+def test_study_end_to_end_with_fault_interrupt_resume_registry_and_predict(
+    stack, cohort, cache_dir, client_env, tmp_path
+):
     import boto3
     import mlflow
     import optuna
@@ -175,13 +204,42 @@ def test_study_end_to_end_with_fault_interrupt_resume_registry_and_predict(stack
     optuna_url = f"sqlite:///{tmp_path / 'optuna.db'}"
     space = _space(tmp_path)
     cmd = [
-        sys.executable, str(ROOT / "jobs" / "tune_men.py"), "--preset", "men-smoke", "--data", str(cohort),
-        "--name", study, "--num-samples", "2", "--epochs", "2", "--search-runs", "2", "--storage", stack["storage"],
-        "--tracking-uri", url, "--ray-address", stack["ray"].address, "--search-space", str(space),
-        "--optuna-storage", optuna_url, "--git-commit", "test-commit", "--inject-fault", f"2:{marker}:120",
-        "--set", f"data.cache_dir={cache_dir}", *[a for s in SMALL for a in ("--set", s)],
-        "--json-out", str(tmp_path / "summary.json"), "--system-metrics-interval", "2",
-    ]  # fmt: skip
+        sys.executable,
+        str(ROOT / "jobs" / "tune_men.py"),
+        "--preset",
+        "men-smoke",
+        "--data",
+        str(cohort),
+        "--name",
+        study,
+        "--num-samples",
+        "2",
+        "--epochs",
+        "2",
+        "--search-runs",
+        "2",
+        "--storage",
+        stack["storage"],
+        "--tracking-uri",
+        url,
+        "--ray-address",
+        stack["ray"].address,
+        "--search-space",
+        str(space),
+        "--optuna-storage",
+        optuna_url,
+        "--git-commit",
+        "test-commit",
+        "--inject-fault",
+        f"2:{marker}:120",
+        "--set",
+        f"data.cache_dir={cache_dir}",
+        *[a for s in SMALL for a in ("--set", s)],
+        "--json-out",
+        str(tmp_path / "summary.json"),
+        "--system-metrics-interval",
+        "2",
+    ]
     env = {**os.environ, **client_env, "PYTHONUNBUFFERED": "1"}
 
     # phase 1: start, wait until one trial has finished, then Ctrl+C
@@ -190,7 +248,9 @@ def test_study_end_to_end_with_fault_interrupt_resume_registry_and_predict(stack
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
         finished = []
         while proc.poll() is None and time.time() - t0 < 420:
-            finished = [r for r in _runs(client, study) if r.data.tags.get("mlflow.parentRunId") and r.info.status == "FINISHED"]
+            finished = [
+                r for r in _runs(client, study) if r.data.tags.get("mlflow.parentRunId") and r.info.status == "FINISHED"
+            ]
             if finished:
                 proc.send_signal(signal.SIGINT)
                 break
@@ -207,7 +267,9 @@ def test_study_end_to_end_with_fault_interrupt_resume_registry_and_predict(stack
     print(f"phase 1 (interrupted): {interrupted_at - t0:.0f} s")
 
     # phase 2: --resume finishes the study; the finished trial is not re-run
-    out = subprocess.run([*cmd, "--resume"], check=False, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=540)
+    out = subprocess.run(
+        [*cmd, "--resume"], check=False, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=540
+    )
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     print(f"phase 2 (resumed): {time.time() - interrupted_at:.0f} s")
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -224,8 +286,15 @@ def test_study_end_to_end_with_fault_interrupt_resume_registry_and_predict(stack
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     parent = parents[0]
-    states = [(r.info.run_name, r.info.status, {k: v for k, v in r.data.tags.items() if k.startswith(("error.", "cfcml."))},
-               r.data.metrics.get("epochs_trained")) for r in children]  # fmt: skip
+    states = [
+        (
+            r.info.run_name,
+            r.info.status,
+            {k: v for k, v in r.data.tags.items() if k.startswith(("error.", "cfcml."))},
+            r.data.metrics.get("epochs_trained"),
+        )
+        for r in children
+    ]
     assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children), f"{states}\n{out.stdout[-6000:]}"
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent.info.run_id}
     assert all(r.info.run_name.startswith("ni") and " a" in r.info.run_name for r in children)
@@ -241,11 +310,22 @@ def test_study_end_to_end_with_fault_interrupt_resume_registry_and_predict(stack
 
     parent_files = set(artifacts(parent.info.run_id))
     report_files = {"report/report.html", "report/report.json", "report/model_card.md"}  # the best trial's report
-    assert {"config.yaml", "search_space/smoke-test.yaml", "trials.csv", "optuna_study.txt", "plots/search_curves.png",
-            "best_trial/test_summary.md", "plots/confusion_test.png", "plots/roc_test.png", "plots/roc_val.png",
-            *report_files} <= parent_files  # fmt: skip
+    assert {
+        "config.yaml",
+        "search_space/smoke-test.yaml",
+        "trials.csv",
+        "optuna_study.txt",
+        "plots/search_curves.png",
+        "best_trial/test_summary.md",
+        "plots/confusion_test.png",
+        "plots/roc_test.png",
+        "plots/roc_val.png",
+        *report_files,
+    } <= parent_files
     assert report_files <= set(artifacts(summary["best_run_id"]))
-    report = json.loads(Path(client.download_artifacts(parent.info.run_id, "report/report.json", str(tmp_path))).read_text())
+    report = json.loads(
+        Path(client.download_artifacts(parent.info.run_id, "report/report.json", str(tmp_path))).read_text()
+    )
     assert {"auc_ci", "ece", "brier", "operating_points", "subgroups", "missing_modality"} <= set(report)
     assert report["meta"]["trial_id"] == summary["best_trial_id"] and report["meta"]["synthetic"] is True
     # MLflow conventions: model training, the cohort as the parent run's dataset
@@ -275,17 +355,27 @@ def test_study_end_to_end_with_fault_interrupt_resume_registry_and_predict(stack
     # fault injection: the first trial's worker was killed during epoch 2 and its run went on
     # from the epoch-1 checkpoint (by Ray Train's restart, or by the resumed study)
     assert json.loads(marker.read_text())["epoch"] == 2
-    fault_run = next(r for r in children if r.data.params["model.n_image_tokens"] == str(first["model.n_image_tokens"])
-                     and float(r.data.params["loss.alpha"]) == first["loss.alpha"])  # fmt: skip
+    fault_run = next(
+        r
+        for r in children
+        if r.data.params["model.n_image_tokens"] == str(first["model.n_image_tokens"])
+        and float(r.data.params["loss.alpha"]) == first["loss.alpha"]
+    )
     assert fault_run.data.metrics["restarts"] >= 1
     assert fault_run.data.metrics["resumed_from_epoch"] == 2
     assert [m.step for m in client.get_metric_history(fault_run.info.run_id, "cv_val_auc")][-1] == 2
 
     # S3 holds the Ray experiment, the Train checkpoints and the MLflow artifacts
     s3 = boto3.client("s3", endpoint_url=stack["s3"].url, region_name="us-east-1")
-    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET) for o in page.get("Contents", [])]
+    keys = [
+        o["Key"]
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
+        for o in page.get("Contents", [])
+    ]
     assert any(k.startswith(f"ray/{study}/experiment_state") for k in keys)
-    assert any(k.startswith(f"ray/{study}_train/") and "/checkpoint_" in k and k.endswith("fold2/best.pt") for k in keys)
+    assert any(
+        k.startswith(f"ray/{study}_train/") and "/checkpoint_" in k and k.endswith("fold2/best.pt") for k in keys
+    )
     assert any(k.startswith("mlflow/") and k.endswith("package/weights/fold1.pt") for k in keys)
     assert any(k.startswith("mlflow/") and k.endswith("plots/search_curves.png") for k in keys)
 
@@ -293,12 +383,26 @@ def test_study_end_to_end_with_fault_interrupt_resume_registry_and_predict(stack
     assert summary["model_uri"] == "models:/cfcml-men@challenger"
     mv = client.get_model_version_by_alias("cfcml-men", "challenger")
     assert mv.version == summary["model_version"] and mv.run_id == summary["best_run_id"]
-    assert {"trial_id", "method", "data.digest", "git.commit", "pretrained.image", "pretrained.text", "version.cfcml",
-            "evaluation.kind", "cfcml.protocol_digest"} <= set(mv.tags)  # fmt: skip
+    assert {
+        "trial_id",
+        "method",
+        "data.digest",
+        "git.commit",
+        "pretrained.image",
+        "pretrained.text",
+        "version.cfcml",
+        "evaluation.kind",
+        "cfcml.protocol_digest",
+    } <= set(mv.tags)
     # holdout 0 on a folds cohort: no patient is untouched by the ensemble, and the version says so
-    assert mv.tags["evaluation.kind"] == "out_of_fold" and not any(k.startswith(("holdout_", "test_split_")) for k in mv.tags)
+    assert mv.tags["evaluation.kind"] == "out_of_fold" and not any(
+        k.startswith(("holdout_", "test_split_")) for k in mv.tags
+    )
     assert mv.tags["git.commit"] == "test-commit" and mv.tags["trial_id"] == summary["best_trial_id"]
-    assert mv.description.startswith("# Model card") and "cross-validated estimate of a single fold model" in mv.description
+    assert (
+        mv.description.startswith("# Model card")
+        and "cross-validated estimate of a single fold model" in mv.description
+    )
     # the logged model: an output of the study's parent run, with the report's test metrics
     model_id = mv.source.removeprefix("models:/")
     assert model_id in [o.model_id for o in client.get_run(parent.info.run_id).outputs.model_outputs]
@@ -321,8 +425,22 @@ def test_study_end_to_end_with_fault_interrupt_resume_registry_and_predict(stack
 
     # cfcml predict with the champion scores the whole cohort
     preds_path = tmp_path / "preds.csv"
-    assert cfcml_main(["predict", "--model", "models:/cfcml-men@champion", "--data", str(cohort), "--out", str(preds_path),
-                       "--tracking-uri", url]) == 0  # fmt: skip
+    assert (
+        cfcml_main(
+            [
+                "predict",
+                "--model",
+                "models:/cfcml-men@champion",
+                "--data",
+                str(cohort),
+                "--out",
+                str(preds_path),
+                "--tracking-uri",
+                url,
+            ]
+        )
+        == 0
+    )
     import pandas as pd
 
     preds = pd.read_csv(preds_path)
@@ -342,7 +460,10 @@ def test_study_end_to_end_with_fault_interrupt_resume_registry_and_predict(stack
     frame.loc[1, "ADC"] = "/nowhere/ADC.nii.gz"
     out = mlflow.pyfunc.load_model("models:/cfcml-men@champion").predict(frame)
     assert out.loc[0, "status"] == "ok" and out.loc[0, "inputs_missing"] == "FLAIR_C,age"
-    assert "FLAIR_C" not in out.loc[0, "inputs_used"].split(",") and abs(out.loc[0, ["prob_G1", "prob_G2inv", "prob_G2ninv"]].sum() - 1) < 1e-4
+    assert (
+        "FLAIR_C" not in out.loc[0, "inputs_used"].split(",")
+        and abs(out.loc[0, ["prob_G1", "prob_G2inv", "prob_G2ninv"]].sum() - 1) < 1e-4
+    )
     assert out.loc[1, "status"].startswith("not scored: ADC: image file") and out.loc[1, "pred"] == ""
 
 
@@ -359,14 +480,38 @@ def test_a_cohort_described_only_by_a_schema_tunes_registers_and_predicts(stack,
     assert cfcml_main(["synth", "--dataset", str(schema), "--out", str(data), "--patients", "48"]) == 0
     url = stack["mlflow"].url
     cmd = [
-        sys.executable, str(ROOT / "jobs" / "tune.py"), "--dataset", str(schema), "--preset", "men-smoke",
-        "--data", str(data), "--name", "glioma", "--num-samples", "2", "--epochs", "1", "--search-runs", "1",
-        "--storage", str(tmp_path / "ray_results"), "--tracking-uri", url, "--ray-address", stack["ray"].address,
-        "--set", f"data.cache_dir={cache_dir}", *[a for s in [*SMALL, "train.batch_size=6"] for a in ("--set", s)],
-        "--json-out", str(tmp_path / "summary.json"), "--no-system-metrics",
-    ]  # fmt: skip
-    out = subprocess.run(cmd, check=False, capture_output=True, text=True, env={**os.environ, **client_env},
-                         cwd=tmp_path, timeout=600)  # fmt: skip
+        sys.executable,
+        str(ROOT / "jobs" / "tune.py"),
+        "--dataset",
+        str(schema),
+        "--preset",
+        "men-smoke",
+        "--data",
+        str(data),
+        "--name",
+        "glioma",
+        "--num-samples",
+        "2",
+        "--epochs",
+        "1",
+        "--search-runs",
+        "1",
+        "--storage",
+        str(tmp_path / "ray_results"),
+        "--tracking-uri",
+        url,
+        "--ray-address",
+        stack["ray"].address,
+        "--set",
+        f"data.cache_dir={cache_dir}",
+        *[a for s in [*SMALL, "train.batch_size=6"] for a in ("--set", s)],
+        "--json-out",
+        str(tmp_path / "summary.json"),
+        "--no-system-metrics",
+    ]
+    out = subprocess.run(
+        cmd, check=False, capture_output=True, text=True, env={**os.environ, **client_env}, cwd=tmp_path, timeout=600
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["model_uri"] == "models:/cfcml-glioma-demo@challenger"
@@ -374,20 +519,60 @@ def test_a_cohort_described_only_by_a_schema_tunes_registers_and_predicts(stack,
     client = MlflowClient(url)
     assert client.get_experiment_by_name("cfcml-glioma-demo") is not None
     preds_path = tmp_path / "preds.csv"
-    assert cfcml_main(["predict", "--model", "models:/cfcml-glioma-demo@challenger", "--data", str(data),
-                       "--out", str(preds_path), "--tracking-uri", url]) == 0  # fmt: skip
+    assert (
+        cfcml_main(
+            [
+                "predict",
+                "--model",
+                "models:/cfcml-glioma-demo@challenger",
+                "--data",
+                str(data),
+                "--out",
+                str(preds_path),
+                "--tracking-uri",
+                url,
+            ]
+        )
+        == 0
+    )
     preds = pd.read_csv(preds_path)
     assert len(preds) == 48 and list(preds.columns[3:5]) == ["prob_LGG", "prob_HGG"]
     assert (preds["status"] == "ok").all() and set(preds["pred"]) <= {"LGG", "HGG"}
 
     # a comparison method goes through the same job, its own search space and its own registered model
-    etmc = [*cmd, "--set", "model.method=etmc", "--name", "glioma-etmc", "--num-samples", "1",
-            "--json-out", str(tmp_path / "etmc.json")]  # fmt: skip
-    out = subprocess.run(etmc, check=False, capture_output=True, text=True, env={**os.environ, **client_env},
-                         cwd=tmp_path, timeout=600)  # fmt: skip
+    etmc = [
+        *cmd,
+        "--set",
+        "model.method=etmc",
+        "--name",
+        "glioma-etmc",
+        "--num-samples",
+        "1",
+        "--json-out",
+        str(tmp_path / "etmc.json"),
+    ]
+    out = subprocess.run(
+        etmc, check=False, capture_output=True, text=True, env={**os.environ, **client_env}, cwd=tmp_path, timeout=600
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     summary = json.loads((tmp_path / "etmc.json").read_text())
-    assert summary["model_uri"] == "models:/cfcml-glioma-demo-etmc@challenger" and "annealing_epochs" in str(summary["best_params"])
-    assert cfcml_main(["predict", "--model", summary["model_uri"], "--data", str(data), "--out", str(tmp_path / "p2.csv"),
-                       "--tracking-uri", url]) == 0  # fmt: skip
+    assert summary["model_uri"] == "models:/cfcml-glioma-demo-etmc@challenger" and "annealing_epochs" in str(
+        summary["best_params"]
+    )
+    assert (
+        cfcml_main(
+            [
+                "predict",
+                "--model",
+                summary["model_uri"],
+                "--data",
+                str(data),
+                "--out",
+                str(tmp_path / "p2.csv"),
+                "--tracking-uri",
+                url,
+            ]
+        )
+        == 0
+    )
     assert (pd.read_csv(tmp_path / "p2.csv")["status"] == "ok").all()

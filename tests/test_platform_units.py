@@ -23,8 +23,28 @@ SPACES = ROOT / "search_spaces"
 @pytest.mark.parametrize(
     "preset,space,expected",
     [
-        ("men", "men", {"model.n_image_tokens": 48, "model.n_tabular_tokens": 16, "loss.alpha": 0.06, "loss.beta": 0.04, "loss.gamma": 0.24}),
-        ("derm7pt", "derm7pt", {"model.n_image_tokens": 32, "model.n_tabular_tokens": 24, "loss.alpha": 0.04, "loss.beta": 0.06, "loss.gamma": 0.18}),
+        (
+            "men",
+            "men",
+            {
+                "model.n_image_tokens": 48,
+                "model.n_tabular_tokens": 16,
+                "loss.alpha": 0.06,
+                "loss.beta": 0.04,
+                "loss.gamma": 0.24,
+            },
+        ),
+        (
+            "derm7pt",
+            "derm7pt",
+            {
+                "model.n_image_tokens": 32,
+                "model.n_tabular_tokens": 24,
+                "loss.alpha": 0.04,
+                "loss.beta": 0.06,
+                "loss.gamma": 0.18,
+            },
+        ),
         ("men-smoke", "smoke", {"model.n_image_tokens": 8, "model.n_tabular_tokens": 4}),
         ("derm7pt-smoke", "smoke", {"loss.alpha": 0.04, "loss.gamma": 0.18}),
     ],
@@ -65,7 +85,9 @@ def test_bad_spaces_are_refused(tmp_path):
         load_search_space(write("params:\n  loss.alpha: {type: float, low: 0, high: 1, log: true}\n"), cfg)
     with pytest.raises(SearchSpaceError, match="type must be"):
         load_search_space(write("params:\n  loss.alpha: {type: normal, low: 0, high: 1}\n"), cfg)
-    explicit = load_search_space(write("first_trial: {loss.alpha: 0.5}\nparams:\n  loss.alpha: {type: float, low: 0.1, high: 1}\n"), cfg)
+    explicit = load_search_space(
+        write("first_trial: {loss.alpha: 0.5}\nparams:\n  loss.alpha: {type: float, low: 0.1, high: 1}\n"), cfg
+    )
     assert explicit.first_point(cfg) == {"loss.alpha": 0.5}
 
 
@@ -111,7 +133,9 @@ def test_cv_objective_uses_each_folds_selected_epoch():
     assert m["cv_val_auc_epoch"] == pytest.approx((0.7 + 0.8) / 2)
     assert m["fold1/selected_epoch"] == 1 and m["fold2/selected_epoch"] == 2
     assert m["fold2/val_auc"] == 0.8
-    early = cv_metrics([run("fold1", h1[:1], None), run("fold2", h2[:1], 0)], [dict(h1[0], epoch=0), dict(h2[0], epoch=0)])
+    early = cv_metrics(
+        [run("fold1", h1[:1], None), run("fold2", h2[:1], 0)], [dict(h1[0], epoch=0), dict(h2[0], epoch=0)]
+    )
     assert math.isnan(early["cv_val_auc"]) and early["cv_candidate"] == 0  # no candidate yet: not an AUC of 0
     assert m["cv_candidate"] == 1
     stopped = cv_metrics([run("fold1", h1, 0), run("fold2", h2, 1)], [records[1]], trained=[run("fold2", h2, 1)])
@@ -135,8 +159,16 @@ def test_pyfunc_rows_round_trip_to_the_same_sentences(tmp_path):
     sig = model_signature(men)
     assert [c.name for c in sig.inputs.inputs][:5] == ["case_id", "T1C", "FLAIR_C", "ADC", "mask"]
     assert [c.name for c in sig.inputs.inputs if c.required] == ["case_id"]
-    assert [c.name for c in sig.outputs.inputs] == ["case_id", "prob_G1", "prob_G2inv", "prob_G2ninv", "pred",
-                                                    "inputs_used", "inputs_missing", "status"]  # fmt: skip
+    assert [c.name for c in sig.outputs.inputs] == [
+        "case_id",
+        "prob_G1",
+        "prob_G2inv",
+        "prob_G2ninv",
+        "pred",
+        "inputs_used",
+        "inputs_missing",
+        "status",
+    ]
     # a patient without FLAIR-C and without age is read, and says so
     row = case_record(men, cohort.cases[0]) | {"FLAIR_C": "", "age": ""}
     back, missing = record_to_case(men, row)
@@ -161,4 +193,6 @@ def test_gpus_per_worker_defaults_to_the_hardware_the_cluster_has():
     assert parser.parse_args(["--gpus-per-worker", "0.5"]).gpus_per_worker == 0.5
     with pytest.raises(SystemExit):
         parser.parse_args(["--gpus-per-worker", "-1"])
-    assert plan_concurrency({"CPU": 2.0}, StudySpec(preset="men-smoke", data=".", num_samples=4)) == 2  # auto on a CPU cluster
+    assert (
+        plan_concurrency({"CPU": 2.0}, StudySpec(preset="men-smoke", data=".", num_samples=4)) == 2
+    )  # auto on a CPU cluster

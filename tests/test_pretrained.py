@@ -27,8 +27,12 @@ def test_paper_preset_without_image_weights_is_refused_with_the_way_out():
 def test_explicit_choices_pass(tmp_path):
     ckpt = tmp_path / "swin_tiny_patch4_window7_224.pth"
     ckpt.write_bytes(b"weights")
-    for value in ["none", str(ckpt), "swin_tiny_patch4_window7_224.ms_in1k",
-                  "hf-hub:timm/swin_tiny_patch4_window7_224.ms_in1k"]:  # fmt: skip
+    for value in [
+        "none",
+        str(ckpt),
+        "swin_tiny_patch4_window7_224.ms_in1k",
+        "hf-hub:timm/swin_tiny_patch4_window7_224.ms_in1k",
+    ]:
         check_pretrained(build_config("derm7pt", [f"model.image_pretrained={value}"]))
     check_pretrained(build_config("men"))  # the 3D encoder has no pretrained weights to ask for
     check_pretrained(build_config("derm7pt", ["model.use_images=false"]))
@@ -69,13 +73,26 @@ def test_provenance(tmp_path):
     clip_sha = hashlib.sha256(clip.read_bytes()).hexdigest()
 
     assert pretrained_provenance(build_config("derm7pt-smoke")) == {"image": "none", "text": "none"}
-    got = pretrained_provenance(build_config("derm7pt-smoke", [f"model.image_pretrained={swin}",
-                                                               f"model.text_pretrained=laion2b_s34b_b79k:{clip}"]))  # fmt: skip
-    assert got == {"image": f"sha256:{hashlib.sha256(b'swin weights').hexdigest()}", "text": f"laion2b_s34b_b79k:sha256:{clip_sha}"}
-    got = pretrained_provenance(build_config("derm7pt-smoke", ["model.image_pretrained=swin_tiny_patch4_window7_224.ms_in1k",
-                                                               f"model.text_pretrained={clip}"]))  # fmt: skip
+    got = pretrained_provenance(
+        build_config(
+            "derm7pt-smoke", [f"model.image_pretrained={swin}", f"model.text_pretrained=laion2b_s34b_b79k:{clip}"]
+        )
+    )
+    assert got == {
+        "image": f"sha256:{hashlib.sha256(b'swin weights').hexdigest()}",
+        "text": f"laion2b_s34b_b79k:sha256:{clip_sha}",
+    }
+    got = pretrained_provenance(
+        build_config(
+            "derm7pt-smoke",
+            ["model.image_pretrained=swin_tiny_patch4_window7_224.ms_in1k", f"model.text_pretrained={clip}"],
+        )
+    )
     assert got == {"image": "hub:swin_tiny_patch4_window7_224.ms_in1k", "text": f"openai:sha256:{clip_sha}"}
-    assert pretrained_provenance(build_config("men-smoke", ["model.tabular_embedding=mlp"])) == {"image": "none", "text": "unused"}
+    assert pretrained_provenance(build_config("men-smoke", ["model.tabular_embedding=mlp"])) == {
+        "image": "none",
+        "text": "unused",
+    }
     assert pretrained_provenance(build_config("men-smoke", ["model.use_images=false"]))["image"] == "unused"
 
 
@@ -88,9 +105,29 @@ def test_train_on_a_paper_preset_without_weights_exits_2_and_random_init_on_purp
     from cfcml.datasets import write_synthetic
 
     data = write_synthetic("derm7pt", tmp_path / "release_v0", 40, seed=1)
-    base = ["train", "--preset", "derm7pt", "--data", str(data), "--out", str(tmp_path / "run"), "--epochs", "1",
-            "--set", "train.select_min_epoch=0", "--set", "data.image_size=[32,32]", "--set", "model.swin_variant=micro", "--set", "train.batch_size=8",
-            "--set", "model.text_pretrained=none", "--set", f"data.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
+    base = [
+        "train",
+        "--preset",
+        "derm7pt",
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "run"),
+        "--epochs",
+        "1",
+        "--set",
+        "train.select_min_epoch=0",
+        "--set",
+        "data.image_size=[32,32]",
+        "--set",
+        "model.swin_variant=micro",
+        "--set",
+        "train.batch_size=8",
+        "--set",
+        "model.text_pretrained=none",
+        "--set",
+        f"data.cache_dir={tmp_path / 'cache'}",
+    ]
     assert main(base) == 2
     err = capsys.readouterr().err
     assert "model.image_pretrained" in err and "--set model.image_pretrained=none" in err

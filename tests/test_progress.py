@@ -72,8 +72,23 @@ def test_cv_prints_progress_unless_quiet(tmp_path, capfd):
     from cfcml.datasets import write_synthetic
 
     data = write_synthetic("derm7pt", tmp_path / "d", 40, seed=0)
-    common = ["cv", "--preset", "derm7pt-smoke", "--data", str(data), "--jobs", "1", "--set", "data.image_size=[32,32]",
-              "--set", "train.epochs=2", "--set", "train.seeds=[0]", "--set", f"data.cache_dir={tmp_path / 'cache'}"]
+    common = [
+        "cv",
+        "--preset",
+        "derm7pt-smoke",
+        "--data",
+        str(data),
+        "--jobs",
+        "1",
+        "--set",
+        "data.image_size=[32,32]",
+        "--set",
+        "train.epochs=2",
+        "--set",
+        "train.seeds=[0]",
+        "--set",
+        f"data.cache_dir={tmp_path / 'cache'}",
+    ]
     assert cli.main([*common, "--out", str(tmp_path / "a")]) == 0
     err = capfd.readouterr().err
     assert "seed0 epoch 1/2: val auc=" in err and "seed0 epoch 2/2" in err and "2/2 epochs (1 runs)" in err

@@ -34,10 +34,15 @@ def test_the_search_maximum_is_never_the_gate_metric(metric):
         check_gate_metric(metric)
 
 
-@pytest.mark.parametrize(("metric", "match"), [
-    ("test_auc_mean", "member runs.*--metric auc"), ("test_auc", "member runs.*--metric auc"),
-    ("test_brier_mean", "member runs.*--metric brier"), ("fold1/val_auc", "a member run's metric"),
-])
+@pytest.mark.parametrize(
+    ("metric", "match"),
+    [
+        ("test_auc_mean", "member runs.*--metric auc"),
+        ("test_auc", "member runs.*--metric auc"),
+        ("test_brier_mean", "member runs.*--metric brier"),
+        ("fold1/val_auc", "a member run's metric"),
+    ],
+)
 def test_member_metrics_are_not_gate_metrics(metric, match):
     with pytest.raises(PromotionError, match=match):
         check_gate_metric(metric)
@@ -45,7 +50,12 @@ def test_member_metrics_are_not_gate_metrics(metric, match):
 
 def test_plain_metrics_are_gate_metrics():
     assert [check_gate_metric(m) for m in ("auc", "balanced_acc", "brier", "acc_G2inv", "dice")] == [
-        "auc", "balanced_acc", "brier", "acc_G2inv", "dice"]
+        "auc",
+        "balanced_acc",
+        "brier",
+        "acc_G2inv",
+        "dice",
+    ]
 
 
 def test_protocol_digest_covers_the_protocol_and_nothing_else():
@@ -76,15 +86,21 @@ def test_protocol_digest_covers_the_protocol_and_nothing_else():
     assert record["cfcml.protocol_digest"] == digest and '"train.epochs"' in record["cfcml.protocol"]
 
 
-@pytest.mark.parametrize(("doc", "match"), [
-    ([], "is not a JSON object"),
-    ({"kind": "cv", "ids": ["a"], "data_digest": "d", "metrics": {}}, r"'kind' is 'cv'; expected one of holdout"),
-    ({"kind": "holdout", "ids": "a,b", "data_digest": "d", "metrics": {}}, "'ids' must be a list"),
-    ({"kind": "holdout", "ids": ["a", "a"], "data_digest": "d", "metrics": {}}, "'ids' lists 'a' more than once"),
-    ({"kind": "holdout", "ids": [], "data_digest": "d", "metrics": {}}, "'ids' is empty"),
-    ({"kind": "holdout", "ids": ["a"], "metrics": {}}, "'data_digest' must be a non-empty string"),
-    ({"kind": "holdout", "ids": ["a"], "data_digest": "d", "metrics": {"auc": "0.9"}}, r"metrics\['auc'\] is '0.9'"),
-])
+@pytest.mark.parametrize(
+    ("doc", "match"),
+    [
+        ([], "is not a JSON object"),
+        ({"kind": "cv", "ids": ["a"], "data_digest": "d", "metrics": {}}, r"'kind' is 'cv'; expected one of holdout"),
+        ({"kind": "holdout", "ids": "a,b", "data_digest": "d", "metrics": {}}, "'ids' must be a list"),
+        ({"kind": "holdout", "ids": ["a", "a"], "data_digest": "d", "metrics": {}}, "'ids' lists 'a' more than once"),
+        ({"kind": "holdout", "ids": [], "data_digest": "d", "metrics": {}}, "'ids' is empty"),
+        ({"kind": "holdout", "ids": ["a"], "metrics": {}}, "'data_digest' must be a non-empty string"),
+        (
+            {"kind": "holdout", "ids": ["a"], "data_digest": "d", "metrics": {"auc": "0.9"}},
+            r"metrics\['auc'\] is '0.9'",
+        ),
+    ],
+)
 def test_a_malformed_evaluation_is_named(doc, match):
     with pytest.raises(PromotionError, match=f"v9: evaluation.json.*{match}"):
         parse_evaluation(doc, "v9")
@@ -138,19 +154,26 @@ def test_gate_compares_like_with_like_only(env, name):
     champ = version(env, name, {"auc": 0.70})
     other_patients = version(env, name, {"auc": 0.95}, ids=IDS[:-2] + ["MEN9998", "MEN9999"])
     more_epochs = version(env, name, {"auc": 0.95}, protocol=PROTOCOL | {"train.epochs": 80, "holdout": 0.1})
-    digest_only = version(env, name, {"auc": 0.95}, protocol=None, protocol_as="tag", tags={
-        "cfcml.protocol_digest": "0123456789abcdef"})
+    digest_only = version(
+        env, name, {"auc": 0.95}, protocol=None, protocol_as="tag", tags={"cfcml.protocol_digest": "0123456789abcdef"}
+    )
     out_of_fold = version(env, name, {"auc": 0.99}, kind="out_of_fold")
     unmeasured = version(env, name, {}, document=False)
     # the same patients listed in another order; evaluation.json inside the package, as a study ships it
     alike = version(env, name, {"auc": 0.75}, ids=list(reversed(IDS)), at="model/artifacts/package")
     assert promote(client, name, version=champ).promoted
 
-    with pytest.raises(PromotionError, match=r"not measured alike — patients: ids digest \w+ \(30 ids\) vs \w+ \(30 "
-                       r"ids\), 2 only in the candidate, 2 only in the champion"):
+    with pytest.raises(
+        PromotionError,
+        match=r"not measured alike — patients: ids digest \w+ \(30 ids\) vs \w+ \(30 "
+        r"ids\), 2 only in the candidate, 2 only in the champion",
+    ):
         promote(client, name, version=other_patients)
-    with pytest.raises(PromotionError, match=r"protocol: cfcml.protocol_digest \w+ vs \w+ \(holdout 0.1 vs 0.2; "
-                       r"train.epochs 80 vs 50\).*--force --reason"):
+    with pytest.raises(
+        PromotionError,
+        match=r"protocol: cfcml.protocol_digest \w+ vs \w+ \(holdout 0.1 vs 0.2; "
+        r"train.epochs 80 vs 50\).*--force --reason",
+    ):
         promote(client, name, version=more_epochs)
     with pytest.raises(PromotionError, match=r"protocol: cfcml.protocol_digest 0123456789abcdef vs \w+: their auc"):
         promote(client, name, version=digest_only)
@@ -262,8 +285,14 @@ def test_two_concurrent_promotions_leave_one_champion_and_both_attempts(env, nam
     best = version(env, name, {"auc": 0.90})
     assert promote(client, name, version=old).promoted
 
-    out = dict(_run_two(_promote_process, ((mlflow_server.url, name, good), (1.0,)),
-                        ((mlflow_server.url, name, best), (1.0,)), expected=2))
+    out = dict(
+        _run_two(
+            _promote_process,
+            ((mlflow_server.url, name, good), (1.0,)),
+            ((mlflow_server.url, name, best), (1.0,)),
+            expected=2,
+        )
+    )
     assert champion_of(client, name) == best  # whichever came first, the better model is the champion
     assert out[best] == 0 and out[good] in (0, 3)
 
@@ -283,8 +312,12 @@ def test_two_processes_registering_one_model_never_collide(env, mlflow_server):
     client, experiment_id, _ = env
     model = f"cfcml-concurrent-{uuid.uuid4().hex[:8]}"  # created by whichever process registers first
     n = 5
-    out = _run_two(_register_process, ((mlflow_server.url, experiment_id, model, n), ()),
-                   ((mlflow_server.url, experiment_id, model, n), ()), expected=2 * n)
+    out = _run_two(
+        _register_process,
+        ((mlflow_server.url, experiment_id, model, n), ()),
+        ((mlflow_server.url, experiment_id, model, n), ()),
+        expected=2 * n,
+    )
     versions = [v for _, v in out]
     assert sorted(versions, key=int) == [str(i) for i in range(1, 2 * n + 1)]  # distinct, none skipped
     for run_id, v in out:

@@ -11,19 +11,28 @@ from cfcml.platform.redact import one_line, redact
     ("text", "expected"),
     [
         ("postgresql://mlflow:hunter2@db:5432/mlflow", "postgresql://mlflow:***@db:5432/mlflow"),
-        ("s3://AKIAEXAMPLE:wJalrXUtnFEMI@bucket/ray?endpoint_override=127.0.0.1:9000&scheme=http",
-         "s3://***:***@bucket/ray?endpoint_override=127.0.0.1:9000&scheme=http"),
+        (
+            "s3://AKIAEXAMPLE:wJalrXUtnFEMI@bucket/ray?endpoint_override=127.0.0.1:9000&scheme=http",
+            "s3://***:***@bucket/ray?endpoint_override=127.0.0.1:9000&scheme=http",
+        ),
         ("https://ghp_0123456789abcdef@github.com/org/repo.git", "https://***@github.com/org/repo.git"),
         ("sqlite:////srv/optuna.db?password=pw&mode=ro", "sqlite:////srv/optuna.db?password=***&mode=ro"),
         ("mysql://u:p@h/db?auth_token=abc&timeout=3", "mysql://u:***@h/db?auth_token=***&timeout=3"),
-        ("https://b.s3.amazonaws.com/k?X-Amz-Credential=AKIA%2F1&X-Amz-Signature=dead&X-Amz-Security-Token=zz",
-         "https://b.s3.amazonaws.com/k?X-Amz-Credential=***&X-Amz-Signature=***&X-Amz-Security-Token=***"),
-        ("aws_secret_access_key=wJalr/K7MDENG AWS_ACCESS_KEY_ID=AKIA1", "aws_secret_access_key=*** AWS_ACCESS_KEY_ID=***"),
+        (
+            "https://b.s3.amazonaws.com/k?X-Amz-Credential=AKIA%2F1&X-Amz-Signature=dead&X-Amz-Security-Token=zz",
+            "https://b.s3.amazonaws.com/k?X-Amz-Credential=***&X-Amz-Signature=***&X-Amz-Security-Token=***",
+        ),
+        (
+            "aws_secret_access_key=wJalr/K7MDENG AWS_ACCESS_KEY_ID=AKIA1",
+            "aws_secret_access_key=*** AWS_ACCESS_KEY_ID=***",
+        ),
         ("postgresql://u@db/x?sslpassword=s3cret", "postgresql://u@db/x?sslpassword=***"),
         ('{"password": "two words", "user": "u"}', '{"password": "***", "user": "u"}'),
         ("Authorization: Bearer eyJhbGciOiJIUzI1NiJ9.e30.x", "Authorization: Bearer ***"),
-        ("error: could not connect to postgresql://ml:pw@10.0.0.5/db (timeout)",
-         "error: could not connect to postgresql://ml:***@10.0.0.5/db (timeout)"),
+        (
+            "error: could not connect to postgresql://ml:pw@10.0.0.5/db (timeout)",
+            "error: could not connect to postgresql://ml:***@10.0.0.5/db (timeout)",
+        ),
     ],
 )
 def test_credentials_are_masked(text, expected):

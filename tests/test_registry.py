@@ -48,9 +48,10 @@ def registry_env(mlflow_server):
     try:
         with mlflow.start_run(experiment_id=experiment_id, run_name="model"):
             info = mlflow.pyfunc.log_model(
-                name="model", python_model=FixedProbs(np.random.default_rng(0).normal(size=(3, 2))),
+                name="model",
+                python_model=FixedProbs(np.random.default_rng(0).normal(size=(3, 2))),
                 pip_requirements=["numpy"],
-            )  # fmt: skip
+            )
     finally:
         tracking_utils._tracking_uri = previous
     return client, experiment_id, info
@@ -65,15 +66,35 @@ def model_name(registry_env):
 
 
 PROTOCOL = {  # what cfcml.platform.protocol_digest.protocol_fields records for a study
-    "preset": "men-smoke", "data.image_size": [16, 32, 32], "runs": ["fold1", "fold2", "fold3"],
-    "data.val_fraction": 0.2, "holdout": 0.2, "train.select_metric": "auc", "train.select_window": 5,
-    "train.select_min_epoch": 4, "train.patience": 0, "train.epochs": 50,
+    "preset": "men-smoke",
+    "data.image_size": [16, 32, 32],
+    "runs": ["fold1", "fold2", "fold3"],
+    "data.val_fraction": 0.2,
+    "holdout": 0.2,
+    "train.select_metric": "auc",
+    "train.select_window": 5,
+    "train.select_min_epoch": 4,
+    "train.patience": 0,
+    "train.epochs": 50,
 }
 IDS = [f"MEN{i:04d}" for i in range(30)]
 
 
-def version(env, name, metrics, *, kind="holdout", ids=IDS, data_digest="digest-a", protocol=PROTOCOL,
-            protocol_as="param", document=None, tags=None, pyfunc=False, at="model") -> str:
+def version(
+    env,
+    name,
+    metrics,
+    *,
+    kind="holdout",
+    ids=IDS,
+    data_digest="digest-a",
+    protocol=PROTOCOL,
+    protocol_as="param",
+    document=None,
+    tags=None,
+    pyfunc=False,
+    at="model",
+) -> str:
     """Register a version whose artifacts hold an `evaluation.json` with `metrics` measured on
     `ids` (or `document` as written, or none when `document` is False), and whose protocol is
     recorded as params of its source run (``protocol_as="param"``), as version tags ("tag") or
@@ -82,11 +103,17 @@ def version(env, name, metrics, *, kind="holdout", ids=IDS, data_digest="digest-
     file inside its package as a study ships it (one such version per module)."""
     client, experiment_id, info = env
     run_id = client.create_run(experiment_id).info.run_id
-    record = {} if protocol is None else {PROTOCOL_KEY: json.dumps(protocol), PROTOCOL_DIGEST_KEY: fields_digest(protocol)}
+    record = (
+        {} if protocol is None else {PROTOCOL_KEY: json.dumps(protocol), PROTOCOL_DIGEST_KEY: fields_digest(protocol)}
+    )
     if protocol_as == "param":
         for key, value in record.items():
             client.log_param(run_id, key, value)
-    doc = {"kind": kind, "ids": list(ids), "data_digest": data_digest, "metrics": metrics} if document is None else document
+    doc = (
+        {"kind": kind, "ids": list(ids), "data_digest": data_digest, "metrics": metrics}
+        if document is None
+        else document
+    )
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "evaluation.json"
         path.write_text(json.dumps(doc))
@@ -97,7 +124,9 @@ def version(env, name, metrics, *, kind="holdout", ids=IDS, data_digest="digest-
     client.set_terminated(run_id)
     version_tags = {**(tags or {}), **(record if protocol_as == "tag" else {})}
     if pyfunc:
-        mv = client.create_model_version(name, source=info.model_uri, run_id=run_id, tags=version_tags, model_id=info.model_id)
+        mv = client.create_model_version(
+            name, source=info.model_uri, run_id=run_id, tags=version_tags, model_id=info.model_id
+        )
     else:
         mv = client.create_model_version(name, source=f"runs:/{run_id}/model", run_id=run_id, tags=version_tags)
     return str(mv.version)
@@ -137,7 +166,12 @@ def test_gate_promotes_only_a_better_model(registry_env, model_name, mlflow_trac
 
     trail = audit_trail(client, model_name)  # every attempt, in order
     assert [(e["candidate"], e["outcome"]) for e in trail] == [
-        (v1, "promoted"), (v2, "unchanged"), (v_eq, "unchanged"), (v3, "promoted"), (v3, "unchanged")]
+        (v1, "promoted"),
+        (v2, "unchanged"),
+        (v_eq, "unchanged"),
+        (v3, "promoted"),
+        (v3, "unchanged"),
+    ]
     assert trail[3]["previous_champion"] == v1 and trail[3]["candidate_value"] == pytest.approx(0.80)
 
 
@@ -237,8 +271,9 @@ def test_evaluation_data_must_match(registry_env, model_name):
 
 
 @pytest.mark.parametrize(("concurrent_value", "promoted"), [(0.95, False), (0.75, True)])
-def test_champion_moved_between_read_and_write_is_re_evaluated(registry_env, model_name, monkeypatch,
-                                                               concurrent_value, promoted):  # fmt: skip
+def test_champion_moved_between_read_and_write_is_re_evaluated(
+    registry_env, model_name, monkeypatch, concurrent_value, promoted
+):
     """Another promotion lands after the gate read the champion: the gate compares again."""
     client = registry_env[0]
     old = version(registry_env, model_name, {"auc": 0.70})
@@ -296,9 +331,19 @@ def test_force_with_reason_records_tags(registry_env, model_name):
     assert tags["promotion.previous_champion"] == good and tags["promotion.timestamp"]
     assert float(tags["promotion.auc"]) == pytest.approx(0.5)
     assert audit_trail(client, model_name)[-1] | {"time": None} == {
-        "time": None, "candidate": bad, "metric": "auc", "forced": True, "reason": "rollback: v1 leaks data",
-        "outcome": "promoted", "previous_champion": good, "champion": bad, "candidate_value": 0.5,
-        "champion_value": 0.9, "attempts": 1, "message": r.message}
+        "time": None,
+        "candidate": bad,
+        "metric": "auc",
+        "forced": True,
+        "reason": "rollback: v1 leaks data",
+        "outcome": "promoted",
+        "previous_champion": good,
+        "champion": bad,
+        "candidate_value": 0.5,
+        "champion_value": 0.9,
+        "attempts": 1,
+        "message": r.message,
+    }
 
 
 def test_errors(registry_env, model_name):

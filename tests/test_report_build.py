@@ -20,8 +20,20 @@ from cfcml.report.html import SECTIONS
 from cfcml.report.subgroups import subgroup_analysis
 from cfcml.report.synthetic import synthetic_inputs
 
-REQUIRED = {"auc_ci", "n_bootstrap", "metrics", "ece", "ece_after", "brier", "brier_after", "temperature",
-            "operating_points", "subgroups", "missing_modality", "calibration"}
+REQUIRED = {
+    "auc_ci",
+    "n_bootstrap",
+    "metrics",
+    "ece",
+    "ece_after",
+    "brier",
+    "brier_after",
+    "temperature",
+    "operating_points",
+    "subgroups",
+    "missing_modality",
+    "calibration",
+}
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["binary", "3-class"])
@@ -48,8 +60,11 @@ def test_files_and_json_contract(built):
     assert REQUIRED <= set(report)
     assert report["n_bootstrap"] == report["bootstrap"]["n"] == 2000
     assert report["bootstrap"]["n_cases"] == 90
-    names = ["sen", "spe", "acc", "g_mean", "balanced_acc", "auprc", "auprc_label", "auc"] if k == 2 else \
-        ["acc", "balanced_acc", "acc_g1", "acc_g2inv", "acc_g2ninv", "weighted_f1", "macro_f1", "auc"]
+    names = (
+        ["sen", "spe", "acc", "g_mean", "balanced_acc", "auprc", "auprc_label", "auc"]
+        if k == 2
+        else ["acc", "balanced_acc", "acc_g1", "acc_g2inv", "acc_g2ninv", "weighted_f1", "macro_f1", "auc"]
+    )
     assert list(report["metrics"]) == names
     assert report["auc"] == report["metrics"]["auc"]["value"]
     assert report["missing_modality"] == inputs.missing_modality
@@ -89,7 +104,11 @@ def test_operating_points_and_subgroups_shape(built):
     k, _, _, r = built
     assert len(r["operating_points"]) == (4 if k == 2 else 12)
     assert {(o["kind"], o["target"]) for o in r["operating_points"]} == {
-        ("sen_at_spe", 0.9), ("sen_at_spe", 0.95), ("spe_at_sen", 0.9), ("spe_at_sen", 0.95)}
+        ("sen_at_spe", 0.9),
+        ("sen_at_spe", 0.95),
+        ("spe_at_sen", 0.9),
+        ("spe_at_sen", 0.95),
+    }
     columns = [s["column"] for s in r["subgroups"]]
     assert columns == [a["column"] for a in r["cohort"]["attributes"]]
     for s in r["subgroups"]:
@@ -128,8 +147,16 @@ def test_model_card(built):
     k, _, out, r = built
     card = model_card_markdown(r)
     assert card == (out / "model_card.md").read_text()
-    for heading in ("## Intended use", "## Cohort and split", "## Performance on the test set", "## Calibration",
-                    "## Operating points", "## Subgroups (test)", "## Missing inputs", "## Known limitations"):
+    for heading in (
+        "## Intended use",
+        "## Cohort and split",
+        "## Performance on the test set",
+        "## Calibration",
+        "## Operating points",
+        "## Subgroups (test)",
+        "## Missing inputs",
+        "## Known limitations",
+    ):
         assert heading in card
     assert "not a medical device" in card and "synthetic" in card
     assert f"{r['auc']:.3f} | {r['auc_ci'][0]:.3f} – {r['auc_ci'][1]:.3f}" in card
@@ -161,10 +188,21 @@ def _which_chromium():
 @pytest.mark.skipif(_which_chromium() is None, reason="chromium is not installed (apt-get install chromium)")
 def test_renders_in_headless_chromium_offline(built, tmp_path):
     _, _, out, _ = built
-    cmd = [_which_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-           "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
-           "--host-resolver-rules=MAP * ~NOTFOUND",  # no name resolves: nothing could load from a network
-           "--virtual-time-budget=5000", "--dump-dom", (out / "report.html").as_uri()]
+    cmd = [
+        _which_chromium(),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--host-resolver-rules=MAP * ~NOTFOUND",  # no name resolves: nothing could load from a network
+        "--virtual-time-budget=5000",
+        "--dump-dom",
+        (out / "report.html").as_uri(),
+    ]
     dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True).stdout
     headings = re.findall(r"<h2>([^<]*)</h2>", dom)
     assert headings == [title for _, title in SECTIONS]
@@ -181,13 +219,16 @@ def test_seed_protocol_repeats_cases_and_minimal_inputs(tmp_path):
         p1 = np.clip(0.3 + 0.4 * y + rng.normal(0, 0.2, 40), 0.01, 0.99)
         rows.append((p1, seed))
     probs = np.concatenate([np.stack([1 - p, p], 1) for p, _ in rows])
-    test = SplitPredictions(case_ids=[f"c{i}" for i in range(40)] * 2, labels=np.r_[y, y], probs=probs,
-                            runs=["seed0"] * 40 + ["seed1"] * 40)
-    inputs = ReportInputs(cohort={"name": "tiny", "classes": ["NEV", "MEL"], "positive": "MEL"},
-                          splits={"test": test})
+    test = SplitPredictions(
+        case_ids=[f"c{i}" for i in range(40)] * 2, labels=np.r_[y, y], probs=probs, runs=["seed0"] * 40 + ["seed1"] * 40
+    )
+    inputs = ReportInputs(cohort={"name": "tiny", "classes": ["NEV", "MEL"], "positive": "MEL"}, splits={"test": test})
     r = build_report(inputs, tmp_path, n_bootstrap=300)
     assert r["bootstrap"]["n_cases"] == 40 and r["counts"]["test"] == {
-        "classes": {"NEV": int((y == 0).sum()), "MEL": int((y == 1).sum())}, "patients": 40, "predictions": 80}
+        "classes": {"NEV": int((y == 0).sum()), "MEL": int((y == 1).sum())},
+        "patients": 40,
+        "predictions": 80,
+    }
     assert set(r["per_run"]["runs"]) == {"seed0", "seed1"}
     assert r["temperature"] is None and r["ece_after"] is None and r["operating_points"] == []
     assert r["subgroups"] == [] and r["missing_modality"] == {} and r["embedding"] is None
@@ -245,12 +286,14 @@ def test_subgroup_rules():
     test_ids, val_ids = [f"t{i}" for i in range(n)], [f"v{i}" for i in range(n)]
     y = rng.integers(0, 2, n)
     y[:20] = 0  # "site A" below holds no positive case
-    attrs = {c: {"site": "A" if i < 20 else ("B" if i < 52 else "C"), "score": float(i)}
-             for i, c in enumerate(test_ids)}
+    attrs = {
+        c: {"site": "A" if i < 20 else ("B" if i < 52 else "C"), "score": float(i)} for i, c in enumerate(test_ids)
+    }
     attrs |= {c: {"score": 100.0 + i} for i, c in enumerate(val_ids)}  # validation scores 100..159
     specs = [{"column": "site", "type": "categorical"}, {"column": "score", "type": "numeric"}]
-    res = subgroup_analysis(_split(test_ids, y), attrs, specs, ["NEV", "MEL"], "MEL",
-                            val=_split(val_ids, rng.integers(0, 2, n)), n_boot=200)
+    res = subgroup_analysis(
+        _split(test_ids, y), attrs, specs, ["NEV", "MEL"], "MEL", val=_split(val_ids, rng.integers(0, 2, n)), n_boot=200
+    )
     site = {g["name"]: g for g in res[0]["groups"]}
     assert [g["name"] for g in res[0]["groups"]] == ["A", "B", "C"]
     assert site["A"]["reportable"] and set(site["A"]["metrics"]) == {"acc", "spe"}

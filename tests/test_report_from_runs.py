@@ -10,7 +10,14 @@ import pytest
 
 from cfcml.cli import main as cfcml_main
 
-TINY = ["data.image_size=[4,16,16]", "data.aug_prob=0.0", "train.epochs=1", "train.device=cpu", "train.select_min_epoch=0", "train.select_window=1"]
+TINY = [
+    "data.image_size=[4,16,16]",
+    "data.aug_prob=0.0",
+    "train.epochs=1",
+    "train.device=cpu",
+    "train.select_min_epoch=0",
+    "train.select_window=1",
+]
 SERIES = ["T1C", "FLAIR_C", "ADC"]
 ATTRIBUTES = ["location", "sex", "age", "adc_value", "tumor_area", "edema_area"]
 
@@ -54,8 +61,11 @@ def test_report_of_a_cv_folder(cv, report):
             assert _inside(m["value"], m["ci"]), name
     assert _inside(r["ece"], r["ece_ci"]) and _inside(r["brier"], r["brier_ci"])
     # one row per series and attribute, plus the reference; "none" reproduces the saved predictions
-    assert list(r["missing_modality"]) == ["none", *[f"series {s}" for s in SERIES],
-                                           *[f"attribute {a}" for a in ATTRIBUTES]]  # fmt: skip
+    assert list(r["missing_modality"]) == [
+        "none",
+        *[f"series {s}" for s in SERIES],
+        *[f"attribute {a}" for a in ATTRIBUTES],
+    ]
     assert r["missing_modality"]["none"]["auc"] == pytest.approx(r["auc"], abs=1e-6)
     assert all(set(v) == {"auc", "acc", "balanced_acc", "macro_f1"} for v in r["missing_modality"].values())
     # subgroups from the cohort's attributes, t-SNE of the saved fused features, Grad-CAM per series
@@ -127,8 +137,24 @@ def test_cli_exit_codes(cv, tmp_path):
     assert cfcml_main(["report", str(unfinished), "--out", str(tmp_path / "o"), "--data", str(data)]) == 2
     assert not (tmp_path / "o").exists()
     out = tmp_path / "single"
-    assert cfcml_main(["report", str(lone), "--out", str(out), "--data", str(data), "--n-bootstrap", "100",
-                       "--explain", "0", "--no-missing"]) == 0  # fmt: skip
+    assert (
+        cfcml_main(
+            [
+                "report",
+                str(lone),
+                "--out",
+                str(out),
+                "--data",
+                str(data),
+                "--n-bootstrap",
+                "100",
+                "--explain",
+                "0",
+                "--no-missing",
+            ]
+        )
+        == 0
+    )
     r = json.loads((out / "report.json").read_text())
     assert r["runs"]["test"] == ["fold2"] and r["missing_modality"] == {} and r["explanations"] == []
 
@@ -152,10 +178,21 @@ def test_report_of_real_runs_renders_offline_in_headless_chromium(report, tmp_pa
     from cfcml.report.html import SECTIONS
 
     out, r = report
-    cmd = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-           "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
-           "--host-resolver-rules=MAP * ~NOTFOUND", "--virtual-time-budget=5000", "--dump-dom",
-           (out / "report.html").as_uri()]  # fmt: skip
+    cmd = [
+        _chromium(),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--host-resolver-rules=MAP * ~NOTFOUND",
+        "--virtual-time-budget=5000",
+        "--dump-dom",
+        (out / "report.html").as_uri(),
+    ]
     dom = subprocess.run(cmd, capture_output=True, text=True, timeout=180, check=True).stdout
     assert re.findall(r"<h2>([^<]*)</h2>", dom) == [title for _, title in SECTIONS]
     figures = 5 + len(r["explanations"])  # roc, pr, reliability, subgroups, t-SNE + one per explained case

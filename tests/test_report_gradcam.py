@@ -152,8 +152,12 @@ def test_on_the_cfcml_model(preset, kind):
 
     torch.manual_seed(0)
     cfg = build_config(preset)
-    shape = CohortShape(num_classes=3 if kind == "volume" else 2, num_images=3 if kind == "volume" else 2,
-                        num_attributes=6 if kind == "volume" else 5, image_kind=kind)
+    shape = CohortShape(
+        num_classes=3 if kind == "volume" else 2,
+        num_images=3 if kind == "volume" else 2,
+        num_attributes=6 if kind == "volume" else 5,
+        image_kind=kind,
+    )
     model = build_model(cfg, shape).eval()
     inputs = example_inputs(cfg, shape, batch=2)
     size = tuple(cfg.data.image_size)

@@ -73,8 +73,9 @@ def test_model_linked_to_the_parent_with_metrics_and_a_described_version(client,
 
     from cfcml.report import REGISTRY_DESCRIPTION_MAX, compute_report, model_card_markdown
 
-    report, _ = compute_report(synthetic_inputs(3, n_val=60, n_test=80, explanations=False), n_bootstrap=200,
-                               tsne=False)  # fmt: skip
+    report, _ = compute_report(
+        synthetic_inputs(3, n_val=60, n_test=80, explanations=False), n_bootstrap=200, tsne=False
+    )
     exp = rl.ensure_experiment(client, "cfcml-men")
     parent = client.create_run(exp).info.run_id
     child = client.create_run(exp, tags={"mlflow.parentRunId": parent}).info.run_id
@@ -88,7 +89,9 @@ def test_model_linked_to_the_parent_with_metrics_and_a_described_version(client,
     assert run.data.metrics["test_pooled_auc_ci_low"] == pytest.approx(report["auc_ci"][0])
     logged = client.get_logged_model(model.model_id)
     by_key = {m.key: m.value for m in logged.metrics}
-    assert by_key["test_pooled_auc"] == pytest.approx(report["auc"]) and by_key["test_ece"] == pytest.approx(report["ece"])
+    assert by_key["test_pooled_auc"] == pytest.approx(report["auc"]) and by_key["test_ece"] == pytest.approx(
+        report["ece"]
+    )
     assert {(m.dataset_name, m.dataset_digest) for m in logged.metrics} == {("men", cohort.digest()[:16])}
 
     client.create_registered_model("cfcml-men")
@@ -109,8 +112,13 @@ def _fake_run(folder, name, rng, cfg):
     save_config(cfg, folder / "config.yaml")
     labels = rng.integers(0, 3, 20)
     logits = 3 * (1.2 * np.eye(3)[labels] + rng.normal(size=(20, 3)))  # over-confident, like synthetic_inputs
-    np.savez(folder / "predictions.npz", val_case_ids=np.array([f"{name}-{i}" for i in range(20)]), val_labels=labels,
-             val_probs=np.full((20, 3), 1 / 3), val_logits=logits)  # fmt: skip
+    np.savez(
+        folder / "predictions.npz",
+        val_case_ids=np.array([f"{name}-{i}" for i in range(20)]),
+        val_labels=labels,
+        val_probs=np.full((20, 3), 1 / 3),
+        val_logits=logits,
+    )
     return labels, logits
 
 
@@ -139,16 +147,19 @@ def test_registered_model_applies_the_packaged_temperature(tmp_path, cohort):
     from cfcml.models.cfcml import build_model
     from cfcml.platform.pyfunc import PackagedModel, build_package
 
-    cfg = build_config("men-smoke", ["data.image_size=[4,16,16]", "model.tabular_embedding=mlp",
-                                     f"data.cache_dir={tmp_path / 'cache'}"])  # fmt: skip
+    cfg = build_config(
+        "men-smoke",
+        ["data.image_size=[4,16,16]", "model.tabular_embedding=mlp", f"data.cache_dir={tmp_path / 'cache'}"],
+    )
     torch.manual_seed(0)
     model = build_model(cfg, cohort.spec.shape(), num_tabular_features=num_features(cohort.spec))
     with torch.no_grad():
         model.classifier[-1].weight.mul_(40)  # confident logits, so a temperature matters
     atomic_save({"model": model.state_dict()}, tmp_path / "best.pt")
     stats = {a.column: (0.0, 1.0) for a in cohort.spec.attributes if a.type == "numeric"}
-    package = build_package(cfg, [{"name": "fold1", "weights": tmp_path / "best.pt", "numeric_stats": stats}], cohort,
-                            tmp_path / "package")  # fmt: skip
+    package = build_package(
+        cfg, [{"name": "fold1", "weights": tmp_path / "best.pt", "numeric_stats": stats}], cohort, tmp_path / "package"
+    )
     cases = cohort.cases[:6]
     plain = PackagedModel(package, device="cpu").predict_cases(cases)
     meta = json.loads((package / "meta.json").read_text())

@@ -91,7 +91,8 @@ def test_auc_and_ap_match_sklearn(ties):
     sw = RNG.integers(0, 4, 200).astype(float)  # integer weights incl. zeros
     assert stats.roc_auc(y, p[:, 1], sw[None])[0] == pytest.approx(roc_auc_score(y, p[:, 1], sample_weight=sw))
     assert stats.average_precision(y, p[:, 1], sw[None])[0] == pytest.approx(
-        average_precision_score(y, p[:, 1], sample_weight=sw))
+        average_precision_score(y, p[:, 1], sample_weight=sw)
+    )
 
 
 def test_ranking_metrics_nan_with_one_class():
@@ -216,7 +217,8 @@ def test_ece_matches_brute_force_and_torchmetrics():
     # values exactly on bin edges go to the lower bin: (lo, hi]
     p_edge = np.array([[0.6, 0.4], [0.6, 0.4], [0.8, 0.2]])
     assert stats.expected_calibration_error([0, 1, 0], p_edge, n_bins=5) == pytest.approx(
-        _brute_force_ece([0.6, 0.6, 0.8], [1, 0, 1], 5))
+        _brute_force_ece([0.6, 0.6, 0.8], [1, 0, 1], 5)
+    )
 
 
 def test_positive_class_ece_matches_sklearn_calibration_curve():
@@ -262,7 +264,8 @@ def test_temperature_recovers_known_scale_and_beats_grid():
     after = stats.apply_temperature(3 * z, t)
     assert np.allclose(after.sum(1), 1)
     assert stats.expected_calibration_error(y, after) < stats.expected_calibration_error(
-        y, stats.apply_temperature(3 * z, 1.0))
+        y, stats.apply_temperature(3 * z, 1.0)
+    )
 
 
 # --------------------------------------------------------------------------- operating points

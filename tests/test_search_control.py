@@ -48,8 +48,13 @@ def test_budget_reserves_each_trial_up_to_its_next_milestone():
     assert b.on_report("c", 1)
     assert b.on_report("c", 2) is False  # 24 reported + c's next 6 > 24
     assert b.used == 24 == b.total
-    assert b.describe() == {"budget_epochs": 24, "epochs_used": 24, "trials_started": 3, "trials_stopped_by_budget": 2,
-                            "budget_exhausted": False}  # fmt: skip
+    assert b.describe() == {
+        "budget_epochs": 24,
+        "epochs_used": 24,
+        "trials_started": 3,
+        "trials_stopped_by_budget": 2,
+        "budget_exhausted": False,
+    }
 
 
 def test_budget_refuses_a_total_below_one_trials_first_rung():
@@ -137,8 +142,14 @@ def test_trial_outcome_tags():
 
 def _searcher(budget=None, max_epochs=4):
     space = {"x": optuna.distributions.FloatDistribution(0.0, 1.0)}
-    return PrunedAwareOptunaSearch(space=space, metric="cv_val_auc", mode="max", max_epochs=max_epochs, budget=budget,
-                                   sampler=optuna.samplers.TPESampler(seed=0))  # fmt: skip
+    return PrunedAwareOptunaSearch(
+        space=space,
+        metric="cv_val_auc",
+        mode="max",
+        max_epochs=max_epochs,
+        budget=budget,
+        sampler=optuna.samplers.TPESampler(seed=0),
+    )
 
 
 def test_searcher_tells_optuna_pruned_for_early_stopped_trials_and_complete_otherwise():
@@ -224,8 +235,10 @@ def test_space_sampler_options(tmp_path):
 
 def _study(n_complete: int, n_pruned: int):
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
-    dists = {"model.n_image_tokens": optuna.distributions.IntDistribution(4, 16, step=4),
-             "loss.alpha": optuna.distributions.FloatDistribution(0.01, 0.24, log=True)}  # fmt: skip
+    dists = {
+        "model.n_image_tokens": optuna.distributions.IntDistribution(4, 16, step=4),
+        "loss.alpha": optuna.distributions.FloatDistribution(0.01, 0.24, log=True),
+    }
     for i in range(n_complete + n_pruned):
         t = study.ask(dists)
         last = 2 if i >= n_complete else 6
@@ -271,9 +284,15 @@ def test_views_count_states_epochs_and_importances(tmp_path):
     assert out["trial_states"] == {"complete": 5, "pruned": 3, "failed": 0}
     assert out["epochs_spent"] == (5 * 6 + 3 * 2) * 3  # every fold of every trial, pruned ones included
     assert set(out["importances"]) == {"model.n_image_tokens", "loss.alpha"}
-    assert out["importances"]["model.n_image_tokens"] > out["importances"]["loss.alpha"]  # the value depends on n_i only
-    assert set(client.figures) == {"plots/optuna_history.png", "plots/optuna_intermediate_values.png",
-                                   "plots/optuna_parallel_coordinate.png", "plots/optuna_param_importances.png"}
+    assert (
+        out["importances"]["model.n_image_tokens"] > out["importances"]["loss.alpha"]
+    )  # the value depends on n_i only
+    assert set(client.figures) == {
+        "plots/optuna_history.png",
+        "plots/optuna_intermediate_values.png",
+        "plots/optuna_parallel_coordinate.png",
+        "plots/optuna_param_importances.png",
+    }
     assert client.metrics["trials_pruned"] == 3 and client.metrics["epochs_spent"] == 108
     assert client.metrics["budget_epochs"] == 200 and "importance.loss.alpha" in client.metrics
     assert json.loads(client.texts["optuna_param_importances.json"])["importances"]
@@ -323,16 +342,28 @@ def test_rung_sync_asha_posts_its_decision_at_every_rung(monkeypatch):
     from cfcml.platform.search_control import RungSyncASHA, await_decision
 
     posted = []
-    monkeypatch.setattr(search_control, "post_decision", lambda board, tid, epoch, d: posted.append((board, tid, epoch, d)))
-    asha = RungSyncASHA(time_attr="epoch", metric="cv_val_auc", mode="max", max_t=4, grace_period=1, reduction_factor=2,
-                        board="b", decision_epochs=[1, 2])  # fmt: skip
+    monkeypatch.setattr(
+        search_control, "post_decision", lambda board, tid, epoch, d: posted.append((board, tid, epoch, d))
+    )
+    asha = RungSyncASHA(
+        time_attr="epoch",
+        metric="cv_val_auc",
+        mode="max",
+        max_t=4,
+        grace_period=1,
+        reduction_factor=2,
+        board="b",
+        decision_epochs=[1, 2],
+    )
     good, bad = SimpleNamespace(trial_id="good"), SimpleNamespace(trial_id="bad")
     for t in (good, bad):
         asha.on_trial_add(None, t)
     assert asha.on_trial_result(None, good, {"epoch": 1, "cv_val_auc": 0.8}) == "CONTINUE"
     assert asha.on_trial_result(None, bad, {"epoch": 1, "cv_val_auc": 0.5}) == "STOP"  # below the rung's median
     assert asha.on_trial_result(None, good, {"epoch": 2, "cv_val_auc": 0.85}) == "CONTINUE"
-    assert asha.on_trial_result(None, good, {"epoch": 3, "cv_val_auc": 0.86}) == "CONTINUE"  # not a rung: nothing posted
+    assert (
+        asha.on_trial_result(None, good, {"epoch": 3, "cv_val_auc": 0.86}) == "CONTINUE"
+    )  # not a rung: nothing posted
     assert posted == [("b", "good", 1, "CONTINUE"), ("b", "bad", 1, "STOP"), ("b", "good", 2, "CONTINUE")]
     assert await_decision(None, "good", 1) is None  # no board (e.g. a Train run outside a study): train on
 
@@ -341,7 +372,9 @@ def test_budget_stopper_posts_stop(monkeypatch):
     from cfcml.platform import search_control
 
     posted = []
-    monkeypatch.setattr(search_control, "post_decision", lambda board, tid, epoch, d: posted.append((board, tid, epoch, d)))
+    monkeypatch.setattr(
+        search_control, "post_decision", lambda board, tid, epoch, d: posted.append((board, tid, epoch, d))
+    )
     b = EpochBudget(total=6, runs_per_trial=3, milestones=[1, 3])
     stopper = BudgetStopper(b, board="b")
     b.on_start("a")

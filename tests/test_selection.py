@@ -33,10 +33,14 @@ def test_random_curves_never_select_a_non_candidate():
         min_epoch = int(rng.choice([-1, 0, int(rng.integers(0, 10))]))
         curve = rng.uniform(0.3, 1.0, n)
         curve[rng.random(n) < 0.1] = math.nan
-        first = first_candidate_epoch(TrainConfig(select_window=window, warmup_epochs=warmup, select_min_epoch=min_epoch))
+        first = first_candidate_epoch(
+            TrainConfig(select_window=window, warmup_epochs=warmup, select_min_epoch=min_epoch)
+        )
         picked = select_epoch(_history(curve), "auc", window, first)
         if picked is None:
-            assert n <= first or all(math.isnan(selection_score(_history(curve[: e + 1]), "auc", window, first)) for e in range(n))
+            assert n <= first or all(
+                math.isnan(selection_score(_history(curve[: e + 1]), "auc", window, first)) for e in range(n)
+            )
         else:
             assert picked >= first >= window - 1 and picked >= (warmup if min_epoch < 0 else min_epoch)
     history = [{"val_loss": v} for v in (0.1, 2.0, 1.0, 0.9, 0.8)]

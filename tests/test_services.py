@@ -116,9 +116,7 @@ def test_session_mlflow_server_is_local_and_healthy(mlflow_server):
     assert listening_addresses(mlflow_server.port) == {"127.0.0.1"}
     recorded = load_service(mlflow_server.state_dir, "mlflow")
     assert recorded is not None and recorded.pid == mlflow_server.pid
-    assert (Path(mlflow_server.state_dir) / "mlflow.pid").read_text().strip() == str(
-        mlflow_server.pid
-    )
+    assert (Path(mlflow_server.state_dir) / "mlflow.pid").read_text().strip() == str(mlflow_server.pid)
 
 
 def test_moto_start_stop(moto_s3):
@@ -265,14 +263,9 @@ def test_ray_head_scripts(tmp_path):
         assert listening_addresses(dashboard_port) == {"127.0.0.1"}
         assert service.client_env["RAY_AUTH_MODE"] == "token"
         token = Path(service.client_env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
-        assert (
-            oct(Path(service.client_env["RAY_AUTH_TOKEN_PATH"]).stat().st_mode)[-3:]
-            == "600"
-        )
+        assert oct(Path(service.client_env["RAY_AUTH_TOKEN_PATH"]).stat().st_mode)[-3:] == "600"
         assert http_get(f"{url}/api/version")[0] == 401  # token auth is on
-        status, body = http_get(
-            f"{url}/api/version", {"Authorization": f"Bearer {token}"}
-        )
+        status, body = http_get(f"{url}/api/version", {"Authorization": f"Bearer {token}"})
         assert status == 200 and json.loads(body)["ray_version"]
         env_file = (state / "ray.env").read_text()
         assert env_file.count("export ") == 5 and "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0" in env_file
@@ -359,8 +352,9 @@ def test_backend_uri_password_is_in_no_command_line_log_or_state_file(tmp_path):
     # SQLite ignores unknown URI parameters, so this is a working URI that carries a password
     uri = f"sqlite:///file:{state}/mlflow.db?uri=true&password={secret}"
     env = script_env(CFCML_STATE_DIR=str(state), CFCML_MLFLOW_PORT=str(free_port()), MLFLOW_BACKEND_STORE_URI=uri)
-    start = subprocess.run(["bash", str(ROOT / "mlflow/start.sh")], env=env, capture_output=True, check=False,
-                           text=True, timeout=300)  # fmt: skip
+    start = subprocess.run(
+        ["bash", str(ROOT / "mlflow/start.sh")], env=env, capture_output=True, check=False, text=True, timeout=300
+    )
     assert start.returncode == 0, start.stdout + start.stderr
     service = load_service(state, "mlflow")
     try:
@@ -408,13 +402,23 @@ def test_unauthenticated_ray_on_a_network_address_is_refused(tmp_path):
     ("script", "args", "env", "match"),
     [
         ("mlflow/start.sh", ["--host", "0.0.0.0"], {}, "refusing to serve MLflow on 0.0.0.0"),
-        ("cluster/start_local.sh", ["--node-ip-address", "192.0.2.10"], {"RAY_AUTH_MODE": "disabled"},
-         "refusing to start a Ray cluster without authentication"),
+        (
+            "cluster/start_local.sh",
+            ["--node-ip-address", "192.0.2.10"],
+            {"RAY_AUTH_MODE": "disabled"},
+            "refusing to start a Ray cluster without authentication",
+        ),
     ],
 )
 def test_scripts_refuse_open_services_with_exit_2(tmp_path, script, args, env, match):
-    run = subprocess.run(["bash", str(ROOT / script), *args], env=script_env(CFCML_STATE_DIR=str(tmp_path), **env),
-                         capture_output=True, check=False, text=True, timeout=120)  # fmt: skip
+    run = subprocess.run(
+        ["bash", str(ROOT / script), *args],
+        env=script_env(CFCML_STATE_DIR=str(tmp_path), **env),
+        capture_output=True,
+        check=False,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 2, run.stdout + run.stderr
     assert match in run.stderr and "Traceback" not in run.stderr
 
@@ -427,8 +431,14 @@ def test_remote_mlflow_runs_basic_auth(tmp_path):
     state = tmp_path / "state"
     port = free_port()
     env = script_env(CFCML_STATE_DIR=str(state), CFCML_MLFLOW_PORT=str(port))
-    start = subprocess.run(["bash", str(ROOT / "mlflow/start.sh"), "--host", "0.0.0.0", "--allow-remote"], env=env,
-                           capture_output=True, check=False, text=True, timeout=300)  # fmt: skip
+    start = subprocess.run(
+        ["bash", str(ROOT / "mlflow/start.sh"), "--host", "0.0.0.0", "--allow-remote"],
+        env=env,
+        capture_output=True,
+        check=False,
+        text=True,
+        timeout=300,
+    )
     assert start.returncode == 0, start.stdout + start.stderr
     service = load_service(state, "mlflow")
     try:

@@ -44,14 +44,47 @@ def test_study_views_pruned_trials_and_budget(services, tmp_path):
     space.write_text(smoke + "sampler: {n_startup_trials: 2}\n")  # a rung at epoch 1 of 2
     url, study, optuna_url = services["mlflow"].url, "views", f"sqlite:///{tmp_path / 'optuna.db'}"
     cmd = [
-        sys.executable, str(ROOT / "jobs" / "tune_men.py"), "--preset", "men-smoke", "--data", str(cohort),
-        "--name", study, "--num-samples", "6", "--epochs", "2", "--search-runs", "1", "--budget-epochs", str(BUDGET),
-        "--storage", str(tmp_path / "ray"), "--tracking-uri", url, "--ray-address", services["ray"].address,
-        "--search-space", str(space), "--optuna-storage", optuna_url, "--no-register", "--no-system-metrics",
-        "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", "data.image_size=[4,16,16]", "--set", "data.aug_prob=0.0",
-        "--set", "train.select_min_epoch=0", "--set", "train.select_window=1",
-        "--json-out", str(tmp_path / "summary.json"),
-    ]  # fmt: skip
+        sys.executable,
+        str(ROOT / "jobs" / "tune_men.py"),
+        "--preset",
+        "men-smoke",
+        "--data",
+        str(cohort),
+        "--name",
+        study,
+        "--num-samples",
+        "6",
+        "--epochs",
+        "2",
+        "--search-runs",
+        "1",
+        "--budget-epochs",
+        str(BUDGET),
+        "--storage",
+        str(tmp_path / "ray"),
+        "--tracking-uri",
+        url,
+        "--ray-address",
+        services["ray"].address,
+        "--search-space",
+        str(space),
+        "--optuna-storage",
+        optuna_url,
+        "--no-register",
+        "--no-system-metrics",
+        "--set",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "--set",
+        "data.image_size=[4,16,16]",
+        "--set",
+        "data.aug_prob=0.0",
+        "--set",
+        "train.select_min_epoch=0",
+        "--set",
+        "train.select_window=1",
+        "--json-out",
+        str(tmp_path / "summary.json"),
+    ]
     env = {**os.environ, **services["env"], "PYTHONUNBUFFERED": "1"}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=840, check=False)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
@@ -65,9 +98,16 @@ def test_study_views_pruned_trials_and_budget(services, tmp_path):
 
     # the Optuna views in the parent run
     files = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")} | {
-        a.path for a in client.list_artifacts(parent.info.run_id)}  # fmt: skip
-    assert {"plots/optuna_history.png", "plots/optuna_parallel_coordinate.png", "plots/optuna_intermediate_values.png",
-            "plots/optuna_param_importances.png", "optuna_trials.csv", "optuna_param_importances.json"} <= files  # fmt: skip
+        a.path for a in client.list_artifacts(parent.info.run_id)
+    }
+    assert {
+        "plots/optuna_history.png",
+        "plots/optuna_parallel_coordinate.png",
+        "plots/optuna_intermediate_values.png",
+        "plots/optuna_param_importances.png",
+        "optuna_trials.csv",
+        "optuna_param_importances.json",
+    } <= files
     assert {f"importance.{k}" for k in ("model.n_image_tokens", "loss.alpha", "loss.gamma")} <= set(parent.data.metrics)
     complete = [r for r in children if r.data.tags.get("cfcml.trial_state") == "COMPLETE"]
     pruned = [r for r in children if r.data.tags.get("cfcml.trial_state") == "PRUNED"]
@@ -86,7 +126,9 @@ def test_study_views_pruned_trials_and_budget(services, tmp_path):
 
     # what the Train workers really trained (every epoch they logged) stays within the budget:
     # a stopped trial's workers wait at the rung for the decision instead of training on
-    trained = {r.info.run_id: max(m.step for m in client.get_metric_history(r.info.run_id, "cv_val_auc")) for r in children}
+    trained = {
+        r.info.run_id: max(m.step for m in client.get_metric_history(r.info.run_id, "cv_val_auc")) for r in children
+    }
     for r in pruned:
         assert trained[r.info.run_id] == 1, "a stopped trial trained past its rung"
     assert sum(trained.values()) == summary["epochs_spent"] == parent.data.metrics["epochs_spent"] <= BUDGET

@@ -129,8 +129,11 @@ def test_parse_text_pretrained(tmp_path):
     assert parse_text_pretrained(f"laion400m_e31:{f}") == TextWeights("laion400m_e31", f)
     # open_clip's pretrained config decides: OpenAI and laion400m weights were trained with QuickGELU
     assert [parse_text_pretrained(t).quick_gelu for t in ("none", "openai", "laion400m_e31", "laion2b_s34b_b79k")] == [
-        False, True, True, False,
-    ]  # fmt: skip
+        False,
+        True,
+        True,
+        False,
+    ]
     with pytest.raises(TextEncoderUnavailable, match="'bogus' is not an open_clip pretrained tag"):
         parse_text_pretrained(f"bogus:{f}")
 

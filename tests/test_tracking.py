@@ -100,10 +100,7 @@ def test_nested_child_failure_fails_both(experiment):
     ):
         raise RuntimeError("trial crashed")
     client = MlflowClient()
-    assert (
-        client.get_run(child.info.run_id).data.tags["mlflow.parentRunId"]
-        == parent.info.run_id
-    )
+    assert client.get_run(child.info.run_id).data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert _status(child.info.run_id) == "FAILED"
     assert _status(parent.info.run_id) == "FAILED"
 
@@ -125,13 +122,9 @@ def test_parent_run_id_from_another_process_and_orphan_cleanup(experiment):
         parent_id = parent.info.run_id
         experiment_id = parent.info.experiment_id
     # a trial in another process: only the parent id travels
-    with mlflow_run(
-        "trial-0", experiment_id=experiment_id, parent_run_id=parent_id
-    ) as trial:
+    with mlflow_run("trial-0", experiment_id=experiment_id, parent_run_id=parent_id) as trial:
         pass
-    assert (
-        client.get_run(trial.info.run_id).data.tags["mlflow.parentRunId"] == parent_id
-    )
+    assert client.get_run(trial.info.run_id).data.tags["mlflow.parentRunId"] == parent_id
     assert _status(trial.info.run_id) == "FINISHED"
     # a trial whose process was SIGKILLed leaves its run RUNNING; the parent cleans up
     orphan = client.create_run(experiment_id, tags={"mlflow.parentRunId": parent_id})
@@ -179,7 +172,9 @@ def test_runs_record_their_owner_process(experiment):
         pass
     tags = MlflowClient().get_run(run.info.run_id).data.tags
     assert tags["cfcml.host"] == socket.gethostname() and tags["cfcml.pid"] == str(os.getpid())
-    assert tags["cfcml.process"].endswith(":" + Path(f"/proc/{os.getpid()}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    assert tags["cfcml.process"].endswith(
+        ":" + Path(f"/proc/{os.getpid()}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    )
 
 
 _DRIVER = """
@@ -202,8 +197,9 @@ def test_study_start_sweeps_runs_of_dead_processes(experiment, mlflow_tracking, 
     experiment_id = client.create_experiment(experiment)
     study = f"s-{uuid.uuid4().hex[:6]}"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "MLFLOW_TRACKING_URI": mlflow_tracking}
-    driver = subprocess.Popen([sys.executable, "-c", _DRIVER, experiment_id, study], stdout=subprocess.PIPE, text=True,
-                              env=env)  # fmt: skip
+    driver = subprocess.Popen(
+        [sys.executable, "-c", _DRIVER, experiment_id, study], stdout=subprocess.PIPE, text=True, env=env
+    )
     try:
         dead_id = driver.stdout.readline().strip()
     finally:
@@ -212,12 +208,15 @@ def test_study_start_sweeps_runs_of_dead_processes(experiment, mlflow_tracking, 
     assert _status(dead_id) == "RUNNING"
     # a trial of the dead driver running on another node, a live run of this process, a run of
     # another host and another study's dead run: only the first is the sweep's business
-    trial = client.create_run(experiment_id, tags={"mlflow.parentRunId": dead_id, "cfcml.study": study,
-                                                   "cfcml.host": "other-node", "cfcml.pid": "1"})  # fmt: skip
+    trial = client.create_run(
+        experiment_id,
+        tags={"mlflow.parentRunId": dead_id, "cfcml.study": study, "cfcml.host": "other-node", "cfcml.pid": "1"},
+    )
     alive = client.create_run(experiment_id, tags={"cfcml.study": study, **owner_tags()})
     remote = client.create_run(experiment_id, tags={"cfcml.study": study, "cfcml.host": "other-node", "cfcml.pid": "1"})
-    other_study = client.create_run(experiment_id, tags={"cfcml.study": "another", "cfcml.host": socket.gethostname(),
-                                                         "cfcml.pid": str(driver.pid)})  # fmt: skip
+    other_study = client.create_run(
+        experiment_id, tags={"cfcml.study": "another", "cfcml.host": socket.gethostname(), "cfcml.pid": str(driver.pid)}
+    )
     ended = sweep_stale_runs(client, experiment_id, tags={"cfcml.study": study})
     assert sorted(ended) == sorted([dead_id, trial.info.run_id])
     assert _status(dead_id) == "KILLED" and _status(trial.info.run_id) == "KILLED"
@@ -236,7 +235,9 @@ def test_supervised_run_is_opened_and_reopened_but_never_ended_by_its_worker(exp
     client = MlflowClient()
     experiment_id = client.create_experiment(experiment)
     parent = client.create_run(experiment_id).info.run_id
-    run_id = open_supervised_run(client, experiment_id, run_name="trial", parent_run_id=parent, tags={"cfcml.trial_id": "t1"})
+    run_id = open_supervised_run(
+        client, experiment_id, run_name="trial", parent_run_id=parent, tags={"cfcml.trial_id": "t1"}
+    )
     run = client.get_run(run_id)
     assert run.info.status == "RUNNING" and run.info.run_name == "trial"
     assert run.data.tags["mlflow.parentRunId"] == parent and run.data.tags["cfcml.trial_id"] == "t1"
@@ -273,9 +274,15 @@ def test_study_callback_ends_trial_runs_at_once_and_plots_in_the_background(expe
     parent = client.create_run(experiment_id).info.run_id
     runs = {}
     for trial_id in ("t-done", "t-pruned"):
-        runs[trial_id] = client.create_run(experiment_id, tags={"mlflow.parentRunId": parent, "cfcml.trial_id": trial_id}).info.run_id
-        client.log_batch(runs[trial_id], metrics=[Metric(f"fold1/{k}", 0.5 + e / 10, 0, e) for k in ("val_auc", "val_loss", "train_loss")
-                                                   for e in (1, 2)])  # fmt: skip
+        runs[trial_id] = client.create_run(
+            experiment_id, tags={"mlflow.parentRunId": parent, "cfcml.trial_id": trial_id}
+        ).info.run_id
+        client.log_batch(
+            runs[trial_id],
+            metrics=[
+                Metric(f"fold1/{k}", 0.5 + e / 10, 0, e) for k in ("val_auc", "val_loss", "train_loss") for e in (1, 2)
+            ],
+        )
     callback = tune_mod._study_callback_cls()(mlflow.get_tracking_uri(), experiment_id, parent, 4, ["fold1"], [2])
     entered, release, real_plot = threading.Event(), threading.Event(), tune_mod.trial_validation_plot
 
@@ -286,8 +293,12 @@ def test_study_callback_ends_trial_runs_at_once_and_plots_in_the_background(expe
 
     tune_mod.trial_validation_plot = slow_plot
     try:
-        callback.on_trial_complete(0, [], SimpleNamespace(trial_id="t-done", last_result={"epoch": 4, "cv_val_auc": 0.8}))
-        callback.on_trial_complete(0, [], SimpleNamespace(trial_id="t-pruned", last_result={"epoch": 2, "cv_val_auc": 0.6}))
+        callback.on_trial_complete(
+            0, [], SimpleNamespace(trial_id="t-done", last_result={"epoch": 4, "cv_val_auc": 0.8})
+        )
+        callback.on_trial_complete(
+            0, [], SimpleNamespace(trial_id="t-pruned", last_result={"epoch": 2, "cv_val_auc": 0.6})
+        )
         assert entered.wait(60)
         tune_mod.trial_validation_plot = real_plot  # the next plot draws at once
         done, pruned = (client.get_run(runs[t]) for t in ("t-done", "t-pruned"))
@@ -303,9 +314,14 @@ def test_study_callback_ends_trial_runs_at_once_and_plots_in_the_background(expe
         release.set()
         tune_mod.trial_validation_plot = real_plot
     for run_id in runs.values():
-        assert {a.path for a in client.list_artifacts(run_id, "plots")} == {"plots/validation_auc.png", "plots/loss.png"}
+        assert {a.path for a in client.list_artifacts(run_id, "plots")} == {
+            "plots/validation_auc.png",
+            "plots/loss.png",
+        }
     # a failed trial: FAILED at once; a plot that fails is a warning, not a failed study
-    failed = client.create_run(experiment_id, tags={"mlflow.parentRunId": parent, "cfcml.trial_id": "t-fail"}).info.run_id
+    failed = client.create_run(
+        experiment_id, tags={"mlflow.parentRunId": parent, "cfcml.trial_id": "t-fail"}
+    ).info.run_id
     tune_mod.trial_validation_plot = lambda *a: (_ for _ in ()).throw(RuntimeError("no disk"))
     try:
         callback.on_trial_error(0, [], SimpleNamespace(trial_id="t-fail", last_result={"epoch": 1}))

@@ -179,9 +179,22 @@ def test_draws_cover_the_specified_ranges_uniformly():
 def _only(b: int, **on) -> AugmentDraws:
     """Draws for b patients with every step off except what `on` sets (lists per patient)."""
     off, zero, one = torch.zeros(b, dtype=torch.bool), torch.zeros(b, dtype=torch.long), torch.ones(b, dtype=torch.long)
-    base = {"crop": off, "crop_top": zero, "crop_left": zero, "crop_height": one, "crop_width": one, "flip": off,
-            "flip_axis": zero, "noise": off, "noise_std": torch.zeros(b), "erase": off, "erase_top": zero,
-            "erase_left": zero, "erase_height": one, "erase_width": one}  # fmt: skip
+    base = {
+        "crop": off,
+        "crop_top": zero,
+        "crop_left": zero,
+        "crop_height": one,
+        "crop_width": one,
+        "flip": off,
+        "flip_axis": zero,
+        "noise": off,
+        "noise_std": torch.zeros(b),
+        "erase": off,
+        "erase_top": zero,
+        "erase_left": zero,
+        "erase_height": one,
+        "erase_width": one,
+    }
     base.update({k: torch.as_tensor(v, dtype=base[k].dtype) for k, v in on.items()})
     return AugmentDraws(**base)
 
@@ -219,8 +232,21 @@ def test_flip_erase_and_order_match_monai():
         assert torch.equal(out[b], torch.as_tensor(Flip(spatial_axis=b)(x[b])))
     assert torch.equal(out[3], x[3])
     # crop then flip (MONAI's order), then the box erased in the flipped frame
-    dr = _only(1, crop=[True], crop_top=[1], crop_left=[2], crop_height=[10], crop_width=[13], flip=[True],
-               flip_axis=[2], erase=[True], erase_top=[3], erase_left=[0], erase_height=[4], erase_width=[2])  # fmt: skip
+    dr = _only(
+        1,
+        crop=[True],
+        crop_top=[1],
+        crop_left=[2],
+        crop_height=[10],
+        crop_width=[13],
+        flip=[True],
+        flip_axis=[2],
+        erase=[True],
+        erase_top=[3],
+        erase_left=[0],
+        erase_height=[4],
+        erase_width=[2],
+    )
     ref = Resize(size, mode="trilinear")(SpatialCrop(roi_start=(0, 1, 2), roi_end=(5, 11, 15))(x[0]))
     ref = torch.as_tensor(Flip(spatial_axis=2)(ref)).clone()
     ref[:, :, 3:7, 0:2] = 0.0
@@ -231,8 +257,9 @@ def test_noise_is_one_field_per_patient_shared_by_its_series():
     size = (8, 64, 64)
     x = torch.zeros(3, 3, *size)
     aug = BatchVolumeAugment(size, noise_std=STD)
-    out = aug.apply(x, _only(3, noise=[True, True, False], noise_std=[0.05, 0.02, 0.07]),
-                    torch.Generator().manual_seed(0))  # fmt: skip
+    out = aug.apply(
+        x, _only(3, noise=[True, True, False], noise_std=[0.05, 0.02, 0.07]), torch.Generator().manual_seed(0)
+    )
     assert torch.equal(out[:, 1], out[:, 0]) and torch.equal(out[:, 2], out[:, 0])
     assert abs(out[0].std().item() - 0.05) < 0.002 and abs(out[1].std().item() - 0.02) < 0.001
     assert not torch.equal(out[0, 0] / 0.05, out[1, 0] / 0.02)  # independent fields

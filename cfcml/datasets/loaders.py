@@ -21,11 +21,20 @@ def make_dataset(cfg: Config, spec: DatasetSpec, cases: list[Case], train: bool,
     if spec.image_kind == "volume":
         from cfcml.datasets.volume_dataset import VolumeDataset
 
-        return VolumeDataset(cases, spec.series, cfg.data.image_size, train=train, cache=cache, aug_prob=cfg.data.aug_prob)
+        return VolumeDataset(
+            cases, spec.series, cfg.data.image_size, train=train, cache=cache, aug_prob=cfg.data.aug_prob
+        )
     from cfcml.datasets.photo_dataset import PhotoDataset
 
-    return PhotoDataset(cases, cfg.data.image_size, train=train, color=cfg.data.color,
-                        cache=cache if cache is not None else True, aug_p=cfg.data.aug_prob, augment=cfg.data.augment)  # fmt: skip
+    return PhotoDataset(
+        cases,
+        cfg.data.image_size,
+        train=train,
+        color=cfg.data.color,
+        cache=cache if cache is not None else True,
+        aug_p=cfg.data.aug_prob,
+        augment=cfg.data.augment,
+    )
 
 
 def make_datasets(cfg: Config, spec: DatasetSpec, split) -> dict:
@@ -75,8 +84,9 @@ def make_train_sampler(cfg: Config, cases: list[Case], seed: int, rank: int = 0,
         return ClassBalancedBatchSampler(labels, cfg.train.batch_size, seed=seed, epoch_steps=steps)
     if cfg.train.batch_size % world:
         raise ValueError(f"train.batch_size {cfg.train.batch_size} is not divisible by {world} workers")
-    return DistributedClassBalancedBatchSampler(labels, cfg.train.batch_size // world, world, rank, seed=seed,
-                                                epoch_steps=steps)  # fmt: skip
+    return DistributedClassBalancedBatchSampler(
+        labels, cfg.train.batch_size // world, world, rank, seed=seed, epoch_steps=steps
+    )
 
 
 def sentence_embeddings(cfg: Config, cases: list[Case]) -> torch.Tensor:
@@ -90,7 +100,9 @@ def sentence_embeddings(cfg: Config, cases: list[Case]) -> torch.Tensor:
     return cache.embed(flat).view(len(cases), len(cases[0].sentences), -1)
 
 
-def tabular_inputs(cfg: Config, spec: DatasetSpec, cases: list[Case], numeric_stats: dict | None) -> torch.Tensor | None:
+def tabular_inputs(
+    cfg: Config, spec: DatasetSpec, cases: list[Case], numeric_stats: dict | None
+) -> torch.Tensor | None:
     """The tabular input tensor of `cases` (row i = case i): sentence embeddings [N, t, 512]
     or MLP features [N, F] scaled with `numeric_stats` (fitted on the training part)."""
     if not cfg.model.use_tabular:

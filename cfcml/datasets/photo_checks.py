@@ -51,7 +51,9 @@ class PathFinder:
             if names is None:
                 return None, f"folder {Path(*parts[:i]).as_posix() or '.'} does not exist"
             if part not in names:  # the same text in another Unicode normalization (macOS writes NFD) is the name
-                part = next((n for n in names if unicodedata.normalize("NFC", n) == unicodedata.normalize("NFC", part)), part)
+                part = next(
+                    (n for n in names if unicodedata.normalize("NFC", n) == unicodedata.normalize("NFC", part)), part
+                )
             if part not in names:
                 near = [n for n in names if n.lower() == part.lower()]
                 hint = f" (on disk as {near[0]!r}: names are case-sensitive)" if near else ""
@@ -108,8 +110,15 @@ def check_photo(path: Path, rel: str, case_id: str, field: str, mode: str, min_s
         return [Problem(rel, case_id, field, f"unreadable image ({type(e).__name__}: {e})")]
     problems = []
     if min(size) < min_side:
-        problems.append(Problem(rel, case_id, field, f"image is {size[0]}x{size[1]} pixels, smaller than "
-                                f"{min_side} (the model input); use a larger image or --allow-small"))  # fmt: skip
+        problems.append(
+            Problem(
+                rel,
+                case_id,
+                field,
+                f"image is {size[0]}x{size[1]} pixels, smaller than "
+                f"{min_side} (the model input); use a larger image or --allow-small",
+            )
+        )
     if mode == "decode":
         grey = np.asarray(rgb.convert("L"), dtype=np.float32)
         if grey.std() < BLANK_STD:

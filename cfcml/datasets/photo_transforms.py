@@ -213,7 +213,9 @@ class AuthorsAugmentation:
         return self.apply(images, self.draw(h, w))
 
 
-def shift_scale_rotate(img: torch.Tensor, angle: float, scale: float, dx: float, dy: float, nearest: bool = False) -> torch.Tensor:
+def shift_scale_rotate(
+    img: torch.Tensor, angle: float, scale: float, dx: float, dy: float, nearest: bool = False
+) -> torch.Tensor:
     """uint8 [C, H, W] -> uint8 [C, H, W], as OpenCV's warpAffine with getRotationMatrix2D about
     the centre (angle in degrees, counter-clockwise), the shift in fractions of the size, and
     reflect-101 borders (grid_sample's reflection about the edge pixels' centres)."""
@@ -222,15 +224,25 @@ def shift_scale_rotate(img: torch.Tensor, angle: float, scale: float, dx: float,
     alpha, beta = scale * math.cos(a), scale * math.sin(a)
     cx, cy = w / 2, h / 2
     # forward map (source -> output pixel), then inverted to sample the source for each output pixel
-    fwd = torch.tensor([[alpha, beta, (1 - alpha) * cx - beta * cy + dx * w],
-                        [-beta, alpha, beta * cx + (1 - alpha) * cy + dy * h],
-                        [0.0, 0.0, 1.0]], dtype=torch.float64)  # fmt: skip
+    fwd = torch.tensor(
+        [
+            [alpha, beta, (1 - alpha) * cx - beta * cy + dx * w],
+            [-beta, alpha, beta * cx + (1 - alpha) * cy + dy * h],
+            [0.0, 0.0, 1.0],
+        ],
+        dtype=torch.float64,
+    )
     inv = torch.linalg.inv(fwd)[:2].to(torch.float32)
     ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
     src = torch.stack([xs, ys, torch.ones_like(xs)], dim=-1) @ inv.T  # [H, W, 2] source (x, y) in pixels
     grid = torch.stack([2 * src[..., 0] / max(w - 1, 1) - 1, 2 * src[..., 1] / max(h - 1, 1) - 1], dim=-1)
-    out = F.grid_sample(img[None].to(torch.float32), grid[None], mode="nearest" if nearest else "bilinear",
-                        padding_mode="reflection", align_corners=True)[0]  # fmt: skip
+    out = F.grid_sample(
+        img[None].to(torch.float32),
+        grid[None],
+        mode="nearest" if nearest else "bilinear",
+        padding_mode="reflection",
+        align_corners=True,
+    )[0]
     return out.round_().clamp_(0, 255).to(torch.uint8)
 
 
@@ -280,4 +292,3 @@ class PairTransform:
             out = self.augment(*[tv_tensors.Image(x) for x in images])  # one parameter draw for all
             images = list(out) if len(images) > 1 else [out]
         return [to_model_input(x, self.color) for x in images]
-

@@ -60,8 +60,9 @@ class CheckOptions:
     min_photo_side: int = DEFAULT_MIN_SIDE  # photos smaller than this are problems
 
 
-def check_cohort(spec: DatasetSpec | str, root, deep: bool = True, min_photo_side: int | None = None
-                 ) -> tuple[Cohort | None, list[Problem]]:  # fmt: skip
+def check_cohort(
+    spec: DatasetSpec | str, root, deep: bool = True, min_photo_side: int | None = None
+) -> tuple[Cohort | None, list[Problem]]:
     """Every problem with the cohort at `root` (an empty list when it is fit to train on)."""
     spec = spec if isinstance(spec, DatasetSpec) else load_spec(spec)
     root = Path(root)
@@ -98,7 +99,9 @@ def _read_table_layout(spec: DatasetSpec, root: Path) -> LayoutRead:
     if table is None:
         below = [d for d in sorted(root.iterdir()) if (d / spec.table_file).is_file()] if root.is_dir() else []
         if below and not (root / spec.table_file).exists():
-            problems[-1] = Problem(spec.table_file, None, None, f"not found under {root}; the cohort folder seems to be {below[0]}")
+            problems[-1] = Problem(
+                spec.table_file, None, None, f"not found under {root}; the cohort folder seems to be {below[0]}"
+            )
         return LayoutRead([], spec.table_file, problems)
     wanted = [spec.id_column, spec.label_column, *spec.attribute_names, *spec.template_columns()]
     if spec.split.kind == "folds" and not _folds_file(spec, root):
@@ -156,10 +159,14 @@ def _check(spec: DatasetSpec, root: Path, read: LayoutRead, opts: CheckOptions) 
         kept.append((row, cid, label))
     if dropped:
         shown = ", ".join(f"{k} {n}" for k, n in dropped.most_common(8)) + (", ..." if len(dropped) > 8 else "")
-        notes.append(f"{read.table_rel}: {sum(dropped.values())} row(s) dropped: {spec.label_column} is none of "
-                     f"{', '.join(spec.classes)} ({shown})")  # fmt: skip
+        notes.append(
+            f"{read.table_rel}: {sum(dropped.values())} row(s) dropped: {spec.label_column} is none of "
+            f"{', '.join(spec.classes)} ({shown})"
+        )
 
-    split_of, split_names = _assign_splits(spec, root, read, kept, labels_by_index, problems, notes, set(refused.values()))
+    split_of, split_names = _assign_splits(
+        spec, root, read, kept, labels_by_index, problems, notes, set(refused.values())
+    )
     _orphan_image_folders(spec, root, {cid for _, cid, _ in kept}, problems, set(refused))
 
     finder = PathFinder(root)
@@ -183,8 +190,9 @@ def _check(spec: DatasetSpec, root: Path, read: LayoutRead, opts: CheckOptions) 
         image_problems = found.get(cid, [])
         problems += image_problems
         if ok and not image_problems:
-            cases.append(Case(cid, label, split, tuple(images[s][0] for s in spec.series), values, sentences,
-                              mask, raw))  # fmt: skip
+            cases.append(
+                Case(cid, label, split, tuple(images[s][0] for s in spec.series), values, sentences, mask, raw)
+            )
     if spec.mask_path and spec.image_kind == "volume" and todo:
         notes.append(f"ROI mask found for {masks} of {len(todo)} patient(s); the others are used whole")
     cohort = Cohort(spec, root, split_names, cases, notes)
@@ -268,7 +276,9 @@ def _orphan_image_folders(
     named = {_nfc(i) for i in ids} | {_nfc(re.split(r"[/\\]", r.strip())[0]) for r in refused}
     for d in sorted(p.name for p in folder.iterdir() if p.is_dir()):
         if _nfc(d) not in named:
-            problems.append(Problem(_rel(folder / d, root), d, None, f"image folder without a row in {spec.table_file}"))
+            problems.append(
+                Problem(_rel(folder / d, root), d, None, f"image folder without a row in {spec.table_file}")
+            )
 
 
 def _nfc(text: str) -> str:
@@ -316,7 +326,9 @@ def _fold_splits(
             if fold is None:
                 problems.append(Problem(table.where(i), cid, "fold", f"fold '{text}' is not an integer >= 1"))
             elif cid in folds and folds[cid] != fold:
-                problems.append(Problem(table.where(i), cid, "fold", f"patient listed in folds {folds[cid]} and {fold}"))
+                problems.append(
+                    Problem(table.where(i), cid, "fold", f"patient listed in folds {folds[cid]} and {fold}")
+                )
             else:
                 folds.setdefault(cid, fold)
     else:
@@ -348,11 +360,15 @@ def _fold_splits(
             continue  # an unreadable label may be the missing class: not judged
         for i, name in enumerate(spec.classes):
             if i not in have and i not in unsure:
-                problems.append(Problem(where, None, "fold", f"fold {f} has no {name} patient (every fold needs every class)"))
+                problems.append(
+                    Problem(where, None, "fold", f"fold {f} has no {name} patient (every fold needs every class)")
+                )
     return {cid: f"fold{f}" for cid, f in folds.items()}, tuple(f"fold{f}" for f in range(1, k + 1))
 
 
-def _file_splits(spec, root, read: LayoutRead, kept, labels_by_index, problems, notes) -> tuple[dict[str, str], tuple[str, ...]]:
+def _file_splits(
+    spec, root, read: LayoutRead, kept, labels_by_index, problems, notes
+) -> tuple[dict[str, str], tuple[str, ...]]:
     rule = spec.split
     by_index = {row.index: cid for row, cid, _ in kept}
     n_rows = max([row.index for row in read.rows], default=-1) + 1
@@ -378,11 +394,19 @@ def _file_splits(spec, root, read: LayoutRead, kept, labels_by_index, problems, 
                     problems.append(Problem(where, None, rule.column, f"not an integer: {text!r}"))
                     continue
                 if not 0 <= idx < n_rows:
-                    problems.append(Problem(where, None, rule.column, f"index {idx} is outside {read.table_rel} "
-                                            f"(data rows 0..{n_rows - 1}; indexes are 0-based)"))  # fmt: skip
+                    problems.append(
+                        Problem(
+                            where,
+                            None,
+                            rule.column,
+                            f"index {idx} is outside {read.table_rel} (data rows 0..{n_rows - 1}; indexes are 0-based)",
+                        )
+                    )
                     continue
                 if idx in listed_rows:
-                    problems.append(Problem(rel, None, rule.column, f"index {idx} is also in the {listed_rows[idx]} split"))
+                    problems.append(
+                        Problem(rel, None, rule.column, f"index {idx} is also in the {listed_rows[idx]} split")
+                    )
                     continue
                 listed_rows[idx] = split
                 if idx in labels_by_index:
@@ -431,6 +455,8 @@ def _read_split_file(path: Path, rel: str, rule, problems) -> list[tuple[str, st
     except (OSError, UnicodeDecodeError) as e:
         problems.append(Problem(rel, None, None, f"cannot read the split file: {e}"))
         return []
-    return [(f"{rel} line {n}", line.strip()) for n, line in enumerate(text.splitlines(), 1)
-            if line.strip() and not line.lstrip().startswith("#")]  # fmt: skip
-
+    return [
+        (f"{rel} line {n}", line.strip())
+        for n, line in enumerate(text.splitlines(), 1)
+        if line.strip() and not line.lstrip().startswith("#")
+    ]

@@ -136,7 +136,9 @@ def _fill(template: str, cells: dict, cid: str, series: str) -> tuple[str, str |
 
 
 def label_problem(spec: DatasetSpec, text: str, where: str, cid: str | None) -> Problem:
-    spellings = list(spec.classes) + [k for k in spec.label_aliases if k.lower() not in {c.lower() for c in spec.classes}]
+    spellings = list(spec.classes) + [
+        k for k in spec.label_aliases if k.lower() not in {c.lower() for c in spec.classes}
+    ]
     return Problem(where, cid, spec.label_column, f"label '{text}' is not one of {', '.join(spellings)}")
 
 

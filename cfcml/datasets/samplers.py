@@ -152,8 +152,16 @@ class DistributedClassBalancedBatchSampler(ClassBalancedBatchSampler):
     (majority), i.e. about as many global batches as one process would run.
     """
 
-    def __init__(self, labels, batch_size_per_rank: int, num_replicas: int, rank: int, seed: int = 0,
-                 drop_last: bool = True, epoch_steps: str = "dataset"):  # fmt: skip
+    def __init__(
+        self,
+        labels,
+        batch_size_per_rank: int,
+        num_replicas: int,
+        rank: int,
+        seed: int = 0,
+        drop_last: bool = True,
+        epoch_steps: str = "dataset",
+    ):
         super().__init__(labels, batch_size_per_rank, seed, drop_last, epoch_steps)
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} outside 0..{num_replicas - 1}")

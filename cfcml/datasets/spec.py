@@ -410,11 +410,25 @@ def spec_from_dict(raw: Any, source: str = "<schema>") -> DatasetSpec:
 
     paper = top.get("paper", dict, {}) or {}
     spec = DatasetSpec(
-        name=name, classes=classes, positive=positive if len(classes) == 2 else None, image_kind=kind,
-        series=series, image_paths=paths, mask_path=mask, table_file=table_file, id_column=id_col,
-        label_column=label_col, attributes=attributes, split=split, label_aliases=aliases, other_labels=other,
-        paper=paper, description=top.text("description", "") or "", source=source, raw=raw,
-    )  # fmt: skip
+        name=name,
+        classes=classes,
+        positive=positive if len(classes) == 2 else None,
+        image_kind=kind,
+        series=series,
+        image_paths=paths,
+        mask_path=mask,
+        table_file=table_file,
+        id_column=id_col,
+        label_column=label_col,
+        attributes=attributes,
+        split=split,
+        label_aliases=aliases,
+        other_labels=other,
+        paper=paper,
+        description=top.text("description", "") or "",
+        source=source,
+        raw=raw,
+    )
     roles = {"id": id_col, "label": label_col} | ({"fold": split.folds_column} if split.kind == "folds" else {})
     for role, col in roles.items():
         if col in cols:

@@ -55,9 +55,14 @@ def read_table(path: Path, rel: str, problems: list[Problem], require_rows: bool
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
-        problems.append(Problem(f"{rel} line {line}", None, None,
-                                f"not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
-                                "re-save the table as UTF-8"))  # fmt: skip
+        problems.append(
+            Problem(
+                f"{rel} line {line}",
+                None,
+                None,
+                f"not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); re-save the table as UTF-8",
+            )
+        )
         return None
     reader = csv.reader(io.StringIO(text, newline=""))
     try:
@@ -90,6 +95,12 @@ def require_columns(table: Table, wanted: list[str], problems: list[Problem]) ->
         else:
             found[name] = col
     for name in missing:
-        problems.append(Problem(f"{table.rel} header", None, name,
-                                f"missing column '{name}' (header: {', '.join(h for h in table.header if h)})"))  # fmt: skip
+        problems.append(
+            Problem(
+                f"{table.rel} header",
+                None,
+                name,
+                f"missing column '{name}' (header: {', '.join(h for h in table.header if h)})",
+            )
+        )
     return None if missing else found

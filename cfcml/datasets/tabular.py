@@ -51,8 +51,10 @@ def tabular_features(spec: DatasetSpec, cases, fit_on=None, stats: dict | None =
             cols.append(block)
         else:
             mean, std = stats[a.column]
-            x = np.array([np.nan if c.attributes.get(a.column) is None else float(c.attributes[a.column])
-                          for c in cases], dtype=np.float64)  # fmt: skip
+            x = np.array(
+                [np.nan if c.attributes.get(a.column) is None else float(c.attributes[a.column]) for c in cases],
+                dtype=np.float64,
+            )
             z = np.clip(np.nan_to_num((x - mean) / std, nan=0.0), -CLIP, CLIP)
             cols.append(z.astype(np.float32)[:, None])
     return np.concatenate(cols, axis=1) if cols else np.zeros((len(cases), 0), dtype=np.float32)

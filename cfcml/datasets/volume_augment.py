@@ -113,8 +113,10 @@ class BatchVolumeAugment:
         self.erase_width_range = (max(1, w // 10), max(1, 2 * w // 5))
 
     def __repr__(self) -> str:
-        return (f"BatchVolumeAugment(target_size={self.target_size}, prob={self.prob}, "
-                f"noise_std={self.noise_std}, crop_area={self.crop_area})")  # fmt: skip
+        return (
+            f"BatchVolumeAugment(target_size={self.target_size}, prob={self.prob}, "
+            f"noise_std={self.noise_std}, crop_area={self.crop_area})"
+        )
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         return self.apply(x, self.draw(x.shape[0], x.device, generator), generator)
@@ -281,8 +283,15 @@ class DeviceVolumeBank:
             raise ValueError(f"{len(self.labels)} labels for {len(self.volumes)} volumes")
 
     @classmethod
-    def from_cache(cls, cache, cases, device, dtype=torch.float32, budget_bytes: int | None = None,
-                   series: Sequence[str] | None = None) -> DeviceVolumeBank:  # fmt: skip
+    def from_cache(
+        cls,
+        cache,
+        cases,
+        device,
+        dtype=torch.float32,
+        budget_bytes: int | None = None,
+        series: Sequence[str] | None = None,
+    ) -> DeviceVolumeBank:
         """Fill a bank from `cache.get(case)` (a `VolumeCache`), one case at a time, straight into
         device memory (no second host copy of the cohort). Refuses before allocating when the
         bank would exceed `budget_bytes` (default: `default_budget_bytes(device)`)."""
@@ -307,8 +316,9 @@ class DeviceVolumeBank:
     def nbytes(self) -> int:
         return self.volumes.numel() * self.volumes.element_size()
 
-    def batch(self, indices, augment: BatchVolumeAugment | None = None,
-              generator: torch.Generator | None = None) -> dict:  # fmt: skip
+    def batch(
+        self, indices, augment: BatchVolumeAugment | None = None, generator: torch.Generator | None = None
+    ) -> dict:
         """The batch of dataset positions `indices`, augmented on the device when `augment` is given."""
         index = torch.as_tensor(list(indices) if not torch.is_tensor(indices) else indices, dtype=torch.long)
         on_device = index.to(self.device)
@@ -329,8 +339,13 @@ class DeviceBatches:
     Call `manual_seed(seed)` at the start of each epoch for reproducible augmentation.
     """
 
-    def __init__(self, bank: DeviceVolumeBank, batch_sampler: Iterable, augment: BatchVolumeAugment | None = None,
-                 generator: torch.Generator | None = None):  # fmt: skip
+    def __init__(
+        self,
+        bank: DeviceVolumeBank,
+        batch_sampler: Iterable,
+        augment: BatchVolumeAugment | None = None,
+        generator: torch.Generator | None = None,
+    ):
         self.bank, self.batch_sampler, self.augment = bank, batch_sampler, augment
         self.generator = generator if generator is not None else torch.Generator(device=bank.device)
 
@@ -345,8 +360,9 @@ class DeviceBatches:
             yield self.bank.batch(indices, self.augment, self.generator)
 
 
-def bank_batches(dataset, batch_sampler: Iterable, device, augment: BatchVolumeAugment | None = None,
-                 budget_bytes: int | None = None) -> DeviceBatches:  # fmt: skip
+def bank_batches(
+    dataset, batch_sampler: Iterable, device, augment: BatchVolumeAugment | None = None, budget_bytes: int | None = None
+) -> DeviceBatches:
     """The device path for a `VolumeDataset` (its `cache` and `cases`): the cases in a bank on
     `device`, float32 when it fits `budget_bytes`, else bf16 (training autocasts to bf16 on CUDA
     anyway), iterated over `batch_sampler` and augmented there when `augment` is given. Raises

@@ -117,7 +117,6 @@ class VolumeCache:
         os.replace(tmp, self._path(case))  # atomic: readers never see half a file
 
 
-
 class _Pipelines:
     """One deterministic pipeline per set of present series (a patient may lack one); built
     on first use, dropped when pickled (DataLoader workers rebuild theirs)."""
@@ -148,8 +147,10 @@ def _decode(pipelines: _Pipelines, case, series) -> np.ndarray:
     for m, vol in zip(present, [arr[series.index(m)] for m in present]):
         why = blank_reason(vol)
         if why:
-            raise BlankSeriesError(f"case {case.case_id}, series {m} ({case.images[series.index(m)]}): {why} "
-                                   "after the ROI crop and resize; fix or drop this case")  # fmt: skip
+            raise BlankSeriesError(
+                f"case {case.case_id}, series {m} ({case.images[series.index(m)]}): {why} "
+                "after the ROI crop and resize; fix or drop this case"
+            )
     return arr
 
 

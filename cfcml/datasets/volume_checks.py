@@ -44,8 +44,10 @@ def read_grid(path: Path, deep: bool, is_mask: bool = False):
     if not (len(shape) == 3 or (len(shape) == 4 and shape[3] == 1)) or min(shape[:3]) < 1:
         raise UnusableImage(f"expected a 3D volume, got shape {shape}")
     if not is_mask and min(shape[:3]) < MIN_VOXELS_PER_AXIS:
-        raise UnusableImage(f"{'x'.join(map(str, shape[:3]))} voxels: too small to be an image "
-                         f"(at least {MIN_VOXELS_PER_AXIS} per axis)")  # fmt: skip
+        raise UnusableImage(
+            f"{'x'.join(map(str, shape[:3]))} voxels: too small to be an image "
+            f"(at least {MIN_VOXELS_PER_AXIS} per axis)"
+        )
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise UnusableImage("invalid affine (singular or non-finite)")
     if deep:
@@ -107,7 +109,11 @@ def check_series(paths: dict[str, Path], rels: dict[str, str], case_id: str, dee
         try:
             loaded[name] = read_grid(path, deep, is_mask=name == MASK)
         except Exception as e:  # noqa: BLE001 - nibabel/gzip/numpy raise many types for corrupt files
-            what = f"unusable NIfTI: {e}" if isinstance(e, UnusableImage) else f"unreadable or corrupt NIfTI: {short_error(e)}"
+            what = (
+                f"unusable NIfTI: {e}"
+                if isinstance(e, UnusableImage)
+                else f"unreadable or corrupt NIfTI: {short_error(e)}"
+            )
             problems.append(Problem(rels[name], case_id, name, what))
     ref = next(iter(paths))
     if ref in loaded:

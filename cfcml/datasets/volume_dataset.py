@@ -29,9 +29,7 @@ class VolumeDataset(Dataset):
         self.train = train
         self.cache = cache if cache is not None else VolumeCache(self.target_size, self.series)
         if self.cache.target_size != self.target_size:
-            raise ValueError(
-                f"cache holds {self.cache.target_size} volumes, dataset wants {self.target_size}"
-            )
+            raise ValueError(f"cache holds {self.cache.target_size} volumes, dataset wants {self.target_size}")
         self.augment = augment_pipeline(self.target_size, self.series, prob=aug_prob) if train else None
         self._seeded_for = None
 

@@ -75,7 +75,9 @@ class PadToSquareInPlaned(MapTransform):
         return d
 
 
-def deterministic_pipeline(target_size: Sequence[int], series: Sequence[str], clip: tuple[float, float] = CLIP) -> Compose:
+def deterministic_pipeline(
+    target_size: Sequence[int], series: Sequence[str], clip: tuple[float, float] = CLIP
+) -> Compose:
     """Load, put all series on the first series' grid, ROI-crop, pad square, resize to
     `target_size` = (D, H, W), clip and z-score each series over its non-zero voxels.
     """
@@ -108,9 +110,7 @@ def deterministic_pipeline(target_size: Sequence[int], series: Sequence[str], cl
             PadToSquareInPlaned(series),
             Resized(series, spatial_size=(w, h, d), mode="trilinear", anti_aliasing=True),  # (X, Y, Z)
             Transposed(series, indices=(0, 3, 2, 1)),  # [1, X, Y, Z] -> [1, Z, Y, X] = [1, D, H, W]
-            ScaleIntensityRanged(
-                series, a_min=clip[0], a_max=clip[1], b_min=clip[0], b_max=clip[1], clip=True
-            ),
+            ScaleIntensityRanged(series, a_min=clip[0], a_max=clip[1], b_min=clip[0], b_max=clip[1], clip=True),
             NormalizeIntensityd(series, nonzero=True, channel_wise=True),  # background stays 0
             EnsureTyped(series, data_type="tensor", dtype=torch.float32, track_meta=False),
         ]

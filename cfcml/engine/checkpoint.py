@@ -199,10 +199,15 @@ def rng_state() -> dict:
     name, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": {"bit_generator": str(name), "keys": torch.from_numpy(keys.astype(np.int64)),
-                  "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "numpy": {
+            "bit_generator": str(name),
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "torch": torch.get_rng_state(),
-    }  # fmt: skip
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -213,8 +218,13 @@ def set_rng_state(state: dict) -> None:
     np_state = state["numpy"]
     if isinstance(np_state, Mapping):
         keys = np.asarray(np_state["keys"].cpu().numpy() if torch.is_tensor(np_state["keys"]) else np_state["keys"])
-        np_state = (np_state["bit_generator"], keys.astype(np.uint32), int(np_state["pos"]),
-                    int(np_state["has_gauss"]), float(np_state["cached_gaussian"]))  # fmt: skip
+        np_state = (
+            np_state["bit_generator"],
+            keys.astype(np.uint32),
+            int(np_state["pos"]),
+            int(np_state["has_gauss"]),
+            float(np_state["cached_gaussian"]),
+        )
     np.random.set_state(np_state)
     torch.set_rng_state(state["torch"].cpu() if torch.is_tensor(state["torch"]) else state["torch"])
     if "cuda" in state and torch.cuda.is_available():
@@ -244,10 +254,15 @@ def _why_refused(e: BaseException) -> str:
     text = str(e)
     m = _UNSUPPORTED_GLOBAL.search(text)
     if m:
-        hint = ("; checkpoints of cfcml before weights-only loading stored numpy RNG state: train into another --out"
-                if m.group(1).startswith("numpy") else "")  # fmt: skip
-        return (f"it refers to {m.group(1)}, which a checkpoint may not contain (loading it could run code); "
-                f"nothing from it was run{hint}")  # fmt: skip
+        hint = (
+            "; checkpoints of cfcml before weights-only loading stored numpy RNG state: train into another --out"
+            if m.group(1).startswith("numpy")
+            else ""
+        )
+        return (
+            f"it refers to {m.group(1)}, which a checkpoint may not contain (loading it could run code); "
+            f"nothing from it was run{hint}"
+        )
     m = _UNSUPPORTED_OPCODE.search(text)
     if m:
         return f"it is corrupt or not a PyTorch checkpoint (unexpected pickle opcode {m.group(1)}); nothing from it was run"
@@ -280,8 +295,19 @@ def load_checkpoint(path, map_location="cpu", *, required: Iterable[str] = ()) -
             state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"checkpoint {path} refused: {_why_refused(e)}") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, KeyError, IndexError, TypeError,
-            AttributeError, UnicodeDecodeError, OverflowError, MemoryError) as e:  # fmt: skip
+    except (
+        RuntimeError,
+        EOFError,
+        zipfile.BadZipFile,
+        ValueError,
+        KeyError,
+        IndexError,
+        TypeError,
+        AttributeError,
+        UnicodeDecodeError,
+        OverflowError,
+        MemoryError,
+    ) as e:
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({_first_line(e, 120)})") from None
     except OSError as e:
         raise CheckpointError(f"checkpoint {path} cannot be read: {e.strerror or e}") from None
@@ -305,8 +331,11 @@ def describe_mismatch(model: torch.nn.Module, state_dict: Mapping) -> str:
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
-    shapes = [f"{k} ({_shape(state_dict[k])} in the file, {_shape(own[k])} in the model)"
-              for k in own if k in state_dict and torch.is_tensor(state_dict[k]) and state_dict[k].shape != own[k].shape]  # fmt: skip
+    shapes = [
+        f"{k} ({_shape(state_dict[k])} in the file, {_shape(own[k])} in the model)"
+        for k in own
+        if k in state_dict and torch.is_tensor(state_dict[k]) and state_dict[k].shape != own[k].shape
+    ]
     parts = []
     for label, items in (("size mismatch", shapes), ("missing", missing), ("unexpected", unexpected)):
         if items:

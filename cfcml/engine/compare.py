@@ -24,8 +24,16 @@ from .summary import wilcoxon_compare
 
 REFERENCE = "cfcml"
 ALPHA = 0.05
-DISPLAY = {"cfcml": "CFCML", "etmc": "ETMC", "ccml": "CCML", "dmd": "DMD", "mvcnet": "MVCNet", "glomo": "GLoMo",
-           "mrim": "MRIM", "mrim_plus": "MRIM+"}  # fmt: skip
+DISPLAY = {
+    "cfcml": "CFCML",
+    "etmc": "ETMC",
+    "ccml": "CCML",
+    "dmd": "DMD",
+    "mvcnet": "MVCNet",
+    "glomo": "GLoMo",
+    "mrim": "MRIM",
+    "mrim_plus": "MRIM+",
+}
 
 
 def parse_methods(text: str) -> list[str]:
@@ -33,7 +41,9 @@ def parse_methods(text: str) -> list[str]:
     names = list(METHODS) if text.strip() == "all" else [t.strip() for t in text.split(",") if t.strip()]
     unknown = [n for n in names if n not in METHODS]
     if unknown or not names:
-        raise ConfigError(f"--methods: unknown method(s) {unknown or [text]}; choose from {', '.join(METHODS)} or 'all'")
+        raise ConfigError(
+            f"--methods: unknown method(s) {unknown or [text]}; choose from {', '.join(METHODS)} or 'all'"
+        )
     ordered = list(dict.fromkeys(n for n in names if n != REFERENCE))
     return [*ordered, REFERENCE]
 
@@ -58,9 +68,17 @@ def compare_summaries(summaries: dict[str, dict], spec) -> dict:
             "significant": {n: bool(p.get(n, math.nan) < ALPHA) for n in names} if method != REFERENCE else None,
             "runs": [{"name": r["name"], "metrics": r["metrics"]} for r in summary["runs"]],
         }
-    return {"dataset": spec.name, "classes": list(spec.classes), "reference": REFERENCE, "metric_names": names,
-            "runs": n_runs, "unit": spec.run_unit,
-            "min_attainable_p": min_attainable_p(n_runs), "alpha": ALPHA, "methods": methods}
+    return {
+        "dataset": spec.name,
+        "classes": list(spec.classes),
+        "reference": REFERENCE,
+        "metric_names": names,
+        "runs": n_runs,
+        "unit": spec.run_unit,
+        "min_attainable_p": min_attainable_p(n_runs),
+        "alpha": ALPHA,
+        "methods": methods,
+    }
 
 
 def _pct(x: float) -> str:
@@ -71,8 +89,12 @@ def comparison_markdown(comparison: dict, title: str) -> str:
     """The paper's Table 2/3 layout: one row per method, CFCML last."""
     names = comparison["metric_names"]
     labels = metric_labels(comparison["classes"])
-    lines = [f"### {title}", "", "| Method | " + " | ".join(labels.get(n, n) for n in names) + " |",
-             "|---" * (len(names) + 1) + "|"]
+    lines = [
+        f"### {title}",
+        "",
+        "| Method | " + " | ".join(labels.get(n, n) for n in names) + " |",
+        "|---" * (len(names) + 1) + "|",
+    ]
     for method, row in comparison["methods"].items():
         cells = []
         for n in names:
@@ -84,17 +106,32 @@ def comparison_markdown(comparison: dict, title: str) -> str:
             cells.append(cell)
         lines.append(f"| {DISPLAY.get(method, LABELS.get(method, method))} | " + " | ".join(cells) + " |")
     n, floor, unit = comparison["runs"], comparison["min_attainable_p"], comparison["unit"]
-    lines += ["", f"Mean ± std over {n} {unit}, in %; model selection on validation only. p: two-sided Wilcoxon "
-              f"signed-rank test against CFCML, paired by {unit[:-1]}; * p < {ALPHA}. With {n} pairs the exact test "
-              f"cannot go below p = {floor:.3f}"
-              + (", so no difference can be significant at 0.05: read the p-values, not the stars." if floor >= ALPHA else ".")]
+    lines += [
+        "",
+        f"Mean ± std over {n} {unit}, in %; model selection on validation only. p: two-sided Wilcoxon "
+        f"signed-rank test against CFCML, paired by {unit[:-1]}; * p < {ALPHA}. With {n} pairs the exact test "
+        f"cannot go below p = {floor:.3f}"
+        + (
+            ", so no difference can be significant at 0.05: read the p-values, not the stars."
+            if floor >= ALPHA
+            else "."
+        ),
+    ]
     return "\n".join(lines) + "\n"
 
 
-def run_comparison(preset: str, overrides: list[str], methods: list[str], data_root: str | Path, out_dir: str | Path,
-                   epochs: int | None = None, jobs: int | None = None,
-                   report: Callable[[str], None] | None = None, baselines: bool = False,
-                   progress: bool = False) -> dict:
+def run_comparison(
+    preset: str,
+    overrides: list[str],
+    methods: list[str],
+    data_root: str | Path,
+    out_dir: str | Path,
+    epochs: int | None = None,
+    jobs: int | None = None,
+    report: Callable[[str], None] | None = None,
+    baselines: bool = False,
+    progress: bool = False,
+) -> dict:
     """Run the protocol for every method (CFCML included) into out_dir/<method>/ and write
     out_dir/comparison.md and comparison.json; -> the comparison (with "markdown").
     `baselines`: the classical attribute models too (fitted once, with CFCML's protocol, into
@@ -108,15 +145,17 @@ def run_comparison(preset: str, overrides: list[str], methods: list[str], data_r
     for i, (method, cfg) in enumerate(configs.items(), 1):
         report(f"[{i}/{len(configs)}] {method}")
         extra = {"baselines": True} if baselines and method == REFERENCE else {}
-        summaries[method] = run_protocol(cfg, data_root, out / method, jobs=jobs, report=report, progress=progress,
-                                         **extra)
+        summaries[method] = run_protocol(
+            cfg, data_root, out / method, jobs=jobs, report=report, progress=progress, **extra
+        )
     cfg = configs[REFERENCE]
     classical = summaries[REFERENCE].get("baselines", {})
     comparison = compare_summaries({**classical, **summaries}, cohort_spec(cfg))
     comparison |= {"preset": cfg.name, "overrides": list(overrides), "out": str(out)}
     comparison["markdown"] = comparison_markdown(
-        comparison, f"{cfg.name}: comparison methods on CFCML's encoders (test, %, mean ± std over {comparison['runs']} "
-        f"{comparison['unit']})"
+        comparison,
+        f"{cfg.name}: comparison methods on CFCML's encoders (test, %, mean ± std over {comparison['runs']} "
+        f"{comparison['unit']})",
     )
     if "paired" in summaries[REFERENCE]:
         from .evidence import evidence_markdown
@@ -124,8 +163,10 @@ def run_comparison(preset: str, overrides: list[str], methods: list[str], data_r
         comparison["paired"] = summaries[REFERENCE]["paired"]
         comparison["markdown"] += "\n" + evidence_markdown(comparison["paired"], comparison["unit"])
     out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("comparison.json", json.dumps(comparison, indent=2, default=float)),
-                       ("comparison.md", comparison["markdown"])):  # fmt: skip
+    for name, text in (
+        ("comparison.json", json.dumps(comparison, indent=2, default=float)),
+        ("comparison.md", comparison["markdown"]),
+    ):
         (out / f"{name}.tmp").write_text(text)
         (out / f"{name}.tmp").replace(out / name)
     return comparison

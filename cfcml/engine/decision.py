@@ -75,8 +75,10 @@ class Decision:
         if self.rule == "balanced":
             return "argmax of the probabilities (balanced class priors, as class-balanced training assumes)"
         shown = ", ".join(f"{x:.3f}" for x in self.priors)
-        return (f"argmax of logits + log training class priors (Menon et al. 2021); priors {shown} from "
-                f"{sum(self.train_counts)} training cases")
+        return (
+            f"argmax of logits + log training class priors (Menon et al. 2021); priors {shown} from "
+            f"{sum(self.train_counts)} training cases"
+        )
 
 
 def class_counts(labels: Iterable[int], num_classes: int) -> tuple[int, ...]:
@@ -99,8 +101,10 @@ def pooled_decision(rule: str, counts: Sequence[Sequence[int] | None]) -> Decisi
     known = [c for c in counts if c is not None]
     if len(known) < len(counts):
         if rule == "prior":
-            raise ValueError("predict.decision=prior: a run has no recorded training class counts "
-                             "(metrics.json 'decision'); retrain it with this version")
+            raise ValueError(
+                "predict.decision=prior: a run has no recorded training class counts "
+                "(metrics.json 'decision'); retrain it with this version"
+            )
         return Decision(rule)
     if not known:
         return Decision(rule)

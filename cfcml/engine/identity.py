@@ -17,8 +17,15 @@ from pathlib import Path
 from ..config import Config
 
 # `dataset` names where the schema is; its content is part of the cohort digest instead.
-EXECUTION_ONLY = ("dataset", "train.device", "train.threads", "data.num_workers", "data.cache_dir",
-                  "data.device_augment", "report.temperature")  # fmt: skip
+EXECUTION_ONLY = (
+    "dataset",
+    "train.device",
+    "train.threads",
+    "data.num_workers",
+    "data.cache_dir",
+    "data.device_augment",
+    "report.temperature",
+)
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -79,5 +86,8 @@ def explain_mismatch(stored: dict | None, wanted: dict, where: Path) -> str:
             why.append("the cohort's data differ (cases, labels, splits, attributes or image files)")
         if stored.get("code_digest") != wanted["code_digest"]:
             why.append(f"the cfcml code differs ({stored.get('code_digest')} there, {wanted['code_digest']} now)")
-    return (f"{where} holds a different run: " + "; ".join(why) +
-            ". Choose another --out, or pass --overwrite to replace it.")  # fmt: skip
+    return (
+        f"{where} holds a different run: "
+        + "; ".join(why)
+        + ". Choose another --out, or pass --overwrite to replace it."
+    )

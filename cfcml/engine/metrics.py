@@ -28,8 +28,16 @@ from .decision import Decision
 
 NAN = float("nan")
 BINARY_METRICS = ["sen", "spe", "acc", "g_mean", "balanced_acc", "auprc", "auprc_label", "auc"]
-BINARY_LABELS = {"sen": "SEN", "spe": "SPE", "acc": "ACC", "g_mean": "G-Mean", "balanced_acc": "BA",
-                 "auprc": "AUPRC", "auprc_label": "AUPRC (labels)", "auc": "AUC"}  # fmt: skip
+BINARY_LABELS = {
+    "sen": "SEN",
+    "spe": "SPE",
+    "acc": "ACC",
+    "g_mean": "G-Mean",
+    "balanced_acc": "BA",
+    "auprc": "AUPRC",
+    "auprc_label": "AUPRC (labels)",
+    "auc": "AUC",
+}
 
 
 def class_key(name: str) -> str:
@@ -47,8 +55,14 @@ def metric_labels(classes) -> dict[str, str]:
     """Column headers in the paper's style (Table 2: ACC_G1, W-F1...; Table 3: SEN, SPE...)."""
     if len(classes) == 2:
         return dict(BINARY_LABELS)
-    return {"acc": "ACC", "balanced_acc": "BA", **{f"acc_{class_key(c)}": f"ACC_{c}" for c in classes}, "weighted_f1": "W-F1",
-            "macro_f1": "M-F1", "auc": "AUC"}  # fmt: skip
+    return {
+        "acc": "ACC",
+        "balanced_acc": "BA",
+        **{f"acc_{class_key(c)}": f"ACC_{c}" for c in classes},
+        "weighted_f1": "W-F1",
+        "macro_f1": "M-F1",
+        "auc": "AUC",
+    }
 
 
 def higher_is_better(metric: str) -> bool:

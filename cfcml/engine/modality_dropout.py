@@ -73,7 +73,9 @@ class ModalityDropout:
         if self.num_attributes and tabular is not None:
             keep_att = keep_att.to(tabular.device)
             if self.unknown is not None:  # sentence embeddings [B, t, E]
-                tabular = torch.where(keep_att[..., None], tabular, self.unknown.to(tabular.device, tabular.dtype)[None])
+                tabular = torch.where(
+                    keep_att[..., None], tabular, self.unknown.to(tabular.device, tabular.dtype)[None]
+                )
             elif self.columns is not None:  # MLP features [B, F]
                 tabular = tabular * keep_att[:, self.columns.to(tabular.device)].to(tabular.dtype)
         return {**inputs, "images": images, "tabular": tabular}

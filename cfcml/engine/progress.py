@@ -24,8 +24,16 @@ def _clock(seconds: float) -> str:
 class Progress:
     """Counts epochs of `runs` (each at most `epochs`); `epoch_done` after each validation."""
 
-    def __init__(self, runs: list[str], epochs: int, metric: str, stream=None, live: bool | None = None,
-                 clock: Callable[[], float] = time.monotonic, unnamed_runs: int = 0):  # fmt: skip
+    def __init__(
+        self,
+        runs: list[str],
+        epochs: int,
+        metric: str,
+        stream=None,
+        live: bool | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        unnamed_runs: int = 0,
+    ):
         self.stream = stream or sys.stderr
         self.live = self.stream.isatty() if live is None else live
         self.metric, self.clock, self.start = metric, clock, clock()

@@ -71,10 +71,14 @@ def plan_jobs(cfg: Config, pending: int, jobs: int | None = None) -> JobPlan:
     return JobPlan(n, threads, devices)
 
 
-def _report_finished(report: Callable[[str], None], cfg: Config, name: str, result: dict, done: int, total: int) -> None:
+def _report_finished(
+    report: Callable[[str], None], cfg: Config, name: str, result: dict, done: int, total: int
+) -> None:
     value = result["test"].get(cfg.train.select_metric, float("nan"))
-    report(f"{name} finished ({done}/{total}): test {cfg.train.select_metric}={value:.4f}, "
-           f"epoch {result['selected_epoch']} selected on validation")
+    report(
+        f"{name} finished ({done}/{total}): test {cfg.train.select_metric}={value:.4f}, "
+        f"epoch {result['selected_epoch']} selected on validation"
+    )
 
 
 _WORKER: dict = {}  # this worker process's device and thread count
@@ -95,8 +99,16 @@ def _train_in_worker(cfg_dict: dict, data_root: str, run_dir: str, fold, seed, r
     return train_one(cfg, data_root, run_dir, fold=fold, seed=seed, resume=resume, progress=False, reporter=reporter)
 
 
-def _train_in_parallel(cfg: Config, data_root, out: Path, pending: list[dict], plan: JobPlan, resume: bool,
-                       report: Callable[[str], None], progress: Progress | None = None) -> dict[str, dict]:
+def _train_in_parallel(
+    cfg: Config,
+    data_root,
+    out: Path,
+    pending: list[dict],
+    plan: JobPlan,
+    resume: bool,
+    report: Callable[[str], None],
+    progress: Progress | None = None,
+) -> dict[str, dict]:
     """Train `pending` runs in `plan.jobs` worker processes; -> {run name: metrics.json}.
 
     A failed run stops the runs not yet started; runs already training finish (their results
@@ -107,11 +119,19 @@ def _train_in_parallel(cfg: Config, data_root, out: Path, pending: list[dict], p
     events = ctx.Queue() if progress is not None else None
     follower = progress.follow(events) if progress is not None else None
     results, failures = {}, []
-    with ProcessPoolExecutor(plan.jobs, mp_context=ctx, initializer=_init_worker,
-                             initargs=(counter, plan.devices, plan.threads, events)) as pool:
+    with ProcessPoolExecutor(
+        plan.jobs, mp_context=ctx, initializer=_init_worker, initargs=(counter, plan.devices, plan.threads, events)
+    ) as pool:
         futures = {
-            pool.submit(_train_in_worker, cfg.to_dict(), str(data_root), str(out / r["name"]),
-                        r.get("fold"), r.get("seed"), resume): r["name"]
+            pool.submit(
+                _train_in_worker,
+                cfg.to_dict(),
+                str(data_root),
+                str(out / r["name"]),
+                r.get("fold"),
+                r.get("seed"),
+                resume,
+            ): r["name"]
             for r in pending
         }
         for future in as_completed(futures):
@@ -162,20 +182,31 @@ def _paired(cfg: Config, spec, out: Path, summary: dict, compare, other: dict | 
     """Paired evidence on patients: this model vs the --compare model and every baseline."""
     from .evidence import Model, model_kind, model_name, paired_evidence  # imports the report's statistics
 
-    this = Model(model_name(cfg.to_dict()), model_kind(cfg.to_dict()), [out / r["name"] for r in summary["runs"]], summary)
+    this = Model(
+        model_name(cfg.to_dict()), model_kind(cfg.to_dict()), [out / r["name"] for r in summary["runs"]], summary
+    )
     others = []
     if other is not None:
         name = f"{model_name(other.get('config'))} [{Path(compare).name}]"
-        others.append(Model(name, model_kind(other.get("config")), [Path(compare) / r["name"] for r in other["runs"]],
-                            other))
+        others.append(
+            Model(name, model_kind(other.get("config")), [Path(compare) / r["name"] for r in other["runs"]], other)
+        )
     for b in summary.get("baselines", {}).values():
         others.append(Model(b["label"], "attributes", [Path(b["folder"]) / r["name"] for r in b["runs"]], b))
     return paired_evidence(this, others, spec)
 
 
-def run_protocol(cfg: Config, data_root: str | Path, out_dir: str | Path, compare: str | Path | None = None,
-                 jobs: int | None = None, report: Callable[[str], None] | None = None, overwrite: bool = False,
-                 baselines: bool = False, progress: bool = False) -> dict:
+def run_protocol(
+    cfg: Config,
+    data_root: str | Path,
+    out_dir: str | Path,
+    compare: str | Path | None = None,
+    jobs: int | None = None,
+    report: Callable[[str], None] | None = None,
+    overwrite: bool = False,
+    baselines: bool = False,
+    progress: bool = False,
+) -> dict:
     """Train every run into out_dir/<run>/, then write summary.json and summary.md.
 
     `baselines`: also fit the classical models on the attributes alone (`engine.baselines`)
@@ -201,14 +232,25 @@ def run_protocol(cfg: Config, data_root: str | Path, out_dir: str | Path, compar
     report = live.wrap(report) if live else report
     if pending:
         plan = plan_jobs(cfg, len(pending), jobs)
-        report(f"{cfg.name}: training {len(pending)} run(s), {plan.jobs} at a time"
-               + (f", {plan.threads} thread(s) each" if plan.threads else "")
-               + (f", {len(results)} reused from {out}" if results else ""))
+        report(
+            f"{cfg.name}: training {len(pending)} run(s), {plan.jobs} at a time"
+            + (f", {plan.threads} thread(s) each" if plan.threads else "")
+            + (f", {len(results)} reused from {out}" if results else "")
+        )
         if plan.jobs == 1:
             for done, r in enumerate(pending, 1):
                 reporter = reporter_for(live, r["name"], cfg.train.select_metric)
-                results[r["name"]] = train_one(cfg, data_root, out / r["name"], fold=r.get("fold"), seed=r.get("seed"),
-                                               resume=True, cohort=cohort, reporter=reporter, progress=not live)
+                results[r["name"]] = train_one(
+                    cfg,
+                    data_root,
+                    out / r["name"],
+                    fold=r.get("fold"),
+                    seed=r.get("seed"),
+                    resume=True,
+                    cohort=cohort,
+                    reporter=reporter,
+                    progress=not live,
+                )
                 if live:
                     live.run_done(r["name"], len(results[r["name"]]["history"]))
                 _report_finished(report, cfg, r["name"], results[r["name"]], done, len(pending))
@@ -216,8 +258,14 @@ def run_protocol(cfg: Config, data_root: str | Path, out_dir: str | Path, compar
             results |= _train_in_parallel(cfg, data_root, out, pending, plan, True, report, live)
         if live:
             live.close()
-    runs = [{"name": r["name"], "metrics": results[r["name"]]["test"], "selected_epoch": results[r["name"]]["selected_epoch"]}
-            for r in planned]
+    runs = [
+        {
+            "name": r["name"],
+            "metrics": results[r["name"]]["test"],
+            "selected_epoch": results[r["name"]]["selected_epoch"],
+        }
+        for r in planned
+    ]
     summary = summarize_runs(runs)
     pvalues = other = None
     if compare:
@@ -229,17 +277,25 @@ def run_protocol(cfg: Config, data_root: str | Path, out_dir: str | Path, compar
 
         summary["baselines"] = run_baselines(cfg, cohort, planned, out / BASELINES_DIR, report=report)
     summary["markdown"] = markdown_table(
-        summary, spec, title=f"{cfg.name} on {spec.name}: test results (%, mean ± std over {len(runs)} {spec.run_unit}; "
-        "epoch selected on validation)", pvalues=pvalues,
+        summary,
+        spec,
+        title=f"{cfg.name} on {spec.name}: test results (%, mean ± std over {len(runs)} {spec.run_unit}; "
+        "epoch selected on validation)",
+        pvalues=pvalues,
         extra_rows=[(b["label"], b) for b in summary.get("baselines", {}).values()],
-    )  # fmt: skip
+    )
     if baselines or compare:
         summary["paired"] = _paired(cfg, spec, out, summary, compare, other)
         from .evidence import evidence_markdown
 
         summary["markdown"] += "\n" + evidence_markdown(summary["paired"], spec.run_unit)
-    summary |= {"preset": cfg.name, "dataset": spec.name, "data": str(Path(data_root).resolve()),
-                "cohort_digest": cohort.digest(), "config": cfg.to_dict()}  # fmt: skip
+    summary |= {
+        "preset": cfg.name,
+        "dataset": spec.name,
+        "data": str(Path(data_root).resolve()),
+        "cohort_digest": cohort.digest(),
+        "config": cfg.to_dict(),
+    }
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "summary.json", summary)
     (out / "summary.md.tmp").write_text(summary["markdown"] + "\n")

@@ -261,8 +261,18 @@ class TrainingRun:
     existing run in `out` is refused unless `overwrite`.
     """
 
-    def __init__(self, cfg: Config, data_root, out_dir, fold: int | None = None, seed: int | None = None,
-                 resume: bool = False, cohort=None, progress: bool = True, overwrite: bool = False):
+    def __init__(
+        self,
+        cfg: Config,
+        data_root,
+        out_dir,
+        fold: int | None = None,
+        seed: int | None = None,
+        resume: bool = False,
+        cohort=None,
+        progress: bool = True,
+        overwrite: bool = False,
+    ):
         self.cfg, self.env = cfg, resolve_env(cfg)
         t, env = cfg.train, self.env
         self.progress = progress  # a tqdm bar per epoch when stderr is a terminal
@@ -278,8 +288,10 @@ class TrainingRun:
         self.decision = run_decision(cfg.predict.decision, [c.label for c in split.train], len(self.spec.classes))
         self.identity = run_identity(cfg, cohort.digest(), split.name)
         if t.batch_size > len(split.train):
-            raise RunMismatch(f"train.batch_size {t.batch_size} is larger than the training part of "
-                              f"{split.name} ({len(split.train)} cases): lower it")  # fmt: skip
+            raise RunMismatch(
+                f"train.batch_size {t.batch_size} is larger than the training part of "
+                f"{split.name} ({len(split.train)} cases): lower it"
+            )
         state = self._claim_folder(resume, overwrite)  # refuses before anything is written
         if self.finished is not None:
             return  # the folder holds this very run, finished: nothing to build
@@ -334,13 +346,18 @@ class TrainingRun:
             return None
         if not (out / LAST).exists():
             return None
-        state = load_checkpoint(out / LAST, map_location=self.env.device, required=(
-            "model", "optimizer", "scheduler", "sampler", "epoch", "history", "best", "rng"))  # fmt: skip
+        state = load_checkpoint(
+            out / LAST,
+            map_location=self.env.device,
+            required=("model", "optimizer", "scheduler", "sampler", "epoch", "history", "best", "rng"),
+        )
         if state.get("identity", {}).get("digest") != self.identity["digest"]:
             raise RunMismatch(explain_mismatch(state.get("identity"), self.identity, out))
         if not resume:
-            raise RunMismatch(f"{out} holds an unfinished run of this configuration: pass --resume to continue it, "
-                              "or --overwrite to start again")  # fmt: skip
+            raise RunMismatch(
+                f"{out} holds an unfinished run of this configuration: pass --resume to continue it, "
+                "or --overwrite to start again"
+            )
         return state
 
     finished: dict | None = None  # set when the folder already holds this run, finished
@@ -353,7 +370,9 @@ class TrainingRun:
     def stopped_early(self) -> bool:
         """`train.patience` epochs without a better windowed validation score."""
         t = self.cfg.train
-        return self.epoch < t.epochs and patience_exhausted(self.best["epoch"], self.epoch, self.first_candidate, t.patience)
+        return self.epoch < t.epochs and patience_exhausted(
+            self.best["epoch"], self.epoch, self.first_candidate, t.patience
+        )
 
     @property
     def done(self) -> bool:
@@ -373,7 +392,9 @@ class TrainingRun:
         self.train_model.train()
         sums, n, t0 = {}, 0, time.time()
         show_bar = self.progress and env.rank == 0 and sys.stderr.isatty()
-        bar = tqdm(self.train_loader, desc=f"{self.split.name} epoch {epoch + 1}/{t.epochs}", leave=False, disable=not show_bar)
+        bar = tqdm(
+            self.train_loader, desc=f"{self.split.name} epoch {epoch + 1}/{t.epochs}", leave=False, disable=not show_bar
+        )
         for batch in bar:
             inputs, y = _to_inputs(batch, self.tables["train"], env)
             if drop is not None:
@@ -383,8 +404,10 @@ class TrainingRun:
             parts = self.model.loss_terms(out_m, y, epoch=epoch)  # the method's own objective
             if not torch.isfinite(parts["loss"]):
                 terms = ", ".join(f"{k}={v.item():.4g}" for k, v in parts.items())
-                raise TrainingFailed(f"{self.split.name}: non-finite loss at epoch {epoch + 1}, step {n + 1} ({terms}); "
-                                     f"stopped, the last good checkpoint is kept in {self.out} (try a lower train.lr)")  # fmt: skip
+                raise TrainingFailed(
+                    f"{self.split.name}: non-finite loss at epoch {epoch + 1}, step {n + 1} ({terms}); "
+                    f"stopped, the last good checkpoint is kept in {self.out} (try a lower train.lr)"
+                )
             self.optimizer.zero_grad(set_to_none=True)
             parts["loss"].backward()
             self.optimizer.step()
@@ -400,21 +423,48 @@ class TrainingRun:
         record = {"epoch": epoch, "lr": lr, "seconds": time.time() - t0}
         record |= {f"train_{k}": v / max(n, 1) for k, v in sums.items()} | {f"val_{k}": v for k, v in val.items()}
         self.history.append(record)
-        record["select_score"] = score = selection_score(self.history, t.select_metric, t.select_window, self.first_candidate)
+        record["select_score"] = score = selection_score(
+            self.history, t.select_metric, t.select_window, self.first_candidate
+        )
         improved = _better(t.select_metric, score, self.best["value"])
         if improved:
             self.best = {"epoch": epoch, "value": score}
         if env.rank == 0:
             if improved:
-                atomic_save({"model": self.model.state_dict(), "config": cfg.to_dict(), "epoch": epoch, "val": val,
-                             "identity": self.identity}, self.out / BEST)  # fmt: skip
-            atomic_save({
-                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict(), "epoch": epoch, "history": self.history,
-                "best": self.best, "rng": rng_state(), "config": cfg.to_dict(), "identity": self.identity,
-            }, self.out / LAST)  # fmt: skip
-            log.info("%s epoch %d: val %s=%.4f, selection score %.4f (best epoch %s)", self.split.name, epoch + 1,
-                     t.select_metric, val[t.select_metric], score, self.best["epoch"])
+                atomic_save(
+                    {
+                        "model": self.model.state_dict(),
+                        "config": cfg.to_dict(),
+                        "epoch": epoch,
+                        "val": val,
+                        "identity": self.identity,
+                    },
+                    self.out / BEST,
+                )
+            atomic_save(
+                {
+                    "model": self.model.state_dict(),
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "sampler": self.sampler.state_dict(),
+                    "epoch": epoch,
+                    "history": self.history,
+                    "best": self.best,
+                    "rng": rng_state(),
+                    "config": cfg.to_dict(),
+                    "identity": self.identity,
+                },
+                self.out / LAST,
+            )
+            log.info(
+                "%s epoch %d: val %s=%.4f, selection score %.4f (best epoch %s)",
+                self.split.name,
+                epoch + 1,
+                t.select_metric,
+                val[t.select_metric],
+                score,
+                self.best["epoch"],
+            )
         self.epoch += 1
         return record
 
@@ -427,8 +477,10 @@ class TrainingRun:
         if env.world > 1:
             dist.barrier()  # rank 0 has written best.pt
         if not (out / BEST).exists():
-            raise TrainingFailed(f"{self.split.name}: no epoch had a finite validation {self.cfg.train.select_metric}, "
-                                 f"so no weights were selected (see {out / LAST}); nothing to test")  # fmt: skip
+            raise TrainingFailed(
+                f"{self.split.name}: no epoch had a finite validation {self.cfg.train.select_metric}, "
+                f"so no weights were selected (see {out / LAST}); nothing to test"
+            )
         state = load_checkpoint(out / BEST, map_location=env.device, required=("model",))
         load_state_checked(self.model, state["model"], out / BEST)
         test_loader = _loader(_shard(self.datasets["test"], env), env, self.cfg)
@@ -453,7 +505,8 @@ class TrainingRun:
             "history": self.history,
             "sizes": {"train": len(self.split.train), "val": len(self.split.val), "test": len(self.split.test)},
             # CPU results are bit-identical for a seed only at the same thread count
-            "device": str(env.device), "threads": torch.get_num_threads(),
+            "device": str(env.device),
+            "threads": torch.get_num_threads(),
             "pretrained": pretrained_provenance(self.cfg),  # what the encoders started from
             "identity": self.identity,
             "finished": True,
@@ -468,14 +521,33 @@ class TrainingRun:
         return result
 
 
-def train_one(cfg: Config, data_root, out_dir, fold: int | None = None, seed: int | None = None, resume: bool = False,
-              reporter: Reporter | None = None, cohort=None, max_epochs_this_call: int | None = None,
-              progress: bool = True, overwrite: bool = False) -> dict:
+def train_one(
+    cfg: Config,
+    data_root,
+    out_dir,
+    fold: int | None = None,
+    seed: int | None = None,
+    resume: bool = False,
+    reporter: Reporter | None = None,
+    cohort=None,
+    max_epochs_this_call: int | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> dict:
     """Train one run and return the contents of its metrics.json (reusing the run when the
     folder already holds it, finished). `max_epochs_this_call` stops early without testing
     (tests use it to simulate a crash)."""
-    run = TrainingRun(cfg, data_root, out_dir, fold=fold, seed=seed, resume=resume, cohort=cohort, progress=progress,
-                      overwrite=overwrite)  # fmt: skip
+    run = TrainingRun(
+        cfg,
+        data_root,
+        out_dir,
+        fold=fold,
+        seed=seed,
+        resume=resume,
+        cohort=cohort,
+        progress=progress,
+        overwrite=overwrite,
+    )
     if run.finished is not None:
         return run.finished
     for _ in range(max_epochs_this_call or cfg.train.epochs):

@@ -31,8 +31,10 @@ def fold_split(cohort: Cohort, fold: int, val_fraction: float, seed: int = 0) ->
     try:
         train, val = train_test_split(rest, test_size=val_fraction, stratify=labels, random_state=seed + fold)
     except ValueError as e:  # a class too rare to put one case on each side
-        raise ConfigError(f"fold {fold}: cannot carve a stratified {val_fraction:.0%} validation part from "
-                          f"{len(rest)} training cases ({e}); use a larger data.val_fraction or more cases") from None  # fmt: skip
+        raise ConfigError(
+            f"fold {fold}: cannot carve a stratified {val_fraction:.0%} validation part from "
+            f"{len(rest)} training cases ({e}); use a larger data.val_fraction or more cases"
+        ) from None
     return RunSplit(name, sorted(train, key=_key), sorted(val, key=_key), cohort.split(name))
 
 

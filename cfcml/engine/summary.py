@@ -83,21 +83,22 @@ def markdown_table(
         n = len(summary.get("runs", []))
         title = f"{spec.name} results (%, mean ± std over {n} {spec.run_unit})"
 
-    lines = [f"### {title}", "", _row(["Method"] + [labels[n] for n in names]),
-             _row(["---"] * (len(names) + 1))]  # fmt: skip
+    lines = [f"### {title}", "", _row(["Method"] + [labels[n] for n in names]), _row(["---"] * (len(names) + 1))]
     lines.append(_row([method] + _cells(summary, names)))
     paper = (spec.paper or {}).get("metrics") if include_paper else None
     if paper:
         lines.append(_row(["CFCML (paper)"] + [_pct(paper[n]) if n in paper else "n/a" for n in names]))
     if pvalues is not None:
-        lines.append(_row([pvalue_label] + [
-            "n/a" if math.isnan(pvalues.get(n, NAN)) else f"{pvalues[n]:.3f}" for n in names
-        ]))
+        lines.append(
+            _row([pvalue_label] + ["n/a" if math.isnan(pvalues.get(n, NAN)) else f"{pvalues[n]:.3f}" for n in names])
+        )
     lines += [_row([label] + _cells(other, names)) for label, other in extra_rows]
     notes = []
     if paper and "auprc_label" in paper and "auprc" not in paper:
-        notes.append("The paper's AUPRC is average precision on hard predictions: compare it with AUPRC (labels); "
-                     "our AUPRC is on probabilities.")
+        notes.append(
+            "The paper's AUPRC is average precision on hard predictions: compare it with AUPRC (labels); "
+            "our AUPRC is on probabilities."
+        )
     return "\n".join(lines + ([""] + [f"_{n}_" for n in notes] if notes else [])) + "\n"
 
 

@@ -42,9 +42,7 @@ def _anchor_loss(pos: Tensor, neg: Tensor, neg_mask: Tensor) -> Tensor:
     return torch.where(has_neg, term, torch.zeros_like(term))
 
 
-def ccrm_losses(
-    features: Sequence[Tensor], labels: Tensor, num_classes: int, tau: float = 0.07
-) -> dict[str, Tensor]:
+def ccrm_losses(features: Sequence[Tensor], labels: Tensor, num_classes: int, tau: float = 0.07) -> dict[str, Tensor]:
     """CCRM losses on one batch (prototypes from this batch, gradients flowing).
 
     features: M tensors [B, D], one per modality (tabular last), any float dtype.
@@ -76,9 +74,7 @@ def ccrm_losses(
             torch.where(present[None, :, None], up_mean, torch.ones_like(up_mean)),
             dim=-1,
         )
-        cp = F.normalize(
-            torch.where(present[:, None], cp_mean, torch.ones_like(cp_mean)), dim=-1
-        )
+        cp = F.normalize(torch.where(present[:, None], cp_mean, torch.ones_like(cp_mean)), dim=-1)
 
         # --- sample anchors: z[j, i] -------------------------------------------
         y = labels
@@ -94,9 +90,7 @@ def ccrm_losses(
         # --- unimodal-prototype anchors: up[j, l] ---------------------------------
         pos = (up * cp).sum(-1, keepdim=True) / tau  # [M, K, 1]
         neg = torch.einsum("jkd,nld->jknl", up, up).flatten(2) / tau  # [M, K, M*K]
-        other_cls = present[None, :] & ~torch.eye(
-            num_classes, dtype=torch.bool, device=device
-        )  # [K, K']
+        other_cls = present[None, :] & ~torch.eye(num_classes, dtype=torch.bool, device=device)  # [K, K']
         neg_mask = other_cls[None, :, None, :].expand(M, -1, M, -1).flatten(2)
         l_up = _anchor_loss(pos, neg, neg_mask).mean(0)  # [K]
         up_loss = torch.where(present, l_up, torch.zeros_like(l_up)).sum()
@@ -105,9 +99,7 @@ def ccrm_losses(
         pos = torch.einsum("kd,jkd->kj", cp, up) / tau  # [K, M]
         neg = cp @ cp.T / tau  # [K, K]
         l_cp = _anchor_loss(pos, neg, other_cls)  # [K]
-        cp_loss = (
-            torch.where(present, l_cp, torch.zeros_like(l_cp)).sum() / present.sum()
-        )
+        cp_loss = torch.where(present, l_cp, torch.zeros_like(l_cp)).sum() / present.sum()
 
     return {"sam": sam, "up": up_loss, "cp": cp_loss}
 

@@ -65,7 +65,10 @@ class CFCML(nn.Module):
             self.token_grids = [math.prod(grids[s]) for s in self.stages]
             # token_maps[j][g]: modality j, granularity g (one per modality even with a shared encoder)
             self.image_token_maps = nn.ModuleList(
-                nn.ModuleList(make_token_map(m.token_mapping, math.prod(grids[s]), m.n_image_tokens, channels[s], dim, m.heads) for s in self.stages)
+                nn.ModuleList(
+                    make_token_map(m.token_mapping, math.prod(grids[s]), m.n_image_tokens, channels[s], dim, m.heads)
+                    for s in self.stages
+                )
                 for _ in range(self.num_images)
             )
         if m.use_tabular:
@@ -76,17 +79,23 @@ class CFCML(nn.Module):
                     raise ValueError("model.tabular_embedding=mlp needs the number of encoded tabular features")
                 self.tabular_embed = MLPTabularEmbedding(num_tabular_features, shape.num_attributes, dim)
             # One map t -> n_t, shared by all granularities (the tabular tokens have one granularity).
-            self.tabular_token_map = make_token_map(m.token_mapping, shape.num_attributes, m.n_tabular_tokens, dim, dim, m.heads)
+            self.tabular_token_map = make_token_map(
+                m.token_mapping, shape.num_attributes, m.n_tabular_tokens, dim, dim, m.heads
+            )
 
         self.cie = nn.ModuleList(GranularityCIE(num_modalities, dim, m.heads) for _ in self.stages)
         expand = 2 if num_modalities > 1 else 1  # CIE doubles the tokens (query + attention output)
         n_tokens = [m.n_image_tokens] * self.num_images + [m.n_tabular_tokens] * int(m.use_tabular)
         self.fusion = nn.ModuleList(GranularityFusion(expand * len(self.stages) * n, n) for n in n_tokens)
         self.classifier = nn.Sequential(
-            nn.Linear(dim * num_modalities, 128), nn.ReLU(), nn.Dropout(m.dropout),
-            nn.Linear(128, 16), nn.ReLU(), nn.Dropout(m.dropout),
+            nn.Linear(dim * num_modalities, 128),
+            nn.ReLU(),
+            nn.Dropout(m.dropout),
+            nn.Linear(128, 16),
+            nn.ReLU(),
+            nn.Dropout(m.dropout),
             nn.Linear(16, shape.num_classes),
-        )  # fmt: skip
+        )
 
     def backbone_parameters(self) -> list[nn.Parameter]:
         """Parameters of pretrained-capable 2D backbones (trained at backbone_lr_mult x LR)."""

@@ -88,9 +88,7 @@ class Mamba(nn.Module):
         d_inner = self.d_inner
 
         self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=bias)
-        self.conv1d = nn.Conv1d(
-            d_inner, d_inner, d_conv, groups=d_inner, padding=d_conv - 1, bias=conv_bias
-        )
+        self.conv1d = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner, padding=d_conv - 1, bias=conv_bias)
         self.x_proj = nn.Linear(d_inner, self.dt_rank + 2 * d_state, bias=False)
         self.dt_proj = nn.Linear(self.dt_rank, d_inner, bias=True)
 

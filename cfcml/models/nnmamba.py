@@ -36,9 +36,7 @@ class MambaLayer3D(nn.Module):
     # (flip dims on [B, L, C]) for: as is, channel-reversed, sequence-reversed, both.
     _FLIPS = ((), (2,), (1,), (1, 2))
 
-    def __init__(
-        self, channels: int, d_state: int = 16, d_conv: int = 4, expand: int = 2, scan_impl: str = "auto"
-    ):
+    def __init__(self, channels: int, d_state: int = 16, d_conv: int = 4, expand: int = 2, scan_impl: str = "auto"):
         super().__init__()
         self.proj_in = _conv_bn_relu(channels, channels, 1)
         self.mamba = Mamba(channels, d_state=d_state, d_conv=d_conv, expand=expand, scan_impl=scan_impl)
@@ -67,9 +65,7 @@ class BasicBlock3D(nn.Module):
 
     def __init__(self, cin: int, cout: int, stride: int = 1):
         super().__init__()
-        self.convs = nn.Sequential(
-            *_conv_bn_relu(cin, cout, 3, stride), *_conv_bn(cout, cout, 3)
-        )
+        self.convs = nn.Sequential(*_conv_bn_relu(cin, cout, 3, stride), *_conv_bn(cout, cout, 3))
         needs_proj = stride != 1 or cin != cout
         self.shortcut = _conv_bn(cin, cout, 1, stride) if needs_proj else nn.Identity()
 
@@ -86,12 +82,9 @@ class ResidualStage3D(nn.Module):
     def __init__(self, cin: int, cout: int, num_blocks: int, **mamba_kwargs):
         super().__init__()
         self.blocks = nn.ModuleList(
-            [BasicBlock3D(cin, cout, stride=2)]
-            + [BasicBlock3D(cout, cout) for _ in range(num_blocks - 1)]
+            [BasicBlock3D(cin, cout, stride=2)] + [BasicBlock3D(cout, cout) for _ in range(num_blocks - 1)]
         )
-        self.mamba_layer = (
-            MambaLayer3D(cout, **mamba_kwargs) if num_blocks > 1 else None
-        )
+        self.mamba_layer = MambaLayer3D(cout, **mamba_kwargs) if num_blocks > 1 else None
 
     def forward(self, x: Tensor) -> Tensor:
         for i, block in enumerate(self.blocks):
@@ -120,9 +113,7 @@ class NNMambaEncoder3D(nn.Module):
         super().__init__()
         c = base_channels
         self.stage_channels = [c, 2 * c, 4 * c, 8 * c]
-        self.stem = nn.Sequential(
-            *_conv_bn_relu(in_channels, c, 3, stride=2), *_conv_bn_relu(c, c, 3)
-        )
+        self.stem = nn.Sequential(*_conv_bn_relu(in_channels, c, 3, stride=2), *_conv_bn_relu(c, c, 3))
         mamba_kwargs = {"d_state": d_state, "d_conv": d_conv, "expand": expand, "scan_impl": scan_impl}
         self.stages = nn.ModuleList(
             ResidualStage3D(cin, cout, blocks_per_stage, **mamba_kwargs)

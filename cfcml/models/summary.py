@@ -100,14 +100,16 @@ def summarize(cfg: Config, shape: CohortShape | None = None, paper: dict | None 
         for s, (c, grid) in enumerate(zip(model.encoders[0].stage_channels, grids), start=1):
             if cfg.model.method not in ON_CFCML and s != 4:
                 continue  # comparison methods read stage 4 only
-            stages.append({
-                "stage": s,
-                "feature_map": [c, *grid],
-                "tokens_in": math.prod(grid),
-                "tokens_out": _image_tokens_out(cfg, math.prod(grid)),
-                "token_dim": cfg.model.dim,
-                "used": (s - 1) in model.stages,
-            })  # fmt: skip
+            stages.append(
+                {
+                    "stage": s,
+                    "feature_map": [c, *grid],
+                    "tokens_in": math.prod(grid),
+                    "tokens_out": _image_tokens_out(cfg, math.prod(grid)),
+                    "token_dim": cfg.model.dim,
+                    "used": (s - 1) in model.stages,
+                }
+            )
     reference = (paper or {}).get("methods", {}).get(cfg.model.method) if cfg.model.method != "cfcml" else paper
     params = count_params(model)
     return {
@@ -134,12 +136,18 @@ def format_summary(s: dict) -> str:
     ]
     extra = s.get("paper_convention_params", s["trainable_params"]) - s["trainable_params"]
     if extra:
-        lines.append(f"paper convention  {s['paper_convention_params'] / 1e6:.2f} M (+ Swin's ImageNet head and final norm, "
-                     f"{extra / 1e6:.2f} M, which the paper counts and our features-only Swin lacks)")
+        lines.append(
+            f"paper convention  {s['paper_convention_params'] / 1e6:.2f} M (+ Swin's ImageNet head and final norm, "
+            f"{extra / 1e6:.2f} M, which the paper counts and our features-only Swin lacks)"
+        )
     if s.get("paper"):
         lines.append(f"paper             {s['paper']['params_m']} M, {s['paper']['gflops']} GFLOPs")
     for st in s["stages"]:
         used = "" if st["used"] else "  (unused: SG-CIE)"
-        out = "pooled to 1" if st["tokens_out"] == 1 and st["tokens_in"] > 1 else f"{st['tokens_out']} x {st['token_dim']}"
+        out = (
+            "pooled to 1"
+            if st["tokens_out"] == 1 and st["tokens_in"] > 1
+            else f"{st['tokens_out']} x {st['token_dim']}"
+        )
         lines.append(f"stage {st['stage']}  map {st['feature_map']} -> {st['tokens_in']} tokens -> {out}{used}")
     return "\n".join(lines)

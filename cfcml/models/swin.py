@@ -36,12 +36,16 @@ class SwinEncoder2D(nn.Module):
     pass so only stage 4 trained the backbone.
     """
 
-    def __init__(self, img_size: int = 224, variant: str = "tiny", pretrained: str = "none", detach_early_stages: bool = False):
+    def __init__(
+        self, img_size: int = 224, variant: str = "tiny", pretrained: str = "none", detach_early_stages: bool = False
+    ):
         super().__init__()
         kind = image_weights_kind(pretrained)
         if kind == REQUIRED:
             raise ConfigError(f"model.image_pretrained=required: Swin-T needs ImageNet weights; {SWIN_CHECKPOINT_HELP}")
-        self.body = timm.create_model(TIMM_NAME, pretrained=False, features_only=True, img_size=img_size, **SWIN_VARIANTS[variant])
+        self.body = timm.create_model(
+            TIMM_NAME, pretrained=False, features_only=True, img_size=img_size, **SWIN_VARIANTS[variant]
+        )
         self.stage_channels = list(self.body.feature_info.channels())
         self.norm = nn.LayerNorm(self.stage_channels[-1])  # Swin's final norm (timm's default eps)
         if kind == "file":
@@ -54,7 +58,11 @@ class SwinEncoder2D(nn.Module):
     def load_full_state(self, state: dict) -> None:
         """Load a full timm Swin state dict (layers.i., norm., head.) into the extractor (named
         layers_i.) and the final norm; the head is dropped. Strict on everything else."""
-        body = {re.sub(r"^layers\.(\d+)\.", r"layers_\1.", k): v for k, v in state.items() if not k.startswith(("head.", "norm."))}
+        body = {
+            re.sub(r"^layers\.(\d+)\.", r"layers_\1.", k): v
+            for k, v in state.items()
+            if not k.startswith(("head.", "norm."))
+        }
         self.body.load_state_dict(body)
         self.norm.load_state_dict({k[len("norm.") :]: v for k, v in state.items() if k.startswith("norm.")})
 
@@ -77,7 +85,9 @@ def _local_checkpoint_state(path: Path, img_size: int, variant: str) -> dict:
     try:
         # also converts the original Microsoft layout; it looks keys up in `full`, so a foreign one fails here
         state = checkpoint_filter_fn(load_state_dict(str(path)), full)
-        missing, unexpected = full.load_state_dict({k: v for k, v in state.items() if not k.startswith("head.")}, strict=False)
+        missing, unexpected = full.load_state_dict(
+            {k: v for k, v in state.items() if not k.startswith("head.")}, strict=False
+        )
     except (RuntimeError, AttributeError, KeyError) as e:  # shape mismatches, blocks the model lacks
         raise ValueError(f"{path} does not fit Swin ({variant}): {str(e)[:300]}") from None
     missing = [k for k in missing if not k.startswith("head.")]

@@ -46,7 +46,9 @@ class TextWeights:
     def quick_gelu(self) -> bool:
         import open_clip
 
-        return self.tag is not None and bool(open_clip.get_pretrained_cfg(CLIP_MODEL, self.tag).get("quick_gelu", False))
+        return self.tag is not None and bool(
+            open_clip.get_pretrained_cfg(CLIP_MODEL, self.tag).get("quick_gelu", False)
+        )
 
     @property
     def architecture(self) -> str:
@@ -273,7 +275,9 @@ class MLPTabularEmbedding(nn.Module):
     def __init__(self, num_features: int, num_tokens: int, dim: int = 128, hidden: int = 256):
         super().__init__()
         self.num_tokens, self.dim = num_tokens, dim
-        self.mlp = nn.Sequential(nn.Linear(num_features, hidden), nn.ReLU(), nn.Linear(hidden, num_tokens * dim), nn.ReLU())
+        self.mlp = nn.Sequential(
+            nn.Linear(num_features, hidden), nn.ReLU(), nn.Linear(hidden, num_tokens * dim), nn.ReLU()
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(x).view(x.shape[0], self.num_tokens, self.dim)

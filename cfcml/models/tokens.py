@@ -43,7 +43,9 @@ class PerceiverTokenMap(nn.Module):
         return x + self.mlp(self.norm_mlp(x))
 
 
-def make_token_map(kind: str, num_tokens_in: int, num_tokens_out: int, dim_in: int, dim_out: int, heads: int = 4) -> nn.Module:
+def make_token_map(
+    kind: str, num_tokens_in: int, num_tokens_out: int, dim_in: int, dim_out: int, heads: int = 4
+) -> nn.Module:
     if kind == "conv1d":
         return Conv1dTokenMap(num_tokens_in, num_tokens_out, dim_in, dim_out)
     if kind == "perceiver":

@@ -80,9 +80,15 @@ def seen_by_package(meta: dict) -> dict[str, str]:
     return seen
 
 
-def predict_cohort(model_uri: str, data_dir, out="preds.csv", tracking_uri: str | None = None,
-                   dataset: str | None = None, batch_cases: int = BATCH_CASES,
-                   echo: Callable[[str], None] | None = print) -> Path:  # fmt: skip
+def predict_cohort(
+    model_uri: str,
+    data_dir,
+    out="preds.csv",
+    tracking_uri: str | None = None,
+    dataset: str | None = None,
+    batch_cases: int = BATCH_CASES,
+    echo: Callable[[str], None] | None = print,
+) -> Path:
     """Predict every case of the cohort at `data_dir` (read and checked like for training,
     with the model's own schema unless `dataset` names another) and write a CSV:
     case_id, split, label (the cohort's class), seen, prob_<class>..., pred, inputs_used, status.

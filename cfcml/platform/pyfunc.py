@@ -44,8 +44,21 @@ log = logging.getLogger(__name__)
 
 PACKAGE_ARTIFACT = "package"
 ALIAS = "challenger"
-REQUIREMENTS = ("torch", "torchvision", "numpy", "pandas", "monai", "nibabel", "pillow", "pyyaml", "scikit-learn",
-                "scipy", "timm", "open_clip_torch", "mlflow")  # fmt: skip
+REQUIREMENTS = (
+    "torch",
+    "torchvision",
+    "numpy",
+    "pandas",
+    "monai",
+    "nibabel",
+    "pillow",
+    "pyyaml",
+    "scikit-learn",
+    "scipy",
+    "timm",
+    "open_clip_torch",
+    "mlflow",
+)
 
 
 # ----------------------------------------------------------------------------- rows <-> cases
@@ -131,9 +144,14 @@ def model_signature(spec: DatasetSpec):
 
     # only the id is required: a patient may lack a series or an attribute
     inputs = [ColSpec("string", c, required=c == "case_id") for c in input_columns(spec)]
-    outputs = [ColSpec("string", "case_id"), *[ColSpec("double", f"prob_{c}") for c in spec.classes],
-               ColSpec("string", "pred"), ColSpec("string", "inputs_used"), ColSpec("string", "inputs_missing"),
-               ColSpec("string", "status")]  # fmt: skip
+    outputs = [
+        ColSpec("string", "case_id"),
+        *[ColSpec("double", f"prob_{c}") for c in spec.classes],
+        ColSpec("string", "pred"),
+        ColSpec("string", "inputs_used"),
+        ColSpec("string", "inputs_missing"),
+        ColSpec("string", "status"),
+    ]
     return ModelSignature(inputs=Schema(inputs), outputs=Schema(outputs))
 
 
@@ -145,12 +163,16 @@ def sentence_table(cfg: Config, cases: list[Case], spec: DatasetSpec) -> tuple[l
     frozen text-encoder embedding, through the on-disk cache (the vectors training used)."""
     from ..models.text import sentence_cache
 
-    sentences = sorted({s for c in cases for s in c.sentences} | {a.sentence_for(MISSING_WORD) for a in spec.attributes})
+    sentences = sorted(
+        {s for c in cases for s in c.sentences} | {a.sentence_for(MISSING_WORD) for a in spec.attributes}
+    )
     cache = sentence_cache(cfg.data.cache_dir, cfg.model.text_pretrained)
     return sentences, cache.embed(sentences).float().numpy()
 
 
-def build_package(cfg: Config, runs: list[dict], cohort: Cohort, out_dir: str | Path, extra_meta: dict | None = None) -> Path:
+def build_package(
+    cfg: Config, runs: list[dict], cohort: Cohort, out_dir: str | Path, extra_meta: dict | None = None
+) -> Path:
     """Write the model directory (plain data only).
 
     `runs`: ``[{"name": "fold1", "weights": Path to best.pt, "numeric_stats": {...} or None}, ...]``
@@ -167,16 +189,26 @@ def build_package(cfg: Config, runs: list[dict], cohort: Cohort, out_dir: str | 
     for r in runs:
         state = load_checkpoint(r["weights"], required=("model",))
         atomic_save({k: v.contiguous() for k, v in state["model"].items()}, out / "weights" / f"{r['name']}.pt")
-        meta_runs.append({"name": r["name"], "selected_epoch": None if state.get("epoch") is None else int(state["epoch"]) + 1,
-                          "numeric_stats": r.get("numeric_stats"),
-                          "train_counts": r.get("train_counts") or recorded_train_counts(Path(r["weights"]).parent)})  # fmt: skip
+        meta_runs.append(
+            {
+                "name": r["name"],
+                "selected_epoch": None if state.get("epoch") is None else int(state["epoch"]) + 1,
+                "numeric_stats": r.get("numeric_stats"),
+                "train_counts": r.get("train_counts") or recorded_train_counts(Path(r["weights"]).parent),
+            }
+        )
     if cfg.model.use_tabular and cfg.model.tabular_embedding == "clip":
         sentences, emb = sentence_table(cfg, cohort.cases, cohort.spec)
         np.savez(out / "sentences.npz", sentences=np.array(sentences, dtype=str), embeddings=emb)
-    meta = {"dataset": cohort.spec.name, "classes": list(cohort.spec.classes), "columns": input_columns(cohort.spec),
-            "runs": meta_runs, **(extra_meta or {}),
-            # predict.decision: the hard-label rule, with the packaged runs' training class counts summed
-            "decision": pooled_decision(cfg.predict.decision, [m["train_counts"] for m in meta_runs]).to_dict()}  # fmt: skip
+    meta = {
+        "dataset": cohort.spec.name,
+        "classes": list(cohort.spec.classes),
+        "columns": input_columns(cohort.spec),
+        "runs": meta_runs,
+        **(extra_meta or {}),
+        # predict.decision: the hard-label rule, with the packaged runs' training class counts summed
+        "decision": pooled_decision(cfg.predict.decision, [m["train_counts"] for m in meta_runs]).to_dict(),
+    }
     (out / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
     return out
 
@@ -256,7 +288,9 @@ class PackagedModel:
         probs = []
         for m, r in zip(self.models, self.meta["runs"]):
             out = predict(m, loader, self._tabular(cases, r), self.env, keep=self.temperature is not None)
-            probs.append(out["probs"] if self.temperature is None else apply_temperature(out["logits"], self.temperature))
+            probs.append(
+                out["probs"] if self.temperature is None else apply_temperature(out["logits"], self.temperature)
+            )
         return np.mean(probs, axis=0)
 
     def predict_frame(self, frame):
@@ -289,7 +323,9 @@ class PackagedModel:
             out[f"prob_{name}"] = full[:, k].astype(float)
         hard = self.decision.labels(np.nan_to_num(full))
         out["pred"] = ["" if np.isnan(p).any() else self.spec.classes[int(k)] for p, k in zip(full, hard)]
-        out["inputs_used"] = [",".join(n for n in names if n not in m) if s == "ok" else "" for s, m in zip(status, missing)]
+        out["inputs_used"] = [
+            ",".join(n for n in names if n not in m) if s == "ok" else "" for s, m in zip(status, missing)
+        ]
         out["inputs_missing"] = [",".join(m) for m in missing]
         out["status"] = status
         return out
@@ -334,8 +370,14 @@ def git_commit(default: str = "unknown") -> str:
     """The commit of the checkout the code runs from (jobs pass it explicitly: a Ray job's
     working directory has no .git)."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
-                             text=True, timeout=10, check=True)  # fmt: skip
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
         return out.stdout.strip() or default
     except (OSError, subprocess.SubprocessError):
         return default
@@ -354,8 +396,13 @@ def _requirements() -> list[str]:
 # ----------------------------------------------------------------------------- logging
 
 
-def log_model(package_dir: str | Path, spec: DatasetSpec, registered_model_name: str | None = None,
-              metadata: dict | None = None, name: str = "model"):
+def log_model(
+    package_dir: str | Path,
+    spec: DatasetSpec,
+    registered_model_name: str | None = None,
+    metadata: dict | None = None,
+    name: str = "model",
+):
     """Log the package as a pyfunc in the active run, the MLflow way that pickles nothing
     (models from code), with its signature and a synthetic input example; register it when
     `registered_model_name` is given. Returns MLflow's ModelInfo."""
@@ -388,9 +435,13 @@ def _model_arguments(package_dir: str | Path, spec: DatasetSpec, metadata: dict 
 def tag_version(client, name: str, version: str, tags: dict, alias: str | None = ALIAS) -> None:
     """Tags (stringified) on a registered version, then point `alias` at it."""
     for key, value in tags.items():
-        text = value if isinstance(value, str) else json.dumps(value, default=str) if isinstance(value, (dict, list)) else repr(value)
+        text = (
+            value
+            if isinstance(value, str)
+            else json.dumps(value, default=str)
+            if isinstance(value, (dict, list))
+            else repr(value)
+        )
         client.set_model_version_tag(name, str(version), key, text[:5000])
     if alias:
         client.set_registered_model_alias(name, alias, str(version))
-
-

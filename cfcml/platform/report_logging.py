@@ -54,10 +54,16 @@ def ensure_experiment(client, name: str) -> str:
 
 def cohort_profile(cohort) -> dict:
     counts = cohort.counts()
-    return {"cases": len(cohort.cases), "classes": list(cohort.classes), "splits": counts,
-            "per_class": {c: sum(s[c] for s in counts.values()) for c in cohort.classes},
-            "digest": cohort.digest(), "image_kind": cohort.spec.image_kind, "series": list(cohort.spec.series),
-            "attributes": list(cohort.spec.attribute_names)}  # fmt: skip
+    return {
+        "cases": len(cohort.cases),
+        "classes": list(cohort.classes),
+        "splits": counts,
+        "per_class": {c: sum(s[c] for s in counts.values()) for c in cohort.classes},
+        "digest": cohort.digest(),
+        "image_kind": cohort.spec.image_kind,
+        "series": list(cohort.spec.series),
+        "attributes": list(cohort.spec.attribute_names),
+    }
 
 
 def cohort_dataset(cohort, data_root: str):
@@ -88,8 +94,13 @@ def cohort_dataset(cohort, data_root: str):
     with warnings.catch_warnings():  # a local path matches two equivalent local sources
         warnings.filterwarnings("ignore", message=".*can be interpreted in multiple ways.*")
         source = resolve_dataset_source(redact(str(data_root)))
-    return CohortDataset(profile=cohort_profile(cohort), source=source, name=spec.name,
-                         digest=cohort.digest()[:DIGEST_CHARS], schema=schema)  # fmt: skip
+    return CohortDataset(
+        profile=cohort_profile(cohort),
+        source=source,
+        name=spec.name,
+        digest=cohort.digest()[:DIGEST_CHARS],
+        schema=schema,
+    )
 
 
 def log_cohort(client, run_id: str, cohort, data_root: str):
@@ -99,8 +110,10 @@ def log_cohort(client, run_id: str, cohort, data_root: str):
 
     dataset = cohort_dataset(cohort, data_root)
     tags = [InputTag("mlflow.data.context", DATASET_CONTEXT)]
-    tags += [InputTag(f"counts.{split}", ", ".join(f"{c} {n}" for c, n in per_class.items()))
-             for split, per_class in cohort.counts().items()]  # fmt: skip
+    tags += [
+        InputTag(f"counts.{split}", ", ".join(f"{c} {n}" for c, n in per_class.items()))
+        for split, per_class in cohort.counts().items()
+    ]
     client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=tags)])
     return dataset
 
@@ -112,16 +125,32 @@ def study_meta(summary: dict, commit: str) -> dict:
     """Report facts of the study (`_after_search`'s summary): what was searched and chosen."""
     from .pyfunc import package_versions
 
-    return {"commit": commit, "study": summary.get("study"), "trial_id": summary.get("best_trial_id"),
-            "cv_val_auc": summary.get("best_cv_val_auc"), "hyperparameters": summary.get("best_params"),
-            "versions": package_versions(),
-            "trial_selection": (f"the trial with the best mean validation AUC over the runs (cv_val_auc "
-                                f"{summary.get('best_cv_val_auc', math.nan):.4f}) among {summary.get('trials', '?')} "
-                                "trials (Optuna TPE + ASHA); test data never seen by the search")}  # fmt: skip
+    return {
+        "commit": commit,
+        "study": summary.get("study"),
+        "trial_id": summary.get("best_trial_id"),
+        "cv_val_auc": summary.get("best_cv_val_auc"),
+        "hyperparameters": summary.get("best_params"),
+        "versions": package_versions(),
+        "trial_selection": (
+            f"the trial with the best mean validation AUC over the runs (cv_val_auc "
+            f"{summary.get('best_cv_val_auc', math.nan):.4f}) among {summary.get('trials', '?')} "
+            "trials (Optuna TPE + ASHA); test data never seen by the search"
+        ),
+    }
 
 
-def study_report(cohort, runs: list[dict], ckpt_dir: Path, out_dir: Path, client, run_ids: list[str | None],
-                 summary: dict, commit: str, **options) -> dict | None:  # fmt: skip
+def study_report(
+    cohort,
+    runs: list[dict],
+    ckpt_dir: Path,
+    out_dir: Path,
+    client,
+    run_ids: list[str | None],
+    summary: dict,
+    commit: str,
+    **options,
+) -> dict | None:
     """Build the best trial's report from its checkpointed runs (each `ckpt_dir/<run>` tested
     by `evaluate_best`) and log it under `report/` of every run in `run_ids` (None skipped).
     A failure is logged and tagged (`cfcml.report_error`), not raised: the search's result
@@ -193,8 +222,13 @@ def package_meta(cfg, ckpt_dir: Path, runs: list[dict]) -> dict:
 
 def version_tags(trial_id: str, digest: str, commit: str, pretrained: dict, cfcml_version: str) -> dict[str, str]:
     """The handful of tags a registered version keeps (the rest is in its description)."""
-    return {"trial_id": trial_id, "data.digest": digest, "git.commit": commit,
-            **{f"pretrained.{k}": str(v) for k, v in pretrained.items()}, "version.cfcml": cfcml_version}  # fmt: skip
+    return {
+        "trial_id": trial_id,
+        "data.digest": digest,
+        "git.commit": commit,
+        **{f"pretrained.{k}": str(v) for k, v in pretrained.items()},
+        "version.cfcml": cfcml_version,
+    }
 
 
 def describe_version(client, name: str, version: str, report: dict | None) -> str | None:

@@ -63,8 +63,10 @@ class EpochBudget:
         if not self.milestones or self.milestones[0] < 1:
             raise ValueError(f"milestones must be positive epochs, got {self.milestones}")
         if self.total < self.milestones[0] * self.runs_per_trial:
-            raise ValueError(f"an epoch budget of {self.total} cannot pay for one trial's first {self.milestones[0]} "
-                             f"epoch(s) of {self.runs_per_trial} runs")  # fmt: skip
+            raise ValueError(
+                f"an epoch budget of {self.total} cannot pay for one trial's first {self.milestones[0]} "
+                f"epoch(s) of {self.runs_per_trial} runs"
+            )
 
     @property
     def max_epochs(self) -> int:
@@ -80,9 +82,9 @@ class EpochBudget:
 
     def reserved(self) -> int:
         """Epochs running trials will train before their next milestone (every run)."""
-        return sum(max(self.next_milestone(self.reached.get(t, 0)) - self.reached.get(t, 0), 0) for t in self.running) * (
-            self.runs_per_trial
-        )
+        return sum(
+            max(self.next_milestone(self.reached.get(t, 0)) - self.reached.get(t, 0), 0) for t in self.running
+        ) * (self.runs_per_trial)
 
     def can_start(self) -> bool:
         """Whether one more trial fits: its epochs up to the first milestone on top of what is
@@ -110,8 +112,13 @@ class EpochBudget:
         self.running.discard(trial_id)
 
     def describe(self) -> dict:
-        return {"budget_epochs": self.total, "epochs_used": self.used, "trials_started": self.started,
-                "trials_stopped_by_budget": len(self.stopped), "budget_exhausted": self.exhausted}  # fmt: skip
+        return {
+            "budget_epochs": self.total,
+            "epochs_used": self.used,
+            "trials_started": self.started,
+            "trials_stopped_by_budget": len(self.stopped),
+            "budget_exhausted": self.exhausted,
+        }
 
 
 # ----------------------------------------------------------------------------- decisions reach the workers
@@ -162,7 +169,9 @@ def post_decision(name: str | None, trial_id: str, epoch: int, decision: str) ->
         log.warning("could not post the decision for trial %s at epoch %s: %s", trial_id, epoch, e)
 
 
-def await_decision(name: str | None, trial_id: str, epoch: int, timeout: float = 300.0, poll: float = 0.2) -> str | None:
+def await_decision(
+    name: str | None, trial_id: str, epoch: int, timeout: float = 300.0, poll: float = 0.2
+) -> str | None:
     """Worker side, after reporting a rung epoch: the decision (``"STOP"``/``"CONTINUE"``/...),
     or None when there is no board or it said nothing within `timeout` seconds (then train on)."""
     if not name:
@@ -206,7 +215,9 @@ class BudgetStopper(_stopper_base()):
             return False
         result[STOPPED_BY_KEY] = "budget"  # the same dict becomes the trial's last result
         post_decision(self.board, trial_id, int(result[TIME_ATTR]), "STOP")
-        log.info("epoch budget: stopping trial %s at epoch %s (%s)", trial_id, result[TIME_ATTR], self.budget.describe())
+        log.info(
+            "epoch budget: stopping trial %s at epoch %s (%s)", trial_id, result[TIME_ATTR], self.budget.describe()
+        )
         return True
 
     def stop_all(self) -> bool:
@@ -354,8 +365,11 @@ def latest_first_candidate(train, params) -> int:
     from ..config import first_candidate_epoch
 
     keys = ("warmup_epochs", "select_window", "select_min_epoch")
-    highs = {p.name.split(".", 1)[1]: p.high if p.type != "categorical" else max(p.choices)
-             for p in params if p.name in {f"train.{k}" for k in keys}}  # fmt: skip
+    highs = {
+        p.name.split(".", 1)[1]: p.high if p.type != "categorical" else max(p.choices)
+        for p in params
+        if p.name in {f"train.{k}" for k in keys}
+    }
     return first_candidate_epoch(dataclasses.replace(train, **{k: int(v) for k, v in highs.items()}))
 
 

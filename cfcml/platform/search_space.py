@@ -30,8 +30,15 @@ from ..config import Config, ConfigError
 
 TYPES = ("int", "float", "categorical")
 # TPESampler options a space file may set (`sampler:`); the seed comes from the study (--seed)
-SAMPLER_OPTIONS = ("n_startup_trials", "n_ei_candidates", "multivariate", "group", "constant_liar",
-                   "consider_endpoints", "prior_weight")  # fmt: skip
+SAMPLER_OPTIONS = (
+    "n_startup_trials",
+    "n_ei_candidates",
+    "multivariate",
+    "group",
+    "constant_liar",
+    "consider_endpoints",
+    "prior_weight",
+)
 
 
 class SearchSpaceError(ConfigError):
@@ -199,9 +206,14 @@ def load_search_space(path: str | Path, cfg: Config | None = None) -> SearchSpac
 def trial_run_name(params: dict, index: int | None = None) -> str:
     """A readable MLflow run name from a trial's parameters, e.g. 't03 ni48 nt16 a0.06 b0.04 g0.24'."""
     short = {
-        "model.n_image_tokens": "ni", "model.n_tabular_tokens": "nt", "loss.alpha": "a", "loss.beta": "b",
-        "loss.gamma": "g", "train.lr": "lr", "loss.tau": "tau",
-    }  # fmt: skip
+        "model.n_image_tokens": "ni",
+        "model.n_tabular_tokens": "nt",
+        "loss.alpha": "a",
+        "loss.beta": "b",
+        "loss.gamma": "g",
+        "train.lr": "lr",
+        "loss.tau": "tau",
+    }
     parts = [] if index is None else [f"t{index:02d}"]
     for key, value in params.items():
         tag = short.get(key, key.rsplit(".", 1)[-1])

@@ -76,9 +76,7 @@ RAY_AUTH_MODES = ("token", "disabled")
 
 # Unix domain sockets are limited to 107 bytes; Ray puts
 # "<temp_dir>/session_YYYY-MM-DD_HH-MM-SS_ffffff_PID/sockets/plasma_store" under --temp-dir.
-_RAY_SOCKET_SUFFIX_LEN = len(
-    "/session_2026-01-01_00-00-00_000000_4194304/sockets/plasma_store"
-)
+_RAY_SOCKET_SUFFIX_LEN = len("/session_2026-01-01_00-00-00_000000_4194304/sockets/plasma_store")
 _UNIX_SOCKET_MAX = 107
 
 
@@ -113,9 +111,7 @@ def _executable(name: str) -> str:
         return str(candidate)
     found = shutil.which(name)
     if not found:
-        raise ServiceError(
-            f"executable {name!r} not found next to {sys.executable} or on PATH"
-        )
+        raise ServiceError(f"executable {name!r} not found next to {sys.executable} or on PATH")
     return found
 
 
@@ -231,9 +227,7 @@ def _killpg(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
 
 
-def _wait_until(
-    predicate: Callable[[], bool], timeout: float, interval: float = 0.2
-) -> bool:
+def _wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.2) -> bool:
     deadline = time.monotonic() + timeout
     while True:
         if predicate():
@@ -296,11 +290,7 @@ class Service:
         return state_path(self.state_dir, self.name) if self.state_dir else None
 
     def to_json(self) -> str:
-        data = {
-            f.name: getattr(self, f.name)
-            for f in fields(self)
-            if not f.name.startswith("_")
-        }
+        data = {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
         return json.dumps(data, indent=2, sort_keys=True)
 
     @classmethod
@@ -366,9 +356,7 @@ class Service:
                 _wait_until(lambda: not self.owns_leader(), max(1.0, 0.6 * timeout))
             _killpg(self.pid, signal.SIGTERM)
             _signal_pids(marked_pids(self.marker), signal.SIGTERM)
-            _wait_until(
-                lambda: not self.remaining_pids(), max(1.0, deadline - time.monotonic())
-            )
+            _wait_until(lambda: not self.remaining_pids(), max(1.0, deadline - time.monotonic()))
         survivors = self.remaining_pids()
         if survivors:
             if leader:
@@ -493,8 +481,7 @@ def _require_free(port: int, host: str, what: str) -> None:
     check_host = LOCALHOST if host in ("0.0.0.0", "::", "") else host
     if not port_is_free(port, check_host):
         raise ServiceError(
-            f"{what}: port {port} on {check_host} is already in use; stop whatever listens "
-            f"there or choose another port"
+            f"{what}: port {port} on {check_host} is already in use; stop whatever listens there or choose another port"
         )
 
 
@@ -569,10 +556,13 @@ def start_mlflow_server(
         _executable("mlflow"),
         "server",
         "--serve-artifacts",
-        "--host", host,
-        "--port", str(port),
-        "--workers", str(workers),
-    ]  # fmt: skip
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+    ]
     full_env = _base_env(env)
     full_env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     full_env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
@@ -581,8 +571,13 @@ def start_mlflow_server(
     # secrets through the environment (only this user can read /proc/PID/environ), not argv
     full_env["MLFLOW_BACKEND_STORE_URI"] = backend_uri
     full_env["MLFLOW_ARTIFACTS_DESTINATION"] = artifacts_destination
-    for key in ("MLFLOW_REGISTRY_STORE_URI", "MLFLOW_AUTH_CONFIG_PATH", "MLFLOW_AUTH_ADMIN_PASSWORD",
-                "MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_FLASK_SERVER_SECRET_KEY"):  # fmt: skip
+    for key in (
+        "MLFLOW_REGISTRY_STORE_URI",
+        "MLFLOW_AUTH_CONFIG_PATH",
+        "MLFLOW_AUTH_ADMIN_PASSWORD",
+        "MLFLOW_AUTH_ADMIN_USERNAME",
+        "MLFLOW_FLASK_SERVER_SECRET_KEY",
+    ):
         full_env.pop(key, None)  # only what this function decides
     client_env = {"MLFLOW_DISABLE_TELEMETRY": "true"}
     extra = {"backend_uri": redact(backend_uri), "artifacts_destination": redact(artifacts_destination), "host": host}
@@ -591,16 +586,21 @@ def start_mlflow_server(
         if allowed_hosts:
             cmd += ["--allowed-hosts", allowed_hosts]
         password_file = state / "mlflow_admin_password"
-        config = _write_private(state / "basic_auth.ini", (
-            "[mlflow]\ndefault_permission = READ\n"
-            f"database_uri = sqlite:///{state / 'basic_auth.db'}\nadmin_username = {MLFLOW_ADMIN_USER}\n"
-            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
-        ))  # fmt: skip
-        full_env.update({
-            "MLFLOW_AUTH_CONFIG_PATH": str(config),
-            "MLFLOW_AUTH_ADMIN_PASSWORD": _private_secret(password_file),
-            "MLFLOW_FLASK_SERVER_SECRET_KEY": _private_secret(state / "mlflow_flask_secret_key"),
-        })  # fmt: skip
+        config = _write_private(
+            state / "basic_auth.ini",
+            (
+                "[mlflow]\ndefault_permission = READ\n"
+                f"database_uri = sqlite:///{state / 'basic_auth.db'}\nadmin_username = {MLFLOW_ADMIN_USER}\n"
+                "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+            ),
+        )
+        full_env.update(
+            {
+                "MLFLOW_AUTH_CONFIG_PATH": str(config),
+                "MLFLOW_AUTH_ADMIN_PASSWORD": _private_secret(password_file),
+                "MLFLOW_FLASK_SERVER_SECRET_KEY": _private_secret(state / "mlflow_flask_secret_key"),
+            }
+        )
         client_env["MLFLOW_TRACKING_USERNAME"] = MLFLOW_ADMIN_USER
         extra["admin_password_file"] = str(password_file)
         extra["warning"] = (
@@ -626,9 +626,7 @@ def start_mlflow_server(
         extra=extra,
         _popen=popen,
     )
-    _wait_ready(
-        service, lambda: http_get(f"{url}/health")[0] == 200, timeout, f"{url}/health"
-    )
+    _wait_ready(service, lambda: http_get(f"{url}/health")[0] == 200, timeout, f"{url}/health")
     return service
 
 
@@ -703,9 +701,7 @@ def start_ray_head(
     Waits for the "Ray runtime started" line and the dashboard's ``/api/version``.
     """
     if auth_mode not in RAY_AUTH_MODES:
-        raise ServiceError(
-            f"auth_mode must be one of {RAY_AUTH_MODES}, not {auth_mode!r}"
-        )
+        raise ServiceError(f"auth_mode must be one of {RAY_AUTH_MODES}, not {auth_mode!r}")
     loopback = is_loopback(node_ip)
     if auth_mode == "disabled" and not loopback:
         raise ServiceRefused(
@@ -748,19 +744,30 @@ def start_ray_head(
     full_env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
 
     cmd = [
-        _executable("ray"), "start", "--head", "--block",
-        "--port", str(port),
-        "--node-ip-address", node_ip,
-        "--dashboard-host", LOCALHOST,
-        "--dashboard-port", str(dashboard_port),
+        _executable("ray"),
+        "start",
+        "--head",
+        "--block",
+        "--port",
+        str(port),
+        "--node-ip-address",
+        node_ip,
+        "--dashboard-host",
+        LOCALHOST,
+        "--dashboard-port",
+        str(dashboard_port),
         # these default to fixed ports (10001, 52365): pick free ones so that two local
         # clusters (e.g. `make run` and the tests) can coexist
-        "--ray-client-server-port", str(free_port(LOCALHOST)),
-        "--dashboard-agent-listen-port", str(free_port(LOCALHOST)),
-        "--num-cpus", str(num_cpus),
-        "--temp-dir", str(temp_dir),
+        "--ray-client-server-port",
+        str(free_port(LOCALHOST)),
+        "--dashboard-agent-listen-port",
+        str(free_port(LOCALHOST)),
+        "--num-cpus",
+        str(num_cpus),
+        "--temp-dir",
+        str(temp_dir),
         "--disable-usage-stats",
-    ]  # fmt: skip
+    ]
     if num_gpus is not None:
         cmd += ["--num-gpus", str(int(num_gpus))]
     if object_store_memory:
@@ -797,9 +804,7 @@ def start_ray_head(
 
     _wait_ready(service, ready, timeout, f"Ray runtime started and {url}/api/version")
     current = temp_dir / "ray_current_cluster"
-    service.address = (
-        current.read_text().strip() if current.exists() else f"{LOCALHOST}:{port}"
-    )
+    service.address = current.read_text().strip() if current.exists() else f"{LOCALHOST}:{port}"
     service.save()
     return service
 
@@ -834,9 +839,7 @@ def start_moto_s3(
         _check_not_running(state, name)
     port = int(port) if port else free_port(LOCALHOST)
     _require_free(port, LOCALHOST, "moto s3")
-    log_dir = (
-        state if state is not None else Path(tempfile.mkdtemp(prefix="cfcml-moto-"))
-    )
+    log_dir = state if state is not None else Path(tempfile.mkdtemp(prefix="cfcml-moto-"))
     log_path = log_dir / f"{name}.log"
     full_env = _base_env(MOTO_CLIENT_ENV)
     cmd = [_executable("moto_server"), "-H", LOCALHOST, "-p", str(port)]
@@ -913,32 +916,45 @@ def add_dev_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
 
     timeout = _env("CFCML_SERVICE_TIMEOUT", "180")
-    start = sub.add_parser("start", help="start services in the background (default: the MLflow server, then the Ray head)")
+    start = sub.add_parser(
+        "start", help="start services in the background (default: the MLflow server, then the Ray head)"
+    )
     start_sub = start.add_subparsers(dest="service", metavar="{mlflow,ray,s3}")
     mlflow = p = start_sub.add_parser("mlflow", help="the MLflow tracking server")
-    p.add_argument("--host", default=_env("CFCML_MLFLOW_HOST", LOCALHOST), help="a non-loopback address needs --allow-remote")
+    p.add_argument(
+        "--host", default=_env("CFCML_MLFLOW_HOST", LOCALHOST), help="a non-loopback address needs --allow-remote"
+    )
     p.add_argument("--port", type=int, default=_env("CFCML_MLFLOW_PORT", str(MLFLOW_DEFAULT_PORT)))
     p.add_argument(
-        "--backend-uri", default=None,
+        "--backend-uri",
+        default=None,
         help="default: $MLFLOW_BACKEND_STORE_URI, else sqlite:///<state>/mlflow.db (a URI with a password "
         "belongs in that variable: a command line is visible to every user in ps)",
-    )  # fmt: skip
+    )
     p.add_argument(
         "--artifacts-destination", default=None, help="default: $MLFLOW_ARTIFACTS_DESTINATION, else <state>/mlartifacts"
     )
-    p.add_argument("--allow-remote", action="store_true",
-                   help="serve a non-loopback --host, with MLflow's basic-auth app (admin password in <state>)")
+    p.add_argument(
+        "--allow-remote",
+        action="store_true",
+        help="serve a non-loopback --host, with MLflow's basic-auth app (admin password in <state>)",
+    )
     p.add_argument("--allowed-hosts", default=None, help="MLflow --allowed-hosts (Host-header check)")
     p.add_argument("--workers", type=int, default=_env("MLFLOW_WORKERS", "1"))
     p.add_argument("--timeout", type=float, default=timeout)
     ray = p = start_sub.add_parser("ray", help="a local Ray head")
     p.add_argument("--port", type=int, default=_env("CFCML_RAY_PORT", str(RAY_DEFAULT_PORT)))
-    p.add_argument("--dashboard-port", type=int, default=_env("CFCML_RAY_DASHBOARD_PORT", str(RAY_DEFAULT_DASHBOARD_PORT)))
+    p.add_argument(
+        "--dashboard-port", type=int, default=_env("CFCML_RAY_DASHBOARD_PORT", str(RAY_DEFAULT_DASHBOARD_PORT))
+    )
     p.add_argument("--num-cpus", type=int, default=_env("CFCML_RAY_NUM_CPUS"), help="default: nproc")
     p.add_argument("--num-gpus", type=int, default=_env("CFCML_RAY_NUM_GPUS"))
     p.add_argument("--auth-mode", choices=RAY_AUTH_MODES, default=_env("RAY_AUTH_MODE", "token"))
-    p.add_argument("--node-ip-address", default=_env("CFCML_RAY_NODE_IP", LOCALHOST),
-                   help="default 127.0.0.1: single node, every port on loopback; another address needs token auth")
+    p.add_argument(
+        "--node-ip-address",
+        default=_env("CFCML_RAY_NODE_IP", LOCALHOST),
+        help="default 127.0.0.1: single node, every port on loopback; another address needs token auth",
+    )
     p.add_argument("--timeout", type=float, default=timeout)
     p = start_sub.add_parser("s3", help="a local S3 (moto)")
     p.add_argument("--port", type=int, default=None, help="default: a free port")
@@ -960,8 +976,11 @@ def add_dev_arguments(parser: argparse.ArgumentParser) -> None:
 def _start(state: Path, name: str, args: argparse.Namespace) -> Service:
     if name == "mlflow":
         if args.backend_uri and redact(args.backend_uri) != args.backend_uri:
-            print("warning: --backend-uri holds a credential, visible in ps while this command runs; "
-                  "pass it in MLFLOW_BACKEND_STORE_URI instead", file=sys.stderr)  # fmt: skip
+            print(
+                "warning: --backend-uri holds a credential, visible in ps while this command runs; "
+                "pass it in MLFLOW_BACKEND_STORE_URI instead",
+                file=sys.stderr,
+            )
         return start_mlflow_server(
             state,
             port=args.port,

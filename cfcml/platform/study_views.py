@@ -34,8 +34,15 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 MIN_TRIALS_FOR_IMPORTANCE = 3  # fANOVA on fewer complete trials says nothing
-SHORT = {"model.n_image_tokens": "n_i", "model.n_tabular_tokens": "n_t", "loss.alpha": "α", "loss.beta": "β",
-         "loss.gamma": "γ", "train.lr": "lr", "loss.tau": "τ"}  # fmt: skip
+SHORT = {
+    "model.n_image_tokens": "n_i",
+    "model.n_tabular_tokens": "n_t",
+    "loss.alpha": "α",
+    "loss.beta": "β",
+    "loss.gamma": "γ",
+    "train.lr": "lr",
+    "loss.tau": "τ",
+}
 
 
 def _plt():
@@ -86,14 +93,18 @@ def param_importances(study, min_trials: int = MIN_TRIALS_FOR_IMPORTANCE) -> tup
     else:
         pool = complete + pruned
         if len(pool) < 2 or len({t.value for t in pool}) < 2:
-            return None, (f"{len(complete)} complete and {len(pruned)} pruned trial(s) with a value: importances need "
-                          "at least 2 trials with different values")  # fmt: skip
+            return None, (
+                f"{len(complete)} complete and {len(pruned)} pruned trial(s) with a value: importances need "
+                "at least 2 trials with different values"
+            )
         proxy = optuna.create_study(direction=study.direction)  # pruned trials enter at their last value
         for t in pool:
             proxy.add_trial(optuna.trial.create_trial(params=t.params, distributions=t.distributions, value=t.value))
         importances = optuna.importance.get_param_importances(proxy, evaluator=evaluator)
-        note = (f"fANOVA over {len(pool)} trials, {len(pruned)} of them pruned (at their value when stopped): "
-                f"indicative only, fewer than {min_trials} complete")  # fmt: skip
+        note = (
+            f"fANOVA over {len(pool)} trials, {len(pruned)} of them pruned (at their value when stopped): "
+            f"indicative only, fewer than {min_trials} complete"
+        )
     return {k: float(v) for k, v in importances.items()}, note
 
 
@@ -112,11 +123,24 @@ def history_figure(study, direction: str = "maximize"):
         ax.step(*zip(*line), where="post", c="tab:red", lw=1.5, label="best complete so far")
     pruned = [t for t in trials["PRUNED"] if t.value is not None]
     if pruned:
-        ax.scatter([t.number for t in pruned], [t.value for t in pruned], marker="x", c="tab:gray", s=30,
-                   label="pruned (epoch reached)", zorder=3)  # fmt: skip
+        ax.scatter(
+            [t.number for t in pruned],
+            [t.value for t in pruned],
+            marker="x",
+            c="tab:gray",
+            s=30,
+            label="pruned (epoch reached)",
+            zorder=3,
+        )
         for t in pruned:
-            ax.annotate(str(epochs_of(t)), (t.number, t.value), textcoords="offset points", xytext=(3, 3), fontsize=6,
-                        color="tab:gray")  # fmt: skip
+            ax.annotate(
+                str(epochs_of(t)),
+                (t.number, t.value),
+                textcoords="offset points",
+                xytext=(3, 3),
+                fontsize=6,
+                color="tab:gray",
+            )
     ax.set_xlabel("trial number")
     ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))  # trials, not fractions of one
     ax.set_ylabel("objective")
@@ -186,7 +210,9 @@ def parallel_coordinate_figure(study):
     for n in names:
         dist = dists[n]
         if hasattr(dist, "low"):
-            labels.append(f"{short(n)}\n[{dist.low:g}, {dist.high:g}]" + (" log" if getattr(dist, "log", False) else ""))
+            labels.append(
+                f"{short(n)}\n[{dist.low:g}, {dist.high:g}]" + (" log" if getattr(dist, "log", False) else "")
+            )
         else:
             labels.append(short(n))
     labels.append(f"objective\n[{norm.vmin:.3f}, {norm.vmax:.3f}]")
@@ -217,8 +243,12 @@ def importance_figure(importances: dict[str, float], note: str):
 def study_counts(study, runs_per_trial: int) -> dict:
     trials = closed_trials(study)
     epochs = sum(epochs_of(t) for ts in trials.values() for t in ts) * runs_per_trial
-    return {"trials_complete": len(trials["COMPLETE"]), "trials_pruned": len(trials["PRUNED"]),
-            "trials_failed": len(trials["FAIL"]), "epochs_spent": epochs}  # fmt: skip
+    return {
+        "trials_complete": len(trials["COMPLETE"]),
+        "trials_pruned": len(trials["PRUNED"]),
+        "trials_failed": len(trials["FAIL"]),
+        "epochs_spent": epochs,
+    }
 
 
 def log_study_views(client, run_id: str, study_name: str, storage_url: str, runs_per_trial: int, budget=None) -> dict:
@@ -231,8 +261,10 @@ def log_study_views(client, run_id: str, study_name: str, storage_url: str, runs
         study = optuna.load_study(study_name=study_name, storage=storage_url)
         direction = study.direction.name.lower()
         counts = study_counts(study, runs_per_trial)
-        summary = {"trial_states": {k.removeprefix("trials_"): v for k, v in counts.items() if k.startswith("trials_")},
-                   "epochs_spent": counts["epochs_spent"]}  # fmt: skip
+        summary = {
+            "trial_states": {k.removeprefix("trials_"): v for k, v in counts.items() if k.startswith("trials_")},
+            "epochs_spent": counts["epochs_spent"],
+        }
         metrics = dict(counts)
         if budget is not None:
             summary["budget"] = budget.describe()
@@ -243,9 +275,11 @@ def log_study_views(client, run_id: str, study_name: str, storage_url: str, runs
         if importances:
             metrics |= {f"importance.{k}": v for k, v in importances.items()}
         plt = _plt()
-        figures = {"plots/optuna_history.png": history_figure(study, direction),
-                   "plots/optuna_intermediate_values.png": intermediate_figure(study),
-                   "plots/optuna_parallel_coordinate.png": parallel_coordinate_figure(study)}  # fmt: skip
+        figures = {
+            "plots/optuna_history.png": history_figure(study, direction),
+            "plots/optuna_intermediate_values.png": intermediate_figure(study),
+            "plots/optuna_parallel_coordinate.png": parallel_coordinate_figure(study),
+        }
         if importances:
             figures["plots/optuna_param_importances.png"] = importance_figure(importances, note)
         for path, fig in figures.items():
@@ -253,8 +287,11 @@ def log_study_views(client, run_id: str, study_name: str, storage_url: str, runs
                 client.log_figure(run_id, fig, path)
             finally:
                 plt.close(fig)
-        client.log_text(run_id, json.dumps({"importances": importances, "note": note}, indent=2) + "\n",
-                        "optuna_param_importances.json")  # fmt: skip
+        client.log_text(
+            run_id,
+            json.dumps({"importances": importances, "note": note}, indent=2) + "\n",
+            "optuna_param_importances.json",
+        )
         with tempfile.TemporaryDirectory() as tmp:
             frame = study.trials_dataframe()
             frame.to_csv(Path(tmp) / "optuna_trials.csv", index=False)

@@ -117,9 +117,12 @@ class _Tracker:
                 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
                 self.monitor = SystemMetricsMonitor(
-                    self.run_id, sampling_interval=float(spec.get("system_metrics_interval", 10)),
-                    resume_logging=resumed, node_id="train-rank0", tracking_uri=spec.get("tracking_uri"),
-                )  # fmt: skip
+                    self.run_id,
+                    sampling_interval=float(spec.get("system_metrics_interval", 10)),
+                    resume_logging=resumed,
+                    node_id="train-rank0",
+                    tracking_uri=spec.get("tracking_uri"),
+                )
                 self.monitor.start()
             except Exception as e:  # noqa: BLE001 - optional telemetry must not fail training
                 log.warning("system metrics disabled: %s", redact(str(e)))
@@ -227,13 +230,26 @@ def train_loop_per_worker(config: dict) -> None:
     try:
         cohort = without_cases(load_cohort(spec, config["data"]), config.get("holdout"))  # the study's held-back ids
         runs = [
-            TrainingRun(cfg, config["data"], work / r["name"], fold=r.get("fold"), seed=r.get("seed"),
-                        resume=checkpoint is not None, cohort=cohort)
+            TrainingRun(
+                cfg,
+                config["data"],
+                work / r["name"],
+                fold=r.get("fold"),
+                seed=r.get("seed"),
+                resume=checkpoint is not None,
+                cohort=cohort,
+            )
             for r in config["runs"]
-        ]  # fmt: skip
+        ]
         if checkpoint is not None:
             state["resumed_from_epoch"] = runs[0].epoch + 1  # 1-based: the epoch it continues with
-            log.info("rank %d resumed %d runs at epoch %d (restart %d)", rank, len(runs), runs[0].epoch + 1, state["restarts"])
+            log.info(
+                "rank %d resumed %d runs at epoch %d (restart %d)",
+                rank,
+                len(runs),
+                runs[0].epoch + 1,
+                state["restarts"],
+            )
         tracker = _Tracker(config.get("mlflow"), rank, resumed=checkpoint is not None)
         try:
             while not all(r.done for r in runs):

@@ -187,8 +187,12 @@ def find_child_run(client, experiment_id: str, parent_run_id: str, trial_id: str
 
 
 def find_parent_run(client, experiment_id: str, study_path: str) -> str | None:
-    runs = client.search_runs([experiment_id], filter_string=f"tags.`{TAG_STUDY_PATH}` = '{study_path}'",
-                              order_by=["attributes.start_time DESC"], max_results=1)  # fmt: skip
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{TAG_STUDY_PATH}` = '{study_path}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
     return runs[0].info.run_id if runs else None
 
 
@@ -351,8 +355,12 @@ def _trial(config: dict, ctx: dict) -> None:
             return run_id
 
         run_id = call_with_retry(open_run, f"open the MLflow run of trial {trial_id}")
-        mlflow_spec = {"tracking_uri": ctx["tracking_uri"], "run_id": run_id,
-                       "system_metrics": ctx["system_metrics"], "system_metrics_interval": ctx["system_metrics_interval"]}  # fmt: skip
+        mlflow_spec = {
+            "tracking_uri": ctx["tracking_uri"],
+            "run_id": run_id,
+            "system_metrics": ctx["system_metrics"],
+            "system_metrics_interval": ctx["system_metrics_interval"],
+        }
     try:
         _fit_trial(cfg, params, trial_id, ctx, mlflow_spec)
     except Exception as e:
@@ -373,10 +381,16 @@ def _fit_trial(cfg: Config, params: dict, trial_id: str, ctx: dict, mlflow_spec:
 
     fault = ctx.get("fault")
     loop_config = {
-        "cfg": cfg.to_dict(), "data": ctx["data"], "runs": ctx["runs"], "mlflow": mlflow_spec, "trial_id": trial_id,
-        "spec": ctx["spec"], "decisions": ctx.get("decisions"), "holdout": ctx.get("holdout"),
+        "cfg": cfg.to_dict(),
+        "data": ctx["data"],
+        "runs": ctx["runs"],
+        "mlflow": mlflow_spec,
+        "trial_id": trial_id,
+        "spec": ctx["spec"],
+        "decisions": ctx.get("decisions"),
+        "holdout": ctx.get("holdout"),
         "fault": fault if fault and params == fault.get("params") else None,
-    }  # fmt: skip
+    }
     gpus = ctx["gpus_per_worker"]
     reports = Queue(actor_options={"num_cpus": 0})  # filled by the Train controller as reports reach Tune
     trainer = TorchTrainer(
@@ -432,8 +446,15 @@ def _study_callback_cls():
         2-core driver) are drawn on one background thread, so Tune's event loop is not held up.
         ``on_experiment_end`` (also on an interrupt) waits for the plots still being drawn."""
 
-        def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, max_epochs: int, runs: list[str],
-                     rungs: list[int] = ()):  # fmt: skip
+        def __init__(
+            self,
+            tracking_uri: str,
+            experiment_id: str,
+            parent_run_id: str,
+            max_epochs: int,
+            runs: list[str],
+            rungs: list[int] = (),
+        ):
             self.tracking_uri, self.experiment_id, self.parent_run_id = tracking_uri, experiment_id, parent_run_id
             self.max_epochs, self.runs, self.rungs = max_epochs, runs, list(rungs)
             self._client = self._plotter = None
@@ -467,7 +488,9 @@ def _study_callback_cls():
             if self._plotter is None:
                 from concurrent.futures import ThreadPoolExecutor
 
-                self._plotter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trial-plots")  # pyplot: one thread
+                self._plotter = ThreadPoolExecutor(
+                    max_workers=1, thread_name_prefix="trial-plots"
+                )  # pyplot: one thread
             last = dict(trial.last_result or {})
             epochs = int(last.get("epoch", 0) or 0)
             tags, metrics = trial_outcome(status, last, self.max_epochs, self.rungs)  # PRUNED / COMPLETE / FAIL
@@ -495,7 +518,9 @@ def _study_callback_cls():
                 return run_id
 
             try:  # once the server has stayed away past one deadline, later trials try once
-                run_id = call_with_retry(close, f"close the run of trial {trial_id}", deadline_s=0 if self._gave_up else 300)
+                run_id = call_with_retry(
+                    close, f"close the run of trial {trial_id}", deadline_s=0 if self._gave_up else 300
+                )
             except Exception as e:  # noqa: BLE001 - bookkeeping must not stop the study
                 self._gave_up = True
                 log.warning("could not close the MLflow run of trial %s: %s", trial_id, redact(e))
@@ -602,9 +627,10 @@ def run_study(spec: StudySpec) -> dict:
     if spec.resume and not exists:
         log.warning("nothing to resume at %s: starting the study", redact(study_path))
     optuna_url = spec.optuna_storage or (
-        f"sqlite:///{Path(storage) / f'{name}.optuna.db'}" if "://" not in storage
+        f"sqlite:///{Path(storage) / f'{name}.optuna.db'}"
+        if "://" not in storage
         else f"sqlite:///{Path('~/.cache/cfcml/optuna').expanduser() / f'{name}.db'}"
-    )  # fmt: skip
+    )
     if optuna_url.startswith("sqlite:///"):
         Path(optuna_url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     if not restoring:
@@ -641,27 +667,50 @@ def run_study(spec: StudySpec) -> dict:
     if spec.system_metrics:
         mlflow.system_metrics.set_system_metrics_sampling_interval(spec.system_metrics_interval)
     with mlflow_run(
-        run_name=name, experiment_id=experiment_id, run_id=parent_id, tracking_uri=tracking_uri,
-        tags={TAG_STUDY: name, TAG_STUDY_PATH: redact(study_path), "optuna.storage": redact(optuna_url),
-              "optuna.study_name": name, "ray.storage": redact(study_path), "data.digest": digest, "git.commit": commit},
+        run_name=name,
+        experiment_id=experiment_id,
+        run_id=parent_id,
+        tracking_uri=tracking_uri,
+        tags={
+            TAG_STUDY: name,
+            TAG_STUDY_PATH: redact(study_path),
+            "optuna.storage": redact(optuna_url),
+            "optuna.study_name": name,
+            "ray.storage": redact(study_path),
+            "data.digest": digest,
+            "git.commit": commit,
+        },
         log_system_metrics=spec.system_metrics,
-    ) as parent:  # fmt: skip
+    ) as parent:
         parent_id = parent.info.run_id
         log_cohort(client, parent_id, full, data)  # the cohort as the study's dataset (once per digest)
         record_holdout(client, parent_id, spec, held)
         if not restoring:
-            mlflow.log_params({
-                "preset": spec.preset, "dataset": cohort_spec.name, "data": redact(data), "num_samples": spec.num_samples,
-                "max_concurrent_trials": concurrent, "workers_per_trial": spec.workers_per_trial,
-                "cpus_per_worker": spec.cpus_per_worker, "gpus_per_worker": spec.gpus_per_worker,
-                "epochs": cfg.train.epochs, "search_runs": ",".join(r["name"] for r in runs), "seed": spec.seed,
-                "sampler": f"optuna.TPESampler({', '.join(f'{k}={v}' for k, v in space.sampler.items())})",
-                "budget_epochs": spec.budget_epochs or "none", "scheduler": f"ASHA(time_attr=epoch, grace_period={space.asha['grace_period']}, "
-                f"reduction_factor={space.asha['reduction_factor']})", "metric": space.metric, "mode": space.mode,
-                "max_failures": spec.max_failures, "overrides": redact(" ".join(spec.overrides)) or "none",
-                **{f"pretrained.{k}": v for k, v in pretrained_provenance(cfg).items()},
-                **{f"space.{k}": v for k, v in space.describe().items()},
-            })  # fmt: skip
+            mlflow.log_params(
+                {
+                    "preset": spec.preset,
+                    "dataset": cohort_spec.name,
+                    "data": redact(data),
+                    "num_samples": spec.num_samples,
+                    "max_concurrent_trials": concurrent,
+                    "workers_per_trial": spec.workers_per_trial,
+                    "cpus_per_worker": spec.cpus_per_worker,
+                    "gpus_per_worker": spec.gpus_per_worker,
+                    "epochs": cfg.train.epochs,
+                    "search_runs": ",".join(r["name"] for r in runs),
+                    "seed": spec.seed,
+                    "sampler": f"optuna.TPESampler({', '.join(f'{k}={v}' for k, v in space.sampler.items())})",
+                    "budget_epochs": spec.budget_epochs or "none",
+                    "scheduler": f"ASHA(time_attr=epoch, grace_period={space.asha['grace_period']}, "
+                    f"reduction_factor={space.asha['reduction_factor']})",
+                    "metric": space.metric,
+                    "mode": space.mode,
+                    "max_failures": spec.max_failures,
+                    "overrides": redact(" ".join(spec.overrides)) or "none",
+                    **{f"pretrained.{k}": v for k, v in pretrained_provenance(cfg).items()},
+                    **{f"space.{k}": v for k, v in space.describe().items()},
+                }
+            )
             mlflow.log_text(space.source, f"search_space/{space_file.name}")
             with tempfile.TemporaryDirectory() as tmp:
                 save_config(cfg, Path(tmp) / "config.yaml")
@@ -671,19 +720,30 @@ def run_study(spec: StudySpec) -> dict:
                 f"optuna-dashboard {redact(optuna_url)}\n"
                 f"python -c \"import optuna; print(optuna.load_study(study_name='{name}', storage='{redact(optuna_url)}').trials_dataframe())\"\n",
                 "optuna_study.txt",
-            )  # fmt: skip
+            )
             mlflow.set_tags({f"version.{k}": v for k, v in package_versions().items()})
 
         ctx = {
-            "preset": spec.preset, "overrides": overrides, "epochs": cfg.train.epochs, "data": data, "runs": runs,
+            "preset": spec.preset,
+            "overrides": overrides,
+            "epochs": cfg.train.epochs,
+            "data": data,
+            "runs": runs,
             "spec": shipped(cohort_spec),
-            "study": name, "tracking_uri": tracking_uri, "experiment_id": experiment_id, "parent_run_id": parent_id,
-            "workers": spec.workers_per_trial, "cpus_per_worker": spec.cpus_per_worker,
-            "gpus_per_worker": spec.gpus_per_worker, "max_failures": spec.max_failures, "train_storage": train_storage,
-            "system_metrics": spec.system_metrics, "system_metrics_interval": spec.system_metrics_interval,
+            "study": name,
+            "tracking_uri": tracking_uri,
+            "experiment_id": experiment_id,
+            "parent_run_id": parent_id,
+            "workers": spec.workers_per_trial,
+            "cpus_per_worker": spec.cpus_per_worker,
+            "gpus_per_worker": spec.gpus_per_worker,
+            "max_failures": spec.max_failures,
+            "train_storage": train_storage,
+            "system_metrics": spec.system_metrics,
+            "system_metrics_interval": spec.system_metrics_interval,
             "fault": spec.fault and {**spec.fault, "params": first},  # the first trial (the preset's point)
             "holdout": [c.case_id for c in held] or None,
-        }  # fmt: skip
+        }
         grace = min(int(space.asha["grace_period"]), cfg.train.epochs)
         try:
             sc.check_first_rung(grace, sc.latest_first_candidate(cfg.train, space.params), "search space")
@@ -700,27 +760,51 @@ def run_study(spec: StudySpec) -> dict:
         if spec.budget_epochs and not restoring:  # a restored study restores its budget with the searcher
             budget = sc.EpochBudget(spec.budget_epochs, len(runs), [*rungs, cfg.train.epochs])
         if restoring:
-            tuner = tune.Tuner.restore(study_path, trainable=trainable, resume_unfinished=True, resume_errored=False,
-                                       restart_errored=False)  # fmt: skip
+            tuner = tune.Tuner.restore(
+                study_path, trainable=trainable, resume_unfinished=True, resume_errored=False, restart_errored=False
+            )
         else:
             searcher = sc.PrunedAwareOptunaSearch(
-                space=space.distributions(), metric=space.metric, mode=space.mode, points_to_evaluate=[first],
-                sampler=optuna.samplers.TPESampler(seed=spec.seed, **space.sampler), study_name=name,
-                storage=optuna.storages.RDBStorage(optuna_url), max_epochs=cfg.train.epochs, budget=budget,
-            )  # fmt: skip
-            scheduler = sc.RungSyncASHA(time_attr="epoch", max_t=cfg.train.epochs, grace_period=grace,
-                                     reduction_factor=float(space.asha["reduction_factor"]), board=board,
-                                     decision_epochs=ctx["decisions"]["epochs"])  # fmt: skip
-            callback = _study_callback_cls()(tracking_uri, experiment_id, parent_id, cfg.train.epochs, [r["name"] for r in runs],
-                                             rungs)  # fmt: skip
+                space=space.distributions(),
+                metric=space.metric,
+                mode=space.mode,
+                points_to_evaluate=[first],
+                sampler=optuna.samplers.TPESampler(seed=spec.seed, **space.sampler),
+                study_name=name,
+                storage=optuna.storages.RDBStorage(optuna_url),
+                max_epochs=cfg.train.epochs,
+                budget=budget,
+            )
+            scheduler = sc.RungSyncASHA(
+                time_attr="epoch",
+                max_t=cfg.train.epochs,
+                grace_period=grace,
+                reduction_factor=float(space.asha["reduction_factor"]),
+                board=board,
+                decision_epochs=ctx["decisions"]["epochs"],
+            )
+            callback = _study_callback_cls()(
+                tracking_uri, experiment_id, parent_id, cfg.train.epochs, [r["name"] for r in runs], rungs
+            )
             progress = study_progress_callback(spec.num_samples, cfg.train.epochs, space.metric, spec.quiet)
             tuner = tune.Tuner(
                 trainable,
-                tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, search_alg=searcher, scheduler=scheduler,
-                                            num_samples=spec.num_samples, max_concurrent_trials=concurrent),
-                run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=[c for c in (callback, progress) if c], verbose=1,
-                                          stop=sc.BudgetStopper(budget, board) if budget else None),
-            )  # fmt: skip
+                tune_config=tune.TuneConfig(
+                    metric=space.metric,
+                    mode=space.mode,
+                    search_alg=searcher,
+                    scheduler=scheduler,
+                    num_samples=spec.num_samples,
+                    max_concurrent_trials=concurrent,
+                ),
+                run_config=tune.RunConfig(
+                    name=name,
+                    storage_path=storage,
+                    callbacks=[c for c in (callback, progress) if c],
+                    verbose=1,
+                    stop=sc.BudgetStopper(budget, board) if budget else None,
+                ),
+            )
         t0 = time.time()
         try:
             results = tuner.fit()
@@ -737,12 +821,48 @@ def run_study(spec: StudySpec) -> dict:
             )
         mlflow.set_tag("cfcml.status", "searched")
         views = log_study_views(client, parent_id, name, optuna_url, len(runs), budget)  # importances, history, ...
-        return views | _after_search(spec, results, cfg, space, cohort, runs, client, parent_id, experiment_id, fs, study_path,
-                             overrides, digest, commit, optuna_url, name, full=full, held=held)  # fmt: skip
+        return views | _after_search(
+            spec,
+            results,
+            cfg,
+            space,
+            cohort,
+            runs,
+            client,
+            parent_id,
+            experiment_id,
+            fs,
+            study_path,
+            overrides,
+            digest,
+            commit,
+            optuna_url,
+            name,
+            full=full,
+            held=held,
+        )
 
 
-def _after_search(spec, results, cfg, space: SearchSpace, cohort, runs, client, parent_id, experiment_id, fs, study_path,
-                  overrides, digest, commit, optuna_url, name, full=None, held=()) -> dict:  # fmt: skip
+def _after_search(
+    spec,
+    results,
+    cfg,
+    space: SearchSpace,
+    cohort,
+    runs,
+    client,
+    parent_id,
+    experiment_id,
+    fs,
+    study_path,
+    overrides,
+    digest,
+    commit,
+    optuna_url,
+    name,
+    full=None,
+    held=(),
+) -> dict:
     import mlflow
     import ray.train
 
@@ -758,8 +878,12 @@ def _after_search(spec, results, cfg, space: SearchSpace, cohort, runs, client, 
         if r.metrics_dataframe is not None and objective in r.metrics_dataframe:
             df = r.metrics_dataframe
             curves[r.metrics.get("trial_id", "?")] = list(zip(df["epoch"].astype(int), df[objective].astype(float)))
-    _log_figure(client, parent_id, plot_curves(curves, "cv_val_auc of every trial (ASHA rungs)", "cv_val_auc"),
-                "plots/search_curves.png")  # fmt: skip
+    _log_figure(
+        client,
+        parent_id,
+        plot_curves(curves, "cv_val_auc of every trial (ASHA rungs)", "cv_val_auc"),
+        "plots/search_curves.png",
+    )
 
     ok = [r for r in results if r.error is None and objective in (r.metrics or {})]
     if not ok:
@@ -770,11 +894,19 @@ def _after_search(spec, results, cfg, space: SearchSpace, cohort, runs, client, 
     best_cfg = resolve_trial_config(spec.preset, overrides, params, cfg.train.epochs)
     best_run = find_child_run(client, experiment_id, parent_id, trial_id)
     summary = {
-        "study": name, "study_path": redact(study_path), "parent_run_id": parent_id, "experiment_id": experiment_id,
-        "trials": len(results), "best_trial_id": trial_id, "best_run_id": best_run, "best_params": params,
-        "best_cv_val_auc": float(best.metrics[objective]), "best_epochs": int(best.metrics.get("epoch", 0)),
-        "optuna_storage": redact(optuna_url), "tracking_uri": redact(mlflow.get_tracking_uri()),
-    }  # fmt: skip
+        "study": name,
+        "study_path": redact(study_path),
+        "parent_run_id": parent_id,
+        "experiment_id": experiment_id,
+        "trials": len(results),
+        "best_trial_id": trial_id,
+        "best_run_id": best_run,
+        "best_params": params,
+        "best_cv_val_auc": float(best.metrics[objective]),
+        "best_epochs": int(best.metrics.get("epoch", 0)),
+        "optuna_storage": redact(optuna_url),
+        "tracking_uri": redact(mlflow.get_tracking_uri()),
+    }
     mlflow.log_metric("best_cv_val_auc", summary["best_cv_val_auc"])
     mlflow.set_tags({"cfcml.best_trial_id": trial_id, "cfcml.best_run_id": best_run or ""})
     parent_tags = client.get_run(parent_id).data.tags
@@ -788,15 +920,40 @@ def _after_search(spec, results, cfg, space: SearchSpace, cohort, runs, client, 
         ckpt_dir = work / "best_checkpoint"
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         ray.train.Checkpoint(best.metrics["checkpoint_path"], filesystem=fs).to_directory(str(ckpt_dir))
-        test = evaluate_where_trials_ran(spec, best_cfg, cohort, runs, ckpt_dir, best.metrics["checkpoint_path"],
-                                         study_path, holdout=[c.case_id for c in held])  # fmt: skip
+        test = evaluate_where_trials_ran(
+            spec,
+            best_cfg,
+            cohort,
+            runs,
+            ckpt_dir,
+            best.metrics["checkpoint_path"],
+            study_path,
+            holdout=[c.case_id for c in held],
+        )
         _log_test(client, parent_id, best_run, test, best_cfg)
         summary["test"] = {k: v for k, v in test["summary"]["metrics"].items()}
         summary["test_markdown"] = test["markdown"]
         report = study_report(cohort, runs, ckpt_dir, work / "report", client, [parent_id, best_run], summary, commit)
         if spec.register:
-            summary |= register_best(spec, best_cfg, cohort, runs, test, ckpt_dir, work, client, best_run, trial_id,
-                                     summary, digest, commit, name, report=report, full=full, held=held)  # fmt: skip
+            summary |= register_best(
+                spec,
+                best_cfg,
+                cohort,
+                runs,
+                test,
+                ckpt_dir,
+                work,
+                client,
+                best_run,
+                trial_id,
+                summary,
+                digest,
+                commit,
+                name,
+                report=report,
+                full=full,
+                held=held,
+            )
         final = {k: summary[k] for k in ("model_name", "model_version", "model_uri", "evaluation") if k in summary}
         client.set_tag(parent_id, "cfcml.final_summary", json.dumps(final))
         client.set_tag(parent_id, TAG_FINAL, "done")
@@ -806,8 +963,16 @@ def _after_search(spec, results, cfg, space: SearchSpace, cohort, runs, client, 
     return summary
 
 
-def evaluate_where_trials_ran(spec: StudySpec, cfg: Config, cohort, runs: list[dict], ckpt_dir: Path,
-                              checkpoint_path: str, storage: str, holdout: list[str] | None = None) -> dict:  # fmt: skip
+def evaluate_where_trials_ran(
+    spec: StudySpec,
+    cfg: Config,
+    cohort,
+    runs: list[dict],
+    ckpt_dir: Path,
+    checkpoint_path: str,
+    storage: str,
+    holdout: list[str] | None = None,
+) -> dict:
     """`evaluate_best` on the hardware the trials used: in the driver (CPU) when they trained
     on CPUs, else as a Ray task holding a GPU; its predictions and metrics files come back
     into `ckpt_dir` either way."""
@@ -825,8 +990,15 @@ def evaluate_where_trials_ran(spec: StudySpec, cfg: Config, cohort, runs: list[d
     return result
 
 
-def _evaluate_task(cfg_dict: dict, cohort_spec: dict, data: str, runs: list[dict], checkpoint_path: str,
-                   storage: str, holdout: list[str] | None = None) -> tuple[dict, dict]:  # fmt: skip
+def _evaluate_task(
+    cfg_dict: dict,
+    cohort_spec: dict,
+    data: str,
+    runs: list[dict],
+    checkpoint_path: str,
+    storage: str,
+    holdout: list[str] | None = None,
+) -> tuple[dict, dict]:
     """Ray task body: fetch the best trial's checkpoint, evaluate it on this node's device."""
     import ray.train
 
@@ -869,12 +1041,22 @@ def evaluate_best(cfg: Config, data: str, cohort, runs: list[dict], ckpt_dir: Pa
         for part in ("test", "val"):
             preds[part][0].append(saved[f"{part}_labels"])
             preds[part][1].append(saved[f"{part}_probs"])
-        per_run.append({"name": r["name"], "metrics": result["test"], "selected_epoch": result["selected_epoch"],
-                        "numeric_stats": run.numeric_stats})  # fmt: skip
+        per_run.append(
+            {
+                "name": r["name"],
+                "metrics": result["test"],
+                "selected_epoch": result["selected_epoch"],
+                "numeric_stats": run.numeric_stats,
+            }
+        )
     summary = summarize_runs([{k: v for k, v in r.items() if k != "numeric_stats"} for r in per_run])
     spec = cohort.spec
-    md = markdown_table(summary, spec, title=f"best trial: test results (%, mean ± std over {len(per_run)} {spec.run_unit}; "
-                        "epochs selected on validation, test evaluated once)")  # fmt: skip
+    md = markdown_table(
+        summary,
+        spec,
+        title=f"best trial: test results (%, mean ± std over {len(per_run)} {spec.run_unit}; "
+        "epochs selected on validation, test evaluated once)",
+    )
     pooled = {k: (np.concatenate(v[0]), np.concatenate(v[1])) for k, v in preds.items()}
     return {
         "runs": per_run,
@@ -905,18 +1087,46 @@ def _log_test(client, parent_id: str, best_run: str | None, test: dict, cfg: Con
             ]
         client.log_batch(run_id, metrics=metrics)
         client.log_text(run_id, test["markdown"] + "\n", "best_trial/test_summary.md")
-        client.log_text(run_id, json.dumps({k: v for k, v in test["summary"].items() if k != "runs"} | {
-            "runs": [{k: v for k, v in r.items() if k != "numeric_stats"} for r in test["runs"]]}, indent=2, default=float),
-            "best_trial/test_summary.json")  # fmt: skip
+        client.log_text(
+            run_id,
+            json.dumps(
+                {k: v for k, v in test["summary"].items() if k != "runs"}
+                | {"runs": [{k: v for k, v in r.items() if k != "numeric_stats"} for r in test["runs"]]},
+                indent=2,
+                default=float,
+            ),
+            "best_trial/test_summary.json",
+        )
         for split, (y, p) in test["pooled"].items():
             label = "test (pooled over folds)" if split == "test" else "validation at the selected epochs"
-            _log_figure(client, run_id, plot_confusion(y, p, classes, f"confusion matrix, {label}"),
-                        f"plots/confusion_{split}.png")  # fmt: skip
+            _log_figure(
+                client,
+                run_id,
+                plot_confusion(y, p, classes, f"confusion matrix, {label}"),
+                f"plots/confusion_{split}.png",
+            )
             _log_figure(client, run_id, plot_roc(y, p, classes, f"ROC, {label}"), f"plots/roc_{split}.png")
 
 
-def register_best(spec, cfg, cohort, runs, test, ckpt_dir: Path, work: Path, client, best_run, trial_id, summary, digest,
-                  commit, study, report: dict | None = None, full=None, held=()) -> dict:  # fmt: skip
+def register_best(
+    spec,
+    cfg,
+    cohort,
+    runs,
+    test,
+    ckpt_dir: Path,
+    work: Path,
+    client,
+    best_run,
+    trial_id,
+    summary,
+    digest,
+    commit,
+    study,
+    report: dict | None = None,
+    full=None,
+    held=(),
+) -> dict:
     """Package the best trial's runs as a pyfunc, measure the package as `cfcml predict` loads
     it on the patients nothing in the study saw (`cfcml.platform.artifact_eval`), ship that as
     evaluation.json inside it, and register it: the version's metrics, tags, card and report

@@ -11,8 +11,19 @@ from .card import REGISTRY_DESCRIPTION_MAX, model_card_markdown
 from .explain import cam_stage, select_cases
 from .inputs import CohortInfo, Explanation, ReportInputs, SplitPredictions
 
-__all__ = ["REGISTRY_DESCRIPTION_MAX", "CohortInfo", "Explanation", "ReportInputs", "SplitPredictions",
-           "build_report", "cam_stage", "compute_report", "grad_cam", "model_card_markdown", "select_cases"]
+__all__ = [
+    "REGISTRY_DESCRIPTION_MAX",
+    "CohortInfo",
+    "Explanation",
+    "ReportInputs",
+    "SplitPredictions",
+    "build_report",
+    "cam_stage",
+    "compute_report",
+    "grad_cam",
+    "model_card_markdown",
+    "select_cases",
+]
 
 
 def __getattr__(name):

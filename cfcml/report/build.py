@@ -57,8 +57,11 @@ def write_atomic(path: Path, text: str) -> None:
 
 def _counts(split: SplitPredictions, classes) -> dict:
     per_case = dict(zip(split.case_ids, split.labels.tolist()))
-    return {"classes": {c: sum(1 for y in per_case.values() if y == j) for j, c in enumerate(classes)},
-            "patients": len(per_case), "predictions": len(split)}
+    return {
+        "classes": {c: sum(1 for y in per_case.values() if y == j) for j, c in enumerate(classes)},
+        "patients": len(per_case),
+        "predictions": len(split),
+    }
 
 
 def _per_run(split: SplitPredictions, classes, positive, decision=None) -> dict:
@@ -67,8 +70,9 @@ def _per_run(split: SplitPredictions, classes, positive, decision=None) -> dict:
     by_run = {}
     for run in runs:
         rows = np.flatnonzero(np.asarray(split.runs) == run)
-        by_run[run] = stats.classification_metrics(split.labels[rows], split.probs[rows], classes, positive,
-                                                   decision=decision)
+        by_run[run] = stats.classification_metrics(
+            split.labels[rows], split.probs[rows], classes, positive, decision=decision
+        )
     names = stats.metric_names(classes)
     values = {k: np.array([by_run[r][k] for r in runs], dtype=np.float64) for k in names}
     mean = {k: float(np.nanmean(v)) if np.isfinite(v).any() else math.nan for k, v in values.items()}
@@ -97,13 +101,20 @@ def _calibration(report: dict, inputs: ReportInputs, weights, n_bins: int, level
     report["brier_ci"] = list(stats.percentile_ci(stats.brier_score(y, p, weights), level)[:2])
     if inputs.cohort.positive is not None:
         report["ece_positive"] = stats.positive_class_ece(y, p, inputs.cohort.positive_index, n_bins)
-    cal = {"n_bins": n_bins,
-           "definition": (f"ECE: expected calibration error of the top-label confidence (max probability) over "
-                          f"{n_bins} equal-width bins, sum_b n_b/N |accuracy_b − confidence_b|; Brier: mean over "
-                          "cases of sum_k (p_k − 1[y = k])², between 0 and 2."
-                          + (" ece_positive: the same gap for P(positive) against the positive rate."
-                             if inputs.cohort.positive is not None else "")),
-           "before": stats.reliability_table(y, p, n_bins)}
+    cal = {
+        "n_bins": n_bins,
+        "definition": (
+            f"ECE: expected calibration error of the top-label confidence (max probability) over "
+            f"{n_bins} equal-width bins, sum_b n_b/N |accuracy_b − confidence_b|; Brier: mean over "
+            "cases of sum_k (p_k − 1[y = k])², between 0 and 2."
+            + (
+                " ece_positive: the same gap for P(positive) against the positive rate."
+                if inputs.cohort.positive is not None
+                else ""
+            )
+        ),
+        "before": stats.reliability_table(y, p, n_bins),
+    }
     report.update(temperature=None, ece_after=None, brier_after=None, ece_after_ci=None, brier_after_ci=None)
     if val is None or val.logits is None or test.logits is None:
         cal["temperature_note"] = "needs validation and test logits"
@@ -113,20 +124,32 @@ def _calibration(report: dict, inputs: ReportInputs, weights, n_bins: int, level
         report.update(
             temperature=t,
             ece_after=stats.expected_calibration_error(y, after, n_bins),
-            ece_after_ci=list(stats.percentile_ci(stats.expected_calibration_error(y, after, n_bins, weights),
-                                                  level)[:2]),
+            ece_after_ci=list(
+                stats.percentile_ci(stats.expected_calibration_error(y, after, n_bins, weights), level)[:2]
+            ),
             brier_after=stats.brier_score(y, after),
-            brier_after_ci=list(stats.percentile_ci(stats.brier_score(y, after, weights), level)[:2]))
-        cal.update(after=stats.reliability_table(y, after, n_bins), val_nll_before=stats.nll(val.logits, val.labels),
-                   val_nll_after=stats.nll(val.logits, val.labels, t),
-                   temperature_note="fitted on validation logits only (minimum NLL), applied to test logits")
+            brier_after_ci=list(stats.percentile_ci(stats.brier_score(y, after, weights), level)[:2]),
+        )
+        cal.update(
+            after=stats.reliability_table(y, after, n_bins),
+            val_nll_before=stats.nll(val.logits, val.labels),
+            val_nll_after=stats.nll(val.logits, val.labels, t),
+            temperature_note="fitted on validation logits only (minimum NLL), applied to test logits",
+        )
     report["calibration"] = cal
     return cal
 
 
-def compute_report(inputs: ReportInputs, n_bootstrap: int = stats.N_BOOTSTRAP, seed: int = 0,
-                   level: float = stats.CI_LEVEL, n_bins: int = stats.N_BINS, stratified: bool = True,
-                   min_group: int = MIN_GROUP_SIZE, tsne: bool = True) -> tuple[dict, dict[str, bytes]]:
+def compute_report(
+    inputs: ReportInputs,
+    n_bootstrap: int = stats.N_BOOTSTRAP,
+    seed: int = 0,
+    level: float = stats.CI_LEVEL,
+    n_bins: int = stats.N_BINS,
+    stratified: bool = True,
+    min_group: int = MIN_GROUP_SIZE,
+    tsne: bool = True,
+) -> tuple[dict, dict[str, bytes]]:
     """(report dict, figures as PNG bytes) without writing anything."""
     inputs.validate()
     classes, positive = list(inputs.cohort.classes), inputs.cohort.positive
@@ -138,13 +161,24 @@ def compute_report(inputs: ReportInputs, n_bootstrap: int = stats.N_BOOTSTRAP, s
     metrics = stats.metrics_with_ci(y, p, classes, positive, weights, level, decision=decision)
     report = {
         "schema": SCHEMA,
-        "cohort": {"name": inputs.cohort.name, "classes": classes, "positive": positive,
-                   "attributes": list(inputs.cohort.attributes)},
+        "cohort": {
+            "name": inputs.cohort.name,
+            "classes": classes,
+            "positive": positive,
+            "attributes": list(inputs.cohort.attributes),
+        },
         "meta": dict(inputs.meta),
         "counts": {name: _counts(s, classes) for name, s in inputs.splits.items()},
         "runs": {name: list(dict.fromkeys(s.runs)) for name, s in inputs.splits.items()},
-        "bootstrap": {"n": n_bootstrap, "seed": seed, "level": level, "method": "percentile", "unit": "case",
-                      "stratified": stratified, "n_cases": len(set(test.case_ids))},
+        "bootstrap": {
+            "n": n_bootstrap,
+            "seed": seed,
+            "level": level,
+            "method": "percentile",
+            "unit": "case",
+            "stratified": stratified,
+            "n_cases": len(set(test.case_ids)),
+        },
         "n_bootstrap": n_bootstrap,
         "headline": "auc",
         "auc": metrics["auc"]["value"],
@@ -163,29 +197,59 @@ def compute_report(inputs: ReportInputs, n_bootstrap: int = stats.N_BOOTSTRAP, s
         pr[classes[j]] = stats.pr_curve_band(y == j, p[:, j], weights, level)
     figures["roc"], figures["pr"] = fig.roc_figure(roc), fig.pr_figure(pr)
     report["curves"] = {
-        "roc": {c: {"auc": r["auc"], "auc_ci": r["auc_ci"], "fpr": _round(r["fpr"]), "tpr": _round(r["tpr"]),
-                    "grid": _round(r["grid"]), "tpr_lo": _round(r["tpr_lo"]), "tpr_hi": _round(r["tpr_hi"])}
-                for c, r in roc.items()},
-        "pr": {c: {"ap": r["ap"], "ap_ci": r["ap_ci"], "recall": _round(r["recall"]),
-                   "precision": _round(r["precision"]), "grid": _round(r["grid"]),
-                   "precision_lo": _round(r["precision_lo"]), "precision_hi": _round(r["precision_hi"])}
-               for c, r in pr.items()},
+        "roc": {
+            c: {
+                "auc": r["auc"],
+                "auc_ci": r["auc_ci"],
+                "fpr": _round(r["fpr"]),
+                "tpr": _round(r["tpr"]),
+                "grid": _round(r["grid"]),
+                "tpr_lo": _round(r["tpr_lo"]),
+                "tpr_hi": _round(r["tpr_hi"]),
+            }
+            for c, r in roc.items()
+        },
+        "pr": {
+            c: {
+                "ap": r["ap"],
+                "ap_ci": r["ap_ci"],
+                "recall": _round(r["recall"]),
+                "precision": _round(r["precision"]),
+                "grid": _round(r["grid"]),
+                "precision_lo": _round(r["precision_lo"]),
+                "precision_hi": _round(r["precision_hi"]),
+            }
+            for c, r in pr.items()
+        },
     }
 
     cal = _calibration(report, inputs, weights, n_bins, level)
-    figures["reliability"] = fig.reliability_figure(cal["before"], cal.get("after"),
-                                                    ("uncalibrated", "after temperature scaling"))
+    figures["reliability"] = fig.reliability_figure(
+        cal["before"], cal.get("after"), ("uncalibrated", "after temperature scaling")
+    )
 
     if val is not None:
-        report["operating_points"] = stats.operating_points(val.labels, val.probs, y, p, classes, positive, weights,
-                                                            level)
+        report["operating_points"] = stats.operating_points(
+            val.labels, val.probs, y, p, classes, positive, weights, level
+        )
     else:
         report["operating_points"] = []
         report["operating_points_note"] = "no validation predictions to choose thresholds on"
 
     report["subgroup_min_n"] = min_group
-    report["subgroups"] = subgroup_analysis(test, inputs.attributes, inputs.cohort.attributes, classes, positive, val,
-                                            n_bootstrap, seed, level, min_group, decision)
+    report["subgroups"] = subgroup_analysis(
+        test,
+        inputs.attributes,
+        inputs.cohort.attributes,
+        classes,
+        positive,
+        val,
+        n_bootstrap,
+        seed,
+        level,
+        min_group,
+        decision,
+    )
     if report["subgroups"]:
         figures["subgroups"] = fig.subgroup_figure(report["subgroups"])
 
@@ -193,15 +257,28 @@ def compute_report(inputs: ReportInputs, n_bootstrap: int = stats.N_BOOTSTRAP, s
     if tsne and test.features is not None and len(test) >= MIN_TSNE_POINTS:
         coords, perplexity = fig.tsne_embedding(test.features, seed)
         figures["embedding"] = fig.embedding_figure(coords, y, classes, pred == y)
-        report["embedding"] = {"method": "t-SNE (scikit-learn)", "perplexity": perplexity, "seed": seed,
-                               "n": len(test), "features_dim": int(test.features.shape[1])}
+        report["embedding"] = {
+            "method": "t-SNE (scikit-learn)",
+            "perplexity": perplexity,
+            "seed": seed,
+            "n": len(test),
+            "features_dim": int(test.features.shape[1]),
+        }
 
     report["explanations"] = []
     for i, e in enumerate(inputs.explanations):
         e = replace(e, true=_class_name(e.true, classes), pred=_class_name(e.pred, classes))
         figures[f"explanation_{i}"] = fig.explanation_figure(e)
-        report["explanations"].append({"case_id": e.case_id, "true": e.true, "pred": e.pred,
-                                       "correct": bool(e.correct), "kind": e.kind, "inputs": list(e.images)})
+        report["explanations"].append(
+            {
+                "case_id": e.case_id,
+                "true": e.true,
+                "pred": e.pred,
+                "correct": bool(e.correct),
+                "kind": e.kind,
+                "inputs": list(e.images),
+            }
+        )
 
     report["missing_modality"] = dict(inputs.missing_modality or {})
     return to_jsonable(report), figures

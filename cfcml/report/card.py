@@ -13,10 +13,18 @@ SMALL_TEST_SET = 100  # cases; below this the card warns about wide intervals
 REGISTRY_DESCRIPTION_MAX = 5000  # MLflow's SQL stores keep a model version description in VARCHAR(5000)
 
 METRIC_LABELS = {
-    "sen": "Sensitivity", "spe": "Specificity", "acc": "Accuracy", "g_mean": "G-mean",
-    "balanced_acc": "Balanced accuracy", "auprc": "AUPRC (average precision)",
-    "auprc_label": "AUPRC on hard labels", "auc": "ROC AUC", "weighted_f1": "Weighted F1", "macro_f1": "Macro F1",
-    "ppv": "PPV", "npv": "NPV",
+    "sen": "Sensitivity",
+    "spe": "Specificity",
+    "acc": "Accuracy",
+    "g_mean": "G-mean",
+    "balanced_acc": "Balanced accuracy",
+    "auprc": "AUPRC (average precision)",
+    "auprc_label": "AUPRC on hard labels",
+    "auc": "ROC AUC",
+    "weighted_f1": "Weighted F1",
+    "macro_f1": "Macro F1",
+    "ppv": "PPV",
+    "npv": "NPV",
 }
 RULES = {"sen_at_spe": "sensitivity at specificity ≥ {t:.2f}", "spe_at_sen": "specificity at sensitivity ≥ {t:.2f}"}
 
@@ -43,7 +51,7 @@ def fmt_ci(ci: Sequence | None) -> str:
 
 
 def value_ci(m: dict | None) -> str:
-    """"0.912 (0.871 – 0.950)" from {"value", "ci"}."""
+    """ "0.912 (0.871 – 0.950)" from {"value", "ci"}."""
     if not m:
         return "n/a"
     return f"{fmt(m.get('value'))} ({fmt_ci(m.get('ci'))})"
@@ -53,8 +61,12 @@ def _table(header: Sequence[str], rows: Sequence[Sequence]) -> list[str]:
     def cell(x):
         return str(x).replace("|", "\\|").replace("\n", " ")
 
-    return ["| " + " | ".join(map(cell, header)) + " |", "|" + "---|" * len(header),
-            *["| " + " | ".join(map(cell, r)) + " |" for r in rows], ""]
+    return [
+        "| " + " | ".join(map(cell, header)) + " |",
+        "|" + "---|" * len(header),
+        *["| " + " | ".join(map(cell, r)) + " |" for r in rows],
+        "",
+    ]
 
 
 def decision_sentence(decision: dict | None) -> str:
@@ -64,15 +76,19 @@ def decision_sentence(decision: dict | None) -> str:
         return "`balanced`: argmax of the probabilities (equal class priors, as class-balanced training assumes)"
     counts, priors = decision.get("train_counts") or [], decision.get("priors") or []
     shown = ", ".join(f"{p:.3f}" for p in priors)
-    return (f"`prior`: argmax of the logits plus the log class priors of the training split (logit adjustment, "
-            f"Menon et al. 2021); priors {shown} from {sum(counts)} training cases")
+    return (
+        f"`prior`: argmax of the logits plus the log class priors of the training split (logit adjustment, "
+        f"Menon et al. 2021); priors {shown} from {sum(counts)} training cases"
+    )
 
 
 def bootstrap_sentence(report: dict) -> str:
     b = report.get("bootstrap", {})
     strata = "stratified by class" if b.get("stratified") else "not stratified"
-    return (f"95 % confidence intervals: percentile bootstrap over the {b.get('n_cases', '?')} test patients "
-            f"(cases, not runs), {b.get('n', '?')} resamples ({strata}), seed {b.get('seed', '?')}.")
+    return (
+        f"95 % confidence intervals: percentile bootstrap over the {b.get('n_cases', '?')} test patients "
+        f"(cases, not runs), {b.get('n', '?')} resamples ({strata}), seed {b.get('seed', '?')}."
+    )
 
 
 def limitations(report: dict) -> list[str]:
@@ -83,28 +99,39 @@ def limitations(report: dict) -> list[str]:
     if meta.get("synthetic"):
         out.append("Evaluated on **synthetic** data: these numbers say nothing about performance on patients.")
     if "management" in columns:
-        out.append("The `management` attribute leaks the label: in Derm7pt every melanoma has "
-                   "`management = excision`, a decision taken after the diagnosis. The paper keeps the "
-                   "attribute; compare with the tabular-only baseline to see how much it alone carries.")
+        out.append(
+            "The `management` attribute leaks the label: in Derm7pt every melanoma has "
+            "`management = excision`, a decision taken after the diagnosis. The paper keeps the "
+            "attribute; compare with the tabular-only baseline to see how much it alone carries."
+        )
     baselines = meta.get("baselines") or {}
     if baselines:
         parts = [f"{name}: AUC {fmt(m.get('auc'))}" for name, m in baselines.items()]
-        out.append("Single-modality baselines on the same split — " + "; ".join(parts) + f" (this model: AUC "
-                   f"{fmt(report.get('auc'))}). A margin within the confidence interval is no evidence that "
-                   "fusion helps.")
+        out.append(
+            "Single-modality baselines on the same split — " + "; ".join(parts) + f" (this model: AUC "
+            f"{fmt(report.get('auc'))}). A margin within the confidence interval is no evidence that "
+            "fusion helps."
+        )
     else:
-        out.append("No tabular-only baseline is recorded with this report: train one "
-                   "(`--set model.use_images=false`) before crediting the images with the result.")
+        out.append(
+            "No tabular-only baseline is recorded with this report: train one "
+            "(`--set model.use_images=false`) before crediting the images with the result."
+        )
     if meta.get("images_add"):
         out.append(f"Do the images add to the table? {meta['images_add']}")
     n = report.get("bootstrap", {}).get("n_cases")
     if isinstance(n, int) and n < SMALL_TEST_SET:
-        out.append(f"The test set is small ({n} patients): intervals are wide and subgroup results are "
-                   "exploratory.")
-    out.append("The intervals cover the sampling of test patients only: not the variation between training "
-               "runs, scanners, sites or populations other than the cohort's.")
-    small = [f"{s['column']} = {g['name']}" for s in report.get("subgroups", []) for g in s["groups"]
-             if not g.get("reportable")]
+        out.append(f"The test set is small ({n} patients): intervals are wide and subgroup results are exploratory.")
+    out.append(
+        "The intervals cover the sampling of test patients only: not the variation between training "
+        "runs, scanners, sites or populations other than the cohort's."
+    )
+    small = [
+        f"{s['column']} = {g['name']}"
+        for s in report.get("subgroups", [])
+        for g in s["groups"]
+        if not g.get("reportable")
+    ]
     if small:
         out.append("Subgroups too small to score: " + ", ".join(small) + ".")
     out.extend(meta.get("limitations", []))
@@ -155,21 +182,44 @@ def _sections(report: dict, compact: bool) -> dict[str, list[str]]:
     classes = cohort.get("classes", [])
     method = meta.get("method") or "CFCML"
     out: dict[str, list[str]] = {}
-    out["intro"] = [f"# Model card: {method} on {cohort.get('name', '?')}", "",
-                    "> Research software, **not a medical device**. Not for diagnosis or treatment decisions.", "",
-                    "## Intended use", "", meta.get("intended_use") or (
-                        f"Research on classifying {', '.join(classes)} from images and tabular attributes in the "
-                        f"{cohort.get('name', '?')} cohort: retrospective evaluation and method comparison. Not "
-                        "for clinical decisions, nor for patients outside the population this cohort represents."), ""]
+    out["intro"] = [
+        f"# Model card: {method} on {cohort.get('name', '?')}",
+        "",
+        "> Research software, **not a medical device**. Not for diagnosis or treatment decisions.",
+        "",
+        "## Intended use",
+        "",
+        meta.get("intended_use")
+        or (
+            f"Research on classifying {', '.join(classes)} from images and tabular attributes in the "
+            f"{cohort.get('name', '?')} cohort: retrospective evaluation and method comparison. Not "
+            "for clinical decisions, nor for patients outside the population this cohort represents."
+        ),
+        "",
+    ]
 
-    facts = [("method", method), ("preset", meta.get("preset")), ("selection rule", meta.get("selection_rule")),
-             ("config digest", meta.get("config_digest")), ("code commit", meta.get("commit")),
-             ("report date", meta.get("date"))]
-    out["model"] = ["## Model", "", *_table(["field", "value"], [
-        (k, f"`{v}`" if "digest" in k or k == "code commit" else v) for k, v in facts if v])]
+    facts = [
+        ("method", method),
+        ("preset", meta.get("preset")),
+        ("selection rule", meta.get("selection_rule")),
+        ("config digest", meta.get("config_digest")),
+        ("code commit", meta.get("commit")),
+        ("report date", meta.get("date")),
+    ]
+    out["model"] = [
+        "## Model",
+        "",
+        *_table(
+            ["field", "value"], [(k, f"`{v}`" if "digest" in k or k == "code commit" else v) for k, v in facts if v]
+        ),
+    ]
 
     positive = f" (positive: {cohort['positive']})" if cohort.get("positive") else ""
-    lines = ["## Cohort and split", "", f"Cohort **{cohort.get('name', '?')}**, classes {', '.join(classes)}{positive}."]
+    lines = [
+        "## Cohort and split",
+        "",
+        f"Cohort **{cohort.get('name', '?')}**, classes {', '.join(classes)}{positive}.",
+    ]
     if meta.get("data_digest"):
         lines += [f"Data digest `{meta['data_digest']}`."]
     if meta.get("split_description"):
@@ -177,25 +227,46 @@ def _sections(report: dict, compact: bool) -> dict[str, list[str]]:
     lines += [""]
     counts = report.get("counts", {})
     if counts:
-        lines += _table(["split", *classes, "patients", "predictions"],
-                        [(s, *[c["classes"].get(k, 0) for k in classes], c["patients"], c["predictions"])
-                         for s, c in counts.items()])
+        lines += _table(
+            ["split", *classes, "patients", "predictions"],
+            [
+                (s, *[c["classes"].get(k, 0) for k in classes], c["patients"], c["predictions"])
+                for s, c in counts.items()
+            ],
+        )
     out["cohort"] = lines
 
     decision = report.get("decision") or meta.get("decision")  # predict.decision, kept in the compact card too
     rule = [f"Hard labels (accuracy, recall, F1): {decision_sentence(decision)}.", ""] if decision else []
-    out["performance"] = ["## Performance on the test set", "", bootstrap_sentence(report), "", *rule, *_table(
-        ["metric", "value", "95 % CI"],
-        [(metric_label(k), fmt(m["value"]), fmt_ci(m["ci"])) for k, m in report.get("metrics", {}).items()])]
+    out["performance"] = [
+        "## Performance on the test set",
+        "",
+        bootstrap_sentence(report),
+        "",
+        *rule,
+        *_table(
+            ["metric", "value", "95 % CI"],
+            [(metric_label(k), fmt(m["value"]), fmt_ci(m["ci"])) for k, m in report.get("metrics", {}).items()],
+        ),
+    ]
 
     n_bins = report.get("calibration", {}).get("n_bins", "?")
-    lines = ["## Calibration", "",
-             (f"- ECE (top-label confidence, {n_bins} equal-width bins): {fmt(report.get('ece'))} "
-             f"({fmt_ci(report.get('ece_ci'))})"),
-             f"- Brier score (multi-class): {fmt(report.get('brier'))} ({fmt_ci(report.get('brier_ci'))})"]
+    lines = [
+        "## Calibration",
+        "",
+        (
+            f"- ECE (top-label confidence, {n_bins} equal-width bins): {fmt(report.get('ece'))} "
+            f"({fmt_ci(report.get('ece_ci'))})"
+        ),
+        f"- Brier score (multi-class): {fmt(report.get('brier'))} ({fmt_ci(report.get('brier_ci'))})",
+    ]
     if report.get("temperature") is not None:
-        lines += [(f"- Temperature scaling fitted on validation: T = {report['temperature']:.3f}; on test ECE "
-                  f"{fmt(report.get('ece_after'))}, Brier {fmt(report.get('brier_after'))}")]
+        lines += [
+            (
+                f"- Temperature scaling fitted on validation: T = {report['temperature']:.3f}; on test ECE "
+                f"{fmt(report.get('ece_after'))}, Brier {fmt(report.get('brier_after'))}"
+            )
+        ]
     else:
         lines += [f"- No temperature scaling: {report.get('calibration', {}).get('temperature_note', 'no logits')}"]
     out["calibration"] = [*lines, ""]
@@ -203,24 +274,52 @@ def _sections(report: dict, compact: bool) -> dict[str, list[str]]:
     ops = [o for o in report.get("operating_points", []) if o.get("threshold") is not None]
     if ops:
         rates = ("sen", "spe") if compact else ("sen", "spe", "ppv", "npv")
-        out["operating_points"] = ["## Operating points", "", "Thresholds chosen on validation, reported on test.", "",
-                                   *_table(["class", "rule", "threshold", *[METRIC_LABELS[k] for k in rates]],
-                                           [(o["class"], RULES[o["kind"]].format(t=o["target"]),
-                                             f"{o['threshold']:.4f}", *[value_ci(o["test"][k]) for k in rates])
-                                            for o in ops])]
+        out["operating_points"] = [
+            "## Operating points",
+            "",
+            "Thresholds chosen on validation, reported on test.",
+            "",
+            *_table(
+                ["class", "rule", "threshold", *[METRIC_LABELS[k] for k in rates]],
+                [
+                    (
+                        o["class"],
+                        RULES[o["kind"]].format(t=o["target"]),
+                        f"{o['threshold']:.4f}",
+                        *[value_ci(o["test"][k]) for k in rates],
+                    )
+                    for o in ops
+                ],
+            ),
+        ]
 
     groups = [(s["column"], g) for s in report.get("subgroups", []) for g in s["groups"]]
     if groups:
         if compact:
-            table = _table(["attribute", "group", "patients", "AUC"],
-                           [(col, g["name"], g["n"], value_ci(g["metrics"].get("auc")))
-                            for col, g in groups if g.get("reportable")])
+            table = _table(
+                ["attribute", "group", "patients", "AUC"],
+                [
+                    (col, g["name"], g["n"], value_ci(g["metrics"].get("auc")))
+                    for col, g in groups
+                    if g.get("reportable")
+                ],
+            )
         else:
-            table = _table(["attribute", "group", "patients", "accuracy", "balanced accuracy", "AUC", "note"],
-                           [(col, g["name"], g["n"], value_ci(g.get("metrics", {}).get("acc")),
-                             value_ci(g.get("metrics", {}).get("balanced_acc")),
-                             value_ci(g.get("metrics", {}).get("auc")), "; ".join(g.get("notes", [])))
-                            for col, g in groups])
+            table = _table(
+                ["attribute", "group", "patients", "accuracy", "balanced accuracy", "AUC", "note"],
+                [
+                    (
+                        col,
+                        g["name"],
+                        g["n"],
+                        value_ci(g.get("metrics", {}).get("acc")),
+                        value_ci(g.get("metrics", {}).get("balanced_acc")),
+                        value_ci(g.get("metrics", {}).get("auc")),
+                        "; ".join(g.get("notes", [])),
+                    )
+                    for col, g in groups
+                ],
+            )
         out["subgroups"] = ["## Subgroups (test)", "", *table]
 
     mm = report.get("missing_modality") or {}
@@ -236,6 +335,8 @@ def _sections(report: dict, compact: bool) -> dict[str, list[str]]:
 
     out["limitations"] = ["## Known limitations", "", *[f"- {x}" for x in limitations(report)], ""]
     if compact:
-        out["limitations"] += ["Full evidence (curves, calibration, all subgroup metrics, explanations): report.html.",
-                               ""]
+        out["limitations"] += [
+            "Full evidence (curves, calibration, all subgroup metrics, explanations): report.html.",
+            "",
+        ]
     return out

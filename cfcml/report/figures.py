@@ -51,12 +51,16 @@ def roc_figure(roc_by_class: Mapping[str, dict]) -> bytes:
     fig = _figure(3.4 * n, 3.4)
     for i, (name, r) in enumerate(roc_by_class.items()):
         ax = fig.add_subplot(1, n, i + 1)
-        ax.fill_between(r["grid"], r["tpr_lo"], r["tpr_hi"], step="post", color=_color(i), alpha=0.2,
-                        label="95 % CI")
+        ax.fill_between(r["grid"], r["tpr_lo"], r["tpr_hi"], step="post", color=_color(i), alpha=0.2, label="95 % CI")
         ax.plot(r["fpr"], r["tpr"], color=_color(i), lw=1.8, label=f"AUC {_fmt_ci(r['auc'], r['auc_ci'])}")
         ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=0.8)
-        ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="1 − specificity", ylabel="sensitivity", title=f"{name} vs rest"
-               if n > 1 else name)
+        ax.set(
+            xlim=(0, 1),
+            ylim=(0, 1.01),
+            xlabel="1 − specificity",
+            ylabel="sensitivity",
+            title=f"{name} vs rest" if n > 1 else name,
+        )
         ax.set_aspect("equal")
         ax.legend(loc="lower right", fontsize=7)
     return _png(fig)
@@ -69,11 +73,22 @@ def pr_figure(pr_by_class: Mapping[str, dict]) -> bytes:
     for i, (name, r) in enumerate(pr_by_class.items()):
         ax = fig.add_subplot(1, n, i + 1)
         ax.fill_between(r["grid"], r["precision_lo"], r["precision_hi"], color=_color(i), alpha=0.2, label="95 % CI")
-        ax.step(r["recall"], r["precision"], where="pre", color=_color(i), lw=1.8,
-                label=f"AP {_fmt_ci(r['ap'], r['ap_ci'])}")
+        ax.step(
+            r["recall"],
+            r["precision"],
+            where="pre",
+            color=_color(i),
+            lw=1.8,
+            label=f"AP {_fmt_ci(r['ap'], r['ap_ci'])}",
+        )
         ax.axhline(r["prevalence"], ls="--", color="grey", lw=0.8, label=f"prevalence {r['prevalence']:.2f}")
-        ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="recall (sensitivity)", ylabel="precision (PPV)",
-               title=f"{name} vs rest" if n > 1 else name)
+        ax.set(
+            xlim=(0, 1),
+            ylim=(0, 1.01),
+            xlabel="recall (sensitivity)",
+            ylabel="precision (PPV)",
+            title=f"{name} vs rest" if n > 1 else name,
+        )
         ax.set_aspect("equal")
         ax.legend(loc="lower left", fontsize=7)
     return _png(fig)
@@ -90,8 +105,17 @@ def reliability_figure(before: dict, after: dict | None = None, labels: Sequence
         lower, upper = np.asarray(t["lower"]), np.asarray(t["upper"])
         width = (upper - lower) / len(tables)
         filled = np.asarray(t["count"]) > 0
-        ax.bar(lower[filled] + i * width[filled], np.asarray(t["accuracy"])[filled], width=width[filled], align="edge",
-               color=_color(i), alpha=0.6, edgecolor="black", lw=0.4, label=f"{label}: accuracy per bin")
+        ax.bar(
+            lower[filled] + i * width[filled],
+            np.asarray(t["accuracy"])[filled],
+            width=width[filled],
+            align="edge",
+            color=_color(i),
+            alpha=0.6,
+            edgecolor="black",
+            lw=0.4,
+            label=f"{label}: accuracy per bin",
+        )
         ax.plot(np.asarray(t["confidence"])[filled], np.asarray(t["accuracy"])[filled], "o", ms=3, color=_color(i))
         hist.bar(lower + i * width, t["count"], width=width, align="edge", color=_color(i), alpha=0.6)
     ax.set(xlim=(0, 1), ylim=(0, 1.01), ylabel="accuracy")
@@ -111,8 +135,9 @@ def subgroup_figure(subgroups: Sequence[dict], metric: str = "auc") -> bytes:
         m = g.get("metrics", {}).get(metric)
         if m is not None and m["value"] is not None and math.isfinite(m["value"]):
             lo, hi = m["ci"]
-            ax.errorbar(m["value"], y, xerr=[[m["value"] - lo], [hi - m["value"]]], fmt="o", ms=4,
-                        color=_color(0), capsize=2)
+            ax.errorbar(
+                m["value"], y, xerr=[[m["value"] - lo], [hi - m["value"]]], fmt="o", ms=4, color=_color(0), capsize=2
+            )
         else:
             reason = "; ".join(g.get("notes", [])) or "not scored"
             ax.text(0.01, y, reason, va="center", fontsize=7, color="dimgrey", transform=ax.get_yaxis_transform())

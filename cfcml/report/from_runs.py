@@ -38,7 +38,10 @@ from .inputs import CohortInfo, Explanation, ReportInputs, SplitPredictions
 
 log = logging.getLogger(__name__)
 
-MISSING_METRICS = {2: ("auc", "acc", "balanced_acc"), 3: ("auc", "acc", "balanced_acc", "macro_f1")}  # by class count (3 = 3+)
+MISSING_METRICS = {
+    2: ("auc", "acc", "balanced_acc"),
+    3: ("auc", "acc", "balanced_acc", "macro_f1"),
+}  # by class count (3 = 3+)
 RUN_NAME = re.compile(r"(fold|seed)(-?\d+)")
 
 
@@ -143,7 +146,9 @@ def data_root(runs: Sequence[RunFolder], summary: dict | None, data: str | Path 
         return Path(data).expanduser()
     if summary and summary.get("data"):
         return Path(summary["data"])
-    raise ReportError(f"{runs[0].path}: the cohort's data root is not recorded (a single run keeps none): pass --data DIR")
+    raise ReportError(
+        f"{runs[0].path}: the cohort's data root is not recorded (a single run keeps none): pass --data DIR"
+    )
 
 
 def load_run_cohort(runs: Sequence[RunFolder], summary: dict | None, data: str | Path | None):
@@ -165,8 +170,10 @@ def check_digest(runs: Sequence[RunFolder], cohort) -> None:
     for r in runs:
         trained = (r.metrics.get("identity") or {}).get("cohort_digest")
         if trained and trained != digest:
-            raise ReportError(f"{r.path} was trained on other data than the cohort at {cohort.root} (cohort digest "
-                              f"{trained[:12]} there, {digest[:12]} here): pass the cohort it was trained on with --data")
+            raise ReportError(
+                f"{r.path} was trained on other data than the cohort at {cohort.root} (cohort digest "
+                f"{trained[:12]} there, {digest[:12]} here): pass the cohort it was trained on with --data"
+            )
 
 
 # ----------------------------------------------------------------------------- the model side
@@ -201,7 +208,9 @@ def load_run_model(folder: RunFolder, cohort, device: str = "cpu") -> LoadedRun:
         if [str(c) for c in saved["test_case_ids"]] != [c.case_id for c in split.test]:
             raise ReportError(f"{folder.path}: the saved test cases are not this cohort's {folder.name} test part")
     mlp = cfg.model.use_tabular and cfg.model.tabular_embedding == "mlp"
-    model = build_model(without_pretrained_weights(cfg), spec.shape(), num_tabular_features=num_features(spec) if mlp else None)
+    model = build_model(
+        without_pretrained_weights(cfg), spec.shape(), num_tabular_features=num_features(spec) if mlp else None
+    )
     state = load_checkpoint(folder.path / "best.pt", map_location=device, required=("model",))
     load_state_checked(model, state["model"], folder.path / "best.pt")
     model = model.to(torch.device(device)).eval()
@@ -225,7 +234,9 @@ def _probs(run: LoadedRun, dataset, tabular, device: str) -> np.ndarray:
 
     from ..engine.run import predict
 
-    loader = torch.utils.data.DataLoader(dataset, batch_size=run.folder.cfg.train.batch_size, shuffle=False, num_workers=0)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=run.folder.cfg.train.batch_size, shuffle=False, num_workers=0
+    )
     return predict(run.model, loader, tabular, _env(device))["probs"]
 
 
@@ -243,8 +254,9 @@ def without_attribute(case, spec, index: int):
     a = spec.attributes[index]
     sentences = list(case.sentences)
     sentences[index] = a.sentence_for(MISSING_WORD)
-    return dataclasses.replace(case, attributes={**case.attributes, a.column: None}, sentences=tuple(sentences),
-                               raw={**case.raw, a.column: ""})  # fmt: skip
+    return dataclasses.replace(
+        case, attributes={**case.attributes, a.column: None}, sentences=tuple(sentences), raw={**case.raw, a.column: ""}
+    )
 
 
 def removals(spec, cfg) -> list[tuple[str, str, int]]:
@@ -291,8 +303,14 @@ def missing_modality(loaded: Sequence[LoadedRun], cohort, device: str = "cpu") -
     return out
 
 
-def explain_cases(loaded: Sequence[LoadedRun], test: SplitPredictions, cohort, n_correct: int = 2, n_wrong: int = 2,
-                  device: str = "cpu") -> list[Explanation]:  # fmt: skip
+def explain_cases(
+    loaded: Sequence[LoadedRun],
+    test: SplitPredictions,
+    cohort,
+    n_correct: int = 2,
+    n_wrong: int = 2,
+    device: str = "cpu",
+) -> list[Explanation]:
     """Grad-CAM of the predicted class (`predict.decision`) for the cases `select_cases` picks
     from the pooled test rows."""
     from ..models.cfcml import stage_grids
@@ -323,8 +341,11 @@ def explain_cases(loaded: Sequence[LoadedRun], test: SplitPredictions, cohort, n
         kind = "volume" if spec.image_kind == "volume" else "photo"
         pics = {s: (x[0, 0] if kind == "volume" else x[0]).detach().cpu().numpy() for s, x in zip(spec.series, images)}
         heats = {s: h[0].cpu().numpy() for s, h in zip(spec.series, heatmaps)}
-        out.append(Explanation(test.case_ids[row], int(test.labels[row]), pred, pred == int(test.labels[row]), kind,
-                               pics, heats))  # fmt: skip
+        out.append(
+            Explanation(
+                test.case_ids[row], int(test.labels[row]), pred, pred == int(test.labels[row]), kind, pics, heats
+            )
+        )
     return out
 
 
@@ -342,39 +363,59 @@ def _method(cfg) -> str:
 def _split_description(runs: Sequence[RunFolder], spec, cfg) -> str:
     names = ", ".join(r.name for r in runs)
     if spec.split.kind == "folds":
-        return (f"{len(runs)} cross-validation fold(s) ({names}): each patient tested once by the model that did not "
-                f"train on it, test predictions pooled over the folds; validation (epoch selection, thresholds, "
-                f"temperature): a stratified {cfg.data.val_fraction:.0%} of each run's training folds.")
-    return (f"the cohort's fixed train/valid/test split, {len(runs)} seed(s) ({names}); the test predictions of "
-            "every seed pooled (each test patient once per seed); validation: the cohort's valid part.")
+        return (
+            f"{len(runs)} cross-validation fold(s) ({names}): each patient tested once by the model that did not "
+            f"train on it, test predictions pooled over the folds; validation (epoch selection, thresholds, "
+            f"temperature): a stratified {cfg.data.val_fraction:.0%} of each run's training folds."
+        )
+    return (
+        f"the cohort's fixed train/valid/test split, {len(runs)} seed(s) ({names}); the test predictions of "
+        "every seed pooled (each test patient once per seed); validation: the cohort's valid part."
+    )
 
 
 def run_meta(runs: Sequence[RunFolder], cohort, extra: dict | None = None) -> dict:
     cfg, first = runs[0].cfg, runs[0].metrics
     identity = first.get("identity") or {}
     meta = {
-        "method": _method(cfg), "preset": cfg.name, "config_digest": identity.get("config_digest"),
-        "code_digest": identity.get("code_digest"), "data_digest": cohort.digest(),
-        "selection_rule": (f"per run, the epoch with the best validation {first.get('select_metric', 'auc')} "
-                           f"(mean over the last {first.get('select_window', 1)} epoch(s)); test evaluated once"),
+        "method": _method(cfg),
+        "preset": cfg.name,
+        "config_digest": identity.get("config_digest"),
+        "code_digest": identity.get("code_digest"),
+        "data_digest": cohort.digest(),
+        "selection_rule": (
+            f"per run, the epoch with the best validation {first.get('select_metric', 'auc')} "
+            f"(mean over the last {first.get('select_window', 1)} epoch(s)); test evaluated once"
+        ),
         "split_description": _split_description(runs, cohort.spec, cfg),
-        "date": datetime.date.today().isoformat(), "runs": [r.name for r in runs],
-        "pretrained": first.get("pretrained"), "modality_dropout": cfg.train.modality_dropout,
+        "date": datetime.date.today().isoformat(),
+        "runs": [r.name for r in runs],
+        "pretrained": first.get("pretrained"),
+        "modality_dropout": cfg.train.modality_dropout,
         "synthetic": (Path(cohort.root) / SYNTHETIC_MARKER).exists() or None,  # written by `cfcml synth`
         "decision": runs_decision(runs).to_dict(),  # the hard-label rule every hard-label metric uses
-    }  # fmt: skip
+    }
     limitations = []
     if cfg.train.modality_dropout > 0:
-        limitations.append(f"Trained with modality dropout p = {cfg.train.modality_dropout:g} (inputs removed at "
-                           "random while training), which trades some accuracy with every input for robustness "
-                           "when one is missing.")
+        limitations.append(
+            f"Trained with modality dropout p = {cfg.train.modality_dropout:g} (inputs removed at "
+            "random while training), which trades some accuracy with every input for robustness "
+            "when one is missing."
+        )
     meta["limitations"] = limitations
     meta |= extra or {}
     return {k: v for k, v in meta.items() if v is not None}
 
 
-def inputs_from_runs(runs: Sequence[RunFolder], cohort, *, device: str = "cpu", missing: bool = True,
-                     explain: tuple[int, int] = (2, 2), meta: dict | None = None) -> ReportInputs:  # fmt: skip
+def inputs_from_runs(
+    runs: Sequence[RunFolder],
+    cohort,
+    *,
+    device: str = "cpu",
+    missing: bool = True,
+    explain: tuple[int, int] = (2, 2),
+    meta: dict | None = None,
+) -> ReportInputs:
     """ReportInputs from finished runs of one configuration and the cohort they trained on."""
     spec = cohort.spec
     splits = {"val": pooled_predictions(runs, "val"), "test": pooled_predictions(runs, "test")}
@@ -383,10 +424,17 @@ def inputs_from_runs(runs: Sequence[RunFolder], cohort, *, device: str = "cpu", 
     loaded = [load_run_model(r, cohort, device) for r in runs] if (missing or any(explain)) else []
     mm = missing_modality(loaded, cohort, device) if missing else None
     explanations = explain_cases(loaded, splits["test"], cohort, *explain, device=device) if any(explain) else []
-    info = CohortInfo(spec.name, list(spec.classes), spec.positive,
-                      [{"column": a.column, "type": a.type} for a in spec.attributes])  # fmt: skip
-    return ReportInputs(cohort=info, splits=splits, attributes=attributes, missing_modality=mm,
-                        explanations=explanations, meta=run_meta(runs, cohort, meta))  # fmt: skip
+    info = CohortInfo(
+        spec.name, list(spec.classes), spec.positive, [{"column": a.column, "type": a.type} for a in spec.attributes]
+    )
+    return ReportInputs(
+        cohort=info,
+        splits=splits,
+        attributes=attributes,
+        missing_modality=mm,
+        explanations=explanations,
+        meta=run_meta(runs, cohort, meta),
+    )
 
 
 def evidence_meta(summary: dict | None) -> dict:
@@ -395,7 +443,9 @@ def evidence_meta(summary: dict | None) -> dict:
     table?" as meta "images_add" (both shown in the model card)."""
     paired = (summary or {}).get("paired") or {}
     out = {}
-    single = {p["b"]: {"auc": p["auc_b"]} for p in paired.get("pairs", []) if p.get("kind_b") in ("attributes", "images")}
+    single = {
+        p["b"]: {"auc": p["auc_b"]} for p in paired.get("pairs", []) if p.get("kind_b") in ("attributes", "images")
+    }
     if single:
         out["baselines"] = single
     if paired.get("images_add"):
@@ -403,9 +453,17 @@ def evidence_meta(summary: dict | None) -> dict:
     return out
 
 
-def report_from_folder(path: str | Path, out_dir: str | Path, data: str | Path | None = None, *, device: str = "cpu",
-                       missing: bool = True, explain: tuple[int, int] = (2, 2), meta: dict | None = None,
-                       **options) -> dict:  # fmt: skip
+def report_from_folder(
+    path: str | Path,
+    out_dir: str | Path,
+    data: str | Path | None = None,
+    *,
+    device: str = "cpu",
+    missing: bool = True,
+    explain: tuple[int, int] = (2, 2),
+    meta: dict | None = None,
+    **options,
+) -> dict:
     """`cfcml report`: a run or cv folder -> out_dir/report.{json,html} (+ model_card.md);
     returns the report dict. options go to `build_report` (n_bootstrap, seed, ...)."""
     from ..platform.redact import redact

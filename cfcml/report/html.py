@@ -63,8 +63,13 @@ def img(png: bytes, alt: str) -> str:
 def table(header: Sequence[str], rows: Sequence[Sequence], numeric_from: int = 1) -> str:
     head = "".join(f"<th>{esc(h)}</th>" for h in header)
     body = "".join(
-        "<tr>" + "".join(f'<td class="num">{esc(c)}</td>' if i >= numeric_from else f"<td>{esc(c)}</td>"
-                         for i, c in enumerate(r)) + "</tr>" for r in rows)
+        "<tr>"
+        + "".join(
+            f'<td class="num">{esc(c)}</td>' if i >= numeric_from else f"<td>{esc(c)}</td>" for i, c in enumerate(r)
+        )
+        + "</tr>"
+        for r in rows
+    )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -119,8 +124,10 @@ def markdown_to_html(md: str) -> str:
 def _card(label: str, m: Mapping | None) -> str:
     if not m:
         return ""
-    return (f'<div class="card"><div>{esc(label)}</div><div class="v">{esc(fmt(m.get("value")))}</div>'
-            f'<div class="ci">95 % CI {esc(fmt_ci(m.get("ci")))}</div></div>')
+    return (
+        f'<div class="card"><div>{esc(label)}</div><div class="v">{esc(fmt(m.get("value")))}</div>'
+        f'<div class="ci">95 % CI {esc(fmt_ci(m.get("ci")))}</div></div>'
+    )
 
 
 def _summary(r: dict) -> str:
@@ -133,15 +140,21 @@ def _summary(r: dict) -> str:
     classes = r["cohort"]["classes"]
     rows = [(s, *[c["classes"].get(k, 0) for k in classes], c["patients"], c["predictions"]) for s, c in counts.items()]
     runs = r.get("runs", {}).get("test", [])
-    return (f'<div class="cards">{"".join(cards)}</div>'
-            f"<p>{esc(bootstrap_sentence(r))}</p>"
-            f"<p>Test predictions pooled from {len(runs)} run(s): {esc(', '.join(runs))}.</p>"
-            + table(["split", *classes, "patients", "predictions"], rows))
+    return (
+        f'<div class="cards">{"".join(cards)}</div>'
+        f"<p>{esc(bootstrap_sentence(r))}</p>"
+        f"<p>Test predictions pooled from {len(runs)} run(s): {esc(', '.join(runs))}.</p>"
+        + table(["split", *classes, "patients", "predictions"], rows)
+    )
 
 
 def _discrimination(r: dict, figs: Mapping[str, bytes]) -> str:
-    parts = [table(["metric", "value", "95 % CI", "resamples used"],
-                   [(metric_label(k), fmt(m["value"]), fmt_ci(m["ci"]), m["n_valid"]) for k, m in r["metrics"].items()])]
+    parts = [
+        table(
+            ["metric", "value", "95 % CI", "resamples used"],
+            [(metric_label(k), fmt(m["value"]), fmt_ci(m["ci"]), m["n_valid"]) for k, m in r["metrics"].items()],
+        )
+    ]
     per_run = r.get("per_run", {})
     if len(per_run.get("runs", {})) > 1:
         names = list(r["metrics"])
@@ -153,28 +166,54 @@ def _discrimination(r: dict, figs: Mapping[str, bytes]) -> str:
     if r.get("decision"):
         parts.append(f"<p>Hard labels (accuracy, recall, F1, confusion): {esc(decision_sentence(r['decision']))}.</p>")
     if cm:
-        parts.append("<h3>Confusion matrix (test; rows: true, columns: predicted)</h3>"
-                     + table(["true \\ predicted", *classes], [(c, *row) for c, row in zip(classes, cm)]))
-    shown = [(k, t) for k, t in (("roc", "ROC curves (one vs rest) with 95 % bootstrap bands"),
-                                 ("pr", "Precision-recall curves with 95 % bootstrap bands")) if k in figs]
+        parts.append(
+            "<h3>Confusion matrix (test; rows: true, columns: predicted)</h3>"
+            + table(["true \\ predicted", *classes], [(c, *row) for c, row in zip(classes, cm)])
+        )
+    shown = [
+        (k, t)
+        for k, t in (
+            ("roc", "ROC curves (one vs rest) with 95 % bootstrap bands"),
+            ("pr", "Precision-recall curves with 95 % bootstrap bands"),
+        )
+        if k in figs
+    ]
     parts.extend(f"<h3>{esc(t)}</h3>" + img(figs[k], t) for k, t in shown)
     return "".join(parts)
 
 
 def _calibration(r: dict, figs: Mapping[str, bytes]) -> str:
     cal = r["calibration"]
-    rows = [("ECE (top-label)", fmt(r.get("ece")), fmt_ci(r.get("ece_ci")), fmt(r.get("ece_after")),
-             fmt_ci(r.get("ece_after_ci"))),
-            ("Brier score (multi-class)", fmt(r.get("brier")), fmt_ci(r.get("brier_ci")), fmt(r.get("brier_after")),
-             fmt_ci(r.get("brier_after_ci")))]
+    rows = [
+        (
+            "ECE (top-label)",
+            fmt(r.get("ece")),
+            fmt_ci(r.get("ece_ci")),
+            fmt(r.get("ece_after")),
+            fmt_ci(r.get("ece_after_ci")),
+        ),
+        (
+            "Brier score (multi-class)",
+            fmt(r.get("brier")),
+            fmt_ci(r.get("brier_ci")),
+            fmt(r.get("brier_after")),
+            fmt_ci(r.get("brier_after_ci")),
+        ),
+    ]
     if r.get("ece_positive") is not None:
         rows.append((f"ECE of P({r['cohort']['positive']})", fmt(r.get("ece_positive")), "", "", ""))
     t = r.get("temperature")
-    note = (f"Temperature scaling: T = {t:.3f}, fitted on validation logits only (NLL {fmt(cal.get('val_nll_before'))}"
-            f" → {fmt(cal.get('val_nll_after'))}), applied to test." if t is not None
-            else f"No temperature scaling: {cal.get('temperature_note', '')}")
-    text = (f"<p>{esc(cal['definition'])}</p>"
-            + table(["", "before", "95 % CI", "after temperature", "95 % CI"], rows) + f"<p>{esc(note)}</p>")
+    note = (
+        f"Temperature scaling: T = {t:.3f}, fitted on validation logits only (NLL {fmt(cal.get('val_nll_before'))}"
+        f" → {fmt(cal.get('val_nll_after'))}), applied to test."
+        if t is not None
+        else f"No temperature scaling: {cal.get('temperature_note', '')}"
+    )
+    text = (
+        f"<p>{esc(cal['definition'])}</p>"
+        + table(["", "before", "95 % CI", "after temperature", "95 % CI"], rows)
+        + f"<p>{esc(note)}</p>"
+    )
     return text + (img(figs["reliability"], "reliability diagram") if "reliability" in figs else "")
 
 
@@ -187,14 +226,34 @@ def _operating_points(r: dict) -> str:
         if o.get("threshold") is None:
             rows.append((o["class"], RULES[o["kind"]].format(t=o["target"]), "—", "—", o.get("reason", ""), "", "", ""))
             continue
-        rows.append((o["class"], RULES[o["kind"]].format(t=o["target"]), f"{o['threshold']:.4f}",
-                     f"{fmt(o['val']['sen'])} / {fmt(o['val']['spe'])}",
-                     *[value_ci(o["test"][k]) for k in ("sen", "spe", "ppv", "npv")]))
-    return ("<p>Each threshold is chosen on the validation predictions (the highest sensitivity whose specificity "
-            "reaches the target, or the reverse) and then applied unchanged to the test set; a case is called "
-            "positive when its probability is at least the threshold.</p>"
-            + table(["class", "rule", "threshold", "validation sen / spe", "test sensitivity (95 % CI)",
-                     "test specificity", "test PPV", "test NPV"], rows, numeric_from=2))
+        rows.append(
+            (
+                o["class"],
+                RULES[o["kind"]].format(t=o["target"]),
+                f"{o['threshold']:.4f}",
+                f"{fmt(o['val']['sen'])} / {fmt(o['val']['spe'])}",
+                *[value_ci(o["test"][k]) for k in ("sen", "spe", "ppv", "npv")],
+            )
+        )
+    return (
+        "<p>Each threshold is chosen on the validation predictions (the highest sensitivity whose specificity "
+        "reaches the target, or the reverse) and then applied unchanged to the test set; a case is called "
+        "positive when its probability is at least the threshold.</p>"
+        + table(
+            [
+                "class",
+                "rule",
+                "threshold",
+                "validation sen / spe",
+                "test sensitivity (95 % CI)",
+                "test specificity",
+                "test PPV",
+                "test NPV",
+            ],
+            rows,
+            numeric_from=2,
+        )
+    )
 
 
 def _subgroups(r: dict, figs: Mapping[str, bytes]) -> str:
@@ -202,22 +261,44 @@ def _subgroups(r: dict, figs: Mapping[str, bytes]) -> str:
     if not subgroups:
         return '<p class="muted">The cohort declares no attributes.</p>'
     classes = r["cohort"]["classes"]
-    parts = [(f"<p>Test metrics per group with 95 % bootstrap CIs (each group resampled on its own). Groups with "
-             f"fewer than {r.get('subgroup_min_n', '?')} patients are counted but not scored.</p>")]
+    parts = [
+        (
+            f"<p>Test metrics per group with 95 % bootstrap CIs (each group resampled on its own). Groups with "
+            f"fewer than {r.get('subgroup_min_n', '?')} patients are counted but not scored.</p>"
+        )
+    ]
     if "subgroups" in figs:
         parts.append(img(figs["subgroups"], "subgroup AUC"))
     binary = len(classes) == 2
     for s in subgroups:
         bands = s.get("bands")
         how = f" — bands: {bands['source']} ({bands['rule']})" if bands else ""
-        header = ["group", "patients", *classes, "accuracy", "balanced accuracy", "AUC",
-                  *(["sen", "spe"] if binary else []), "note"]
-        rows = [(g["name"], g["n"], *[g["counts"].get(c, 0) for c in classes],
-                 *[value_ci(g.get("metrics", {}).get(k)) if g.get("metrics", {}).get(k) else "—"
-                   for k in ["acc", "balanced_acc", "auc", *(["sen", "spe"] if binary else [])]],
-                 "; ".join(g.get("notes", []))) for g in s["groups"]]
-        parts.append(f"<h3>{esc(s['column'])} <span class=\"muted\">({esc(s['type'])}{esc(how)})</span></h3>"
-                     + table(header, rows))
+        header = [
+            "group",
+            "patients",
+            *classes,
+            "accuracy",
+            "balanced accuracy",
+            "AUC",
+            *(["sen", "spe"] if binary else []),
+            "note",
+        ]
+        rows = [
+            (
+                g["name"],
+                g["n"],
+                *[g["counts"].get(c, 0) for c in classes],
+                *[
+                    value_ci(g.get("metrics", {}).get(k)) if g.get("metrics", {}).get(k) else "—"
+                    for k in ["acc", "balanced_acc", "auc", *(["sen", "spe"] if binary else [])]
+                ],
+                "; ".join(g.get("notes", [])),
+            )
+            for g in s["groups"]
+        ]
+        parts.append(
+            f'<h3>{esc(s["column"])} <span class="muted">({esc(s["type"])}{esc(how)})</span></h3>' + table(header, rows)
+        )
     return "".join(parts)
 
 
@@ -225,15 +306,19 @@ def _explanations(r: dict, figs: Mapping[str, bytes]) -> str:
     parts = []
     emb = r.get("embedding")
     if emb and "embedding" in figs:
-        parts.append(f"<h3>Fused features (t-SNE, perplexity {emb['perplexity']:.1f}, seed {emb['seed']}, "
-                     f"{emb['n']} test predictions)</h3>" + img(figs["embedding"], "t-SNE of fused features"))
+        parts.append(
+            f"<h3>Fused features (t-SNE, perplexity {emb['perplexity']:.1f}, seed {emb['seed']}, "
+            f"{emb['n']} test predictions)</h3>" + img(figs["embedding"], "t-SNE of fused features")
+        )
     else:
         parts.append('<p class="muted">No fused features were provided for a 2D map.</p>')
     expl = r.get("explanations", [])
     if expl:
-        parts.append("<h3>Grad-CAM on the image encoders</h3><p>Where the image encoders look for the predicted "
-                     "class: red is the strongest evidence. A heatmap shows what drives the model, not where the "
-                     "disease is.</p>")
+        parts.append(
+            "<h3>Grad-CAM on the image encoders</h3><p>Where the image encoders look for the predicted "
+            "class: red is the strongest evidence. A heatmap shows what drives the model, not where the "
+            "disease is.</p>"
+        )
         for i, e in enumerate(expl):
             key = f"explanation_{i}"
             if key in figs:
@@ -256,13 +341,23 @@ def _missing(r: dict) -> str:
         for n in names:
             v = vals.get(n)
             ref = mm[reference].get(n) if reference else None
-            delta = (f" ({v - ref:+.3f})" if reference and what != reference and v is not None and ref is not None
-                     and math.isfinite(v) and math.isfinite(ref) else "")
+            delta = (
+                f" ({v - ref:+.3f})"
+                if reference
+                and what != reference
+                and v is not None
+                and ref is not None
+                and math.isfinite(v)
+                and math.isfinite(ref)
+                else ""
+            )
             cells.append(fmt(v) + delta)
         rows.append((what, *cells))
     note = f" Differences in brackets are against “{reference}”." if reference else ""
-    return (f"<p>Test metrics when one input is removed at inference (the everyday case of a missing series, "
-            f"photo or attribute).{esc(note)}</p>" + table(header, rows))
+    return (
+        f"<p>Test metrics when one input is removed at inference (the everyday case of a missing series, "
+        f"photo or attribute).{esc(note)}</p>" + table(header, rows)
+    )
 
 
 def render_html(report: dict, figures: Mapping[str, bytes], card_markdown: str) -> str:
@@ -283,10 +378,12 @@ def render_html(report: dict, figures: Mapping[str, bytes], card_markdown: str) 
     }
     nav = "".join(f'<a href="#{sid}">{esc(name)}</a>' for sid, name in SECTIONS)
     sections = "".join(f'<section id="{sid}"><h2>{esc(name)}</h2>{bodies[sid]}</section>' for sid, name in SECTIONS)
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-            f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>{esc(title)}</title><style>{CSS}</style></head><body>"
-            f"<header><h1>{esc(title)}</h1><p>{sub}</p></header><nav>{nav}</nav>"
-            f'<main><p class="warn">Research software, not a medical device: not for diagnosis or treatment '
-            f"decisions.</p>{sections}</main></body></html>\n")
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{esc(title)}</title><style>{CSS}</style></head><body>"
+        f"<header><h1>{esc(title)}</h1><p>{sub}</p></header><nav>{nav}</nav>"
+        f'<main><p class="warn">Research software, not a medical device: not for diagnosis or treatment '
+        f"decisions.</p>{sections}</main></body></html>\n"
+    )

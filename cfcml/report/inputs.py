@@ -38,14 +38,16 @@ class CohortInfo:
         if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
             raise ValueError(f"cohort {self.name!r}: need >= 2 distinct classes, got {self.classes}")
         if len(self.classes) == 2 and self.positive not in self.classes:
-            raise ValueError(f"cohort {self.name!r}: a binary cohort needs positive in {self.classes}, "
-                             f"got {self.positive!r}")
+            raise ValueError(
+                f"cohort {self.name!r}: a binary cohort needs positive in {self.classes}, got {self.positive!r}"
+            )
         if len(self.classes) > 2 and self.positive is not None:
             raise ValueError(f"cohort {self.name!r}: positive is for binary cohorts only, got {self.positive!r}")
         for a in self.attributes:
             if "column" not in a or a.get("type") not in ATTRIBUTE_TYPES:
-                raise ValueError(f"cohort {self.name!r}: attribute {a!r} needs a column and a type in "
-                                 f"{ATTRIBUTE_TYPES}")
+                raise ValueError(
+                    f"cohort {self.name!r}: attribute {a!r} needs a column and a type in {ATTRIBUTE_TYPES}"
+                )
 
 
 @dataclass
@@ -82,8 +84,11 @@ class SplitPredictions:
         n = len(self.case_ids)
         if n == 0:
             raise ValueError(f"split {name!r} has no predictions")
-        checks = [("labels", self.labels, (n,)), ("probs", self.probs, (n, num_classes)),
-                  ("runs", np.asarray(self.runs), (n,))]
+        checks = [
+            ("labels", self.labels, (n,)),
+            ("probs", self.probs, (n, num_classes)),
+            ("runs", np.asarray(self.runs), (n,)),
+        ]
         if self.logits is not None:
             checks.append(("logits", self.logits, (n, num_classes)))
         for what, arr, shape in checks:
@@ -92,8 +97,9 @@ class SplitPredictions:
         if self.features is not None and (self.features.ndim != 2 or len(self.features) != n):
             raise ValueError(f"split {name!r}: features must be [N={n}, D], got {self.features.shape}")
         if self.labels.min() < 0 or self.labels.max() >= num_classes:
-            raise ValueError(f"split {name!r}: labels must lie in [0, {num_classes}), got "
-                             f"{self.labels.min()}..{self.labels.max()}")
+            raise ValueError(
+                f"split {name!r}: labels must lie in [0, {num_classes}), got {self.labels.min()}..{self.labels.max()}"
+            )
         if not np.isfinite(self.probs).all():
             raise ValueError(f"split {name!r}: probs hold non-finite values")
         pairs = set(zip(self.case_ids, self.runs))
@@ -121,8 +127,9 @@ class Explanation:
 
     def validate(self) -> None:
         if self.kind not in EXPLANATION_KINDS:
-            raise ValueError(f"explanation {self.case_id!r}: kind must be one of {EXPLANATION_KINDS}, "
-                             f"got {self.kind!r}")
+            raise ValueError(
+                f"explanation {self.case_id!r}: kind must be one of {EXPLANATION_KINDS}, got {self.kind!r}"
+            )
         missing = set(self.images) ^ set(self.heatmaps)
         if missing:
             raise ValueError(f"explanation {self.case_id!r}: images and heatmaps differ on {sorted(missing)}")
@@ -151,8 +158,9 @@ class ReportInputs:
     def __post_init__(self):
         if isinstance(self.cohort, Mapping):
             self.cohort = CohortInfo(**self.cohort)
-        self.splits = {k: v if isinstance(v, SplitPredictions) else SplitPredictions(**v)
-                       for k, v in self.splits.items()}
+        self.splits = {
+            k: v if isinstance(v, SplitPredictions) else SplitPredictions(**v) for k, v in self.splits.items()
+        }
         self.explanations = [e if isinstance(e, Explanation) else Explanation(**e) for e in self.explanations]
 
     @property

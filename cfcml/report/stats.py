@@ -73,8 +73,9 @@ def _div(num, den):
 
 
 # --------------------------------------------------------------------------- bootstrap
-def bootstrap_weights(case_ids: Sequence[str], labels, n_boot: int = N_BOOTSTRAP, seed: int = 0,
-                      stratified: bool = True) -> np.ndarray:
+def bootstrap_weights(
+    case_ids: Sequence[str], labels, n_boot: int = N_BOOTSTRAP, seed: int = 0, stratified: bool = True
+) -> np.ndarray:
     """[n_boot, N] multiplicities of each row in each resample of the cases.
 
     Rows sharing a case id share its multiplicity. ``stratified``: draw n_c cases with
@@ -85,8 +86,9 @@ def bootstrap_weights(case_ids: Sequence[str], labels, n_boot: int = N_BOOTSTRAP
     labels = np.asarray(labels).reshape(-1)
     unique, first, inverse = np.unique(case_ids, return_index=True, return_inverse=True)
     case_labels = labels[first]
-    strata = [np.flatnonzero(case_labels == c) for c in np.unique(case_labels)] if stratified \
-        else [np.arange(len(unique))]
+    strata = (
+        [np.flatnonzero(case_labels == c) for c in np.unique(case_labels)] if stratified else [np.arange(len(unique))]
+    )
     rng = np.random.default_rng(seed)
     counts = np.zeros((n_boot, len(unique)))
     for members in strata:
@@ -182,13 +184,25 @@ def roc_curve_band(y_bin, score, boot_weights, level: float = CI_LEVEL, grid_siz
     grid = np.linspace(0.0, 1.0, grid_size)
     btp, bfp, _ = _cumulative_counts(y_bin, score, boot_weights)
     bfpr, btpr = _roc(btp, bfp)
-    curves = np.array([_step_at(f, t, grid, "right") if np.isfinite(f[-1]) and np.isfinite(t[-1])
-                       else np.full(grid_size, np.nan) for f, t in zip(bfpr, btpr)])
+    curves = np.array(
+        [
+            _step_at(f, t, grid, "right") if np.isfinite(f[-1]) and np.isfinite(t[-1]) else np.full(grid_size, np.nan)
+            for f, t in zip(bfpr, btpr)
+        ]
+    )
     lo, hi = _band(curves, level)
     auc = roc_auc(y_bin, score)
-    return {"fpr": fpr[0], "tpr": tpr[0], "thresholds": thresholds, "auc": auc,
-            "auc_ci": list(percentile_ci(roc_auc(y_bin, score, boot_weights), level)[:2]),
-            "grid": grid, "tpr_grid": _step_at(fpr[0], tpr[0], grid, "right"), "tpr_lo": lo, "tpr_hi": hi}
+    return {
+        "fpr": fpr[0],
+        "tpr": tpr[0],
+        "thresholds": thresholds,
+        "auc": auc,
+        "auc_ci": list(percentile_ci(roc_auc(y_bin, score, boot_weights), level)[:2]),
+        "grid": grid,
+        "tpr_grid": _step_at(fpr[0], tpr[0], grid, "right"),
+        "tpr_lo": lo,
+        "tpr_hi": hi,
+    }
 
 
 def pr_curve_band(y_bin, score, boot_weights, level: float = CI_LEVEL, grid_size: int = GRID_SIZE) -> dict:
@@ -197,6 +211,7 @@ def pr_curve_band(y_bin, score, boot_weights, level: float = CI_LEVEL, grid_size
     -> {"recall", "precision"} (the curve, from recall 0 / precision 1 as scikit-learn),
     "ap", "ap_ci", "prevalence", "grid" [G] (recall), "precision_grid", "precision_lo", "precision_hi".
     """
+
     def curve(w):
         tp, fp, _ = _cumulative_counts(y_bin, score, w)
         return _div(tp, tp[:, -1:]), np.nan_to_num(_div(tp, tp + fp))
@@ -206,15 +221,25 @@ def pr_curve_band(y_bin, score, boot_weights, level: float = CI_LEVEL, grid_size
     precision = np.hstack([[1.0], precision[0]])
     grid = np.linspace(0.0, 1.0, grid_size)
     brecall, bprecision = curve(boot_weights)
-    curves = np.array([_step_at(r, p, grid, "left") if np.isfinite(r[-1]) else np.full(grid_size, np.nan)
-                       for r, p in zip(brecall, bprecision)])
+    curves = np.array(
+        [
+            _step_at(r, p, grid, "left") if np.isfinite(r[-1]) else np.full(grid_size, np.nan)
+            for r, p in zip(brecall, bprecision)
+        ]
+    )
     lo, hi = _band(curves, level)
     y = np.asarray(y_bin, dtype=np.float64)
-    return {"recall": recall, "precision": precision, "ap": average_precision(y_bin, score),
-            "ap_ci": list(percentile_ci(average_precision(y_bin, score, boot_weights), level)[:2]),
-            "prevalence": float(y.mean()) if len(y) else float("nan"),
-            "grid": grid, "precision_grid": _step_at(recall, precision, grid, "left"),
-            "precision_lo": lo, "precision_hi": hi}
+    return {
+        "recall": recall,
+        "precision": precision,
+        "ap": average_precision(y_bin, score),
+        "ap_ci": list(percentile_ci(average_precision(y_bin, score, boot_weights), level)[:2]),
+        "prevalence": float(y.mean()) if len(y) else float("nan"),
+        "grid": grid,
+        "precision_grid": _step_at(recall, precision, grid, "left"),
+        "precision_lo": lo,
+        "precision_hi": hi,
+    }
 
 
 def _band(curves: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
@@ -235,8 +260,9 @@ def confusion(labels, pred, num_classes: int, weights=None) -> np.ndarray:
     return (_weights(weights, len(labels)) @ onehot).reshape(-1, num_classes, num_classes)
 
 
-def classification_metrics(labels, probs, classes: Sequence[str], positive: str | None = None, weights=None,
-                           decision: Decision | None = None) -> dict:
+def classification_metrics(
+    labels, probs, classes: Sequence[str], positive: str | None = None, weights=None, decision: Decision | None = None
+) -> dict:
     """The paper's metric set (`metric_names(classes)`); floats, or [B] arrays with weights.
 
     Binary (positive class p): sen = recall of p, spe = recall of the other class, acc,
@@ -260,7 +286,11 @@ def classification_metrics(labels, probs, classes: Sequence[str], positive: str 
         y_pos = (labels == pos).astype(np.float64)
         w = weights if weights is None else _weights(weights, len(labels))
         values = {
-            "sen": sen, "spe": spe, "acc": acc, "g_mean": np.sqrt(sen * spe), "balanced_acc": (sen + spe) / 2.0,
+            "sen": sen,
+            "spe": spe,
+            "acc": acc,
+            "g_mean": np.sqrt(sen * spe),
+            "balanced_acc": (sen + spe) / 2.0,
             "auprc": average_precision(y_pos, probs[:, pos], w),
             "auprc_label": average_precision(y_pos, (pred == pos).astype(np.float64), w),
             "auc": roc_auc(y_pos, probs[:, pos], w),
@@ -270,9 +300,14 @@ def classification_metrics(labels, probs, classes: Sequence[str], positive: str 
         f1 = np.where(present, _div(2.0 * tp, support + predicted), 0.0)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # mean of nothing (empty input)
-            per_class_auc = np.array([np.atleast_1d(roc_auc((labels == j).astype(np.float64), probs[:, j],
-                                                            _weights(weights, len(labels))))
-                                      for j in range(k)])
+            per_class_auc = np.array(
+                [
+                    np.atleast_1d(
+                        roc_auc((labels == j).astype(np.float64), probs[:, j], _weights(weights, len(labels)))
+                    )
+                    for j in range(k)
+                ]
+            )
             values = {
                 "acc": acc,
                 "balanced_acc": np.nanmean(recall, axis=1),
@@ -284,8 +319,15 @@ def classification_metrics(labels, probs, classes: Sequence[str], positive: str 
     return {name: _out(v, weights) for name, v in values.items()}
 
 
-def metrics_with_ci(labels, probs, classes: Sequence[str], positive: str | None, boot_weights,
-                    level: float = CI_LEVEL, decision: Decision | None = None) -> dict:
+def metrics_with_ci(
+    labels,
+    probs,
+    classes: Sequence[str],
+    positive: str | None,
+    boot_weights,
+    level: float = CI_LEVEL,
+    decision: Decision | None = None,
+) -> dict:
     """{metric: {"value", "ci": [lo, hi], "n_valid"}} for the paper's metric set."""
     point = classification_metrics(labels, probs, classes, positive, decision=decision)
     samples = classification_metrics(labels, probs, classes, positive, boot_weights, decision=decision)
@@ -344,9 +386,13 @@ def reliability_table(labels, probs, n_bins: int = N_BINS) -> dict:
     b = _bin_of(conf, n_bins)
     count = np.bincount(b, minlength=n_bins).astype(np.float64)
     edges = np.linspace(0.0, 1.0, n_bins + 1)
-    return {"lower": edges[:-1], "upper": edges[1:], "count": count.astype(int),
-            "confidence": _div(np.bincount(b, conf, n_bins), count),
-            "accuracy": _div(np.bincount(b, correct, n_bins), count)}
+    return {
+        "lower": edges[:-1],
+        "upper": edges[1:],
+        "count": count.astype(int),
+        "confidence": _div(np.bincount(b, conf, n_bins), count),
+        "accuracy": _div(np.bincount(b, correct, n_bins), count),
+    }
 
 
 def nll(logits, labels, temperature: float = 1.0) -> float:
@@ -359,9 +405,12 @@ def nll(logits, labels, temperature: float = 1.0) -> float:
 def fit_temperature(logits, labels, bounds: tuple[float, float] = TEMPERATURE_BOUNDS) -> float:
     """The T > 0 minimising the NLL of softmax(logits / T) (Guo et al. 2017). The NLL is convex
     in 1/T, so a bounded 1-D search over log T finds the optimum (or the bound it lies beyond)."""
-    res = minimize_scalar(lambda log_t: nll(logits, labels, float(np.exp(log_t))),
-                          bounds=(np.log(bounds[0]), np.log(bounds[1])), method="bounded",
-                          options={"xatol": 1e-6})
+    res = minimize_scalar(
+        lambda log_t: nll(logits, labels, float(np.exp(log_t))),
+        bounds=(np.log(bounds[0]), np.log(bounds[1])),
+        method="bounded",
+        options={"xatol": 1e-6},
+    )
     return float(np.exp(res.x))
 
 
@@ -409,8 +458,17 @@ def rates_at_threshold(y_bin, score, threshold: float, weights=None) -> dict:
     return {k: _out(v, weights) for k, v in rates.items()}
 
 
-def operating_points(val_labels, val_probs, test_labels, test_probs, classes: Sequence[str], positive: str | None,
-                     test_boot_weights, level: float = CI_LEVEL, targets=OPERATING_TARGETS) -> list[dict]:
+def operating_points(
+    val_labels,
+    val_probs,
+    test_labels,
+    test_probs,
+    classes: Sequence[str],
+    positive: str | None,
+    test_boot_weights,
+    level: float = CI_LEVEL,
+    targets=OPERATING_TARGETS,
+) -> list[dict]:
     """Thresholds chosen on validation, reported on test with bootstrap CIs.
 
     Binary: the positive class; 3+ classes: each class one-vs-rest on its probability.
@@ -426,8 +484,13 @@ def operating_points(val_labels, val_probs, test_labels, test_probs, classes: Se
         y_val, y_test = (val_labels == j), (test_labels == j)
         for kind, target in targets:
             chosen = choose_threshold(y_val, val_probs[:, j], kind, target)
-            row = {"class": classes[j], "kind": kind, "target": target, "threshold": chosen["threshold"],
-                   "n_test": len(y_test)}
+            row = {
+                "class": classes[j],
+                "kind": kind,
+                "target": target,
+                "threshold": chosen["threshold"],
+                "n_test": len(y_test),
+            }
             if chosen["threshold"] is None:
                 row["reason"] = chosen["reason"]
                 out.append(row)

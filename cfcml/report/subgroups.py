@@ -70,8 +70,9 @@ def band_names(edges: Sequence[float], integer: bool = False) -> list[str]:
     return [f"< {_fmt(edges[0])}", *inner, f"≥ {_fmt(edges[-1])}"]
 
 
-def _groups_of(split: SplitPredictions, attributes: Mapping[str, Mapping[str, Any]], spec: dict,
-               val_case_ids: Sequence[str]) -> tuple[list[str | None], list[str], dict]:
+def _groups_of(
+    split: SplitPredictions, attributes: Mapping[str, Mapping[str, Any]], spec: dict, val_case_ids: Sequence[str]
+) -> tuple[list[str | None], list[str], dict]:
     """(group name per row, ordered group names, description of the bands)."""
     column = spec["column"]
 
@@ -98,8 +99,17 @@ def _is_number(s: str) -> bool:
     return True
 
 
-def _score_group(split: SplitPredictions, rows: np.ndarray, classes: Sequence[str], positive: str | None,
-                 min_n: int, n_boot: int, seed: int, level: float, decision=None) -> dict:
+def _score_group(
+    split: SplitPredictions,
+    rows: np.ndarray,
+    classes: Sequence[str],
+    positive: str | None,
+    min_n: int,
+    n_boot: int,
+    seed: int,
+    level: float,
+    decision=None,
+) -> dict:
     ids = [split.case_ids[i] for i in rows]
     labels, probs = split.labels[rows], split.probs[rows]
     case_label = dict(zip(ids, labels.tolist()))
@@ -120,18 +130,28 @@ def _score_group(split: SplitPredictions, rows: np.ndarray, classes: Sequence[st
             withheld["balanced_acc"] = f"no balanced accuracy: no {absent[0]} case"
     wanted = [m for m in wanted if m not in withheld]
     point = classification_metrics(labels, probs, classes, positive, decision=decision)
-    samples = classification_metrics(labels, probs, classes, positive,
-                                     bootstrap_weights(ids, labels, n_boot=n_boot, seed=seed), decision=decision)
+    samples = classification_metrics(
+        labels, probs, classes, positive, bootstrap_weights(ids, labels, n_boot=n_boot, seed=seed), decision=decision
+    )
     group["metrics"] = {m: with_ci(point[m], samples[m], level) for m in wanted}
     group["reportable"] = True
     group["notes"].extend(withheld.values())
     return group
 
 
-def subgroup_analysis(test: SplitPredictions, attributes: Mapping[str, Mapping[str, Any]], specs: Sequence[dict],
-                      classes: Sequence[str], positive: str | None, val: SplitPredictions | None = None,
-                      n_boot: int = N_BOOTSTRAP, seed: int = 0, level: float = CI_LEVEL,
-                      min_n: int = MIN_GROUP_SIZE, decision=None) -> list[dict]:
+def subgroup_analysis(
+    test: SplitPredictions,
+    attributes: Mapping[str, Mapping[str, Any]],
+    specs: Sequence[dict],
+    classes: Sequence[str],
+    positive: str | None,
+    val: SplitPredictions | None = None,
+    n_boot: int = N_BOOTSTRAP,
+    seed: int = 0,
+    level: float = CI_LEVEL,
+    min_n: int = MIN_GROUP_SIZE,
+    decision=None,
+) -> list[dict]:
     """Per attribute: {"column", "type", "bands" (numeric only: edges, source, rule),
     "groups": [{"name", "n" (cases), "n_rows", "counts" {class: cases}, "reportable",
     "notes", "metrics" {acc, balanced_acc, auc[, sen, spe]: {"value", "ci", "n_valid"}}}]}; cases
@@ -148,8 +168,17 @@ def subgroup_analysis(test: SplitPredictions, attributes: Mapping[str, Mapping[s
         for g, name in enumerate(order):
             rows = np.flatnonzero(np.asarray(names, dtype=object) == name)
             if len(rows) == 0:
-                groups.append({"name": name, "n": 0, "n_rows": 0, "counts": {c: 0 for c in classes},
-                               "reportable": False, "notes": ["no test case"], "metrics": {}})
+                groups.append(
+                    {
+                        "name": name,
+                        "n": 0,
+                        "n_rows": 0,
+                        "counts": {c: 0 for c in classes},
+                        "reportable": False,
+                        "notes": ["no test case"],
+                        "metrics": {},
+                    }
+                )
                 continue
             scored = _score_group(test, rows, classes, positive, min_n, n_boot, seed + 1000 * a + g, level, decision)
             groups.append({"name": name, **scored})

@@ -34,11 +34,26 @@ SPLITS = ("train", "valid", "test")
 VOCAB = {a.column: a.words for a in load_spec("derm7pt").attributes}
 # The release's meta.csv header, in its order (most columns are not read by cfcml).
 META_COLUMNS = (
-    "case_num", "diagnosis", "seven_point_score", "pigment_network", "streaks", "pigmentation",
-    "regression_structures", "dots_and_globules", "blue_whitish_veil", "vascular_structures",
-    "level_of_diagnostic_difficulty", "elevation", "location", "sex", "management",
-    "clinic", "derm", "case_id", "notes",
-)  # fmt: skip
+    "case_num",
+    "diagnosis",
+    "seven_point_score",
+    "pigment_network",
+    "streaks",
+    "pigmentation",
+    "regression_structures",
+    "dots_and_globules",
+    "blue_whitish_veil",
+    "vascular_structures",
+    "level_of_diagnostic_difficulty",
+    "elevation",
+    "location",
+    "sex",
+    "management",
+    "clinic",
+    "derm",
+    "case_id",
+    "notes",
+)
 
 SIGNAL = 1.0  # class shift of each image latent, in noise SDs: single-image AUC ≈ Φ(1/√2) ≈ 0.76
 IMAGE_SIZE = (768, 512)  # (W, H), the typical size of the real photos
@@ -50,43 +65,66 @@ RELEASE_ROWS = 1011
 CASE_ID_FILLED = 27 / 1011  # the release leaves case_id empty in 984 rows (the reader never uses it)
 
 NEV_DIAGNOSES = {
-    "clark nevus": 0.55, "reed or spitz nevus": 0.12, "dermal nevus": 0.12, "blue nevus": 0.05,
-    "congenital nevus": 0.07, "combined nevus": 0.05, "recurrent nevus": 0.04,
-}  # fmt: skip
+    "clark nevus": 0.55,
+    "reed or spitz nevus": 0.12,
+    "dermal nevus": 0.12,
+    "blue nevus": 0.05,
+    "congenital nevus": 0.07,
+    "combined nevus": 0.05,
+    "recurrent nevus": 0.04,
+}
 MEL_DIAGNOSES = {
-    "melanoma (less than 0.76 mm)": 0.4, "melanoma (in situ)": 0.25, "melanoma (0.76 to 1.5 mm)": 0.18,
-    "melanoma (more than 1.5 mm)": 0.08, "melanoma metastasis": 0.05, "melanoma": 0.04,
-}  # fmt: skip
+    "melanoma (less than 0.76 mm)": 0.4,
+    "melanoma (in situ)": 0.25,
+    "melanoma (0.76 to 1.5 mm)": 0.18,
+    "melanoma (more than 1.5 mm)": 0.08,
+    "melanoma metastasis": 0.05,
+    "melanoma": 0.04,
+}
 OTHER_DIAGNOSES = {
-    "basal cell carcinoma": 0.23, "seborrheic keratosis": 0.2, "miscellaneous": 0.15, "dermatofibroma": 0.1,
-    "lentigo": 0.1, "melanosis": 0.08, "vascular lesion": 0.14,
-}  # fmt: skip
+    "basal cell carcinoma": 0.23,
+    "seborrheic keratosis": 0.2,
+    "miscellaneous": 0.15,
+    "dermatofibroma": 0.1,
+    "lentigo": 0.1,
+    "melanosis": 0.08,
+    "vascular lesion": 0.14,
+}
 
 # P(value | NEV), P(value | MEL) in VOCAB order. Management carries the leak; the rest is weak.
 ATTRIBUTE_PROBS = {
     "level_of_diagnostic_difficulty": ((0.45, 0.40, 0.15), (0.30, 0.45, 0.25)),
     "elevation": ((0.60, 0.33, 0.07), (0.45, 0.40, 0.15)),
-    "location": ((0.30, 0.20, 0.10, 0.12, 0.10, 0.10, 0.04, 0.02, 0.02),
-                 (0.28, 0.22, 0.09, 0.12, 0.10, 0.12, 0.04, 0.02, 0.01)),
+    "location": (
+        (0.30, 0.20, 0.10, 0.12, 0.10, 0.10, 0.04, 0.02, 0.02),
+        (0.28, 0.22, 0.09, 0.12, 0.10, 0.12, 0.04, 0.02, 0.01),
+    ),
     "sex": ((0.50, 0.50), (0.46, 0.54)),
     "management": ((0.60, 0.28, 0.12), (1.0, 0.0, 0.0)),
-}  # fmt: skip
+}
 
 # Seven-point criteria (not read by cfcml; realistic values for the full schema).
 SEVEN_POINT = {
     "pigment_network": (("absent", "typical", "atypical"), (0.25, 0.55, 0.20), (0.20, 0.25, 0.55)),
     "streaks": (("absent", "regular", "irregular"), (0.80, 0.12, 0.08), (0.55, 0.15, 0.30)),
-    "pigmentation": (("absent", "diffuse regular", "localized regular", "diffuse irregular", "localized irregular"),
-                     (0.55, 0.20, 0.05, 0.10, 0.10), (0.35, 0.05, 0.05, 0.30, 0.25)),
-    "regression_structures": (("absent", "blue areas", "white areas", "combinations"),
-                              (0.85, 0.05, 0.05, 0.05), (0.55, 0.15, 0.10, 0.20)),
+    "pigmentation": (
+        ("absent", "diffuse regular", "localized regular", "diffuse irregular", "localized irregular"),
+        (0.55, 0.20, 0.05, 0.10, 0.10),
+        (0.35, 0.05, 0.05, 0.30, 0.25),
+    ),
+    "regression_structures": (
+        ("absent", "blue areas", "white areas", "combinations"),
+        (0.85, 0.05, 0.05, 0.05),
+        (0.55, 0.15, 0.10, 0.20),
+    ),
     "dots_and_globules": (("absent", "regular", "irregular"), (0.35, 0.35, 0.30), (0.25, 0.15, 0.60)),
     "blue_whitish_veil": (("absent", "present"), (0.85, 0.15), (0.55, 0.45)),
-    "vascular_structures": (("absent", "arborizing", "comma", "hairpin", "within regression", "wooly",
-                             "linear irregular", "dotted"),
-                            (0.85, 0.01, 0.06, 0.02, 0.01, 0.01, 0.02, 0.02),
-                            (0.80, 0.00, 0.02, 0.01, 0.05, 0.00, 0.06, 0.06)),
-}  # fmt: skip
+    "vascular_structures": (
+        ("absent", "arborizing", "comma", "hairpin", "within regression", "wooly", "linear irregular", "dotted"),
+        (0.85, 0.01, 0.06, 0.02, 0.01, 0.01, 0.02, 0.02),
+        (0.80, 0.00, 0.02, 0.01, 0.05, 0.00, 0.06, 0.06),
+    ),
+}
 
 
 def plan_counts(cases: int) -> dict[str, tuple[int, int, int]]:
@@ -126,10 +164,13 @@ def _record(rng: np.random.Generator, kind: int) -> dict:
     for col, (values, p_nev, p_mel) in SEVEN_POINT.items():
         row[col] = _choice(rng, values, (p_nev, p_mel)[like])
     row["seven_point_score"] = str(
-        2 * (row["pigment_network"] == "atypical") + 2 * (row["blue_whitish_veil"] == "present")
+        2 * (row["pigment_network"] == "atypical")
+        + 2 * (row["blue_whitish_veil"] == "present")
         + 2 * (row["vascular_structures"] in ("linear irregular", "dotted", "within regression"))
-        + (row["streaks"] == "irregular") + ("irregular" in row["pigmentation"])
-        + (row["dots_and_globules"] == "irregular") + (row["regression_structures"] != "absent")
+        + (row["streaks"] == "irregular")
+        + ("irregular" in row["pigmentation"])
+        + (row["dots_and_globules"] == "irregular")
+        + (row["regression_structures"] != "absent")
     )  # the 7-point checklist: major criteria 2 points, minor 1
     for attr, probs in ATTRIBUTE_PROBS.items():
         p = (0.5, 0.3, 0.2) if attr == "management" and kind == 2 else probs[like]  # dropped rows: no leak
@@ -263,8 +304,13 @@ def write_synthetic_derm7pt(out, cases: int = 1011, seed: int = 0) -> Path:
         jobs.append((derm, "derm", z_derm, [seed, 17, i]))
         # As in the release: case_id is empty in 984 of 1011 rows and notes in nearly all.
         case_id = f"{folder}{num:03d}" if r.random() < CASE_ID_FILLED else ""
-        rec.update(case_num=str(i + 1), clinic=clinic, derm=derm, case_id=case_id,
-                   notes="synthetic case" if r.random() < 0.03 else "")  # fmt: skip
+        rec.update(
+            case_num=str(i + 1),
+            clinic=clinic,
+            derm=derm,
+            case_id=case_id,
+            notes="synthetic case" if r.random() < 0.03 else "",
+        )
         rows.append(rec)
 
     (out / "meta").mkdir(parents=True, exist_ok=True)

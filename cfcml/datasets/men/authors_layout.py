@@ -45,8 +45,16 @@ def _table_path(root: Path, problems: list[Problem]) -> Path | None:
     csvs = sorted(root.glob("*.csv"))
     if len(csvs) == 1:
         return csvs[0]
-    what = "no clinical CSV" if not csvs else f"several CSVs ({', '.join(p.name for p in csvs)}); name the clinical one clinical.csv"
-    problems.append(Problem(str(root), None, None, f"the authors' layout needs one clinical CSV beside the fold folders: found {what}"))
+    what = (
+        "no clinical CSV"
+        if not csvs
+        else f"several CSVs ({', '.join(p.name for p in csvs)}); name the clinical one clinical.csv"
+    )
+    problems.append(
+        Problem(
+            str(root), None, None, f"the authors' layout needs one clinical CSV beside the fold folders: found {what}"
+        )
+    )
     return None
 
 
@@ -56,7 +64,9 @@ def read(spec: DatasetSpec, root: Path) -> LayoutRead:
     k = max(folds)
     for f in range(1, k + 1):
         if f not in folds:
-            problems.append(Problem(f"{f}fold", None, "fold", f"fold folder {f}fold is missing (found {sorted(folds)})"))
+            problems.append(
+                Problem(f"{f}fold", None, "fold", f"fold folder {f}fold is missing (found {sorted(folds)})")
+            )
 
     # where each patient sits: {id: [(fold, part, grade index, folder)]}
     spots: dict[str, list] = {}
@@ -69,17 +79,27 @@ def read(spec: DatasetSpec, root: Path) -> LayoutRead:
                         spots.setdefault(_nfc(p.name), []).append((f, part, g, p))
             others = [p.name for p in (fdir / part).iterdir()] if (fdir / part).is_dir() else []
             for name in sorted(set(others) - set(GRADE_DIRS)):
-                problems.append(Problem(f"{fdir.name}/{part}/{name}", None, "grade",
-                                        f"grade folder '{name}' is not one of {', '.join(GRADE_DIRS)}"))  # fmt: skip
+                problems.append(
+                    Problem(
+                        f"{fdir.name}/{part}/{name}",
+                        None,
+                        "grade",
+                        f"grade folder '{name}' is not one of {', '.join(GRADE_DIRS)}",
+                    )
+                )
 
     path = _table_path(root, problems)
     table = read_table(path, path.name, problems) if path is not None else None
     wanted = [spec.id_column, *spec.attribute_names]
     if table is None or require_columns(table, wanted, problems) is None:
-        return LayoutRead([], path.name if path else "clinical.csv", problems, folds_preset=True, fold_where="<k>fold/test")
+        return LayoutRead(
+            [], path.name if path else "clinical.csv", problems, folds_preset=True, fold_where="<k>fold/test"
+        )
     grade_col = table.column(spec.label_column)
     listed = {_nfc(r.get(table.column(spec.id_column), "").strip()) for r in table.rows}
-    listed |= {re.split(r"[/\\]", cid)[0] for cid in listed if id_problem(cid)}  # `A` of a refused id `A/1`: no 2nd error
+    listed |= {
+        re.split(r"[/\\]", cid)[0] for cid in listed if id_problem(cid)
+    }  # `A` of a refused id `A/1`: no 2nd error
     for cid in sorted(set(spots) - listed):
         problems.append(Problem(_rel(spots[cid][0][3], root), cid, None, f"image folder without a row in {table.rel}"))
 
@@ -98,23 +118,36 @@ def read(spec: DatasetSpec, root: Path) -> LayoutRead:
         grades = {s[2] for s in here}
         if len(grades) > 1:
             names = ", ".join(GRADE_DIRS[g] for g in sorted(grades))
-            problems.append(Problem(_rel(here[0][3], root), cid, "grade", f"patient sits in different Grade folders: {names}"))
+            problems.append(
+                Problem(_rel(here[0][3], root), cid, "grade", f"patient sits in different Grade folders: {names}")
+            )
             continue
         if len(tests) != 1:
-            msg = ("missing fold assignment: not in any <k>fold/test folder" if not tests
-                   else f"in the test folders of several folds ({', '.join(str(s[0]) for s in tests)})")  # fmt: skip
+            msg = (
+                "missing fold assignment: not in any <k>fold/test folder"
+                if not tests
+                else f"in the test folders of several folds ({', '.join(str(s[0]) for s in tests)})"
+            )
             problems.append(Problem(_rel(here[0][3], root), cid, "fold", msg))
             continue
         fold, _, g, folder = tests[0]
         if any(s[0] == fold and s[1] == "train" for s in here):
-            problems.append(Problem(_rel(folder, root), cid, "fold", f"patient is in both {fold}fold/train and {fold}fold/test"))
+            problems.append(
+                Problem(_rel(folder, root), cid, "fold", f"patient is in both {fold}fold/train and {fold}fold/test")
+            )
             continue
         label_text = GRADE_DIRS[g]
         if grade_col is not None and r.get(grade_col, "").strip():
             table_label = spec.class_of(r[grade_col])
             if table_label is not None and table_label != g:
-                problems.append(Problem(where, cid, spec.label_column,
-                                        f"table grade {spec.classes[table_label]} disagrees with folder {GRADE_DIRS[g]}"))  # fmt: skip
+                problems.append(
+                    Problem(
+                        where,
+                        cid,
+                        spec.label_column,
+                        f"table grade {spec.classes[table_label]} disagrees with folder {GRADE_DIRS[g]}",
+                    )
+                )
                 continue
         images = {s: folder / SERIES_FILES[s] for s in spec.series}
         rows.append(RowInput(where, cells, i, images=images, fold=fold, label_text=label_text))

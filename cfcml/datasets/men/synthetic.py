@@ -84,9 +84,7 @@ def class_counts(patients: int, folds: int) -> np.ndarray:
     return counts
 
 
-def plan_cohort(
-    patients: int = 796, seed: int = 0, folds: int = 3, mask_fraction: float = 0.5
-) -> list[PatientPlan]:
+def plan_cohort(patients: int = 796, seed: int = 0, folds: int = 3, mask_fraction: float = 0.5) -> list[PatientPlan]:
     """Draw labels, stratified folds, cues, geometry and the clinical table (no voxels)."""
     rng = np.random.default_rng(seed)
     labels = np.repeat(np.arange(3), class_counts(patients, folds))
@@ -199,9 +197,7 @@ def render(plan: PatientPlan, shape=(48, 48, 12)) -> dict:
         edema = ~tumor & (r_tumor <= plan.radius + plan.edema)
         head = _dist(xyz[..., :2], (0, 0), 0.5 * fov[:2]) <= 0.99  # an elliptic cylinder of tissue
         csf = _dist(xyz, plan.csf_center, (4.0, 6.0, 15.0)) <= 1
-        texture = gaussian_filter(
-            rng.standard_normal(size=n, dtype=np.float32), sigma=(1.5, 1.5, 0.5), truncate=3.0
-        )
+        texture = gaussian_filter(rng.standard_normal(size=n, dtype=np.float32), sigma=(1.5, 1.5, 0.5), truncate=3.0)
         texture /= texture.std() + 1e-8
         img = _intensities(name, plan, tumor, edema, csf, texture)
         img = img * (1 + 0.03 * rng.standard_normal(size=n, dtype=np.float32))  # acquisition noise
@@ -362,7 +358,14 @@ def measure_signal(patients: int = 796, seed: int = 0, shape=(48, 48, 12)) -> di
     y = np.array([p.label for p in plans])
     per = [summary_features(p, shape) for p in plans]
     cases = [
-        Case(p.case_id, p.label, "", (), {a.column: parse_attribute(a, p.attributes[a.column])[0] for a in MEN.attributes}, ())
+        Case(
+            p.case_id,
+            p.label,
+            "",
+            (),
+            {a.column: parse_attribute(a, p.attributes[a.column])[0] for a in MEN.attributes},
+            (),
+        )
         for p in plans
     ]
     tab = tabular_features(MEN, cases)

@@ -13,9 +13,15 @@ from dataclasses import dataclass, field
 METHODS = ("cfcml", "etmc", "ccml", "dmd", "mvcnet", "glomo", "mrim", "mrim_plus")
 # model.method -> the method_args section it reads (None: none)
 ARGS_SECTION = {
-    "cfcml": None, "etmc": "etmc", "ccml": "ccml", "dmd": "dmd", "mvcnet": "mvcnet", "glomo": "glomo",
-    "mrim": "mrim", "mrim_plus": "mrim",
-}  # fmt: skip
+    "cfcml": None,
+    "etmc": "etmc",
+    "ccml": "ccml",
+    "dmd": "dmd",
+    "mvcnet": "mvcnet",
+    "glomo": "glomo",
+    "mrim": "mrim",
+    "mrim_plus": "mrim",
+}
 # Methods built on CFCML's MG-CIE model (everything else sits on the shared stage-4 encoders).
 ON_CFCML = ("cfcml", "mrim_plus")
 
@@ -111,7 +117,9 @@ def method_config_problems(cfg) -> list[str]:
     m, a = cfg.model, cfg.method_args
     problems = []
     if m.method not in ON_CFCML and not (m.use_images and m.use_tabular):
-        problems.append(f"model.method={m.method} fuses images and the table: it needs model.use_images and model.use_tabular")
+        problems.append(
+            f"model.method={m.method} fuses images and the table: it needs model.use_images and model.use_tabular"
+        )
     if any(w < 1 for w in a.etmc.hidden + a.ccml.hidden):
         problems.append("method_args.{etmc,ccml}.hidden: widths must be positive")
     if a.ccml.sharpen < 1:

@@ -62,8 +62,9 @@ class FusionMethod(nn.Module):
         c4 = self.encoders[0].stage_channels[3]
         self.image_proj = (
             nn.ModuleList(nn.Sequential(nn.Linear(c4, m.dim), nn.ReLU()) for _ in range(shape.num_images))
-            if c4 != m.dim else None
-        )  # fmt: skip
+            if c4 != m.dim
+            else None
+        )
         self.image_tokens = math.prod(stage_grids(m.image_encoder, cfg.data.image_size)[3])
         if m.tabular_embedding == "clip":
             self.tabular_embed = TabularTextProjection(CLIP_TEXT_DIM, m.dim)

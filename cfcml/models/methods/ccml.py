@@ -50,15 +50,28 @@ class CCML(FusionMethod):
             evidences = [F.softplus(r.float()) for r in raw]
             parts = ccml_decouple(evidences, self.args.sharpen)
         alpha = parts["fused"] + 1
-        return {"logits": dirichlet_log_mean(alpha), "features": f, "fused": None,
-                "view_alphas": [e + 1 for e in evidences], "consistent_alpha": parts["consistent"] + 1,
-                "complementary_alpha": parts["complementary"] + 1, "alpha": alpha}
+        return {
+            "logits": dirichlet_log_mean(alpha),
+            "features": f,
+            "fused": None,
+            "view_alphas": [e + 1 for e in evidences],
+            "consistent_alpha": parts["consistent"] + 1,
+            "complementary_alpha": parts["complementary"] + 1,
+            "alpha": alpha,
+        }
 
     def loss_terms(self, out: dict, labels: torch.Tensor, *, epoch: int) -> dict:
         a, w = self.args, annealing(epoch, self.args.annealing_epochs)
         views = sum((expected_ce(v, labels) + w * misleading_kl(v, labels)).mean() for v in out["view_alphas"])
-        consistent = (expected_ce(out["consistent_alpha"], labels) + a.delta * w * misleading_kl(out["consistent_alpha"], labels)).mean()
+        consistent = (
+            expected_ce(out["consistent_alpha"], labels) + a.delta * w * misleading_kl(out["consistent_alpha"], labels)
+        ).mean()
         complementary = expected_ce(out["complementary_alpha"], labels).mean()
         total = views + consistent + a.gamma * complementary
-        return {"loss": total, "views": views, "consistent": consistent, "complementary": complementary,
-                "kl_weight": torch.tensor(w)}
+        return {
+            "loss": total,
+            "views": views,
+            "consistent": consistent,
+            "complementary": complementary,
+            "kl_weight": torch.tensor(w),
+        }

@@ -89,7 +89,9 @@ class GraphDistillation(nn.Module):
         super().__init__()
         self.w_logit, self.w_repr = nn.Linear(num_classes, size), nn.Linear(repr_dim, size)
         self.w_edge = nn.Linear(4 * size, 1)
-        self.pairs = [(j, i) for j in range(num_modalities) for i in range(num_modalities) if i != j]  # (student, teacher)
+        self.pairs = [
+            (j, i) for j in range(num_modalities) for i in range(num_modalities) if i != j
+        ]  # (student, teacher)
         self.temperature = temperature
         self.register_buffer("prior", torch.full((len(self.pairs),), 1.0 / len(self.pairs)), persistent=False)
 
@@ -109,7 +111,9 @@ class GraphDistillation(nn.Module):
     def repr_push_loss(self, reprs: list[torch.Tensor], edges: torch.Tensor) -> torch.Tensor:
         """sum over edges of mean_b (w + prior) * max(0, cos(repr_j, sg(repr_i)))."""
         return sum(
-            ((edges[:, e] + self.prior[e]) * F.cosine_similarity(reprs[j], reprs[i].detach(), dim=1).clamp_min(0)).mean()
+            (
+                (edges[:, e] + self.prior[e]) * F.cosine_similarity(reprs[j], reprs[i].detach(), dim=1).clamp_min(0)
+            ).mean()
             for e, (j, i) in enumerate(self.pairs)
         )
 
@@ -192,14 +196,26 @@ class DMD(FusionMethod):
             hetero_feats.append(self.memory[j](h).mean(dim=1))
         hetero = [head(h) for head, h in zip(self.hetero_heads, hetero_feats)]
 
-        gated = [torch.sigmoid(g(h)) for g, h in zip(self.hetero_gates, hetero_feats)] + [torch.sigmoid(self.common_gate(c_fusion))]
+        gated = [torch.sigmoid(g(h)) for g, h in zip(self.hetero_gates, hetero_feats)] + [
+            torch.sigmoid(self.common_gate(c_fusion))
+        ]
         logits, _, fused = self.final(torch.cat(gated, dim=1))
         return {
-            "logits": logits, "features": f, "fused": fused,
-            "inputs": x, "private": s, "common": c, "recon": recon, "private_cycle": s_cycle, "common_sim": common_sim,
-            "homo_logits": [h[0] for h in homo], "homo_reprs": [h[1] for h in homo], "common_logits": logits_common,
-            "hetero_logits": [h[0] for h in hetero], "hetero_reprs": [h[2] for h in hetero],
-        }  # fmt: skip
+            "logits": logits,
+            "features": f,
+            "fused": fused,
+            "inputs": x,
+            "private": s,
+            "common": c,
+            "recon": recon,
+            "private_cycle": s_cycle,
+            "common_sim": common_sim,
+            "homo_logits": [h[0] for h in homo],
+            "homo_reprs": [h[1] for h in homo],
+            "common_logits": logits_common,
+            "hetero_logits": [h[0] for h in hetero],
+            "hetero_reprs": [h[2] for h in hetero],
+        }
 
     def loss_terms(self, out: dict, labels: torch.Tensor, *, epoch: int) -> dict:
         a = self.args
@@ -207,8 +223,10 @@ class DMD(FusionMethod):
         task = sum(F.cross_entropy(lg.float(), labels) for lg in heads)
         recon = sum(F.mse_loss(r.float(), xm.float()) for r, xm in zip(out["recon"], out["inputs"]))
         cycle = sum(F.mse_loss(sc.float(), sm.float()) for sc, sm in zip(out["private_cycle"], out["private"]))
-        ortho = sum(F.cosine_similarity(sm.float(), cm.float(), dim=-1).clamp_min(0).mean()
-                    for sm, cm in zip(out["private"], out["common"]))
+        ortho = sum(
+            F.cosine_similarity(sm.float(), cm.float(), dim=-1).clamp_min(0).mean()
+            for sm, cm in zip(out["private"], out["common"])
+        )
         homo_logits = [lg.float() for lg in out["homo_logits"]]
         hetero_logits = [lg.float() for lg in out["hetero_logits"]]
         edges_homo = self.gd_homo.edges(homo_logits, out["homo_reprs"]).float()
@@ -222,9 +240,20 @@ class DMD(FusionMethod):
         reg_hetero = a.gd_reg * self.gd_hetero.prior_reg(all_hetero)
 
         gd_homo = self.gd_homo.logit_loss(homo_logits, edges_homo) + reg_homo
-        gd_hetero = (self.gd_hetero.logit_loss(hetero_logits, edges_hetero) + reg_hetero
-                     + a.repr_weight * self.gd_hetero.repr_push_loss([r.float() for r in out["hetero_reprs"]], edges_hetero))
+        gd_hetero = (
+            self.gd_hetero.logit_loss(hetero_logits, edges_hetero)
+            + reg_hetero
+            + a.repr_weight * self.gd_hetero.repr_push_loss([r.float() for r in out["hetero_reprs"]], edges_hetero)
+        )
         decouple = cycle + recon + 0.1 * (margin + ortho)
         total = task + a.w_gd * (gd_homo + gd_hetero) + a.w_decouple * decouple
-        return {"loss": total, "task": task, "gd_homo": gd_homo, "gd_hetero": gd_hetero, "recon": recon, "cycle": cycle,
-                "margin": margin, "ortho": ortho}
+        return {
+            "loss": total,
+            "task": task,
+            "gd_homo": gd_homo,
+            "gd_hetero": gd_hetero,
+            "recon": recon,
+            "cycle": cycle,
+            "margin": margin,
+            "ortho": ortho,
+        }

@@ -52,7 +52,9 @@ class ETMC(FusionMethod):
         super().__init__(cfg, shape, num_tabular_features)
         a, d, k = cfg.method_args.etmc, self.dim, self.num_classes
         self.annealing_epochs = a.annealing_epochs
-        self.view_heads = torch.nn.ModuleList(mlp_head(d, a.hidden, k, cfg.model.dropout) for _ in range(self.num_modalities))
+        self.view_heads = torch.nn.ModuleList(
+            mlp_head(d, a.hidden, k, cfg.model.dropout) for _ in range(self.num_modalities)
+        )
         self.pseudo_head = mlp_head(self.num_modalities * d, a.hidden, k, cfg.model.dropout)
 
     def forward(self, images: list[torch.Tensor], tabular: torch.Tensor) -> dict:
@@ -63,13 +65,24 @@ class ETMC(FusionMethod):
             alphas = [F.softplus(o.float()) + 1 for o in view_out]
             pseudo = F.softplus(pseudo_out.float()) + 1
             combined = ds_combine(combine_opinions(alphas), pseudo)
-        return {"logits": dirichlet_log_mean(combined), "features": f, "fused": None,
-                "view_alphas": alphas, "pseudo_alpha": pseudo, "alpha": combined}
+        return {
+            "logits": dirichlet_log_mean(combined),
+            "features": f,
+            "fused": None,
+            "view_alphas": alphas,
+            "pseudo_alpha": pseudo,
+            "alpha": combined,
+        }
 
     def loss_terms(self, out: dict, labels: torch.Tensor, *, epoch: int) -> dict:
         w = annealing(epoch, self.annealing_epochs)
         views = sum(evidential_loss(a, labels, w) for a in out["view_alphas"])
         pseudo = evidential_loss(out["pseudo_alpha"], labels, w)
         combined = evidential_loss(out["alpha"], labels, w)
-        return {"loss": views + pseudo + combined, "views": views, "pseudo": pseudo, "combined": combined,
-                "kl_weight": torch.tensor(w)}
+        return {
+            "loss": views + pseudo + combined,
+            "views": views,
+            "pseudo": pseudo,
+            "combined": combined,
+            "kl_weight": torch.tensor(w),
+        }

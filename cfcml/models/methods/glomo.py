@@ -42,7 +42,9 @@ class ModalityAttention(nn.Module):
 
     def __init__(self, num_modalities: int, dim: int, dropout: float):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(num_modalities * dim, dim), nn.Dropout(dropout), nn.ReLU(), nn.Linear(dim, num_modalities))
+        self.mlp = nn.Sequential(
+            nn.Linear(num_modalities * dim, dim), nn.Dropout(dropout), nn.ReLU(), nn.Linear(dim, num_modalities)
+        )
         self.scale = dim**-0.5
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -70,17 +72,27 @@ class GLoMo(FusionMethod):
     def forward(self, images: list[torch.Tensor], tabular: torch.Tensor) -> dict:
         tokens = self.encode(images, tabular)
         f = pooled(tokens)
-        moe = [mix(self.segments(conv(x.transpose(1, 2))).flatten(1)) for conv, mix, x in zip(self.local_conv, self.moe, tokens)]
+        moe = [
+            mix(self.segments(conv(x.transpose(1, 2))).flatten(1))
+            for conv, mix, x in zip(self.local_conv, self.moe, tokens)
+        ]
         seq = torch.stack([v for g, m in zip(f, moe) for v in (g, m["out"])], dim=1)  # [B, 2M, d]: g_1, l_1, g_2, ...
         h = self.fusion(seq)
         h_global, h_local = h[:, 0::2], h[:, 1::2]  # [B, M, d] each
         a, b = self.global_attention(h_global), self.local_attention(h_local)
         f_cross = self.cross(torch.cat([(a[..., None] * h_global).sum(1), (b[..., None] * h_local).sum(1)], dim=1))
-        per_modality = torch.stack([lin(torch.cat([h_global[:, m], h_local[:, m]], dim=1)) for m, lin in enumerate(self.modality)], dim=1)
+        per_modality = torch.stack(
+            [lin(torch.cat([h_global[:, m], h_local[:, m]], dim=1)) for m, lin in enumerate(self.modality)], dim=1
+        )
         f_mod = (a[..., None] * per_modality).sum(1)
         fused = torch.cat([f_cross, f_mod], dim=1)
-        return {"logits": self.classifier(fused), "features": f, "fused": fused,
-                "gates": [m["gates"] for m in moe], "load": [m["load"] for m in moe]}
+        return {
+            "logits": self.classifier(fused),
+            "features": f,
+            "fused": fused,
+            "gates": [m["gates"] for m in moe],
+            "load": [m["load"] for m in moe],
+        }
 
     def loss_terms(self, out: dict, labels: torch.Tensor, *, epoch: int) -> dict:
         ce = F.cross_entropy(out["logits"].float(), labels)

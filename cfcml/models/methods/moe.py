@@ -39,7 +39,9 @@ class NoisyTopKMoE(nn.Module):
     implementation written for log-probabilities).
     """
 
-    def __init__(self, dim_in: int, hidden: int, dim_out: int, experts: int, k: int, noisy: bool = True, combine: str = "sum"):
+    def __init__(
+        self, dim_in: int, hidden: int, dim_out: int, experts: int, k: int, noisy: bool = True, combine: str = "sum"
+    ):
         super().__init__()
         self.experts = nn.ModuleList(
             nn.Sequential(nn.Linear(dim_in, hidden), nn.ReLU(), nn.Linear(hidden, dim_out)) for _ in range(experts)
@@ -64,7 +66,9 @@ class NoisyTopKMoE(nn.Module):
             threshold_in = top_values[:, self.k : self.k + 1]  # an expert in the top k must beat the (k+1)-th
             threshold_out = top_values[:, self.k - 1 : self.k]  # one outside must beat the k-th
             is_in = logits > threshold_in
-            load = torch.where(is_in, normal.cdf((clean - threshold_in) / std), normal.cdf((clean - threshold_out) / std))
+            load = torch.where(
+                is_in, normal.cdf((clean - threshold_in) / std), normal.cdf((clean - threshold_out) / std)
+            )
         else:
             load = (gates > 0).to(gates.dtype)
         return gates, load

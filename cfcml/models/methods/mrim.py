@@ -60,7 +60,9 @@ def _contrastive(logits: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> 
     return torch.where(valid, term, torch.zeros_like(term))
 
 
-def mrim_losses(features: list[torch.Tensor], labels: torch.Tensor, proxies: MrimProxies, tau: float) -> dict[str, torch.Tensor]:
+def mrim_losses(
+    features: list[torch.Tensor], labels: torch.Tensor, proxies: MrimProxies, tau: float
+) -> dict[str, torch.Tensor]:
     """M features [B, d] (tabular last), labels [B] -> {"s2s", "s2p"} (float32 scalars)."""
     with torch.autocast(labels.device.type, enabled=False):
         z = F.normalize(torch.stack([f.float() for f in features]), dim=-1)  # [M, B, d]

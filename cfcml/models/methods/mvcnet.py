@@ -53,7 +53,9 @@ class MVCNet(FusionMethod):
         self.table_reads_image = nn.MultiheadAttention(h, cfg.model.heads, dropout=a.attn_dropout, batch_first=True)
         self.image_reads_table = nn.MultiheadAttention(h, cfg.model.heads, dropout=a.attn_dropout, batch_first=True)
         self.image_out, self.table_out = nn.Linear(h, h), nn.Linear(h, h)
-        self.classifier = nn.Sequential(nn.Linear(2 * h, h), nn.ReLU(), nn.Dropout(cfg.model.dropout), nn.Linear(h, self.num_classes))
+        self.classifier = nn.Sequential(
+            nn.Linear(2 * h, h), nn.ReLU(), nn.Dropout(cfg.model.dropout), nn.Linear(h, self.num_classes)
+        )
 
     def forward(self, images: list[torch.Tensor], tabular: torch.Tensor) -> dict:
         tokens = self.encode(images, tabular)
