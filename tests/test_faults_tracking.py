@@ -200,11 +200,6 @@ def _children(client, study: str):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="a trial that ends while the server is away: Tune ends the trial (max_t) and its Train worker is killed "
-    "before the MetricSender drains, so the outage's epochs are lost untagged (issue 23 part 1, open)",
-    strict=False,
-)
 def test_study_survives_the_tracking_server_being_killed_and_restarted(cohort, tmp_path):
     """2 trials of 12 epochs at once; once an epoch has been logged the server is SIGKILLed and
     started again ~20 s later. The study finishes; each trial's run holds every epoch of its

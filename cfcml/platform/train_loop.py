@@ -133,11 +133,13 @@ class _Tracker:
             self.sender.log({k: v for k, v in metrics.items() if k != "epoch"}, step)
 
     def close(self) -> None:
-        if self.sender is not None:
-            self.sender.close(self.flush_timeout_s)
-        if self.monitor is not None:
+        """Drain the metric queue and stop system metrics; idempotent."""
+        sender, monitor, self.sender, self.monitor = self.sender, self.monitor, None, None
+        if sender is not None:
+            sender.close(self.flush_timeout_s)
+        if monitor is not None:
             try:
-                self.monitor.finish()
+                monitor.finish()
             except Exception as e:  # noqa: BLE001
                 log.debug("system metrics monitor: %s", e)
 
@@ -262,6 +264,10 @@ def train_loop_per_worker(config: dict) -> None:
                 metrics["restarts"] = state["restarts"]
                 metrics["resumed_from_epoch"] = state["resumed_from_epoch"] or 0
                 tracker.log(metrics, metrics["epoch"])
+                if all(r.done for r in runs):
+                    # Tune ends a trial at its last report and its workers with it: deliver (or
+                    # count as lost) the queued metrics first, while this process still lives
+                    tracker.close()
                 if rank == 0:
                     tmp = Path(tempfile.mkdtemp(prefix="cfcml-ckpt-"))
                     try:
