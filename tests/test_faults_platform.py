@@ -272,11 +272,20 @@ def test_predict_unknown_model_is_one_line(mlflow_server, model, needles, tmp_pa
 
 
 @pytest.mark.services
-def test_predict_model_that_is_not_cfcml(registry_versions, tmp_path):
-    url, name, _ = registry_versions
-    r = cfcml(
-        "predict", "--model", f"models:/{name}@champion", "--data", str(tmp_path), "--tracking-uri", url, cwd=tmp_path
-    )
+def test_predict_model_that_is_not_cfcml(mlflow_server, tmp_path):
+    import mlflow
+    from mlflow import MlflowClient
+
+    from tests.test_registry import FixedProbs
+
+    url, name = mlflow_server.url, f"plain-{uuid.uuid4().hex[:6]}"
+    mlflow.set_tracking_uri(url)
+    with mlflow.start_run(experiment_id=MlflowClient(url).create_experiment(name)):
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=FixedProbs([[1.0, 0.0]] * 3), pip_requirements=["numpy"]
+        )
+    mlflow.register_model(info.model_uri, name)
+    r = cfcml("predict", "--model", f"models:/{name}/1", "--data", str(tmp_path), "--tracking-uri", url, cwd=tmp_path)
     assert_one_line(r, 2, "is not a cfcml model")
     assert not (tmp_path / "preds.csv").exists()
 
