@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: setup lint
-	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q --timeout=900
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q --timeout=900 --durations=30
 
 # The formatter owns the layout; the linter the rest.
 lint: setup

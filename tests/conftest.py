@@ -9,6 +9,39 @@ from pathlib import Path
 
 import pytest
 
+# --------------------------------------------------------------------------- isolation
+
+
+@contextmanager
+def mlflow_uris_kept():
+    """MLflow keeps its tracking and registry URIs in module globals and mirrors them into
+    MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI: code that sets one (a test, or the study driver
+    it runs in-process) would point every later test, and the processes they start, at its
+    server. Restores the raw globals and variables, not the resolved URIs."""
+    import os
+
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    env = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    saved = tracking_utils._tracking_uri, registry_utils._registry_uri
+    try:
+        yield
+    finally:
+        tracking_utils._tracking_uri, registry_utils._registry_uri = saved
+        for key, value in env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_uris_per_test():
+    with mlflow_uris_kept():
+        yield
+
+
 # --------------------------------------------------------------------------- services
 # Real services on 127.0.0.1 (free ports), started once per test session and stopped by
 # process id at the end. Tests that use them are marked `services`.

@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import mlflow_uris_kept
 
 from cfcml.config import build_config, save_config
 from cfcml.platform import report_logging as rl
@@ -26,14 +27,11 @@ def client(tmp_path_factory):
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as mp:
+    with pytest.MonkeyPatch.context() as mp, mlflow_uris_kept():
         mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-        previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
         mlflow.set_tracking_uri(uri)
         mlflow.set_registry_uri(uri)
         yield MlflowClient(uri, registry_uri=uri)
-        mlflow.set_tracking_uri(previous[0])
-        mlflow.set_registry_uri(previous[1])
 
 
 def test_experiment_is_model_training_on_create_and_on_reuse(client):
