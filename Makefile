@@ -21,10 +21,11 @@ $(STAMP): pyproject.toml
 test: setup lint
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q --timeout=900 --durations=30
 
-# The formatter owns the layout; the linter the rest.
+# The formatter owns the layout; the linter the rest; import-linter the layers (pyproject.toml).
 lint: setup
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 test-fast: setup
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q -m "not slow and not services"

@@ -468,7 +468,7 @@ def run_hpo(
 ) -> dict:
     from mlflow.tracking import MlflowClient
 
-    from cfcml.platform.tune import StudySpec, run_study
+    from cfcml.platform.study import StudySpec, run_study
 
     name = f"hpo-vs-grid-{args.stamp}-s{seed}"
     spec = StudySpec(
@@ -522,7 +522,7 @@ def warm_sentence_cache(data: Path, overrides: list[str]) -> None:
     """Embed the cohort's sentences once here, so that no grid worker builds the text encoder."""
     from cfcml.config import build_config
     from cfcml.datasets.reader import load_cohort
-    from cfcml.platform.tune import warm_caches
+    from cfcml.platform.study import warm_caches
 
     cfg = build_config(PRESET, overrides)
     warm_caches(cfg, load_cohort(cfg.dataset, data))

@@ -150,7 +150,7 @@ def main(argv=None) -> int:
         else:
             services = start_services(work / "svc", args.cpus)
         from cfcml.datasets import write_synthetic
-        from cfcml.platform.tune import StudySpec, run_study
+        from cfcml.platform.study import StudySpec, run_study
 
         data = work / f"men{args.patients}"
         if not (data / "clinical.csv").exists():

@@ -313,7 +313,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from .platform.study_options import run
+    from .platform.study.options import run
 
     return run(args)
 
@@ -487,7 +487,7 @@ def build_parser(tune_options: bool = True) -> argparse.ArgumentParser:
 
     p = sub.add_parser("tune", help="a hyper-parameter study (Ray Tune + Optuna + ASHA, tracked in MLflow)")
     if tune_options:
-        from .platform import study_options
+        from .platform.study import options as study_options
 
         p.description = study_options.DESCRIPTION
         study_options.add_study_options(p)

@@ -1,6 +1,8 @@
 """The typed experiment config: preset YAML + `--set key=value` overrides, validated once.
 
 Every part of cfcml receives a `Config`; nothing below the CLI/jobs reads argv or env vars.
+The config sits above the models and the cohorts it validates against (the method registry,
+the cohort schema); those layers take the Config they are given and never import this module.
 """
 
 from __future__ import annotations
@@ -15,8 +17,11 @@ from typing import Any, get_type_hints
 
 import yaml
 
-from .models.methods.args import CHOICES as METHOD_CHOICES
-from .models.methods.args import MethodArgs, foreign_method_args, method_config_problems
+from .datasets.spec import DatasetSpec, SpecError, load_spec
+from .models import methods as _methods  # noqa: F401  (importing the package registers the built-in methods)
+from .models.registry import foreign_method_args, method_args_type, method_choices, method_config_problems
+from .util.errors import ConfigError
+from .util.metric_names import metric_names
 
 
 @dataclass
@@ -35,7 +40,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    method: str = "cfcml"  # cfcml | etmc | ccml | dmd | mvcnet | glomo | mrim | mrim_plus (cfcml.models.methods)
+    method: str = "cfcml"  # a registered method: cfcml | etmc | ccml | dmd | mvcnet | glomo | mrim | mrim_plus | ...
     image_encoder: str = "nnmamba3d"  # nnmamba3d | swin_t
     image_channels: int = 16  # nnMamba base width C
     mamba_d_state: int = 16  # nnMamba's SSM state size N
@@ -111,16 +116,13 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    method_args: MethodArgs = field(default_factory=MethodArgs)  # only the selected method's section may be set
+    # one section per registered method's args (cfcml.models.registry); only the selected method's may be set
+    method_args: Any = field(default_factory=lambda: method_args_type()())
     report: ReportConfig = field(default_factory=ReportConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-class ConfigError(ValueError):
-    pass
 
 
 CHOICES = {
@@ -137,8 +139,12 @@ CHOICES = {
     "train.amp": {"auto", "bf16", "fp32"},
     "train.epoch_steps": {"majority", "dataset"},
     "predict.decision": {"balanced", "prior"},
-    **METHOD_CHOICES,
 }
+
+
+def choices() -> dict[str, set]:
+    """Every key with a fixed set of values: the table above and the method registry's."""
+    return {**CHOICES, **method_choices()}
 
 
 def preset_names() -> list[str]:
@@ -209,6 +215,8 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
 
 def _build(cls: type, values: dict, prefix: str) -> Any:
     hints = get_type_hints(cls)
+    if cls is Config:
+        hints["method_args"] = method_args_type()  # the registry's sections, as registered now
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = set(values) - known
     if unknown:
@@ -223,8 +231,9 @@ def _build(cls: type, values: dict, prefix: str) -> Any:
             kwargs[name] = _build(typ, value, key + ".")
         else:
             kwargs[name] = _coerce(value, typ, key)
-            if key in CHOICES and kwargs[name] not in CHOICES[key]:
-                raise ConfigError(f"{key}: {kwargs[name]!r} is not one of {sorted(CHOICES[key], key=str)}")
+            allowed = choices().get(key)
+            if allowed is not None and kwargs[name] not in allowed:
+                raise ConfigError(f"{key}: {kwargs[name]!r} is not one of {sorted(allowed, key=str)}")
     return cls(**kwargs)
 
 
@@ -302,10 +311,8 @@ def _get(cfg: Config, key: str):
     return getattr(getattr(cfg, section), name)
 
 
-def cohort_spec(cfg: Config):
+def cohort_spec(cfg: Config) -> DatasetSpec:
     """The cohort schema `cfg.dataset` names; a bad name or schema is a ConfigError."""
-    from .datasets.spec import SpecError, load_spec
-
     try:
         return load_spec(cfg.dataset)
     except SpecError as e:
@@ -376,8 +383,6 @@ def _validate(cfg: Config) -> None:
         "train.batch_size",
         f"{t.batch_size} cannot hold one case of each of the {spec.num_classes} classes",
     )
-    from .engine.metrics import metric_names
-
     names = [*metric_names(spec.classes), "loss"]
     _check(
         t.select_metric in names,

@@ -10,7 +10,7 @@ design: docs/platform.md.
 
 import sys
 
-from cfcml.platform.study_options import main
+from cfcml.platform.study.options import main
 
 if __name__ == "__main__":
     sys.exit(main(prog="jobs/tune.py"))

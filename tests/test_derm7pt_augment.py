@@ -136,9 +136,9 @@ def test_pair_transform_modes():
 def test_config_reaches_the_training_dataset_only(tmp_path):
     from cfcml.config import build_config
     from cfcml.datasets.derm7pt.synthetic import write_synthetic_derm7pt
-    from cfcml.datasets.loaders import make_datasets
     from cfcml.datasets.reader import load_cohort
     from cfcml.datasets.spec import load_spec
+    from cfcml.engine.loaders import make_datasets
     from cfcml.engine.splits import fixed_split
 
     spec = load_spec("derm7pt")

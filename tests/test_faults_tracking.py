@@ -148,7 +148,7 @@ def test_call_with_retry_backs_off_to_a_bound_and_gives_up_at_the_deadline():
 def import_heavy_modules_as_run_study_does() -> None:
     import importlib
 
-    for name in ("mlflow", "optuna", "ray.tune", "cfcml.platform.study_views", "cfcml.platform.pyfunc"):
+    for name in ("mlflow", "optuna", "ray.tune", "cfcml.platform.study.views", "cfcml.platform.pyfunc"):
         importlib.import_module(name)
 
 
@@ -159,7 +159,7 @@ def test_study_with_an_unreachable_tracking_server_stops_in_seconds_and_starts_n
     import ray
 
     from cfcml.platform.services import free_port
-    from cfcml.platform.tune import StudyError, StudySpec, run_study
+    from cfcml.platform.study import StudyError, StudySpec, run_study
 
     url = f"http://127.0.0.1:{free_port()}"
     spec = StudySpec(
@@ -209,8 +209,8 @@ def test_study_survives_the_tracking_server_being_killed_and_restarted(cohort, t
     import optuna
     from mlflow.tracking import MlflowClient
 
+    from cfcml.platform.study import TAG_TRIAL
     from cfcml.platform.tracking import TAG_METRICS_LOST
-    from cfcml.platform.tune import TAG_TRIAL
 
     epochs, study = 12, "outage"
     env = {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true", **SHORT_RETRIES}

@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 
 from cfcml.cli import main as cfcml_main
-from cfcml.platform import services, study_options, tune
-from cfcml.platform.tune import StudySpec
+from cfcml.platform import services
+from cfcml.platform.study import StudySpec
+from cfcml.platform.study import options as study_options
+from cfcml.platform.study import run as study_run
 
 ROOT = Path(__file__).resolve().parents[1]
 FIELDS = dataclasses.fields(StudySpec)
@@ -27,7 +29,7 @@ def captured(monkeypatch):
         specs.append(spec)
         return {"best_trial_id": "t0", "best_cv_val_auc": 0.5, "best_params": {}}
 
-    monkeypatch.setattr(tune, "run_study", fake_run_study)
+    monkeypatch.setattr(study_run, "run_study", fake_run_study)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("CFCML_GIT_COMMIT", raising=False)
     return specs
@@ -269,8 +271,8 @@ def test_dev_start_without_a_name_starts_the_make_run_stack_with_env_defaults(tm
 
         return start
 
-    monkeypatch.setattr(services, "start_mlflow_server", fake("mlflow"))
-    monkeypatch.setattr(services, "start_ray_head", fake("ray"))
+    monkeypatch.setattr(services.dev, "start_mlflow_server", fake("mlflow"))  # what `cfcml dev start` calls
+    monkeypatch.setattr(services.dev, "start_ray_head", fake("ray"))
     monkeypatch.setenv("CFCML_STATE_DIR", str(tmp_path))
     monkeypatch.setenv("CFCML_MLFLOW_PORT", "5123")
     monkeypatch.setenv("CFCML_RAY_NUM_CPUS", "3")

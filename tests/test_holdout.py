@@ -76,7 +76,7 @@ def measured(men, tmp_path_factory):
     from cfcml.engine.run import train_one
     from cfcml.platform.artifact_eval import evaluation_set, member_seen_ids, write_evaluation
     from cfcml.platform.pyfunc import build_package, save_model
-    from cfcml.platform.tune import measure_package
+    from cfcml.platform.study import measure_package
 
     tmp = tmp_path_factory.mktemp("measured")
     cfg = build_config("men-smoke", [*QUICK, f"data.cache_dir={tmp / 'cache'}"])

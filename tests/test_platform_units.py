@@ -14,7 +14,7 @@ from cfcml.platform.search_space import (
     load_search_space,
     trial_run_name,
 )
-from cfcml.platform.tune import StudySpec, join_uri, plan_concurrency, resolve_trial_config
+from cfcml.platform.study import StudySpec, join_uri, plan_concurrency, resolve_trial_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACES = ROOT / "search_spaces"
@@ -185,7 +185,7 @@ def test_pyfunc_rows_round_trip_to_the_same_sentences(tmp_path):
 
 
 def test_gpus_per_worker_defaults_to_the_hardware_the_cluster_has():
-    from cfcml.platform.study_options import build_parser
+    from cfcml.platform.study.options import build_parser
 
     parser = build_parser("jobs/tune_men.py", {"dataset": "men", "preset": "men"}, 60)
     assert parser.parse_args([]).gpus_per_worker is None  # auto

@@ -4,6 +4,7 @@ registrations of the same model name at once, against a real MLflow server on 12
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import time
 import uuid
@@ -11,14 +12,29 @@ import uuid
 import pytest
 
 from cfcml.config import build_config
-from cfcml.platform.protocol_digest import protocol_differences, protocol_digest, protocol_fields, protocol_record
+from cfcml.platform.protocol_digest import (
+    PROTOCOL_DIGEST_KEY,
+    PROTOCOL_KEY,
+    fields_digest,
+    protocol_differences,
+    protocol_digest,
+    protocol_fields,
+    protocol_record,
+)
 from cfcml.platform.registry import (
     CHAMPION,
+    Measurement,
     PromotionError,
+    Protocol,
     audit_trail,
     check_gate_metric,
+    differences,
+    gate_value,
+    judge,
     lock_name,
+    metric_spec,
     parse_evaluation,
+    parse_protocol,
     promote,
 )
 from tests.test_registry import IDS, PROTOCOL, version
@@ -116,6 +132,64 @@ def test_the_gate_reads_what_a_study_ships():
     assert EVALUATION_FILE == artifact_eval.EVALUATION_FILE and KINDS == artifact_eval.KINDS
     e = parse_evaluation({"kind": "holdout", "ids": ["b", "a"], "data_digest": "d", "metrics": {}}, "x")
     assert e.ids_digest == ids_digest(["a", "b"])  # the digest registration tags as evaluation.ids_digest
+
+
+def _measurement(value, *, ids=("a", "b"), kind="holdout", data="d", protocol=None):
+    fields = PROTOCOL if protocol is None else protocol
+    evaluation = parse_evaluation({"kind": kind, "ids": list(ids), "data_digest": data, "metrics": {"auc": value}}, "x")
+    return Measurement(value, evaluation, Protocol(fields_digest(fields), fields))
+
+
+def test_the_gate_rules_are_pure_functions_of_the_measurements():
+    auc, brier = metric_spec("auc"), metric_spec("brier")
+    champ = _measurement(0.7)
+    same = {"spec": auc, "label": "m v2", "champ_label": "champion m v1", "champion_version": "1"}
+    assert judge(_measurement(0.8, ids=("b", "a")), champ, **same).promote  # ids in any order: like with like
+    refused = judge(_measurement(0.7), champ, **same)  # equal is not strictly better
+    assert not refused.promote and refused.champion is champ
+    assert refused.message == (
+        "refused: m v2 auc=0.7 is not better than champion v1 auc=0.7 (higher is better, holdout, 2 patients); "
+        "champion unchanged"
+    )
+    lower = judge(_measurement(1.2), _measurement(1.5), **same | {"spec": brier})
+    assert (
+        lower.promote
+        and "lower is better" in judge(_measurement(1.5), _measurement(1.2), **same | {"spec": brier}).message
+    )
+    other = _measurement(0.9, ids=("a", "c"), kind="test_split", data="e", protocol=PROTOCOL | {"train.epochs": 80})
+    found = differences(other, champ)
+    assert [d.split(" ")[0] for d in found] == ["evaluation", "patients:", "data:", "protocol:"]
+    assert "1 only in the candidate, 1 only in the champion" in found[1] and "train.epochs 80 vs 50" in found[3]
+    with pytest.raises(PromotionError, match=r"m v2 and champion m v1 were not measured alike — evaluation kind"):
+        judge(other, champ, **same)
+
+
+def test_a_gate_value_is_the_artifacts_own_valid_metric():
+    doc = {"kind": "holdout", "ids": ["a"], "data_digest": "d", "metrics": {"auc": 0.8, "brier": 1.7}}
+    assert gate_value(parse_evaluation(doc, "v1"), metric_spec("auc"), "v1") == 0.8
+    assert gate_value(parse_evaluation(doc, "v1"), metric_spec("brier"), "v1") == 1.7  # multi-class: [0, 2]
+    with pytest.raises(PromotionError, match=r"v1: its evaluation.json has no metric 'acc' \(it has: auc, brier\)"):
+        gate_value(parse_evaluation(doc, "v1"), metric_spec("acc"), "v1")
+    with pytest.raises(PromotionError, match="v1 has no test metric of its own.*'out_of_fold'"):
+        gate_value(parse_evaluation(doc | {"kind": "out_of_fold"}, "v1"), metric_spec("auc"), "v1")
+    with pytest.raises(PromotionError, match=r"brier = 2.5 is outside its valid range \[0, 2\]"):
+        gate_value(parse_evaluation(doc | {"metrics": {"brier": 2.5}}, "v1"), metric_spec("brier"), "v1")
+
+
+def test_a_protocol_is_read_from_the_first_source_that_records_one():
+    record = {PROTOCOL_KEY: json.dumps(PROTOCOL), PROTOCOL_DIGEST_KEY: fields_digest(PROTOCOL)}
+    assert parse_protocol([{}, record], "v1") == Protocol(fields_digest(PROTOCOL), PROTOCOL)  # param else tag
+    other = PROTOCOL | {"holdout": 0.1}
+    assert parse_protocol([{PROTOCOL_KEY: json.dumps(other)}, record], "v1").digest == fields_digest(other)
+    assert parse_protocol([{PROTOCOL_DIGEST_KEY: "abc"}], "v1") == Protocol("abc", None)
+    with pytest.raises(PromotionError, match="v1: cfcml.protocol_digest abc is not the digest of its cfcml.protocol"):
+        parse_protocol([record | {PROTOCOL_DIGEST_KEY: "abc"}], "v1")
+    with pytest.raises(PromotionError, match="v1: cfcml.protocol is not valid JSON"):
+        parse_protocol([{PROTOCOL_KEY: "{"}], "v1")
+    with pytest.raises(PromotionError, match="v1: cfcml.protocol is not a JSON object"):
+        parse_protocol([{PROTOCOL_KEY: "[1]"}], "v1")
+    with pytest.raises(PromotionError, match="v1 records no cfcml.protocol_digest.*--force --reason"):
+        parse_protocol([{}, {"other": "x"}], "v1")
 
 
 def test_ids_digest_ignores_order():

@@ -16,7 +16,7 @@ from mlflow.entities.model_registry import ModelVersion
 
 from cfcml.platform import registry
 from cfcml.platform.protocol_digest import PROTOCOL_DIGEST_KEY, PROTOCOL_KEY, fields_digest
-from cfcml.platform.registry import CHAMPION, PromotionError, audit_trail, metric_spec, promote
+from cfcml.platform.registry import CHAMPION, PromotionError, audit_trail, metric_spec, promote, promotion
 
 pytestmark = pytest.mark.services
 
@@ -281,7 +281,7 @@ def test_champion_moved_between_read_and_write_is_re_evaluated(
     candidate = version(registry_env, model_name, {"auc": 0.80})
     promote(client, model_name, version=old)
 
-    real, calls = registry.current_champion, []
+    real, calls = promotion.current_champion, []
 
     def racing_champion(c, name):
         calls.append(name)
@@ -289,7 +289,7 @@ def test_champion_moved_between_read_and_write_is_re_evaluated(
             c.set_registered_model_alias(name, CHAMPION, concurrent)
         return real(c, name)
 
-    monkeypatch.setattr(registry, "current_champion", racing_champion)
+    monkeypatch.setattr(promotion, "current_champion", racing_champion)
     r = promote(client, model_name, version=candidate)
     assert r.attempts == 2 and r.previous_champion == concurrent
     assert r.promoted is promoted
@@ -302,14 +302,14 @@ def test_a_champion_that_keeps_moving_is_an_error(registry_env, model_name, monk
     b = version(registry_env, model_name, {"auc": 0.2})
     candidate = version(registry_env, model_name, {"auc": 0.9})
     promote(client, model_name, version=a)
-    real, state = registry.current_champion, {"n": 0}
+    real, state = promotion.current_champion, {"n": 0}
 
     def flapping(c, name):
         state["n"] += 1
         c.set_registered_model_alias(name, CHAMPION, a if state["n"] % 2 else b)
         return real(c, name)
 
-    monkeypatch.setattr(registry, "current_champion", flapping)
+    monkeypatch.setattr(promotion, "current_champion", flapping)
     with pytest.raises(PromotionError, match="changed 3 times"):
         promote(client, model_name, version=candidate)
     assert champion(client, model_name) in (a, b)

@@ -83,7 +83,7 @@ def test_report_of_a_cv_folder(cv, report):
 def test_removing_an_input_changes_what_the_model_sees(cv):
     """The removal reaches the model: with the series' volume zeroed / the attribute's sentence
     replaced, the predictions differ from the reference (same weights, same cases)."""
-    from cfcml.datasets.loaders import make_dataset, tabular_inputs
+    from cfcml.engine.loaders import make_dataset, tabular_inputs
     from cfcml.report import from_runs as fr
 
     runs, summary = fr.find_runs(cv[0])

@@ -273,7 +273,7 @@ class _Client:
 
 
 def test_views_count_states_epochs_and_importances(tmp_path):
-    from cfcml.platform import study_views
+    from cfcml.platform.study import views as study_views
 
     url = f"sqlite:///{tmp_path / 'o.db'}"
     study = _study(n_complete=5, n_pruned=3)
@@ -300,7 +300,7 @@ def test_views_count_states_epochs_and_importances(tmp_path):
 
 
 def test_views_with_few_complete_trials_fall_back_to_pruned_values_and_say_so(tmp_path):
-    from cfcml.platform import study_views
+    from cfcml.platform.study import views as study_views
 
     url = f"sqlite:///{tmp_path / 'o.db'}"
     study = _study(n_complete=2, n_pruned=2)
@@ -314,7 +314,7 @@ def test_views_with_few_complete_trials_fall_back_to_pruned_values_and_say_so(tm
 
 
 def test_views_with_one_trial_say_why_there_are_no_importances(tmp_path):
-    from cfcml.platform import study_views
+    from cfcml.platform.study import views as study_views
 
     url = f"sqlite:///{tmp_path / 'o.db'}"
     study = _study(n_complete=1, n_pruned=0)
@@ -327,7 +327,7 @@ def test_views_with_one_trial_say_why_there_are_no_importances(tmp_path):
 
 
 def test_views_never_raise(tmp_path):
-    from cfcml.platform import study_views
+    from cfcml.platform.study import views as study_views
 
     assert study_views.log_study_views(_Client(), "run", "missing", f"sqlite:///{tmp_path / 'none.db'}", 1) == {}
 

@@ -267,7 +267,7 @@ def test_study_callback_ends_trial_runs_at_once_and_plots_in_the_background(expe
     from mlflow.entities import Metric
     from ray import cloudpickle
 
-    from cfcml.platform import tune as tune_mod
+    from cfcml.platform.study import callback as tune_mod
 
     client = MlflowClient()
     experiment_id = client.create_experiment(experiment)

@@ -10,6 +10,7 @@ import importlib
 from pathlib import Path
 
 from cfcml.datasets.spec import DatasetSpec, SpecError, builtin_names, load_spec
+from cfcml.datasets.synthetic import write_synthetic_cohort
 
 SYNTHETIC_MARKER = ".cfcml-synthetic"  # in a cohort's root: its data are synthetic
 
@@ -26,8 +27,6 @@ def write_synthetic(dataset: DatasetSpec | str, out, size: int | None = None, se
         if hasattr(module, "write_synthetic"):
             root = module.write_synthetic(out, size, seed)
     if root is None:
-        from cfcml.datasets.synthetic import write_synthetic_cohort
-
         root = write_synthetic_cohort(spec, out, **({"cases": size} if size else {}), seed=seed)
     # reports and model cards say "synthetic" when they find this file (not part of the cohort digest)
     (Path(root) / SYNTHETIC_MARKER).write_text(f"synthetic {spec.name} cohort written by cfcml (seed {seed})\n")

@@ -53,6 +53,8 @@ from typing import Any
 
 import yaml
 
+from .shape import CohortShape
+
 IMAGE_KINDS = ("volume", "photo")
 ATTRIBUTE_TYPES = ("numeric", "categorical")
 SPLIT_FILE_NAMES = ("train", "valid", "test")
@@ -132,9 +134,7 @@ class DatasetSpec:
     def run_unit(self) -> str:
         return "folds" if self.split.kind == "folds" else "seeds"
 
-    def shape(self):
-        from cfcml.models.shape import CohortShape
-
+    def shape(self) -> CohortShape:
         return CohortShape(self.num_classes, len(self.series), len(self.attributes), self.image_kind)
 
     def template_columns(self) -> list[str]:

@@ -23,6 +23,7 @@ import string
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from cfcml.datasets.spec import DatasetSpec, load_spec
 
@@ -132,7 +133,7 @@ def _write_split(spec, out: Path, ids, labels, rng, folds: int) -> dict[str, dic
 def _write_image(spec, path: Path, view: float, r: np.random.Generator, series_index: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if spec.image_kind == "volume":
-        import nibabel as nib
+        import nibabel as nib  # ~1 s to import: only for volume cohorts
 
         x, y, z = np.meshgrid(*[np.linspace(-1, 1, n) for n in VOLUME_SHAPE], indexing="ij")
         head = (x**2 + y**2 + (z / 1.2) ** 2) < 0.85
@@ -145,8 +146,6 @@ def _write_image(spec, path: Path, view: float, r: np.random.Generator, series_i
         affine = np.diag([1.5, 1.5, 4.0, 1.0])
         nib.save(nib.Nifti1Image(np.clip(vol, 0, 32000).astype(np.int16), affine), str(path))
         return
-    from PIL import Image
-
     w, h = PHOTO_SIZE
     yy, xx = np.mgrid[0:h, 0:w]
     skin = np.array([200, 160, 140]) * r.uniform(0.85, 1.05)

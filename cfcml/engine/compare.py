@@ -16,34 +16,29 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..config import ConfigError, build_config, cohort_spec
-from ..models.methods.args import METHODS
+from ..models.methods import method_entry, method_names
+from ..util.metric_names import metric_labels, metric_names
 from .baselines import LABELS
-from .metrics import metric_labels, metric_names
+from .evidence import evidence_markdown
 from .protocol import run_protocol
 from .summary import wilcoxon_compare
 
 REFERENCE = "cfcml"
 ALPHA = 0.05
-DISPLAY = {
-    "cfcml": "CFCML",
-    "etmc": "ETMC",
-    "ccml": "CCML",
-    "dmd": "DMD",
-    "mvcnet": "MVCNet",
-    "glomo": "GLoMo",
-    "mrim": "MRIM",
-    "mrim_plus": "MRIM+",
-}
+
+
+def _display(method: str) -> str:
+    """A method's or a classical baseline's name in the table."""
+    return method_entry(method).display if method in method_names() else LABELS.get(method, method)
 
 
 def parse_methods(text: str) -> list[str]:
     """'etmc, ccml' -> ['etmc', 'ccml', 'cfcml'] (CFCML added last: the reference); 'all' -> every method."""
-    names = list(METHODS) if text.strip() == "all" else [t.strip() for t in text.split(",") if t.strip()]
-    unknown = [n for n in names if n not in METHODS]
+    known = method_names()
+    names = list(known) if text.strip() == "all" else [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [n for n in names if n not in known]
     if unknown or not names:
-        raise ConfigError(
-            f"--methods: unknown method(s) {unknown or [text]}; choose from {', '.join(METHODS)} or 'all'"
-        )
+        raise ConfigError(f"--methods: unknown method(s) {unknown or [text]}; choose from {', '.join(known)} or 'all'")
     ordered = list(dict.fromkeys(n for n in names if n != REFERENCE))
     return [*ordered, REFERENCE]
 
@@ -104,7 +99,7 @@ def comparison_markdown(comparison: dict, title: str) -> str:
                 p = row["wilcoxon_p"][n]
                 cell += ("*" if row["significant"][n] else "") + (" (p n/a)" if math.isnan(p) else f" (p={p:.3f})")
             cells.append(cell)
-        lines.append(f"| {DISPLAY.get(method, LABELS.get(method, method))} | " + " | ".join(cells) + " |")
+        lines.append(f"| {_display(method)} | " + " | ".join(cells) + " |")
     n, floor, unit = comparison["runs"], comparison["min_attainable_p"], comparison["unit"]
     lines += [
         "",
@@ -158,8 +153,6 @@ def run_comparison(
         f"{comparison['unit']})",
     )
     if "paired" in summaries[REFERENCE]:
-        from .evidence import evidence_markdown
-
         comparison["paired"] = summaries[REFERENCE]["paired"]
         comparison["markdown"] += "\n" + evidence_markdown(comparison["paired"], comparison["unit"])
     out.mkdir(parents=True, exist_ok=True)

@@ -15,8 +15,10 @@ counts so a report or a package can state where it came from.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -122,9 +124,6 @@ def decision_from_dict(data: dict | None) -> Decision:
 
 def recorded_train_counts(run_dir) -> tuple[int, ...] | None:
     """The training class counts a finished run recorded (metrics.json "decision"), or None."""
-    import json
-    from pathlib import Path
-
     path = Path(run_dir) / "metrics.json"
     if not path.is_file():
         return None

@@ -18,51 +18,15 @@ Values are fractions in [0, 1]. They never raise on degenerate input: an undefin
 from __future__ import annotations
 
 import math
-import re
 import warnings
 
 import numpy as np
 from sklearn.metrics import accuracy_score, average_precision_score, balanced_accuracy_score, f1_score, roc_auc_score
 
+from ..util.metric_names import BINARY_METRICS, class_key, metric_names
 from .decision import Decision
 
 NAN = float("nan")
-BINARY_METRICS = ["sen", "spe", "acc", "g_mean", "balanced_acc", "auprc", "auprc_label", "auc"]
-BINARY_LABELS = {
-    "sen": "SEN",
-    "spe": "SPE",
-    "acc": "ACC",
-    "g_mean": "G-Mean",
-    "balanced_acc": "BA",
-    "auprc": "AUPRC",
-    "auprc_label": "AUPRC (labels)",
-    "auc": "AUC",
-}
-
-
-def class_key(name: str) -> str:
-    """A class name as a metric-name suffix: `G2inv` -> `g2inv`, `Grade 2` -> `grade_2`."""
-    return re.sub(r"[^0-9a-z]+", "_", name.lower()).strip("_")
-
-
-def metric_names(classes) -> list[str]:
-    if len(classes) == 2:
-        return list(BINARY_METRICS)
-    return ["acc", "balanced_acc", *[f"acc_{class_key(c)}" for c in classes], "weighted_f1", "macro_f1", "auc"]
-
-
-def metric_labels(classes) -> dict[str, str]:
-    """Column headers in the paper's style (Table 2: ACC_G1, W-F1...; Table 3: SEN, SPE...)."""
-    if len(classes) == 2:
-        return dict(BINARY_LABELS)
-    return {
-        "acc": "ACC",
-        "balanced_acc": "BA",
-        **{f"acc_{class_key(c)}": f"ACC_{c}" for c in classes},
-        "weighted_f1": "W-F1",
-        "macro_f1": "M-F1",
-        "auc": "AUC",
-    }
 
 
 def higher_is_better(metric: str) -> bool:

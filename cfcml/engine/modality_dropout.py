@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..models.text import sentence_cache
+
 MISSING_WORD = "unknown"  # what an empty attribute becomes in its sentence (the registered model's word)
 
 
@@ -92,8 +94,6 @@ def feature_columns(spec) -> list[int]:
 def unknown_embeddings(cfg, spec) -> Tensor:
     """[t, E] the frozen text encoder's embedding of each attribute's sentence with MISSING_WORD
     (through the on-disk cache, like every other sentence)."""
-    from ..models.text import sentence_cache
-
     cache = sentence_cache(cfg.data.cache_dir, cfg.model.text_pretrained)
     return cache.embed([a.sentence_for(MISSING_WORD) for a in spec.attributes]).float()
 

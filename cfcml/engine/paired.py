@@ -23,7 +23,7 @@ import math
 import numpy as np
 from scipy.stats import norm, rankdata
 
-from cfcml.report.stats import bootstrap_weights, percentile_ci, roc_auc
+from .resample import bootstrap_weights, percentile_ci, roc_auc
 
 N_BOOTSTRAP = 2000
 LEVEL = 0.95

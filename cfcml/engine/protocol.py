@@ -26,6 +26,7 @@ from ..config import Config, cohort_spec, config_from_dict
 from ..models.pretrained import check_pretrained
 from .checkpoint import load_checkpoint
 from .errors import RunMismatch
+from .evidence import Model, evidence_markdown, model_kind, model_name, paired_evidence
 from .identity import explain_mismatch, run_identity
 from .progress import Progress, queue_reporter, reporter_for
 from .run import LAST, _write_json, clear_run, finished_result, train_one
@@ -180,8 +181,6 @@ def check_run_folders(cfg: Config, cohort, out: Path, planned: list[dict], overw
 
 def _paired(cfg: Config, spec, out: Path, summary: dict, compare, other: dict | None) -> dict:
     """Paired evidence on patients: this model vs the --compare model and every baseline."""
-    from .evidence import Model, model_kind, model_name, paired_evidence  # imports the report's statistics
-
     this = Model(
         model_name(cfg.to_dict()), model_kind(cfg.to_dict()), [out / r["name"] for r in summary["runs"]], summary
     )
@@ -273,7 +272,7 @@ def run_protocol(
         pvalues = wilcoxon_compare(summary, other)
         summary["compare"] = {"against": str(compare), "wilcoxon_p": pvalues}
     if baselines:
-        from .baselines import run_baselines
+        from .baselines import run_baselines  # scikit-learn takes seconds to import: only with --baselines
 
         summary["baselines"] = run_baselines(cfg, cohort, planned, out / BASELINES_DIR, report=report)
     summary["markdown"] = markdown_table(
@@ -286,8 +285,6 @@ def run_protocol(
     )
     if baselines or compare:
         summary["paired"] = _paired(cfg, spec, out, summary, compare, other)
-        from .evidence import evidence_markdown
-
         summary["markdown"] += "\n" + evidence_markdown(summary["paired"], spec.run_unit)
     summary |= {
         "preset": cfg.name,

@@ -27,7 +27,6 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from cfcml.datasets.loaders import build_tabular_inputs, make_datasets, make_train_sampler
 from cfcml.datasets.reader import load_cohort
 from cfcml.datasets.tabular import num_features
 from cfcml.datasets.volume_augment import BankTooLarge, BatchVolumeAugment, DeviceBatches, bank_batches
@@ -47,6 +46,7 @@ from .checkpoint import (
 from .decision import run_decision
 from .errors import RunMismatch, TrainingFailed
 from .identity import explain_mismatch, run_identity
+from .loaders import build_tabular_inputs, make_datasets, make_train_sampler
 from .metrics import compute_metrics, higher_is_better
 from .modality_dropout import build_modality_dropout
 from .schedule import build_optimizer

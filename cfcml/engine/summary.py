@@ -13,7 +13,7 @@ import warnings
 import numpy as np
 from scipy.stats import wilcoxon
 
-from cfcml.engine.metrics import metric_labels, metric_names
+from cfcml.util.metric_names import metric_labels, metric_names
 
 NAN = float("nan")
 

@@ -120,7 +120,7 @@ def gather_with_grad(t: Tensor) -> Tensor:
     world = _world()
     if world == 1:
         return t
-    from torch.distributed.nn.functional import all_gather
+    from torch.distributed.nn.functional import all_gather  # only under DDP (needs a distributed build of torch)
 
     sizes = _gather_sizes(t.shape[0], t.device)
     pad = max(sizes) - t.shape[0]

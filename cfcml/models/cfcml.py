@@ -7,15 +7,21 @@ returning four stage maps [B, C_s, *grid_s]. MG-CIE never asks which encoder it 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from ..config import Config
 from .cie import GranularityCIE, GranularityFusion
+from .nnmamba import NNMambaEncoder3D
+from .objective import cfcml_objective
+from .registry import method_class, register_method
 from .shape import CohortShape
 from .text import CLIP_TEXT_DIM, MLPTabularEmbedding, TabularTextProjection
 from .tokens import flatten_tokens, make_token_map
+
+if TYPE_CHECKING:  # a model reads the Config it is given; only the engine and above import the config module
+    from ..config import Config
 
 STAGE_STRIDES = {"nnmamba3d": (2, 4, 8, 16), "swin_t": (4, 8, 16, 32)}
 
@@ -28,23 +34,23 @@ def stage_grids(encoder: str, image_size: list[int]) -> list[tuple[int, ...]]:
 def build_image_encoder(cfg: Config) -> nn.Module:
     m = cfg.model
     if m.image_encoder == "nnmamba3d":
-        from .nnmamba import NNMambaEncoder3D
-
         return NNMambaEncoder3D(1, m.image_channels, d_state=m.mamba_d_state, scan_impl=m.scan_impl)
-    from .swin import SwinEncoder2D
+    from .swin import SwinEncoder2D  # imports timm (heavy): only for photo cohorts
 
     if cfg.data.image_size[0] != cfg.data.image_size[1]:
         raise ValueError(f"Swin needs square images, got data.image_size={cfg.data.image_size}")
     return SwinEncoder2D(cfg.data.image_size[0], m.swin_variant, m.image_pretrained, m.swin_detach_early_stages)
 
 
+# no search_space: CFCML tunes with its preset's (search_spaces/<preset>.yaml)
+@register_method("cfcml", display="CFCML", on_cfcml=True)
 class CFCML(nn.Module):
     """images: list of m tensors ([B,1,D,H,W] MRI series or [B,3,H,W] photos);
     tabular: sentence embeddings [B, t, 512] (clip) or encoded attributes [B, F] (mlp).
 
     forward -> {"logits": [B, K], "features": M tensors [B, C_t] (images first, tabular last),
                 "fused": [B, M C_t] (the classifier input)}.
-    loss_terms -> CE + CCRM (SPEC §3; `cfcml.engine.loss.cfcml_objective`).
+    loss_terms -> CE + CCRM (SPEC §3; `cfcml.models.objective.cfcml_objective`).
     """
 
     def __init__(self, cfg: Config, shape: CohortShape, num_tabular_features: int | None = None):
@@ -99,7 +105,7 @@ class CFCML(nn.Module):
 
     def backbone_parameters(self) -> list[nn.Parameter]:
         """Parameters of pretrained-capable 2D backbones (trained at backbone_lr_mult x LR)."""
-        from .swin import SwinEncoder2D
+        from .swin import SwinEncoder2D  # timm is heavy: imported only where a photo cohort's Swin is used
 
         if not self.use_images:
             return []
@@ -138,18 +144,18 @@ class CFCML(nn.Module):
 
     def loss_terms(self, out: dict, labels: torch.Tensor, *, epoch: int) -> dict:
         """-> {"loss", "ce", and with CCRM on "sam", "up", "cp"} (the epoch is not used)."""
-        from ..engine.loss import cfcml_objective
-
         return cfcml_objective(out, labels, self.loss_cfg, self.num_classes)
 
 
 def build_model(cfg: Config, shape: CohortShape, num_tabular_features: int | None = None) -> nn.Module:
     """The model of `cfg.model.method` (CFCML or a comparison method, `cfcml.models.methods`),
     with the engine's interface: forward(images, tabular) -> {"logits", "features", "fused", ...},
-    loss_terms(out, labels, *, epoch) -> {"loss", ...}, backbone_parameters()."""
-    from .methods import build_method
+    loss_terms(out, labels, *, epoch) -> {"loss", ...}, backbone_parameters().
 
-    return build_method(cfg, shape, num_tabular_features)
+    The method comes from the registry: a Config exists only once `cfcml.config` is imported,
+    which imports `cfcml.models.methods` and so registers every built-in method (this module
+    cannot import that package: the methods build on CFCML's encoders here)."""
+    return method_class(cfg.model.method)(cfg, shape, num_tabular_features)
 
 
 def count_params(model: nn.Module) -> int:

@@ -17,12 +17,15 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
-import hashlib
-import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..config import Config, ConfigError
+from ..util.errors import ConfigError
+from ..util.file_hash import file_sha256
+from .text import TextEncoderUnavailable, parse_text_pretrained, resolve_weights
+
+if TYPE_CHECKING:  # models read the Config they are given; only the engine and above import the config module
+    from ..config import Config
 
 REQUIRED = "required"
 RANDOM_INIT = "none"
@@ -33,21 +36,6 @@ SWIN_CHECKPOINT_HELP = (
     "hub name such as --set model.image_pretrained=swin_tiny_patch4_window7_224.ms_in1k (needs the model hub), "
     "or --set model.image_pretrained=none to train Swin-T from random weights on purpose"
 )
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes, computed once per (path, size, mtime) in a process."""
-    st = os.stat(path)
-    return _sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
-
-
-@functools.cache
-def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def image_weights_kind(spec: str) -> str:
@@ -85,15 +73,13 @@ def check_pretrained(cfg: Config) -> None:
                 f"were given: {SWIN_CHECKPOINT_HELP}"
             )
         if kind == "hub":
-            from timm.models import parse_model_name
+            from timm.models import parse_model_name  # timm is heavy: only to check a hub name
 
             try:
                 parse_model_name(spec)
             except ValueError as e:
                 raise ConfigError(f"model.image_pretrained={spec!r}: {e}; {SWIN_CHECKPOINT_HELP}") from None
     if _uses_text_tower(cfg):
-        from .text import TextEncoderUnavailable, parse_text_pretrained
-
         try:
             weights = parse_text_pretrained(cfg.model.text_pretrained)
         except TextEncoderUnavailable as e:
@@ -132,9 +118,7 @@ def pretrained_provenance(cfg: Config) -> dict[str, str]:
     if not _uses_text_tower(cfg):
         text = "unused"
     else:
-        from .text import _resolve_weights
-
-        weights, path = _resolve_weights(cfg.model.text_pretrained)
+        weights, path = resolve_weights(cfg.model.text_pretrained)
         text = RANDOM_INIT if path is None else f"{weights.tag}:sha256:{file_sha256(path)}"
     return {"image": image, "text": text}
 

@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from ..config import Config
-from .cfcml import build_model, count_params, stage_grids
-from .methods.args import ON_CFCML
+from ..datasets.spec import load_spec
+from .cfcml import count_params, stage_grids
+from .methods import build_method
 from .pretrained import without_pretrained_weights
+from .registry import method_entry
 from .shape import CohortShape
+
+if TYPE_CHECKING:  # models read the Config they are given; only the engine and above import the config module
+    from ..config import Config
 
 
 def _count_sdpa(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
@@ -41,7 +46,7 @@ def swin_head_params(cfg: Config) -> int:
     Swin lacks (docs/baselines.md §1.3; the final norm, which the paper also counts, we keep): 0.77 M."""
     if cfg.model.image_encoder != "swin_t" or not cfg.model.use_images:
         return 0
-    from .swin import SWIN_VARIANTS
+    from .swin import SWIN_VARIANTS  # timm is heavy: imported only where a photo cohort's Swin is used
 
     features = SWIN_VARIANTS[cfg.model.swin_variant]["embed_dim"] * 8
     return features * 1000 + 1000
@@ -51,7 +56,7 @@ def frozen_text_params(cfg: Config) -> int:
     """Parameters of the frozen text tower, counted on the meta device (nothing allocated)."""
     if not cfg.model.use_tabular or cfg.model.tabular_embedding != "clip":
         return 0
-    import open_clip
+    import open_clip  # open_clip takes seconds to import: only when the text tower is counted
     from open_clip.model import _build_text_tower
 
     mc = open_clip.get_model_config("ViT-B-32")
@@ -72,7 +77,7 @@ def example_inputs(cfg: Config, shape: CohortShape, batch: int = 1, num_tabular_
 def _image_tokens_out(cfg: Config, grid_tokens: int) -> int:
     """Tokens per image a method's head reads from a stage map (1: it reads the pooled vector)."""
     method = cfg.model.method
-    if method in ON_CFCML:
+    if method_entry(method).on_cfcml:
         return cfg.model.n_image_tokens
     if method == "glomo" or (method == "dmd" and cfg.method_args.dmd.inputs == "tokens"):
         return grid_tokens
@@ -86,19 +91,17 @@ def summarize(cfg: Config, shape: CohortShape | None = None, paper: dict | None 
     default: the cohort `cfg.dataset` names; `paper`: that schema's reference numbers, whose
     `methods` block holds the paper's Table 2/3 complexity of each comparison method)."""
     if shape is None:
-        from ..config import cohort_spec
-
-        spec = cohort_spec(cfg)
+        spec = load_spec(cfg.dataset)  # the config was validated against it: it loads
         shape, paper = spec.shape(), spec.paper
     # Random weights: a summary counts and times the model, it trains nothing (no refusal, no download).
-    model = build_model(without_pretrained_weights(cfg), shape, num_tabular_features=16).eval()
+    model = build_method(without_pretrained_weights(cfg), shape, num_tabular_features=16).eval()
     with torch.no_grad(), _countable_attention(), FlopCounterMode(display=False, custom_mapping=_CPU_SDPA) as counter:
         model(**example_inputs(cfg, shape))
     stages = []
     if cfg.model.use_images:
         grids = stage_grids(cfg.model.image_encoder, cfg.data.image_size)
         for s, (c, grid) in enumerate(zip(model.encoders[0].stage_channels, grids), start=1):
-            if cfg.model.method not in ON_CFCML and s != 4:
+            if not method_entry(cfg.model.method).on_cfcml and s != 4:
                 continue  # comparison methods read stage 4 only
             stages.append(
                 {

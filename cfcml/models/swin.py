@@ -12,9 +12,11 @@ from pathlib import Path
 
 import timm
 import torch
+from timm.models import load_state_dict
+from timm.models.swin_transformer import checkpoint_filter_fn
 from torch import nn
 
-from ..config import ConfigError
+from ..util.errors import ConfigError
 from .pretrained import REQUIRED, SWIN_CHECKPOINT_HELP, image_weights_kind
 
 # `tiny` is the paper's Swin-T; `micro` is a narrow, shallow Swin for smoke presets.
@@ -78,9 +80,6 @@ def _local_checkpoint_state(path: Path, img_size: int, variant: str) -> dict:
     """A full timm/Microsoft Swin checkpoint as a timm state dict of `variant`'s architecture.
     Strict on the backbone and the final norm: a checkpoint of another architecture (missing
     or extra blocks, other widths) is an error rather than a partial load."""
-    from timm.models import load_state_dict
-    from timm.models.swin_transformer import checkpoint_filter_fn
-
     full = timm.create_model(TIMM_NAME, pretrained=False, img_size=img_size, **SWIN_VARIANTS[variant])
     try:
         # also converts the original Microsoft layout; it looks keys up in `full`, so a foreign one fails here

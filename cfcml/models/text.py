@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .pretrained import file_sha256
+from ..util.file_hash import file_sha256
 
 CLIP_MODEL = "ViT-B-32"
 CLIP_TEXT_DIM = 512
@@ -44,7 +44,7 @@ class TextWeights:
 
     @property
     def quick_gelu(self) -> bool:
-        import open_clip
+        import open_clip  # open_clip takes seconds to import: every use here imports it on demand
 
         return self.tag is not None and bool(
             open_clip.get_pretrained_cfg(CLIP_MODEL, self.tag).get("quick_gelu", False)
@@ -101,7 +101,7 @@ def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
         return False
 
 
-def _resolve_weights(pretrained: str) -> tuple[TextWeights, Path | None]:
+def resolve_weights(pretrained: str) -> tuple[TextWeights, Path | None]:
     """The parsed choice and the local file to load (None: random init). Fails in seconds when
     the weights are neither local nor cached and the hub cannot be reached."""
     weights = parse_text_pretrained(pretrained)
@@ -136,7 +136,7 @@ def _cached_hub_file(cfg: dict) -> Path | None:
     hub = cfg.get("hf_hub", "")
     if not hub:
         return None
-    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub import try_to_load_from_cache  # comes with open_clip: imported on demand like it
 
     repo_id, filename = os.path.split(hub)
     for name in ([filename] if filename else []) + ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]:
@@ -168,7 +168,7 @@ class ClipTextEncoder:
         from open_clip.factory import load_state_dict
         from open_clip.model import _build_text_tower
 
-        weights, path = _resolve_weights(pretrained)
+        weights, path = resolve_weights(pretrained)
         cfg = open_clip.get_model_config(CLIP_MODEL)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)  # 'none' gives the same random tower everywhere
@@ -240,7 +240,7 @@ class SentenceEmbeddingCache:
 def weights_digest(pretrained: str) -> str:
     """The weights part of the cache key (16 hex digits of the file's SHA-256, or the random
     init's name), without building the encoder."""
-    _, path = _resolve_weights(pretrained)
+    _, path = resolve_weights(pretrained)
     return RANDOM_DIGEST if path is None else file_sha256(path)[:16]
 
 

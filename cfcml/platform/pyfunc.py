@@ -16,7 +16,7 @@ the cohort schema, each packaged run's weights (tensors only, loaded with
 ``weights_only=True``), the sentence-embedding table and the numeric scaling of the MLP
 embedding. The code is cfcml itself, shipped with the model and loaded through MLflow's
 models-from-code (`cfcml/platform/mlflow_model.py`): nothing is unpickled. Preprocessing
-and prediction are the very functions training uses (`cfcml.datasets.loaders.make_dataset`,
+and prediction are the very functions training uses (`cfcml.engine.loaders.make_dataset`,
 `cfcml.engine.run.predict`).
 """
 
@@ -276,7 +276,7 @@ class PackagedModel:
     def predict_cases(self, cases: list[Case]) -> np.ndarray:
         """[N, K] class probabilities, averaged over the packaged runs; with a packaged
         temperature T each run's probabilities are softmax(logits / T) (T fitted on validation)."""
-        from cfcml.datasets.loaders import make_dataset
+        from cfcml.engine.loaders import make_dataset
 
         from ..engine.run import predict
         from ..report.stats import apply_temperature

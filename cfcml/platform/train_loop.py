@@ -196,7 +196,7 @@ def _checkpoint_dir(runs, state: dict, into: Path) -> Path:
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Ray Train entry point. `config` (built by cfcml.platform.tune):
+    """Ray Train entry point. `config` (built by cfcml.platform.study):
 
     - ``cfg``: the trial's resolved Config as a dict; ``data``: cohort folder; ``spec``: the
       cohort schema (`cfcml.datasets.spec.shipped`);

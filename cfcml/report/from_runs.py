@@ -31,10 +31,27 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+import yaml
 
-from cfcml.datasets import SYNTHETIC_MARKER
-
+from ..config import cohort_spec, config_from_dict
+from ..datasets import SYNTHETIC_MARKER
+from ..datasets.reader import load_cohort
+from ..datasets.tabular import num_features, numeric_stats
+from ..engine.checkpoint import load_checkpoint, load_state_checked
+from ..engine.decision import pooled_decision
+from ..engine.loaders import make_dataset, tabular_inputs
+from ..engine.modality_dropout import MISSING_WORD
+from ..engine.run import Env, predict
+from ..engine.splits import run_split
+from ..models.cfcml import build_model, stage_grids
+from ..models.pretrained import without_pretrained_weights
+from ..util.redact import redact
+from .build import build_report
+from .explain import cam_stage, select_cases
+from .gradcam import grad_cam
 from .inputs import CohortInfo, Explanation, ReportInputs, SplitPredictions
+from .stats import classification_metrics
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +96,6 @@ def _read_json(path: Path) -> dict:
 
 def read_run(path: str | Path) -> RunFolder:
     """A finished run folder (metrics.json marked finished, predictions.npz, best.pt, config.yaml)."""
-    import yaml
-
-    from ..config import config_from_dict
-
     path = Path(path)
     for name in ("metrics.json", "predictions.npz", "best.pt", "config.yaml"):
         if not (path / name).is_file():
@@ -117,8 +130,6 @@ def find_runs(path: str | Path) -> tuple[list[RunFolder], dict | None]:
 def runs_decision(runs: Sequence[RunFolder]):
     """The hard-label rule of the runs (`predict.decision`), with their training class counts
     (each run's metrics.json "decision") summed: one rule for the pooled predictions."""
-    from ..engine.decision import pooled_decision
-
     counts = [(r.metrics.get("decision") or {}).get("train_counts") for r in runs]
     try:
         return pooled_decision(runs[0].cfg.predict.decision, counts)
@@ -153,10 +164,6 @@ def data_root(runs: Sequence[RunFolder], summary: dict | None, data: str | Path 
 
 def load_run_cohort(runs: Sequence[RunFolder], summary: dict | None, data: str | Path | None):
     """The cohort the runs were trained on; refused when its digest differs from theirs."""
-    from cfcml.datasets.reader import load_cohort
-
-    from ..config import cohort_spec
-
     root = data_root(runs, summary, data)
     if not root.is_dir():
         raise ReportError(f"the cohort's data root {root} is not a folder: pass --data DIR")
@@ -192,16 +199,6 @@ class LoadedRun:
 
 
 def load_run_model(folder: RunFolder, cohort, device: str = "cpu") -> LoadedRun:
-    import torch
-
-    from cfcml.datasets.loaders import make_dataset, tabular_inputs
-    from cfcml.datasets.tabular import num_features, numeric_stats
-
-    from ..engine.checkpoint import load_checkpoint, load_state_checked
-    from ..engine.splits import run_split
-    from ..models.cfcml import build_model
-    from ..models.pretrained import without_pretrained_weights
-
     cfg, spec = folder.cfg, cohort.spec
     split = run_split(cfg, cohort, **folder.selector)
     with np.load(folder.path / "predictions.npz", allow_pickle=False) as saved:
@@ -222,18 +219,10 @@ def load_run_model(folder: RunFolder, cohort, device: str = "cpu") -> LoadedRun:
 
 
 def _env(device: str):
-    import torch
-
-    from ..engine.run import Env
-
     return Env(torch.device(device), amp=False)
 
 
 def _probs(run: LoadedRun, dataset, tabular, device: str) -> np.ndarray:
-    import torch
-
-    from ..engine.run import predict
-
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=run.folder.cfg.train.batch_size, shuffle=False, num_workers=0
     )
@@ -249,8 +238,6 @@ def without_series(case, index: int):
 
 def without_attribute(case, spec, index: int):
     """The case with attribute `index` missing: value None, the "unknown" sentence, empty cell."""
-    from ..engine.modality_dropout import MISSING_WORD
-
     a = spec.attributes[index]
     sentences = list(case.sentences)
     sentences[index] = a.sentence_for(MISSING_WORD)
@@ -271,10 +258,6 @@ def removals(spec, cfg) -> list[tuple[str, str, int]]:
 def missing_modality(loaded: Sequence[LoadedRun], cohort, device: str = "cpu") -> dict[str, dict[str, float]]:
     """{"none" | "series T1C" | "photo derm" | "attribute age" ...: {metric: value}} on the
     pooled test predictions of every run, one input removed at a time."""
-    from cfcml.datasets.loaders import make_dataset, tabular_inputs
-
-    from .stats import classification_metrics
-
     spec = cohort.spec
     classes, positive = list(spec.classes), spec.positive
     names = MISSING_METRICS[min(len(classes), 3)]
@@ -313,10 +296,6 @@ def explain_cases(
 ) -> list[Explanation]:
     """Grad-CAM of the predicted class (`predict.decision`) for the cases `select_cases` picks
     from the pooled test rows."""
-    from ..models.cfcml import stage_grids
-    from .explain import cam_stage, select_cases
-    from .gradcam import grad_cam
-
     spec = cohort.spec
     cfg = loaded[0].folder.cfg
     if not cfg.model.use_images:
@@ -466,9 +445,6 @@ def report_from_folder(
 ) -> dict:
     """`cfcml report`: a run or cv folder -> out_dir/report.{json,html} (+ model_card.md);
     returns the report dict. options go to `build_report` (n_bootstrap, seed, ...)."""
-    from ..platform.redact import redact
-    from .build import build_report
-
     runs, summary = find_runs(path)
     configs = {json.dumps(r.cfg.to_dict(), sort_keys=True) for r in runs}
     if len(configs) > 1:

@@ -28,9 +28,19 @@ from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, softmax
 
 from ..engine.decision import Decision
+from ..engine.resample import (  # N_BOOTSTRAP, bootstrap_weights: part of the report's statistics API
+    CI_LEVEL,
+    N_BOOTSTRAP,  # noqa: F401
+    bootstrap_weights,  # noqa: F401
+    cumulative_counts,
+    per_row,
+    percentile_ci,
+    roc_auc,
+    roc_points,
+    safe_div,
+    weight_rows,
+)
 
-N_BOOTSTRAP = 2000
-CI_LEVEL = 0.95
 N_BINS = 15  # reliability bins (Guo et al. 2017)
 GRID_SIZE = 101  # points of the FPR / recall grid of the CI bands
 OPERATING_TARGETS = (("sen_at_spe", 0.90), ("sen_at_spe", 0.95), ("spe_at_sen", 0.90), ("spe_at_sen", 0.95))
@@ -53,112 +63,23 @@ def metric_names(classes: Sequence[str]) -> list[str]:
     return ["acc", "balanced_acc", *[f"acc_{class_key(c)}" for c in classes], "weighted_f1", "macro_f1", "auc"]
 
 
-def _weights(weights, n: int) -> np.ndarray:
-    """[B, N] float weights; None -> one row of ones."""
-    if weights is None:
-        return np.ones((1, n))
-    w = np.asarray(weights, dtype=np.float64)
-    return w.reshape(1, -1) if w.ndim == 1 else w
-
-
-def _out(values: np.ndarray, weights):
-    """A float for a point estimate, the [B] array for bootstrap weights."""
-    values = np.asarray(values, dtype=np.float64).reshape(-1)
-    return float(values[0]) if weights is None or np.ndim(weights) == 1 else values
-
-
-def _div(num, den):
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
-
-
-# --------------------------------------------------------------------------- bootstrap
-def bootstrap_weights(
-    case_ids: Sequence[str], labels, n_boot: int = N_BOOTSTRAP, seed: int = 0, stratified: bool = True
-) -> np.ndarray:
-    """[n_boot, N] multiplicities of each row in each resample of the cases.
-
-    Rows sharing a case id share its multiplicity. ``stratified``: draw n_c cases with
-    replacement among the n_c cases of each class c (class counts fixed); otherwise draw
-    n cases among all n.
-    """
-    case_ids = np.asarray([str(c) for c in case_ids])
-    labels = np.asarray(labels).reshape(-1)
-    unique, first, inverse = np.unique(case_ids, return_index=True, return_inverse=True)
-    case_labels = labels[first]
-    strata = (
-        [np.flatnonzero(case_labels == c) for c in np.unique(case_labels)] if stratified else [np.arange(len(unique))]
-    )
-    rng = np.random.default_rng(seed)
-    counts = np.zeros((n_boot, len(unique)))
-    for members in strata:
-        m = len(members)
-        draws = rng.integers(0, m, size=(n_boot, m))
-        flat = (np.arange(n_boot)[:, None] * m + draws).ravel()
-        counts[:, members] = np.bincount(flat, minlength=n_boot * m).reshape(n_boot, m)
-    return counts[:, inverse.reshape(-1)]
-
-
-def percentile_ci(samples, level: float = CI_LEVEL) -> tuple[float, float, int]:
-    """(lo, hi, n_valid): the percentile interval of the finite samples."""
-    s = np.asarray(samples, dtype=np.float64).reshape(-1)
-    s = s[np.isfinite(s)]
-    if len(s) == 0:
-        return float("nan"), float("nan"), 0
-    alpha = (1.0 - level) / 2.0
-    lo, hi = np.quantile(s, [alpha, 1.0 - alpha])
-    return float(lo), float(hi), len(s)
-
-
 def with_ci(point: float, samples, level: float = CI_LEVEL) -> dict:
     """{"value", "ci": [lo, hi], "n_valid"} (NaN stays NaN; the JSON writer makes it null)."""
     lo, hi, n_valid = percentile_ci(samples, level)
     return {"value": float(point), "ci": [lo, hi], "n_valid": n_valid}
 
 
-# --------------------------------------------------------------------------- ranking curves
-def _cumulative_counts(y_bin, score, weights) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Weighted true/false positives when predicting positive for score >= each distinct
-    score, scores descending: tp [B, G], fp [B, G], thresholds [G]."""
-    y_bin = np.asarray(y_bin).reshape(-1).astype(np.float64)
-    score = np.asarray(score, dtype=np.float64).reshape(-1)
-    w = _weights(weights, len(score))
-    order = np.argsort(-score, kind="mergesort")
-    s = score[order]
-    ends = np.r_[np.flatnonzero(s[1:] != s[:-1]), len(s) - 1]  # last row of each tie group
-    wo = w[:, order]
-    tp = np.cumsum(wo * y_bin[order], axis=1)[:, ends]
-    fp = np.cumsum(wo * (1.0 - y_bin[order]), axis=1)[:, ends]
-    return tp, fp, s[ends]
-
-
-def _roc(tp, fp) -> tuple[np.ndarray, np.ndarray]:
-    """fpr, tpr [B, G+1] starting at (0, 0); NaN rows where a class has no weight."""
-    zeros = np.zeros((tp.shape[0], 1))
-    fpr = _div(np.hstack([zeros, fp]), fp[:, -1:])
-    tpr = _div(np.hstack([zeros, tp]), tp[:, -1:])
-    return fpr, tpr
-
-
-def roc_auc(y_bin, score, weights=None):
-    """ROC AUC (ties count one half, = scikit-learn's roc_auc_score); NaN with one class."""
-    if len(np.asarray(score)) == 0:
-        return _out(np.array([np.nan]), weights)
-    fpr, tpr = _roc(*_cumulative_counts(y_bin, score, weights)[:2])
-    return _out(np.sum(np.diff(fpr, axis=1) * (tpr[:, 1:] + tpr[:, :-1]) / 2.0, axis=1), weights)
-
-
 def average_precision(y_bin, score, weights=None):
     """Average precision, scikit-learn's definition sum_k (R_k - R_{k-1}) P_k; NaN unless both
     classes are present (as the engine's AUPRC)."""
     if len(np.asarray(score)) == 0:
-        return _out(np.array([np.nan]), weights)
-    tp, fp, _ = _cumulative_counts(y_bin, score, weights)
-    precision = np.nan_to_num(_div(tp, tp + fp))  # 0/0 only where the recall step is 0 too
-    recall = _div(tp, tp[:, -1:])
+        return per_row(np.array([np.nan]), weights)
+    tp, fp, _ = cumulative_counts(y_bin, score, weights)
+    precision = np.nan_to_num(safe_div(tp, tp + fp))  # 0/0 only where the recall step is 0 too
+    recall = safe_div(tp, tp[:, -1:])
     ap = np.sum(np.diff(np.hstack([np.zeros((len(tp), 1)), recall]), axis=1) * precision, axis=1)
     ap[(tp[:, -1] <= 0) | (fp[:, -1] <= 0)] = np.nan
-    return _out(ap, weights)
+    return per_row(ap, weights)
 
 
 def _step_at(x, y, grid, side: str) -> np.ndarray:
@@ -179,11 +100,11 @@ def roc_curve_band(y_bin, score, boot_weights, level: float = CI_LEVEL, grid_siz
     "tpr_grid" (the curve as a step function on the grid: best TPR at FPR <= grid),
     "tpr_lo", "tpr_hi" (percentiles over resamples).
     """
-    tp, fp, thresholds = _cumulative_counts(y_bin, score, None)
-    fpr, tpr = _roc(tp, fp)
+    tp, fp, thresholds = cumulative_counts(y_bin, score, None)
+    fpr, tpr = roc_points(tp, fp)
     grid = np.linspace(0.0, 1.0, grid_size)
-    btp, bfp, _ = _cumulative_counts(y_bin, score, boot_weights)
-    bfpr, btpr = _roc(btp, bfp)
+    btp, bfp, _ = cumulative_counts(y_bin, score, boot_weights)
+    bfpr, btpr = roc_points(btp, bfp)
     curves = np.array(
         [
             _step_at(f, t, grid, "right") if np.isfinite(f[-1]) and np.isfinite(t[-1]) else np.full(grid_size, np.nan)
@@ -213,8 +134,8 @@ def pr_curve_band(y_bin, score, boot_weights, level: float = CI_LEVEL, grid_size
     """
 
     def curve(w):
-        tp, fp, _ = _cumulative_counts(y_bin, score, w)
-        return _div(tp, tp[:, -1:]), np.nan_to_num(_div(tp, tp + fp))
+        tp, fp, _ = cumulative_counts(y_bin, score, w)
+        return safe_div(tp, tp[:, -1:]), np.nan_to_num(safe_div(tp, tp + fp))
 
     recall, precision = curve(None)
     recall = np.hstack([[0.0], recall[0]])
@@ -257,7 +178,7 @@ def confusion(labels, pred, num_classes: int, weights=None) -> np.ndarray:
     pred = np.asarray(pred).reshape(-1).astype(np.int64)
     onehot = np.zeros((len(labels), num_classes * num_classes))
     onehot[np.arange(len(labels)), labels * num_classes + pred] = 1.0
-    return (_weights(weights, len(labels)) @ onehot).reshape(-1, num_classes, num_classes)
+    return (weight_rows(weights, len(labels)) @ onehot).reshape(-1, num_classes, num_classes)
 
 
 def classification_metrics(
@@ -278,13 +199,13 @@ def classification_metrics(
     pred = (decision or Decision()).labels(probs.reshape(len(probs), k))  # hard labels: `decision` (None: argmax)
     c = confusion(labels, pred, k, weights)
     support, predicted, tp = c.sum(axis=2), c.sum(axis=1), np.diagonal(c, axis1=1, axis2=2)
-    recall = _div(tp, support)
-    acc = _div(tp.sum(axis=1), support.sum(axis=1))
+    recall = safe_div(tp, support)
+    acc = safe_div(tp.sum(axis=1), support.sum(axis=1))
     if k == 2:
         pos = list(classes).index(positive)
         sen, spe = recall[:, pos], recall[:, 1 - pos]
         y_pos = (labels == pos).astype(np.float64)
-        w = weights if weights is None else _weights(weights, len(labels))
+        w = weights if weights is None else weight_rows(weights, len(labels))
         values = {
             "sen": sen,
             "spe": spe,
@@ -297,13 +218,13 @@ def classification_metrics(
         }
     else:
         present = (support + predicted) > 0
-        f1 = np.where(present, _div(2.0 * tp, support + predicted), 0.0)
+        f1 = np.where(present, safe_div(2.0 * tp, support + predicted), 0.0)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # mean of nothing (empty input)
             per_class_auc = np.array(
                 [
                     np.atleast_1d(
-                        roc_auc((labels == j).astype(np.float64), probs[:, j], _weights(weights, len(labels)))
+                        roc_auc((labels == j).astype(np.float64), probs[:, j], weight_rows(weights, len(labels)))
                     )
                     for j in range(k)
                 ]
@@ -312,11 +233,11 @@ def classification_metrics(
                 "acc": acc,
                 "balanced_acc": np.nanmean(recall, axis=1),
                 **{f"acc_{class_key(name)}": recall[:, j] for j, name in enumerate(classes)},
-                "weighted_f1": _div((f1 * support).sum(axis=1), support.sum(axis=1)),
-                "macro_f1": _div((f1 * present).sum(axis=1), present.sum(axis=1)),
+                "weighted_f1": safe_div((f1 * support).sum(axis=1), support.sum(axis=1)),
+                "macro_f1": safe_div((f1 * present).sum(axis=1), present.sum(axis=1)),
                 "auc": np.nanmean(per_class_auc, axis=0),
             }
-    return {name: _out(v, weights) for name, v in values.items()}
+    return {name: per_row(v, weights) for name, v in values.items()}
 
 
 def metrics_with_ci(
@@ -346,9 +267,9 @@ def _binned_gap(conf, outcome, n_bins: int, weights) -> np.ndarray:
     conf = np.asarray(conf, dtype=np.float64)
     onehot = np.zeros((len(conf), n_bins))
     onehot[np.arange(len(conf)), _bin_of(conf, n_bins)] = 1.0
-    w = _weights(weights, len(conf))
+    w = weight_rows(weights, len(conf))
     gap = np.abs(w @ (onehot * outcome[:, None]) - w @ (onehot * conf[:, None])).sum(axis=1)
-    return _div(gap, w.sum(axis=1))
+    return safe_div(gap, w.sum(axis=1))
 
 
 def expected_calibration_error(labels, probs, n_bins: int = N_BINS, weights=None):
@@ -356,7 +277,7 @@ def expected_calibration_error(labels, probs, n_bins: int = N_BINS, weights=None
     equal-width bins of max_k p_k (Guo et al. 2017; torchmetrics' multiclass L1 calibration error)."""
     probs = np.asarray(probs, dtype=np.float64)
     correct = (probs.argmax(axis=1) == np.asarray(labels).reshape(-1)).astype(np.float64)
-    return _out(_binned_gap(probs.max(axis=1), correct, n_bins, weights), weights)
+    return per_row(_binned_gap(probs.max(axis=1), correct, n_bins, weights), weights)
 
 
 def positive_class_ece(labels, probs, positive_index: int, n_bins: int = N_BINS, weights=None):
@@ -364,7 +285,7 @@ def positive_class_ece(labels, probs, positive_index: int, n_bins: int = N_BINS,
     (the gap of scikit-learn's calibration_curve, weighted by bin counts)."""
     probs = np.asarray(probs, dtype=np.float64)
     outcome = (np.asarray(labels).reshape(-1) == positive_index).astype(np.float64)
-    return _out(_binned_gap(probs[:, positive_index], outcome, n_bins, weights), weights)
+    return per_row(_binned_gap(probs[:, positive_index], outcome, n_bins, weights), weights)
 
 
 def brier_score(labels, probs, weights=None):
@@ -373,8 +294,8 @@ def brier_score(labels, probs, weights=None):
     probs = np.asarray(probs, dtype=np.float64)
     labels = np.asarray(labels).reshape(-1).astype(np.int64)
     per_case = ((probs - np.eye(probs.shape[1])[labels]) ** 2).sum(axis=1)
-    w = _weights(weights, len(labels))
-    return _out(_div(w @ per_case, w.sum(axis=1)), weights)
+    w = weight_rows(weights, len(labels))
+    return per_row(safe_div(w @ per_case, w.sum(axis=1)), weights)
 
 
 def reliability_table(labels, probs, n_bins: int = N_BINS) -> dict:
@@ -390,8 +311,8 @@ def reliability_table(labels, probs, n_bins: int = N_BINS) -> dict:
         "lower": edges[:-1],
         "upper": edges[1:],
         "count": count.astype(int),
-        "confidence": _div(np.bincount(b, conf, n_bins), count),
-        "accuracy": _div(np.bincount(b, correct, n_bins), count),
+        "confidence": safe_div(np.bincount(b, conf, n_bins), count),
+        "accuracy": safe_div(np.bincount(b, correct, n_bins), count),
     }
 
 
@@ -451,11 +372,16 @@ def rates_at_threshold(y_bin, score, threshold: float, weights=None) -> dict:
     """sen, spe, ppv, npv of "positive when score >= threshold" (floats, or [B] with weights)."""
     y = np.asarray(y_bin).reshape(-1).astype(np.float64)
     hit = (np.asarray(score, dtype=np.float64).reshape(-1) >= threshold).astype(np.float64)
-    w = _weights(weights, len(y))
+    w = weight_rows(weights, len(y))
     tp, fp = w @ (y * hit), w @ ((1 - y) * hit)
     fn, tn = w @ (y * (1 - hit)), w @ ((1 - y) * (1 - hit))
-    rates = {"sen": _div(tp, tp + fn), "spe": _div(tn, tn + fp), "ppv": _div(tp, tp + fp), "npv": _div(tn, tn + fn)}
-    return {k: _out(v, weights) for k, v in rates.items()}
+    rates = {
+        "sen": safe_div(tp, tp + fn),
+        "spe": safe_div(tn, tn + fp),
+        "ppv": safe_div(tp, tp + fp),
+        "npv": safe_div(tn, tn + fn),
+    }
+    return {k: per_row(v, weights) for k, v in rates.items()}
 
 
 def operating_points(

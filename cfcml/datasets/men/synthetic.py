@@ -24,13 +24,19 @@ Age, tumour area and edema area are realistic but carry no class signal.
 from __future__ import annotations
 
 import csv
+import shutil
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
+from cfcml.datasets.cohort import Case
+from cfcml.datasets.men.authors_layout import GRADE_DIRS, SERIES_FILES
+from cfcml.datasets.reader import load_cohort
+from cfcml.datasets.rows import parse_attribute
 from cfcml.datasets.spec import load_spec
+from cfcml.datasets.tabular import tabular_features
 
 MEN = load_spec("men")
 CLASSES, MODALITIES = MEN.classes, MEN.series
@@ -183,7 +189,7 @@ def render(plan: PatientPlan, shape=(48, 48, 12)) -> dict:
     Returns {"series": {name: (array, affine)}, "mask": (array, affine) | None,
     "regions": {name: {"tumor": bool array, "edema": ..., "tissue": ...}}}.
     """
-    from scipy.ndimage import gaussian_filter
+    from scipy.ndimage import gaussian_filter  # scipy.ndimage and nibabel take ~1 s each: only when writing
 
     rng = np.random.default_rng(plan.seed)
     shape = tuple(int(n) for n in shape)
@@ -297,11 +303,6 @@ def convert_to_layout_b(src, out) -> Path:
     Series are copied unchanged (real layout-B data is pre-cropped; the reader does not
     care), masks are dropped, and the clinical CSV keeps every column except `fold`.
     """
-    import shutil
-
-    from cfcml.datasets.men.authors_layout import GRADE_DIRS, SERIES_FILES
-    from cfcml.datasets.reader import load_cohort
-
     src, out = Path(src), Path(out)
     cohort = load_cohort(MEN, src)
     k = len(cohort.splits)
@@ -344,15 +345,12 @@ def measure_signal(patients: int = 796, seed: int = 0, shape=(48, 48, 12)) -> di
     """Cross-validated macro one-vs-rest AUC of logistic regressions on `summary_features`
     per modality alone, for the three image series together, and for everything fused.
     """
+    # scikit-learn takes seconds to import: only this self-check (benchmarks, tests) needs it
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
-
-    from cfcml.datasets.cohort import Case
-    from cfcml.datasets.rows import parse_attribute
-    from cfcml.datasets.tabular import tabular_features
 
     plans = plan_cohort(patients, seed)
     y = np.array([p.label for p in plans])

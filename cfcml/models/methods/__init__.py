@@ -2,35 +2,29 @@
 
 `model.method` picks one; `build_method` builds it. Every method has the interface described
 in `base.py` (forward -> {"logits", "features", "fused", ...}, `loss_terms(out, labels, *,
-epoch)`, `backbone_parameters()`). Modules are imported on demand: `cfcml.config` imports
-`args` from this package and must not pull in torch.
+epoch)`, `backbone_parameters()`) and registers itself where it is defined
+(`cfcml.models.registry.register_method`). Importing this package registers every built-in
+method: the paper's in the paper's order (the order of `cv --methods all` and of the tables),
+then any further module of this package, so a new method is one new module (+ its YAML).
 """
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 
-from .args import METHODS
+from ..registry import method_class, method_entry, method_names
 
-# model.method -> (module, class)
-_CLASSES = {
-    "cfcml": ("cfcml.models.cfcml", "CFCML"),
-    "etmc": ("cfcml.models.methods.etmc", "ETMC"),
-    "ccml": ("cfcml.models.methods.ccml", "CCML"),
-    "dmd": ("cfcml.models.methods.dmd", "DMD"),
-    "mvcnet": ("cfcml.models.methods.mvcnet", "MVCNet"),
-    "glomo": ("cfcml.models.methods.glomo", "GLoMo"),
-    "mrim": ("cfcml.models.methods.mrim", "MRIM"),
-    "mrim_plus": ("cfcml.models.methods.mrim", "MRIMPlus"),
-}
-assert set(_CLASSES) == set(METHODS)
+# isort: off
+# Registration order is the paper's order: CFCML first, then the comparison methods.
+from .. import cfcml  # noqa: F401
+from . import etmc, ccml, dmd, mvcnet, glomo, mrim  # noqa: F401
+# isort: on
 
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")  # any other method module registers itself
 
-def method_class(name: str) -> type:
-    if name not in _CLASSES:
-        raise ValueError(f"unknown model.method {name!r}; expected one of {', '.join(METHODS)}")
-    module, cls = _CLASSES[name]
-    return getattr(importlib.import_module(module), cls)
+METHODS = method_names()  # the built-in methods (the registry is the live list: method_names())
 
 
 def build_method(cfg, shape, num_tabular_features: int | None = None):
@@ -38,4 +32,4 @@ def build_method(cfg, shape, num_tabular_features: int | None = None):
     return method_class(cfg.model.method)(cfg, shape, num_tabular_features)
 
 
-__all__ = ["METHODS", "build_method", "method_class"]
+__all__ = ["METHODS", "build_method", "method_class", "method_entry", "method_names"]

@@ -18,17 +18,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from ...config import Config
 from ..ccrm import gather_with_grad
 from ..cfcml import build_image_encoder, stage_grids
 from ..shape import CohortShape
 from ..text import CLIP_TEXT_DIM, MLPTabularEmbedding, TabularTextProjection
 from ..tokens import flatten_tokens
+
+if TYPE_CHECKING:  # a method reads the Config it is given; only the engine and above import the config module
+    from ...config import Config
 
 
 def mlp_head(dim_in: int, hidden: Sequence[int], dim_out: int, dropout: float) -> nn.Sequential:
@@ -76,7 +79,7 @@ class FusionMethod(nn.Module):
 
     def backbone_parameters(self) -> list[nn.Parameter]:
         """Parameters of pretrained-capable 2D backbones (trained at backbone_lr_mult x LR)."""
-        from ..swin import SwinEncoder2D
+        from ..swin import SwinEncoder2D  # timm is heavy: imported only where a photo cohort's Swin is used
 
         return [p for e in self.encoders if isinstance(e, SwinEncoder2D) for p in e.parameters()]
 

@@ -25,15 +25,43 @@ Outputs: logits = log(alpha_a / S_a) of the fused opinion; features = the f_j; f
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
-from ...config import Config
+from ..registry import register_method
 from ..shape import CohortShape
 from .base import FusionMethod, mlp_head, pooled
 from .evidential import annealing, ccml_decouple, dirichlet_log_mean, expected_ce, misleading_kl
 
+if TYPE_CHECKING:  # a method reads the Config it is given; only the engine and above import the config module
+    from ...config import Config
 
+
+@dataclass
+class CcmlArgs:
+    annealing_epochs: int = 50  # KL weight min(1, epoch / T); CCML's main.py
+    sharpen: float = 1.25  # beta: power that sharpens the consistent belief
+    gamma: float = 1.0  # weight of the complementary opinion's ACE
+    delta: float = 1.0  # weight of the consistent opinion's KL
+    hidden: list[int] = field(default_factory=lambda: [64])  # evidence-head widths; [] = one Linear (the original)
+
+
+def _check(cfg, selected: bool) -> list[str]:
+    a = cfg.method_args.ccml
+    problems = []
+    if any(w < 1 for w in a.hidden):
+        problems.append("method_args.ccml.hidden: widths must be positive")
+    if a.sharpen < 1:
+        problems.append("method_args.ccml.sharpen must be at least 1 (a power that sharpens the consistent belief)")
+    if a.annealing_epochs < 1:
+        problems.append("method_args.ccml.annealing_epochs must be at least 1")
+    return problems
+
+
+@register_method("ccml", display="CCML", args=CcmlArgs, search_space="ccml.yaml", check=_check)
 class CCML(FusionMethod):
     def __init__(self, cfg: Config, shape: CohortShape, num_tabular_features: int | None = None):
         super().__init__(cfg, shape, num_tabular_features)

@@ -53,14 +53,43 @@ the edge weights) use the all-gathered global batch; every other term is per sam
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...config import Config
+from ..registry import register_method
 from ..shape import CohortShape
 from .base import FusionMethod, global_batch, pooled
 from .mult import MulTEncoder
+
+if TYPE_CHECKING:  # a method reads the Config it is given; only the engine and above import the config module
+    from ...config import Config
+
+
+@dataclass
+class DmdArgs:
+    inputs: str = "tokens"  # tokens (stage-4 token sequences) | pooled (one vector per modality)
+    layers: int = 4  # MulT encoder depth (nlevels)
+    attn_dropout: float = 0.3
+    embed_dropout: float = 0.2
+    output_dropout: float = 0.5
+    margin: float = 0.15  # hinge margin between different-class common features
+    gd_reg: float = 10.0  # graph-distillation edge-prior regulariser
+    repr_weight: float = 10.0  # weight of the hetero representation term inside the GD loss
+    w_gd: float = 0.05  # weight of each graph-distillation loss
+    w_decouple: float = 0.1  # weight of reconstruction + cycle (+ 0.1 x (margin + orthogonality))
+
+
+def _check(cfg, selected: bool) -> list[str]:
+    m, problems = cfg.model, []
+    if cfg.method_args.dmd.layers < 1:
+        problems.append("method_args.dmd.layers must be at least 1")
+    if selected and m.dim % m.heads:
+        problems.append(f"model.dim ({m.dim}) must be divisible by model.heads ({m.heads}) for dmd's attention")
+    return problems
 
 
 class ResidualHead(nn.Module):
@@ -143,6 +172,9 @@ def margin_loss(feats: torch.Tensor, ids: torch.Tensor, margin: float, chunk: in
     return (per_anchor * valid).sum() / valid.sum().clamp_min(1)
 
 
+@register_method(
+    "dmd", display="DMD", args=DmdArgs, search_space="dmd.yaml", choices={"inputs": {"tokens", "pooled"}}, check=_check
+)
 class DMD(FusionMethod):
     def __init__(self, cfg: Config, shape: CohortShape, num_tabular_features: int | None = None):
         super().__init__(cfg, shape, num_tabular_features)

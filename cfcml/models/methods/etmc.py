@@ -25,13 +25,35 @@ features = the f_j; fused = None (decision-level fusion). All per-sample terms: 
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
-from ...config import Config
+from ..registry import register_method
 from ..shape import CohortShape
 from .base import FusionMethod, mlp_head, pooled
 from .evidential import annealing, dirichlet_log_mean, ds_combine, expected_ce, misleading_kl
+
+if TYPE_CHECKING:  # a method reads the Config it is given; only the engine and above import the config module
+    from ...config import Config
+
+
+@dataclass
+class EtmcArgs:
+    annealing_epochs: int = 10  # KL weight min(1, epoch / T); ETMC's --annealing_epoch
+    hidden: list[int] = field(default_factory=lambda: [128, 16])  # evidence-head widths; [] = one Linear (the original)
+
+
+def _check(cfg, selected: bool) -> list[str]:
+    a = cfg.method_args.etmc
+    problems = []
+    if any(w < 1 for w in a.hidden):
+        problems.append("method_args.etmc.hidden: widths must be positive")
+    if a.annealing_epochs < 1:
+        problems.append("method_args.etmc.annealing_epochs must be at least 1")
+    return problems
 
 
 def combine_opinions(alphas: list[torch.Tensor]) -> torch.Tensor:
@@ -47,6 +69,7 @@ def evidential_loss(alpha: torch.Tensor, labels: torch.Tensor, kl_weight: float)
     return (expected_ce(alpha, labels) + kl_weight * misleading_kl(alpha, labels)).mean()
 
 
+@register_method("etmc", display="ETMC", args=EtmcArgs, search_space="etmc.yaml", check=_check)
 class ETMC(FusionMethod):
     def __init__(self, cfg: Config, shape: CohortShape, num_tabular_features: int | None = None):
         super().__init__(cfg, shape, num_tabular_features)

@@ -27,14 +27,45 @@ DDP: the load-balance loss (a batch statistic) uses the all-gathered gates and l
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...config import Config
+from ..registry import register_method
 from ..shape import CohortShape
 from .base import FusionMethod, global_batch, pooled
 from .moe import NoisyTopKMoE, load_balance_loss
+
+if TYPE_CHECKING:  # a method reads the Config it is given; only the engine and above import the config module
+    from ...config import Config
+
+
+@dataclass
+class GlomoArgs:
+    segments: int = 3  # local segments per modality (gran)
+    experts: int = 3
+    top_k: int = 2
+    moe_loss_coef: float = 0.01  # load-balance loss coefficient
+    noisy_gating: bool = True
+    combine: str = "sum"  # sum (the paper's MoE formula) | logsumexp (the code's log sum g exp(E))
+    fusion_layers: int = 2
+    ffn_dim: int = 2048  # nn.TransformerEncoderLayer's default, as in the code
+    dropout: float = 0.1  # fusion transformer
+    attention_dropout: float = 0.3  # the global/local attention MLPs
+
+
+def _check(cfg, selected: bool) -> list[str]:
+    a, m, problems = cfg.method_args.glomo, cfg.model, []
+    if a.fusion_layers < 1:
+        problems.append("method_args.glomo.fusion_layers must be at least 1")
+    if selected and m.dim % m.heads:
+        problems.append(f"model.dim ({m.dim}) must be divisible by model.heads ({m.heads}) for glomo's attention")
+    if not 1 <= a.top_k <= a.experts or a.segments < 1:
+        problems.append("method_args.glomo: need 1 <= top_k <= experts and segments >= 1")
+    return problems
 
 
 class ModalityAttention(nn.Module):
@@ -51,6 +82,14 @@ class ModalityAttention(nn.Module):
         return (self.mlp(h.flatten(1)) * self.scale).softmax(dim=1)
 
 
+@register_method(
+    "glomo",
+    display="GLoMo",
+    args=GlomoArgs,
+    search_space="glomo.yaml",
+    choices={"combine": {"sum", "logsumexp"}},
+    check=_check,
+)
 class GLoMo(FusionMethod):
     def __init__(self, cfg: Config, shape: CohortShape, num_tabular_features: int | None = None):
         super().__init__(cfg, shape, num_tabular_features)

@@ -28,14 +28,31 @@ DDP: both terms use the all-gathered global batch (features with gradient), like
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...config import Config
 from ..cfcml import CFCML
+from ..registry import register_method
 from ..shape import CohortShape
 from .base import FusionMethod, global_batch, mlp_head, pooled
+
+if TYPE_CHECKING:  # a method reads the Config it is given; only the engine and above import the config module
+    from ...config import Config
+
+
+@dataclass
+class MrimArgs:  # a reconstruction: no MRIM paper text or code was found (docs/baselines.md §8)
+    tau: float = 0.07
+    lambda_s2s: float = 0.06  # sample-to-sample weight (start: CFCML's MEN alpha)
+    lambda_s2p: float = 0.04  # sample-to-proxy weight (start: CFCML's MEN beta)
+
+
+def _check(cfg, selected: bool) -> list[str]:
+    return ["method_args.mrim.tau must be positive"] if cfg.method_args.mrim.tau <= 0 else []
 
 
 class MrimProxies(nn.Module):
@@ -91,6 +108,7 @@ def _mrim_objective(out: dict, labels: torch.Tensor, proxies: MrimProxies, args)
     return {"loss": total, "ce": ce, **terms}
 
 
+@register_method("mrim", display="MRIM", args=MrimArgs, search_space="mrim.yaml", check=_check)
 class MRIM(FusionMethod):
     def __init__(self, cfg: Config, shape: CohortShape, num_tabular_features: int | None = None):
         super().__init__(cfg, shape, num_tabular_features)
@@ -107,6 +125,15 @@ class MRIM(FusionMethod):
         return _mrim_objective(out, labels, self.proxies, self.args)
 
 
+@register_method(
+    "mrim_plus",
+    display="MRIM+",
+    args=MrimArgs,
+    section="mrim",
+    search_space="mrim_plus.yaml",
+    on_cfcml=True,
+    check=_check,
+)
 class MRIMPlus(CFCML):
     """CFCML's model (MG-CIE) with the MRIM objective instead of CE + CCRM."""
 

@@ -28,19 +28,47 @@ Outputs: features = the f_j; fused = [V'; T']. Per-sample loss only: exact under
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...config import Config
+from ..registry import register_method
 from ..shape import CohortShape
 from .base import FusionMethod, pooled
+
+if TYPE_CHECKING:  # a method reads the Config it is given; only the engine and above import the config module
+    from ...config import Config
+
+
+@dataclass
+class MvcnetArgs:
+    inputs: str = "tokens"  # tokens (attention over tokens) | vector (one pooled vector per stream)
+    hidden: int = 128  # CMAF width (PE-MVCNet 2024)
+    attn_dropout: float = 0.2
+
+
+def _check(cfg, selected: bool) -> list[str]:
+    a, m = cfg.method_args.mvcnet, cfg.model
+    if selected and a.hidden % m.heads:
+        return [f"method_args.mvcnet.hidden ({a.hidden}) must be divisible by model.heads ({m.heads})"]
+    return []
 
 
 def _relu_linear(dim_in: int, dim_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(dim_in, dim_out), nn.ReLU())
 
 
+@register_method(
+    "mvcnet",
+    display="MVCNet",
+    args=MvcnetArgs,
+    search_space="mvcnet.yaml",
+    choices={"inputs": {"tokens", "vector"}},
+    check=_check,
+)
 class MVCNet(FusionMethod):
     def __init__(self, cfg: Config, shape: CohortShape, num_tabular_features: int | None = None):
         super().__init__(cfg, shape, num_tabular_features)

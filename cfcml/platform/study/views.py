@@ -302,7 +302,7 @@ def log_study_views(client, run_id: str, study_name: str, storage_url: str, runs
         client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
         return summary
     except Exception as e:  # noqa: BLE001 - views must never fail a finished search
-        from .redact import redact
+        from ..redact import redact
 
         log.warning("could not log the Optuna views of study %s: %s", study_name, redact(str(e)))
         return {}

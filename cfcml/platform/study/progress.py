@@ -16,7 +16,7 @@ def study_progress_callback(num_samples: int, max_epochs: int, metric: str, quie
         return None
     from ray import tune
 
-    from ..engine.progress import Progress
+    from ...engine.progress import Progress
 
     class StudyProgress(tune.Callback):
         def __init__(self):

@@ -7,11 +7,15 @@ modules (`cfcml.models.methods`).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
-from ..config import LossConfig
-from ..models.ccrm import ccrm_losses_distributed
+from .ccrm import ccrm_losses_distributed
+
+if TYPE_CHECKING:  # the loss section is given; only the engine and above import the config module
+    from ..config import LossConfig
 
 
 def cfcml_objective(model_out: dict, labels: torch.Tensor, loss: LossConfig, num_classes: int) -> dict:

@@ -9,23 +9,24 @@ from __future__ import annotations
 
 import torch
 
-from cfcml.datasets.cohort import Case
-from cfcml.datasets.samplers import ClassBalancedBatchSampler, DistributedClassBalancedBatchSampler
-from cfcml.datasets.spec import DatasetSpec
-
 from ..config import Config
+from ..datasets.cohort import Case
+from ..datasets.photo_dataset import PhotoDataset
+from ..datasets.photo_transforms import ImageCache, as_hw
+from ..datasets.samplers import ClassBalancedBatchSampler, DistributedClassBalancedBatchSampler
+from ..datasets.spec import DatasetSpec
+from ..datasets.tabular import numeric_stats, tabular_features
+from ..datasets.volume_cache import make_volume_cache
+from ..datasets.volume_dataset import VolumeDataset
+from ..models.text import sentence_cache
 
 
 def make_dataset(cfg: Config, spec: DatasetSpec, cases: list[Case], train: bool, cache=None):
     """One torch Dataset of `cases` for the cohort's image kind (volumes or photos)."""
     if spec.image_kind == "volume":
-        from cfcml.datasets.volume_dataset import VolumeDataset
-
         return VolumeDataset(
             cases, spec.series, cfg.data.image_size, train=train, cache=cache, aug_prob=cfg.data.aug_prob
         )
-    from cfcml.datasets.photo_dataset import PhotoDataset
-
     return PhotoDataset(
         cases,
         cfg.data.image_size,
@@ -61,14 +62,10 @@ def shared_cache(cfg: Config, spec: DatasetSpec, cases: list[Case]):
     """
     size = tuple(cfg.data.image_size)
     if spec.image_kind == "volume":
-        from cfcml.datasets.volume_cache import make_volume_cache
-
         key = ("volume", size, spec.series, cfg.data.cache_dir)
         if key not in _CACHES:
             _CACHES[key] = make_volume_cache(cases, size, spec.series, cfg.data.cache_dir)
         return _CACHES[key]
-    from cfcml.datasets.photo_transforms import ImageCache, as_hw
-
     key = ("photo", size)
     if key not in _CACHES:
         _CACHES[key] = ImageCache(as_hw(size))
@@ -91,8 +88,6 @@ def make_train_sampler(cfg: Config, cases: list[Case], seed: int, rank: int = 0,
 
 def sentence_embeddings(cfg: Config, cases: list[Case]) -> torch.Tensor:
     """[N, t, 512] frozen-text-encoder embeddings of each case's attribute sentences."""
-    from ..models.text import sentence_cache
-
     cache = sentence_cache(cfg.data.cache_dir, cfg.model.text_pretrained)
     flat = [s for c in cases for s in c.sentences]
     if not flat:
@@ -108,8 +103,6 @@ def tabular_inputs(
     if not cfg.model.use_tabular:
         return None
     if cfg.model.tabular_embedding == "mlp":
-        from cfcml.datasets.tabular import tabular_features
-
         return torch.from_numpy(tabular_features(spec, cases, stats=numeric_stats))
     return sentence_embeddings(cfg, cases)
 
@@ -117,8 +110,6 @@ def tabular_inputs(
 def build_tabular_inputs(cfg: Config, spec: DatasetSpec, split) -> tuple[dict, dict | None]:
     """-> ({"train"|"val"|"test": tensor indexed by dataset position or None}, numeric scaling
     statistics of the training part (MLP embedding) or None)."""
-    from cfcml.datasets.tabular import numeric_stats
-
     parts = {"train": split.train, "val": split.val, "test": split.test}
     stats = numeric_stats(spec, split.train) if cfg.model.use_tabular and cfg.model.tabular_embedding == "mlp" else None
     return {k: tabular_inputs(cfg, spec, v, stats) for k, v in parts.items()}, stats

@@ -1,6 +1,6 @@
 """`cfcml tune` and the `jobs/tune*.py` scripts: command-line options generated from `StudySpec`.
 
-Every field of :class:`cfcml.platform.tune.StudySpec` becomes one option (``--<field-name>``;
+Every field of :class:`cfcml.platform.study.StudySpec` becomes one option (``--<field-name>``;
 a boolean that defaults to true becomes ``--no-<field-name>``), typed from the field's type and
 defaulting to the field's default. :data:`OPTIONS` only adds what a type cannot say: the help
 text (a field's ``metadata={"help": ...}`` wins), a flag whose name differs from the field, a
@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import tune
+from . import run as study_run
+from .spec import StudyError, StudyInterrupted, StudySpec
 
 
 @dataclass(frozen=True)
@@ -174,7 +175,9 @@ def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, tp: Any, g
     else:
         parse = opt.parse or (base if base in _SCALARS else None)
         if parse is None:
-            raise TypeError(f"StudySpec.{f.name}: no command-line parser for {tp!r}; give one in study_options.OPTIONS")
+            raise TypeError(
+                f"StudySpec.{f.name}: no command-line parser for {tp!r}; give one in cfcml.platform.study.options.OPTIONS"
+            )
         required = default is dataclasses.MISSING if opt.required is None else opt.required
         kw.update(type=parse, default=None if default is dataclasses.MISSING else default, required=required)
         if default not in (None, dataclasses.MISSING) and "default" not in opt.help and not opt.hidden:
@@ -189,8 +192,8 @@ def add_study_options(
 ) -> None:
     """One option per StudySpec field (``defaults``: a job's own defaults, e.g. its cohort), then
     the command's own three."""
-    hints = typing.get_type_hints(tune.StudySpec)
-    for f in dataclasses.fields(tune.StudySpec):
+    hints = typing.get_type_hints(StudySpec)
+    for f in dataclasses.fields(StudySpec):
         _add_field(parser, f, hints[f.name], defaults or {})
     parser.add_argument("--synth-dir", type=Path, default=None, help="default ~/.cache/cfcml/synthetic/<cohort name>")
     parser.add_argument(
@@ -213,12 +216,12 @@ def build_parser(
     return parser
 
 
-def study_spec(args: argparse.Namespace) -> tune.StudySpec:
+def study_spec(args: argparse.Namespace) -> StudySpec:
     """The StudySpec of parsed options: the cohort resolved (a schema path made absolute, none
     given: the preset's) and, without --data, a synthetic cohort written first."""
-    from ..config import build_config
-    from ..datasets import write_synthetic
-    from ..datasets.spec import builtin_names, load_spec
+    from ...config import build_config
+    from ...datasets import write_synthetic
+    from ...datasets.spec import builtin_names, load_spec
 
     dataset = args.dataset or build_config(args.preset).dataset
     cohort = dataset if dataset in builtin_names() else str(Path(dataset).expanduser().resolve())
@@ -229,8 +232,8 @@ def study_spec(args: argparse.Namespace) -> tune.StudySpec:
         if not (data / schema.table_file).exists():
             print(f"no --data: writing a synthetic {schema.name} cohort ({args.synth_size}) to {data}", flush=True)
             write_synthetic(schema, data, args.synth_size, 0)
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(tune.StudySpec)}
-    return tune.StudySpec(**(values | {"dataset": cohort, "data": str(data)}))
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(StudySpec)}
+    return StudySpec(**(values | {"dataset": cohort, "data": str(data)}))
 
 
 def _report(summary: dict, json_out: Path | None) -> None:
@@ -263,10 +266,10 @@ def _stop_signals_as_interrupt():
 
 def run(args: argparse.Namespace) -> int:
     """Run the study of parsed options: 0 done, 2 bad input (one line on stderr), 130 interrupted."""
-    from ..config import ConfigError
-    from ..datasets.cohort import CohortError
-    from ..datasets.spec import SpecError
-    from .redact import redact
+    from ...config import ConfigError
+    from ...datasets.cohort import CohortError
+    from ...datasets.spec import SpecError
+    from ..redact import redact
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -274,11 +277,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         spec = study_spec(args)
         with _stop_signals_as_interrupt():
-            summary = tune.run_study(spec)
-    except tune.StudyInterrupted as e:
+            summary = study_run.run_study(spec)
+    except StudyInterrupted as e:
         print(f"interrupted: {e}", file=sys.stderr)
         return 130
-    except (tune.StudyError, ConfigError, CohortError, SpecError) as e:
+    except (StudyError, ConfigError, CohortError, SpecError) as e:
         print(f"error: {redact(str(e))}", file=sys.stderr)
         return 2
     _report(summary, args.json_out)
