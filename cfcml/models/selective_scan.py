@@ -3,7 +3,7 @@
 Per channel d and state n (A <= 0):  h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t,
 y_t = <C_t, h_t> (+ D u_t, then * silu(z_t)). Same arguments as ``mamba_ssm``'s
 ``selective_scan_fn``; both implementations give the step-by-step recurrence's values and
-gradients (tests/test_mamba.py checks them against a float64 loop).
+gradients (tests/models/test_mamba.py checks them against a float64 loop).
 
 ``chunked`` (the default off the fused CUDA kernel): time is cut into chunks of ``chunk_size``
 steps, visited in order with the state carried across. Inside a chunk the decays, the inputs

@@ -9,7 +9,7 @@
   clusters) and then binds its GCS, raylet, agents and client server there or on all
   interfaces. With ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (a single-node cluster, which a
   local head is) and ``--node-ip-address 127.0.0.1`` it keeps 127.0.0.1 and every port binds
-  to loopback (checked in tests/test_services.py). A head on a real address needs token auth:
+  to loopback (checked in tests/platform/test_services.py). A head on a real address needs token auth:
   an unauthenticated cluster there is refused.
 * ``ray start --block`` drains the node for up to 30 s on SIGTERM; we set
   ``RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0`` and signal the leader first so that Ray tears its

@@ -5,7 +5,7 @@ a boolean that defaults to true becomes ``--no-<field-name>``), typed from the f
 defaulting to the field's default. :data:`OPTIONS` only adds what a type cannot say: the help
 text (a field's ``metadata={"help": ...}`` wins), a flag whose name differs from the field, a
 value parser, or a default read from the environment. A new study option is one new field (and
-its help line); ``tests/test_front_door.py`` fails when a field has no option or no help.
+its help line); ``tests/cli/test_front_door.py`` fails when a field has no option or no help.
 
 Three options belong to the command, not to the study: where a synthetic cohort is written when
 ``--data`` is not given, its size, and where the summary goes (``--synth-dir``, ``--synth-size``,

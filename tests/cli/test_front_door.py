@@ -16,7 +16,7 @@ from cfcml.platform.study import StudySpec
 from cfcml.platform.study import options as study_options
 from cfcml.platform.study import run as study_run
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FIELDS = dataclasses.fields(StudySpec)
 
 
@@ -115,7 +115,7 @@ def test_cfcml_dev_help_lists_start_stop_status(capsys):
     assert all(word in out for word in ("start", "stop", "status", "--state-dir"))
 
 
-# The argv of `make run` (scripts/run.sh) and of tests/test_platform_study.py, and the StudySpec
+# The argv of `make run` (scripts/run.sh) and of tests/platform/test_platform_study.py, and the StudySpec
 # jobs/_common.py built from them before the jobs became shims over `cfcml tune`.
 MAKE_RUN = shlex.split(
     "--preset men-smoke --data /s/data --name men-smoke-1 --num-samples 3 --epochs 15 --storage /s/ray_results "

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def cfcml(*args: str, cwd: Path, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -183,7 +183,7 @@ def registry_versions(mlflow_server):
     on the same patients under the same protocol, but for `other_data`."""
     from mlflow import MlflowClient
 
-    from tests.test_registry import version
+    from tests.platform.test_registry import version
 
     client = MlflowClient(mlflow_server.url)
     env = (client, client.create_experiment(f"faults-{uuid.uuid4().hex[:6]}"), None)
@@ -276,7 +276,7 @@ def test_predict_model_that_is_not_cfcml(mlflow_server, tmp_path):
     import mlflow
     from mlflow import MlflowClient
 
-    from tests.test_registry import FixedProbs
+    from tests.platform.test_registry import FixedProbs
 
     url, name = mlflow_server.url, f"plain-{uuid.uuid4().hex[:6]}"
     mlflow.set_tracking_uri(url)

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from conftest import ray_and_mlflow
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.services]
 
 SHORT_RETRIES = {

@@ -27,7 +27,7 @@ from cfcml.platform.services import (
     start_mlflow_server,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.services
 

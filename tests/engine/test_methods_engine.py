@@ -20,7 +20,7 @@ from cfcml.models.methods import METHODS
 from cfcml.models.summary import example_inputs, summarize
 from cfcml.platform.search_space import load_search_space
 
-SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
+SPACES = Path(__file__).resolve().parents[2] / "search_spaces"
 TINY = [
     "data.image_size=[32,32]",
     "train.epochs=1",
@@ -242,7 +242,7 @@ def test_every_method_packages_and_predicts_on_a_schema_described_cohort(method,
     from cfcml.datasets.reader import load_cohort
     from cfcml.platform.pyfunc import PackagedModel, build_package, cohort_frame
 
-    schema = Path(__file__).resolve().parents[1] / "examples" / "glioma-demo.yaml"
+    schema = Path(__file__).resolve().parents[2] / "examples" / "glioma-demo.yaml"
     data = write_synthetic(load_spec(schema), tmp_path / "glioma", 48, seed=1)
     cfg = build_config(
         "men-smoke",

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from conftest import ray_and_mlflow
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
 BUCKET = "cfcml-test"
@@ -150,7 +150,7 @@ def test_two_ddp_workers_match_one_process(stack, cohort, cache_dir, client_env,
     The Ray driver runs in a fresh interpreter: Ray reads its auth mode once per process and
     leaves a SIGTERM handler behind, so an in-process driver would depend on test order."""
     code = (
-        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+        f"import sys; sys.path[:0] = [{str(Path(__file__).parent)!r}, {str(Path(__file__).parents[1])!r}]; "
         f"from test_platform_study import _ddp_compare; "
         f"_ddp_compare({str(cohort)!r}, {str(cache_dir)!r}, {str(tmp_path)!r})"
     )

@@ -196,7 +196,7 @@ def test_study_start_sweeps_runs_of_dead_processes(experiment, mlflow_tracking, 
     client = MlflowClient()
     experiment_id = client.create_experiment(experiment)
     study = f"s-{uuid.uuid4().hex[:6]}"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "MLFLOW_TRACKING_URI": mlflow_tracking}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "MLFLOW_TRACKING_URI": mlflow_tracking}
     driver = subprocess.Popen(
         [sys.executable, "-c", _DRIVER, experiment_id, study], stdout=subprocess.PIPE, text=True, env=env
     )

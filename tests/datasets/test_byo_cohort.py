@@ -16,7 +16,7 @@ from cfcml.cli import main
 from cfcml.datasets.reader import check_cohort
 from cfcml.datasets.spec import load_spec
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GLIOMA = ROOT / "examples" / "glioma-demo.yaml"
 SMALL = [
     "--set",

@@ -16,7 +16,7 @@ from cfcml.platform.search_space import (
 )
 from cfcml.platform.study import StudySpec, join_uri, plan_concurrency, resolve_trial_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SPACES = ROOT / "search_spaces"
 
 

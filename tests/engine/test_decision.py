@@ -249,7 +249,7 @@ def test_starter_presets_build_for_cohorts_described_by_a_schema(lesions, capsys
     from cfcml.cli import main
 
     schema, _ = lesions
-    glioma = Path(__file__).resolve().parents[1] / "examples" / "glioma-demo.yaml"
+    glioma = Path(__file__).resolve().parents[2] / "examples" / "glioma-demo.yaml"
     for preset, cohort in (("photo-starter", schema), ("volume-starter", glioma)):
         assert build_config(preset, [f"dataset={cohort}"]).predict.decision == "prior"
         assert main(["summary", "--preset", preset, "--dataset", str(cohort), "--json"]) == 0

@@ -52,7 +52,7 @@ def copy(src: Path, tmp_path: Path) -> Path:
 
 
 def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     return subprocess.run(
         [sys.executable, "-m", "cfcml.cli", *map(str, args)],
         check=False,
@@ -259,7 +259,7 @@ def test_bad_run_requests_exit_2_with_one_clear_line(men, tmp_path, args, needle
     ],
 )
 def test_bad_schemas_name_the_file_and_key(tmp_path, edit, needle):
-    text = (Path(__file__).resolve().parents[1] / "examples" / "glioma-demo.yaml").read_text()
+    text = (Path(__file__).resolve().parents[2] / "examples" / "glioma-demo.yaml").read_text()
     schema = tmp_path / "bad.yaml"
     schema.write_text(edit(text))
     r = run_cli("data", "check", "--dataset", schema, "--root", tmp_path)

@@ -19,7 +19,7 @@ from cfcml.datasets.reader import check_cohort, load_cohort
 from cfcml.datasets.rows import id_problem
 from cfcml.datasets.spec import load_spec
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GLIOMA = ROOT / "examples" / "glioma-demo.yaml"
 UNICODE_IDS = {"GLI0001": "MÉN0001", "GLI0002": "病例-001"}
 

@@ -37,7 +37,7 @@ from cfcml.platform.registry import (
     parse_protocol,
     promote,
 )
-from tests.test_registry import IDS, PROTOCOL, version
+from tests.platform.test_registry import IDS, PROTOCOL, version
 
 RUNS = [{"name": "fold1", "fold": 1}, {"name": "fold2", "fold": 2}, {"name": "fold3", "fold": 3}]
 
