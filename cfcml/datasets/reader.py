@@ -165,7 +165,14 @@ def _check(spec: DatasetSpec, root: Path, read: LayoutRead, opts: CheckOptions) 
         )
 
     split_of, split_names = _assign_splits(
-        spec, root, read, kept, labels_by_index, problems, notes, set(refused.values())
+        spec=spec,
+        root=root,
+        read=read,
+        kept=kept,
+        labels_by_index=labels_by_index,
+        problems=problems,
+        notes=notes,
+        unsure=set(refused.values()),
     )
     _orphan_image_folders(spec, root, {cid for _, cid, _ in kept}, problems, set(refused))
 
@@ -179,7 +186,9 @@ def _check(spec: DatasetSpec, root: Path, read: LayoutRead, opts: CheckOptions) 
         n_before = len(problems)
         values, raw, sentences, attr_problems = parser.attributes(row.cells, row.where, cid)
         problems += attr_problems
-        images, mask = _locate_images(spec, parser, row, cid, root, finder, problems)
+        images, mask = _locate_images(
+            spec=spec, parser=parser, row=row, cid=cid, root=root, finder=finder, problems=problems
+        )
         masks += mask is not None
         ok = len(problems) == n_before and label is not None and split is not None and images is not None
         todo.append((row, cid, label, split, images, mask, values, raw, sentences, ok))
@@ -191,7 +200,16 @@ def _check(spec: DatasetSpec, root: Path, read: LayoutRead, opts: CheckOptions) 
         problems += image_problems
         if ok and not image_problems:
             cases.append(
-                Case(cid, label, split, tuple(images[s][0] for s in spec.series), values, sentences, mask, raw)
+                Case(
+                    case_id=cid,
+                    label=label,
+                    split=split,
+                    images=tuple(images[s][0] for s in spec.series),
+                    attributes=values,
+                    sentences=sentences,
+                    mask=mask,
+                    raw=raw,
+                )
             )
     if spec.mask_path and spec.image_kind == "volume" and todo:
         notes.append(f"ROI mask found for {masks} of {len(todo)} patient(s); the others are used whole")
@@ -293,7 +311,9 @@ def _assign_splits(
 ) -> tuple[dict[str, str], tuple[str, ...]]:
     if spec.split.kind == "folds":
         return _fold_splits(spec, root, read, kept, problems, unsure)
-    return _file_splits(spec, root, read, kept, labels_by_index, problems, notes)
+    return _file_splits(
+        spec=spec, root=root, read=read, kept=kept, labels_by_index=labels_by_index, problems=problems, notes=notes
+    )
 
 
 def _parse_fold(text: str) -> int | None:

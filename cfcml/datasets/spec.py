@@ -306,7 +306,15 @@ def _attribute(item: Any, i: int, r: _Reader) -> Attribute:
         a.fail("min", "only numeric attributes have bounds")
     if None not in bounds.values() and bounds["min"] > bounds["max"]:
         a.fail("min", f"min {bounds['min']} is above max {bounds['max']}")
-    return Attribute(column, kind, sentence, values, vocabulary, bounds["min"], bounds["max"])
+    return Attribute(
+        column=column,
+        type=kind,
+        sentence=sentence,
+        values=values,
+        vocabulary=vocabulary,
+        min=bounds["min"],
+        max=bounds["max"],
+    )
 
 
 def _path_template(template: str, where: _Reader, key: str, series: tuple[str, ...] = ()) -> str:
@@ -325,6 +333,41 @@ def _path_template(template: str, where: _Reader, key: str, series: tuple[str, .
 def spec_from_dict(raw: Any, source: str = "<schema>") -> DatasetSpec:
     """Check a parsed schema and build the spec; raises SpecError naming the key."""
     top = _Reader(raw, source, "", _TOP)
+    name, classes, positive = _read_identity(top)
+    kind, series, paths, mask = _read_images(top.sub("images", _IMAGES))
+    tab = top.sub("table", _TABLE)
+    table_file, id_col, label_col = tab.text("file"), tab.text("id"), tab.text("label")
+    _path_template(table_file, tab, "file")
+    attributes = _read_attributes(tab)
+    aliases, other = _read_labels(tab, classes)
+    split = _read_split(top.sub("split", _SPLIT))
+    paper = top.get("paper", dict, {}) or {}
+    spec = DatasetSpec(
+        name=name,
+        classes=classes,
+        positive=positive if len(classes) == 2 else None,
+        image_kind=kind,
+        series=series,
+        image_paths=paths,
+        mask_path=mask,
+        table_file=table_file,
+        id_column=id_col,
+        label_column=label_col,
+        attributes=attributes,
+        split=split,
+        label_aliases=aliases,
+        other_labels=other,
+        paper=paper,
+        description=top.text("description", "") or "",
+        source=source,
+        raw=raw,
+    )
+    _check_column_roles(top, spec)
+    return spec
+
+
+def _read_identity(top: _Reader) -> tuple[str, tuple[str, ...], str | None]:
+    """(name, classes, positive); with two classes and no `positive`, the second class."""
     name = top.text("name")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         top.fail("name", f"{name!r}: use letters, digits, '.', '_' and '-' (it names MLflow experiments and models)")
@@ -338,8 +381,11 @@ def spec_from_dict(raw: Any, source: str = "<schema>") -> DatasetSpec:
         top.fail("positive", f"{positive!r} is not one of the classes {list(classes)}")
     if positive is None and len(classes) == 2:
         positive = classes[1]
+    return name, classes, positive
 
-    img = top.sub("images", _IMAGES)
+
+def _read_images(img: _Reader) -> tuple[str, tuple[str, ...], dict[str, str], str | None]:
+    """(kind, series, one path template per series, ROI mask template or None)."""
     kind = img.text("kind")
     if kind not in IMAGE_KINDS:
         img.fail("kind", f"{kind!r} is not one of {', '.join(IMAGE_KINDS)}")
@@ -362,16 +408,20 @@ def spec_from_dict(raw: Any, source: str = "<schema>") -> DatasetSpec:
         if kind != "volume":
             img.fail("mask", "only volume cohorts have ROI masks")
         _path_template(mask, img, "mask")
+    return kind, series, paths, mask
 
-    tab = top.sub("table", _TABLE)
-    table_file, id_col, label_col = tab.text("file"), tab.text("id"), tab.text("label")
-    _path_template(table_file, tab, "file")
-    attrs_raw = tab.get("attributes", list)
-    attributes = tuple(_attribute(item, i, tab) for i, item in enumerate(attrs_raw))
+
+def _read_attributes(tab: _Reader) -> tuple[Attribute, ...]:
+    attributes = tuple(_attribute(item, i, tab) for i, item in enumerate(tab.get("attributes", list)))
     cols = [a.column for a in attributes]
     dup = sorted({c for c in cols if cols.count(c) > 1})
     if dup:
         tab.fail("attributes", f"column(s) {dup} listed twice")
+    return attributes
+
+
+def _read_labels(tab: _Reader, classes: tuple[str, ...]) -> tuple[dict[str, str], str]:
+    """(label aliases: lower-cased raw label -> class, what to do with other labels)."""
     aliases = {}
     for raw_label, cls in (tab.get("labels", dict, {}) or {}).items():
         cls = str(cls).strip()
@@ -381,8 +431,10 @@ def spec_from_dict(raw: Any, source: str = "<schema>") -> DatasetSpec:
     other = tab.text("other_labels", "error")
     if other not in ("error", "drop"):
         tab.fail("other_labels", f"{other!r} is not one of error, drop")
+    return aliases, other
 
-    sp = top.sub("split", _SPLIT)
+
+def _read_split(sp: _Reader) -> SplitRule:
     if ("folds" in sp.data) == ("files" in sp.data):
         sp.fail("", "give exactly one of `folds` (a fold column) or `files` (train/valid/test lists)")
     if "folds" in sp.data:
@@ -392,47 +444,30 @@ def spec_from_dict(raw: Any, source: str = "<schema>") -> DatasetSpec:
         folds_file = sp.text("folds_file", None)
         if folds_file is not None:
             _path_template(folds_file, sp, "folds_file")
-        split = SplitRule("folds", folds_column=sp.text("folds"), folds_file=folds_file)
-    else:
-        if "folds_file" in sp.data:
-            sp.fail("folds_file", "only fold splits have one")
-        files = {str(k): str(v) for k, v in sp.get("files", dict).items()}
-        if sorted(files) != sorted(SPLIT_FILE_NAMES):
-            sp.fail("files", f"needs exactly {', '.join(SPLIT_FILE_NAMES)}, got {sorted(files)}")
-        for k, v in files.items():
-            _path_template(v, sp, f"files.{k}")
-        by = sp.text("by", "id")
-        if by not in ("id", "row"):
-            sp.fail("by", f"{by!r} is not one of id, row")
-        split = SplitRule("files", files=files, by=by, column=sp.text("column", None))
-        if by == "row" and split.column is None:
-            sp.fail("column", "row positions are read from a CSV column: name it")
+        return SplitRule("folds", folds_column=sp.text("folds"), folds_file=folds_file)
+    if "folds_file" in sp.data:
+        sp.fail("folds_file", "only fold splits have one")
+    files = {str(k): str(v) for k, v in sp.get("files", dict).items()}
+    if sorted(files) != sorted(SPLIT_FILE_NAMES):
+        sp.fail("files", f"needs exactly {', '.join(SPLIT_FILE_NAMES)}, got {sorted(files)}")
+    for k, v in files.items():
+        _path_template(v, sp, f"files.{k}")
+    by = sp.text("by", "id")
+    if by not in ("id", "row"):
+        sp.fail("by", f"{by!r} is not one of id, row")
+    split = SplitRule("files", files=files, by=by, column=sp.text("column", None))
+    if by == "row" and split.column is None:
+        sp.fail("column", "row positions are read from a CSV column: name it")
+    return split
 
-    paper = top.get("paper", dict, {}) or {}
-    spec = DatasetSpec(
-        name=name,
-        classes=classes,
-        positive=positive if len(classes) == 2 else None,
-        image_kind=kind,
-        series=series,
-        image_paths=paths,
-        mask_path=mask,
-        table_file=table_file,
-        id_column=id_col,
-        label_column=label_col,
-        attributes=attributes,
-        split=split,
-        label_aliases=aliases,
-        other_labels=other,
-        paper=paper,
-        description=top.text("description", "") or "",
-        source=source,
-        raw=raw,
-    )
-    roles = {"id": id_col, "label": label_col} | ({"fold": split.folds_column} if split.kind == "folds" else {})
+
+def _check_column_roles(top: _Reader, spec: DatasetSpec) -> None:
+    """The id, label and fold columns are distinct and none of them is an attribute."""
+    split, cols = spec.split, [a.column for a in spec.attributes]
+    roles = {"id": spec.id_column, "label": spec.label_column}
+    roles |= {"fold": split.folds_column} if split.kind == "folds" else {}
     for role, col in roles.items():
         if col in cols:
             top.fail("table", f"column {col!r} is both the {role} column and an attribute")
     if len(set(roles.values())) < len(roles):
         top.fail("table", f"the {', '.join(roles)} columns must differ: {roles}")
-    return spec

@@ -161,7 +161,16 @@ def compare_auc(
 ) -> dict:
     """Model a vs model b on the same patients: the paired bootstrap (CI of the difference) and,
     for two classes, DeLong's test (its p is the one reported as "p")."""
-    out = paired_bootstrap_auc(labels, probs_a, probs_b, case_ids, positive, n_boot, seed, level)
+    out = paired_bootstrap_auc(
+        labels=labels,
+        probs_a=probs_a,
+        probs_b=probs_b,
+        case_ids=case_ids,
+        positive=positive,
+        n_boot=n_boot,
+        seed=seed,
+        level=level,
+    )
     out |= {
         "n_patients": len(np.asarray(labels).reshape(-1)),
         "ci_method": "paired patient bootstrap (percentile)",

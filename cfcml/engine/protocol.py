@@ -230,59 +230,15 @@ def run_protocol(
         live.run_done(name, len(result["history"]))
     report = live.wrap(report) if live else report
     if pending:
-        plan = plan_jobs(cfg, len(pending), jobs)
-        report(
-            f"{cfg.name}: training {len(pending)} run(s), {plan.jobs} at a time"
-            + (f", {plan.threads} thread(s) each" if plan.threads else "")
-            + (f", {len(results)} reused from {out}" if results else "")
+        results |= _train_pending(
+            cfg, data_root, out, pending, cohort=cohort, jobs=jobs, reused=len(results), report=report, live=live
         )
-        if plan.jobs == 1:
-            for done, r in enumerate(pending, 1):
-                reporter = reporter_for(live, r["name"], cfg.train.select_metric)
-                results[r["name"]] = train_one(
-                    cfg,
-                    data_root,
-                    out / r["name"],
-                    fold=r.get("fold"),
-                    seed=r.get("seed"),
-                    resume=True,
-                    cohort=cohort,
-                    reporter=reporter,
-                    progress=not live,
-                )
-                if live:
-                    live.run_done(r["name"], len(results[r["name"]]["history"]))
-                _report_finished(report, cfg, r["name"], results[r["name"]], done, len(pending))
-        else:
-            results |= _train_in_parallel(cfg, data_root, out, pending, plan, True, report, live)
-        if live:
-            live.close()
-    runs = [
-        {
-            "name": r["name"],
-            "metrics": results[r["name"]]["test"],
-            "selected_epoch": results[r["name"]]["selected_epoch"],
-        }
-        for r in planned
-    ]
-    summary = summarize_runs(runs)
-    pvalues = other = None
-    if compare:
-        other = json.loads((Path(compare) / "summary.json").read_text())
-        pvalues = wilcoxon_compare(summary, other)
-        summary["compare"] = {"against": str(compare), "wilcoxon_p": pvalues}
+    summary, other = _summarize(planned, results, compare)
     if baselines:
         from .baselines import run_baselines  # scikit-learn takes seconds to import: only with --baselines
 
         summary["baselines"] = run_baselines(cfg, cohort, planned, out / BASELINES_DIR, report=report)
-    summary["markdown"] = markdown_table(
-        summary,
-        spec,
-        title=f"{cfg.name} on {spec.name}: test results (%, mean ± std over {len(runs)} {spec.run_unit}; "
-        "epoch selected on validation)",
-        pvalues=pvalues,
-        extra_rows=[(b["label"], b) for b in summary.get("baselines", {}).values()],
-    )
+    summary["markdown"] = _markdown(cfg, spec, summary)
     if baselines or compare:
         summary["paired"] = _paired(cfg, spec, out, summary, compare, other)
         summary["markdown"] += "\n" + evidence_markdown(summary["paired"], spec.run_unit)
@@ -298,3 +254,65 @@ def run_protocol(
     (out / "summary.md.tmp").write_text(summary["markdown"] + "\n")
     (out / "summary.md.tmp").replace(out / "summary.md")
     return summary
+
+
+def _train_pending(cfg: Config, data_root, out: Path, pending: list[dict], *, cohort, jobs, reused, report, live):
+    """Train the runs not finished yet, one at a time or in worker processes; -> {run: metrics.json}."""
+    plan = plan_jobs(cfg, len(pending), jobs)
+    report(
+        f"{cfg.name}: training {len(pending)} run(s), {plan.jobs} at a time"
+        + (f", {plan.threads} thread(s) each" if plan.threads else "")
+        + (f", {reused} reused from {out}" if reused else "")
+    )
+    results: dict[str, dict] = {}
+    if plan.jobs > 1:
+        results = _train_in_parallel(cfg, data_root, out, pending, plan, resume=True, report=report, progress=live)
+    for done, r in enumerate(pending if plan.jobs == 1 else (), 1):
+        reporter = reporter_for(live, r["name"], cfg.train.select_metric)
+        results[r["name"]] = train_one(
+            cfg,
+            data_root,
+            out / r["name"],
+            fold=r.get("fold"),
+            seed=r.get("seed"),
+            resume=True,
+            cohort=cohort,
+            reporter=reporter,
+            progress=not live,
+        )
+        if live:
+            live.run_done(r["name"], len(results[r["name"]]["history"]))
+        _report_finished(report, cfg, r["name"], results[r["name"]], done, len(pending))
+    if live:
+        live.close()
+    return results
+
+
+def _summarize(planned: list[dict], results: dict, compare) -> tuple[dict, dict | None]:
+    """(mean ± std of the test metrics over the runs, with Wilcoxon p-values against the
+    `compare` protocol; that protocol's summary, for the paired tests, or None)."""
+    runs = [
+        {
+            "name": r["name"],
+            "metrics": results[r["name"]]["test"],
+            "selected_epoch": results[r["name"]]["selected_epoch"],
+        }
+        for r in planned
+    ]
+    summary = summarize_runs(runs)
+    if compare:
+        other = json.loads((Path(compare) / "summary.json").read_text())
+        summary["compare"] = {"against": str(compare), "wilcoxon_p": wilcoxon_compare(summary, other)}
+        return summary, other
+    return summary, None
+
+
+def _markdown(cfg: Config, spec, summary: dict) -> str:
+    return markdown_table(
+        summary,
+        spec,
+        title=f"{cfg.name} on {spec.name}: test results (%, mean ± std over {len(summary['runs'])} {spec.run_unit}; "
+        "epoch selected on validation)",
+        pvalues=(summary.get("compare") or {}).get("wilcoxon_p"),
+        extra_rows=[(b["label"], b) for b in summary.get("baselines", {}).values()],
+    )

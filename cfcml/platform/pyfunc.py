@@ -135,7 +135,16 @@ def record_to_case(spec: DatasetSpec, row: dict) -> tuple[Case, list[str]]:
         shown.append(word)
     sentences = tuple(a.sentence_for(w) for a, w in zip(spec.attributes, shown))
     mask = None if spec.image_kind != "volume" or _blank(row.get("mask")) else Path(str(row["mask"]).strip())
-    return Case(cid, -1, "predict", images, values, sentences, mask, raw), missing
+    return Case(
+        case_id=cid,
+        label=-1,
+        split="predict",
+        images=images,
+        attributes=values,
+        sentences=sentences,
+        mask=mask,
+        raw=raw,
+    ), missing
 
 
 def model_signature(spec: DatasetSpec):

@@ -195,7 +195,15 @@ def load_search_space(path: str | Path, cfg: Config | None = None) -> SearchSpac
     sampler = raw.get("sampler") or {}
     if not isinstance(sampler, dict) or set(sampler) - set(SAMPLER_OPTIONS):
         raise SearchSpaceError(f"{path}: sampler takes a mapping of TPESampler options {list(SAMPLER_OPTIONS)}")
-    space = SearchSpace(params, raw.get("metric", "cv_val_auc"), mode, first, asha, text, sampler)
+    space = SearchSpace(
+        params=params,
+        metric=raw.get("metric", "cv_val_auc"),
+        mode=mode,
+        first_trial=first,
+        asha=asha,
+        source=text,
+        sampler=sampler,
+    )
     if cfg is not None:
         for p in params:
             get_dotted(cfg, p.name)

@@ -6,7 +6,7 @@ import json
 import math
 import os
 import tempfile
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -140,6 +140,32 @@ def _calibration(report: dict, inputs: ReportInputs, weights, n_bins: int, level
     return cal
 
 
+@dataclass(frozen=True)
+class _Test:
+    """What every part of the report reads: the inputs, the test split's labels and
+    probabilities, their bootstrap weights and the hard-label rule, and the options."""
+
+    inputs: ReportInputs
+    y: np.ndarray
+    p: np.ndarray
+    pred: np.ndarray
+    weights: np.ndarray
+    decision: object
+    n_bootstrap: int
+    seed: int
+    level: float
+    stratified: bool
+    min_group: int
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.inputs.cohort.classes)
+
+    @property
+    def positive(self) -> str | None:
+        return self.inputs.cohort.positive
+
+
 def compute_report(
     inputs: ReportInputs,
     n_bootstrap: int = stats.N_BOOTSTRAP,
@@ -152,122 +178,149 @@ def compute_report(
 ) -> tuple[dict, dict[str, bytes]]:
     """(report dict, figures as PNG bytes) without writing anything."""
     inputs.validate()
-    classes, positive = list(inputs.cohort.classes), inputs.cohort.positive
-    test, val = inputs.splits["test"], inputs.splits.get("val")
+    test = inputs.splits["test"]
     y, p = test.labels, test.probs
-    weights = stats.bootstrap_weights(test.case_ids, y, n_bootstrap, seed, stratified)
     decision = decision_from_dict(inputs.meta.get("decision"))  # predict.decision; absent: argmax
-    pred = decision.labels(p)
-    metrics = stats.metrics_with_ci(y, p, classes, positive, weights, level, decision=decision)
-    report = {
+    t = _Test(
+        inputs=inputs,
+        y=y,
+        p=p,
+        pred=decision.labels(p),
+        weights=stats.bootstrap_weights(test.case_ids, y, n_bootstrap, seed, stratified),
+        decision=decision,
+        n_bootstrap=n_bootstrap,
+        seed=seed,
+        level=level,
+        stratified=stratified,
+        min_group=min_group,
+    )
+    report = _summary(t)
+    figures: dict[str, bytes] = {}
+    _add_curves(t, report, figures)
+    cal = _calibration(report, inputs, t.weights, n_bins, level)
+    figures["reliability"] = fig.reliability_figure(
+        cal["before"], cal.get("after"), ("uncalibrated", "after temperature scaling")
+    )
+    _add_operating_points(t, report)
+    _add_subgroups(t, report, figures)
+    _add_embedding(t, report, figures, tsne)
+    _add_explanations(t, report, figures)
+    report["missing_modality"] = dict(inputs.missing_modality or {})
+    return to_jsonable(report), figures
+
+
+def _summary(t: _Test) -> dict:
+    """The report's head: cohort, counts, the bootstrap, test metrics with CIs, per-run metrics."""
+    inputs, classes, test = t.inputs, t.classes, t.inputs.splits["test"]
+    metrics = stats.metrics_with_ci(t.y, t.p, classes, t.positive, t.weights, t.level, decision=t.decision)
+    return {
         "schema": SCHEMA,
         "cohort": {
             "name": inputs.cohort.name,
             "classes": classes,
-            "positive": positive,
+            "positive": t.positive,
             "attributes": list(inputs.cohort.attributes),
         },
         "meta": dict(inputs.meta),
         "counts": {name: _counts(s, classes) for name, s in inputs.splits.items()},
         "runs": {name: list(dict.fromkeys(s.runs)) for name, s in inputs.splits.items()},
         "bootstrap": {
-            "n": n_bootstrap,
-            "seed": seed,
-            "level": level,
+            "n": t.n_bootstrap,
+            "seed": t.seed,
+            "level": t.level,
             "method": "percentile",
             "unit": "case",
-            "stratified": stratified,
+            "stratified": t.stratified,
             "n_cases": len(set(test.case_ids)),
         },
-        "n_bootstrap": n_bootstrap,
+        "n_bootstrap": t.n_bootstrap,
         "headline": "auc",
         "auc": metrics["auc"]["value"],
         "auc_ci": metrics["auc"]["ci"],
         "metrics": metrics,
-        "per_run": _per_run(test, classes, positive, decision),
-        "decision": decision.to_dict(),
-        "confusion": stats.confusion(y, pred, len(classes))[0].astype(int).tolist(),
+        "per_run": _per_run(test, classes, t.positive, t.decision),
+        "decision": t.decision.to_dict(),
+        "confusion": stats.confusion(t.y, t.pred, len(classes))[0].astype(int).tolist(),
     }
-    figures: dict[str, bytes] = {}
 
-    curve_classes = [inputs.cohort.positive_index] if len(classes) == 2 else range(len(classes))
+
+def _add_curves(t: _Test, report: dict, figures: dict[str, bytes]) -> None:
+    """ROC and PR curves with bootstrap bands: the positive class, or each class (one-vs-rest)."""
+    classes = t.classes
+    curve_classes = [t.inputs.cohort.positive_index] if len(classes) == 2 else range(len(classes))
     roc, pr = {}, {}
     for j in curve_classes:
-        roc[classes[j]] = stats.roc_curve_band(y == j, p[:, j], weights, level)
-        pr[classes[j]] = stats.pr_curve_band(y == j, p[:, j], weights, level)
+        roc[classes[j]] = stats.roc_curve_band(t.y == j, t.p[:, j], t.weights, t.level)
+        pr[classes[j]] = stats.pr_curve_band(t.y == j, t.p[:, j], t.weights, t.level)
     figures["roc"], figures["pr"] = fig.roc_figure(roc), fig.pr_figure(pr)
+    roc_keys, pr_keys = (
+        ("fpr", "tpr", "grid", "tpr_lo", "tpr_hi"),
+        ("recall", "precision", "grid", "precision_lo", "precision_hi"),
+    )
     report["curves"] = {
         "roc": {
-            c: {
-                "auc": r["auc"],
-                "auc_ci": r["auc_ci"],
-                "fpr": _round(r["fpr"]),
-                "tpr": _round(r["tpr"]),
-                "grid": _round(r["grid"]),
-                "tpr_lo": _round(r["tpr_lo"]),
-                "tpr_hi": _round(r["tpr_hi"]),
-            }
-            for c, r in roc.items()
+            c: {"auc": r["auc"], "auc_ci": r["auc_ci"], **{k: _round(r[k]) for k in roc_keys}} for c, r in roc.items()
         },
-        "pr": {
-            c: {
-                "ap": r["ap"],
-                "ap_ci": r["ap_ci"],
-                "recall": _round(r["recall"]),
-                "precision": _round(r["precision"]),
-                "grid": _round(r["grid"]),
-                "precision_lo": _round(r["precision_lo"]),
-                "precision_hi": _round(r["precision_hi"]),
-            }
-            for c, r in pr.items()
-        },
+        "pr": {c: {"ap": r["ap"], "ap_ci": r["ap_ci"], **{k: _round(r[k]) for k in pr_keys}} for c, r in pr.items()},
     }
 
-    cal = _calibration(report, inputs, weights, n_bins, level)
-    figures["reliability"] = fig.reliability_figure(
-        cal["before"], cal.get("after"), ("uncalibrated", "after temperature scaling")
-    )
 
-    if val is not None:
-        report["operating_points"] = stats.operating_points(
-            val.labels, val.probs, y, p, classes, positive, weights, level
-        )
-    else:
+def _add_operating_points(t: _Test, report: dict) -> None:
+    val = t.inputs.splits.get("val")
+    if val is None:
         report["operating_points"] = []
         report["operating_points_note"] = "no validation predictions to choose thresholds on"
+        return
+    report["operating_points"] = stats.operating_points(
+        val.labels,
+        val.probs,
+        t.y,
+        t.p,
+        classes=t.classes,
+        positive=t.positive,
+        test_boot_weights=t.weights,
+        level=t.level,
+    )
 
-    report["subgroup_min_n"] = min_group
+
+def _add_subgroups(t: _Test, report: dict, figures: dict[str, bytes]) -> None:
+    report["subgroup_min_n"] = t.min_group
     report["subgroups"] = subgroup_analysis(
-        test,
-        inputs.attributes,
-        inputs.cohort.attributes,
-        classes,
-        positive,
-        val,
-        n_bootstrap,
-        seed,
-        level,
-        min_group,
-        decision,
+        t.inputs.splits["test"],
+        t.inputs.attributes,
+        t.inputs.cohort.attributes,
+        classes=t.classes,
+        positive=t.positive,
+        val=t.inputs.splits.get("val"),
+        n_boot=t.n_bootstrap,
+        seed=t.seed,
+        level=t.level,
+        min_n=t.min_group,
+        decision=t.decision,
     )
     if report["subgroups"]:
         figures["subgroups"] = fig.subgroup_figure(report["subgroups"])
 
+
+def _add_embedding(t: _Test, report: dict, figures: dict[str, bytes], tsne: bool) -> None:
+    test = t.inputs.splits["test"]
     report["embedding"] = None
     if tsne and test.features is not None and len(test) >= MIN_TSNE_POINTS:
-        coords, perplexity = fig.tsne_embedding(test.features, seed)
-        figures["embedding"] = fig.embedding_figure(coords, y, classes, pred == y)
+        coords, perplexity = fig.tsne_embedding(test.features, t.seed)
+        figures["embedding"] = fig.embedding_figure(coords, t.y, t.classes, t.pred == t.y)
         report["embedding"] = {
             "method": "t-SNE (scikit-learn)",
             "perplexity": perplexity,
-            "seed": seed,
+            "seed": t.seed,
             "n": len(test),
             "features_dim": int(test.features.shape[1]),
         }
 
+
+def _add_explanations(t: _Test, report: dict, figures: dict[str, bytes]) -> None:
     report["explanations"] = []
-    for i, e in enumerate(inputs.explanations):
-        e = replace(e, true=_class_name(e.true, classes), pred=_class_name(e.pred, classes))
+    for i, e in enumerate(t.inputs.explanations):
+        e = replace(e, true=_class_name(e.true, t.classes), pred=_class_name(e.pred, t.classes))
         figures[f"explanation_{i}"] = fig.explanation_figure(e)
         report["explanations"].append(
             {
@@ -279,9 +332,6 @@ def compute_report(
                 "inputs": list(e.images),
             }
         )
-
-    report["missing_modality"] = dict(inputs.missing_modality or {})
-    return to_jsonable(report), figures
 
 
 def build_report(inputs: ReportInputs, out_dir: str | os.PathLike, **options) -> dict:

@@ -177,12 +177,30 @@ def _join(sections: dict[str, list[str]], omitted: Sequence[str] = ()) -> str:
 
 def _sections(report: dict, compact: bool) -> dict[str, list[str]]:
     """The card's sections in reading order, each a list of lines (the first is the heading;
-    "intro" has the title instead)."""
+    "intro" has the title instead); a section with nothing to show is left out."""
+    parts = {
+        "intro": _intro,
+        "model": _model,
+        "cohort": _cohort,
+        "performance": _performance,
+        "calibration": _calibration,
+        "operating_points": _operating_points,
+        "subgroups": _subgroups,
+        "missing": _missing,
+        "limitations": _limitations,
+    }
+    out = {name: part(report, compact) for name, part in parts.items()}
+    return {name: lines for name, lines in out.items() if lines}
+
+
+def _names(report: dict) -> tuple[dict, dict, list[str], str]:
     meta, cohort = report.get("meta", {}), report.get("cohort", {})
-    classes = cohort.get("classes", [])
-    method = meta.get("method") or "CFCML"
-    out: dict[str, list[str]] = {}
-    out["intro"] = [
+    return meta, cohort, cohort.get("classes", []), meta.get("method") or "CFCML"
+
+
+def _intro(report: dict, compact: bool) -> list[str]:
+    meta, cohort, classes, method = _names(report)
+    return [
         f"# Model card: {method} on {cohort.get('name', '?')}",
         "",
         "> Research software, **not a medical device**. Not for diagnosis or treatment decisions.",
@@ -198,6 +216,9 @@ def _sections(report: dict, compact: bool) -> dict[str, list[str]]:
         "",
     ]
 
+
+def _model(report: dict, compact: bool) -> list[str]:
+    meta, _, _, method = _names(report)
     facts = [
         ("method", method),
         ("preset", meta.get("preset")),
@@ -206,7 +227,7 @@ def _sections(report: dict, compact: bool) -> dict[str, list[str]]:
         ("code commit", meta.get("commit")),
         ("report date", meta.get("date")),
     ]
-    out["model"] = [
+    return [
         "## Model",
         "",
         *_table(
@@ -214,6 +235,9 @@ def _sections(report: dict, compact: bool) -> dict[str, list[str]]:
         ),
     ]
 
+
+def _cohort(report: dict, compact: bool) -> list[str]:
+    meta, cohort, classes, _ = _names(report)
     positive = f" (positive: {cohort['positive']})" if cohort.get("positive") else ""
     lines = [
         "## Cohort and split",
@@ -234,11 +258,13 @@ def _sections(report: dict, compact: bool) -> dict[str, list[str]]:
                 for s, c in counts.items()
             ],
         )
-    out["cohort"] = lines
+    return lines
 
-    decision = report.get("decision") or meta.get("decision")  # predict.decision, kept in the compact card too
+
+def _performance(report: dict, compact: bool) -> list[str]:
+    decision = report.get("decision") or report.get("meta", {}).get("decision")  # kept in the compact card too
     rule = [f"Hard labels (accuracy, recall, F1): {decision_sentence(decision)}.", ""] if decision else []
-    out["performance"] = [
+    return [
         "## Performance on the test set",
         "",
         bootstrap_sentence(report),
@@ -250,6 +276,8 @@ def _sections(report: dict, compact: bool) -> dict[str, list[str]]:
         ),
     ]
 
+
+def _calibration(report: dict, compact: bool) -> list[str]:
     n_bins = report.get("calibration", {}).get("n_bins", "?")
     lines = [
         "## Calibration",
@@ -269,74 +297,77 @@ def _sections(report: dict, compact: bool) -> dict[str, list[str]]:
         ]
     else:
         lines += [f"- No temperature scaling: {report.get('calibration', {}).get('temperature_note', 'no logits')}"]
-    out["calibration"] = [*lines, ""]
+    return [*lines, ""]
 
+
+def _operating_points(report: dict, compact: bool) -> list[str]:
     ops = [o for o in report.get("operating_points", []) if o.get("threshold") is not None]
-    if ops:
-        rates = ("sen", "spe") if compact else ("sen", "spe", "ppv", "npv")
-        out["operating_points"] = [
-            "## Operating points",
-            "",
-            "Thresholds chosen on validation, reported on test.",
-            "",
-            *_table(
-                ["class", "rule", "threshold", *[METRIC_LABELS[k] for k in rates]],
-                [
-                    (
-                        o["class"],
-                        RULES[o["kind"]].format(t=o["target"]),
-                        f"{o['threshold']:.4f}",
-                        *[value_ci(o["test"][k]) for k in rates],
-                    )
-                    for o in ops
-                ],
-            ),
-        ]
+    if not ops:
+        return []
+    rates = ("sen", "spe") if compact else ("sen", "spe", "ppv", "npv")
+    return [
+        "## Operating points",
+        "",
+        "Thresholds chosen on validation, reported on test.",
+        "",
+        *_table(
+            ["class", "rule", "threshold", *[METRIC_LABELS[k] for k in rates]],
+            [
+                (
+                    o["class"],
+                    RULES[o["kind"]].format(t=o["target"]),
+                    f"{o['threshold']:.4f}",
+                    *[value_ci(o["test"][k]) for k in rates],
+                )
+                for o in ops
+            ],
+        ),
+    ]
 
+
+def _subgroups(report: dict, compact: bool) -> list[str]:
     groups = [(s["column"], g) for s in report.get("subgroups", []) for g in s["groups"]]
-    if groups:
-        if compact:
-            table = _table(
-                ["attribute", "group", "patients", "AUC"],
-                [
-                    (col, g["name"], g["n"], value_ci(g["metrics"].get("auc")))
-                    for col, g in groups
-                    if g.get("reportable")
-                ],
-            )
-        else:
-            table = _table(
-                ["attribute", "group", "patients", "accuracy", "balanced accuracy", "AUC", "note"],
-                [
-                    (
-                        col,
-                        g["name"],
-                        g["n"],
-                        value_ci(g.get("metrics", {}).get("acc")),
-                        value_ci(g.get("metrics", {}).get("balanced_acc")),
-                        value_ci(g.get("metrics", {}).get("auc")),
-                        "; ".join(g.get("notes", [])),
-                    )
-                    for col, g in groups
-                ],
-            )
-        out["subgroups"] = ["## Subgroups (test)", "", *table]
+    if not groups:
+        return []
+    if compact:
+        table = _table(
+            ["attribute", "group", "patients", "AUC"],
+            [(col, g["name"], g["n"], value_ci(g["metrics"].get("auc"))) for col, g in groups if g.get("reportable")],
+        )
+    else:
+        table = _table(
+            ["attribute", "group", "patients", "accuracy", "balanced accuracy", "AUC", "note"],
+            [
+                (
+                    col,
+                    g["name"],
+                    g["n"],
+                    value_ci(g.get("metrics", {}).get("acc")),
+                    value_ci(g.get("metrics", {}).get("balanced_acc")),
+                    value_ci(g.get("metrics", {}).get("auc")),
+                    "; ".join(g.get("notes", [])),
+                )
+                for col, g in groups
+            ],
+        )
+    return ["## Subgroups (test)", "", *table]
 
+
+def _missing(report: dict, compact: bool) -> list[str]:
     mm = report.get("missing_modality") or {}
     lines = ["## Missing inputs", ""]
-    if mm:
-        names = sorted({k for v in mm.values() for k in v})
-        if compact and "auc" in names:
-            names = ["auc"]
-        lines += _table(["removed at inference", *names], [(w, *[fmt(v.get(n)) for n in names]) for w, v in mm.items()])
-    else:
-        lines += ["Not evaluated for this model.", ""]
-    out["missing"] = lines
+    if not mm:
+        return [*lines, "Not evaluated for this model.", ""]
+    names = sorted({k for v in mm.values() for k in v})
+    if compact and "auc" in names:
+        names = ["auc"]
+    return lines + _table(
+        ["removed at inference", *names], [(w, *[fmt(v.get(n)) for n in names]) for w, v in mm.items()]
+    )
 
-    out["limitations"] = ["## Known limitations", "", *[f"- {x}" for x in limitations(report)], ""]
+
+def _limitations(report: dict, compact: bool) -> list[str]:
+    lines = ["## Known limitations", "", *[f"- {x}" for x in limitations(report)], ""]
     if compact:
-        out["limitations"] += [
-            "Full evidence (curves, calibration, all subgroup metrics, explanations): report.html.",
-            "",
-        ]
-    return out
+        lines += ["Full evidence (curves, calibration, all subgroup metrics, explanations): report.html.", ""]
+    return lines

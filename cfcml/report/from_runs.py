@@ -322,7 +322,13 @@ def explain_cases(
         heats = {s: h[0].cpu().numpy() for s, h in zip(spec.series, heatmaps)}
         out.append(
             Explanation(
-                test.case_ids[row], int(test.labels[row]), pred, pred == int(test.labels[row]), kind, pics, heats
+                case_id=test.case_ids[row],
+                true=int(test.labels[row]),
+                pred=pred,
+                correct=pred == int(test.labels[row]),
+                kind=kind,
+                images=pics,
+                heatmaps=heats,
             )
         )
     return out

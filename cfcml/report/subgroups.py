@@ -180,7 +180,17 @@ def subgroup_analysis(
                     }
                 )
                 continue
-            scored = _score_group(test, rows, classes, positive, min_n, n_boot, seed + 1000 * a + g, level, decision)
+            scored = _score_group(
+                split=test,
+                rows=rows,
+                classes=classes,
+                positive=positive,
+                min_n=min_n,
+                n_boot=n_boot,
+                seed=seed + 1000 * a + g,
+                level=level,
+                decision=decision,
+            )
             groups.append({"name": name, **scored})
         entry = {"column": spec["column"], "type": spec["type"], "groups": groups}
         if bands:

@@ -91,13 +91,13 @@ def _explanations(rng, test: SplitPredictions, classes, kind: str) -> list[Expla
             heatmaps = {s: heat for s in images}
         out.append(
             Explanation(
-                test.case_ids[i],
-                int(test.labels[i]),
-                int(pred[i]),
-                bool(pred[i] == test.labels[i]),
-                kind,
-                images,
-                heatmaps,
+                case_id=test.case_ids[i],
+                true=int(test.labels[i]),
+                pred=int(pred[i]),
+                correct=bool(pred[i] == test.labels[i]),
+                kind=kind,
+                images=images,
+                heatmaps=heatmaps,
             )
         )
     return out
@@ -118,8 +118,8 @@ def synthetic_inputs(
         raise ValueError("num_classes must be 2 or 3")
     rng = np.random.default_rng(seed)
     cohort = DERM_LIKE if num_classes == 2 else MEN_LIKE
-    val = _split(rng, "v", n_val, num_classes, runs, signal, feature_dim)
-    test = _split(rng, "t", n_test, num_classes, runs, signal, feature_dim)
+    val = _split(rng=rng, prefix="v", n=n_val, k=num_classes, runs=runs, signal=signal, dim=feature_dim)
+    test = _split(rng=rng, prefix="t", n=n_test, k=num_classes, runs=runs, signal=signal, dim=feature_dim)
     attrs = _attributes(rng, cohort, val.case_ids) | _attributes(rng, cohort, test.case_ids)
     removed = ["series T1C", "series FLAIR_C", "series ADC"] if num_classes == 3 else ["photo clinic", "photo derm"]
     removed += [f"attribute {a['column']}" for a in cohort.attributes]

@@ -98,7 +98,16 @@ class GLoMo(FusionMethod):
         self.local_conv = nn.ModuleList(nn.Conv1d(d, d, kernel_size=3, padding=1, bias=False) for _ in range(mods))
         self.segments = nn.AdaptiveMaxPool1d(a.segments)
         self.moe = nn.ModuleList(
-            NoisyTopKMoE(a.segments * d, d, d, a.experts, a.top_k, a.noisy_gating, a.combine) for _ in range(mods)
+            NoisyTopKMoE(
+                dim_in=a.segments * d,
+                hidden=d,
+                dim_out=d,
+                experts=a.experts,
+                k=a.top_k,
+                noisy=a.noisy_gating,
+                combine=a.combine,
+            )
+            for _ in range(mods)
         )
         layer = nn.TransformerEncoderLayer(d, cfg.model.heads, a.ffn_dim, a.dropout, batch_first=True)
         self.fusion = nn.TransformerEncoder(layer, a.fusion_layers, enable_nested_tensor=False)
