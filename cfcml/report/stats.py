@@ -19,7 +19,6 @@ Pure numpy/scipy. Conventions:
 
 from __future__ import annotations
 
-import re
 import warnings
 from collections.abc import Sequence
 
@@ -40,27 +39,16 @@ from ..engine.resample import (  # N_BOOTSTRAP, bootstrap_weights: part of the r
     safe_div,
     weight_rows,
 )
+from ..util.metric_names import (  # one definition, so metrics.json and the report agree
+    class_key,
+    metric_names,  # noqa: F401 - part of the report's statistics API
+)
 
 N_BINS = 15  # reliability bins (Guo et al. 2017)
 GRID_SIZE = 101  # points of the FPR / recall grid of the CI bands
 OPERATING_TARGETS = (("sen_at_spe", 0.90), ("sen_at_spe", 0.95), ("spe_at_sen", 0.90), ("spe_at_sen", 0.95))
 TEMPERATURE_BOUNDS = (0.05, 20.0)
 _TOL = 1e-12
-
-BINARY_METRICS = ("sen", "spe", "acc", "g_mean", "balanced_acc", "auprc", "auprc_label", "auc")
-
-
-def class_key(name: str) -> str:
-    """A class name as it appears in a metric name: `G2inv` -> `g2inv`."""
-    return re.sub(r"\W+", "_", str(name).lower()).strip("_")
-
-
-def metric_names(classes: Sequence[str]) -> list[str]:
-    """The paper's metric set (DESIGN §2): binary -> BINARY_METRICS; 3+ classes -> acc,
-    balanced_acc, acc_<class>..., weighted_f1, macro_f1, auc (macro one-vs-rest)."""
-    if len(classes) == 2:
-        return list(BINARY_METRICS)
-    return ["acc", "balanced_acc", *[f"acc_{class_key(c)}" for c in classes], "weighted_f1", "macro_f1", "auc"]
 
 
 def with_ci(point: float, samples, level: float = CI_LEVEL) -> dict:

@@ -21,8 +21,9 @@ BINARY_LABELS = {
 
 
 def class_key(name: str) -> str:
-    """A class name as a metric-name suffix: `G2inv` -> `g2inv`, `Grade 2` -> `grade_2`."""
-    return re.sub(r"[^0-9a-z]+", "_", name.lower()).strip("_")
+    """A class name as a metric-name suffix: `G2inv` -> `g2inv`, `Grade 2` -> `grade_2`,
+    `Méningiome` -> `méningiome` (letters of any script stay: MLflow metric names take them)."""
+    return re.sub(r"\W+", "_", str(name).lower()).strip("_")
 
 
 def metric_names(classes) -> list[str]:

@@ -116,7 +116,7 @@ def test_internal_error_is_one_line_exit_1_and_debug_shows_the_traceback(monkeyp
     def broken(args):
         raise TypeError("unsupported operand type(s) for +: 'int' and 'NoneType'")
 
-    monkeypatch.setattr(cli, "cmd_summary", broken)
+    monkeypatch.setattr(cli.commands, "cmd_summary", broken)  # the parser reads it from there
     assert cli.main(["summary", "--preset", "men-smoke"]) == 1
     err = capsys.readouterr().err
     assert err.strip().splitlines() == [
@@ -153,7 +153,7 @@ def test_error_lines_and_exit_codes(monkeypatch, capsys, exc, code, line):
     def failing(args):
         raise exc
 
-    monkeypatch.setattr(cli, "cmd_summary", failing)
+    monkeypatch.setattr(cli.commands, "cmd_summary", failing)  # the parser reads it from there
     assert cli.main(["summary", "--preset", "men-smoke"]) == code
     assert (
         capsys.readouterr().err.strip().splitlines()[0].removesuffix(" (cfcml --debug ... shows the traceback)") == line
@@ -169,7 +169,7 @@ def test_errors_may_declare_their_exit_code(monkeypatch, capsys):
     def failing(args):
         raise RunMismatch("runs/cv/fold1 was trained with another config; use --out or --overwrite")
 
-    monkeypatch.setattr(cli, "cmd_summary", failing)
+    monkeypatch.setattr(cli.commands, "cmd_summary", failing)  # the parser reads it from there
     assert cli.main(["summary", "--preset", "men-smoke"]) == 2
     assert capsys.readouterr().err.startswith("error: runs/cv/fold1 was trained with another config")
 

@@ -321,3 +321,18 @@ def test_operating_points_chosen_on_val_reported_on_test(k):
             assert r["ci"][0] <= r["value"] <= r["ci"][1]
     if k == 2:
         assert {op["class"] for op in ops} == {"c1"}
+
+
+def test_report_and_engine_name_per_class_metrics_alike_for_any_class_name():
+    """The report's metrics carry the same names as a run's metrics.json, also for class
+    names that are not plain ASCII words (one definition of the names, in cfcml.util)."""
+    from cfcml.engine.metrics import multiclass_metrics
+
+    classes = ["Grade I", "Grade_II", "Méningiome", "病例"]
+    rng = np.random.default_rng(0)
+    labels = np.arange(40) % 4
+    probs = rng.dirichlet(np.ones(4), size=40)
+    report = stats.classification_metrics(labels, probs, classes)
+    engine = multiclass_metrics(labels, probs, classes)
+    assert list(report) == list(engine) == stats.metric_names(classes)
+    assert {"acc_grade_i", "acc_grade_ii", "acc_méningiome", "acc_病例"} <= set(report)

@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ...config import Config, build_config, parse_overrides
-from .spec import SEARCH_SPACES_DIR, StudyError
+from ...models.registry import SEARCH_SPACES_DIR, search_space_path
+from .spec import StudyError
 
 
 def nest(dotted: dict) -> dict:
@@ -43,11 +44,8 @@ def default_search_space(cfg: Config) -> Path:
     """The search space shipped for the preset: search_spaces/<preset>.yaml (smoke.yaml for the
     *-smoke presets); for a comparison method, search_spaces/<method>.yaml (its own
     hyper-parameters). The space is about the model, so it follows the preset, not the cohort."""
-    if cfg.model.method != "cfcml":  # a comparison method: its own hyper-parameters
-        name = f"{cfg.model.method}.yaml"
-    else:
-        name = f"{'smoke' if cfg.name.endswith('-smoke') else cfg.name}.yaml"
-    path = SEARCH_SPACES_DIR / name
+    method_space = search_space_path(cfg.model.method)  # a comparison method's own, from its registration
+    path = method_space or SEARCH_SPACES_DIR / f"{'smoke' if cfg.name.endswith('-smoke') else cfg.name}.yaml"
     if not path.exists():
         known = ", ".join(sorted(p.name for p in SEARCH_SPACES_DIR.glob("*.yaml")))
         raise StudyError(f"no search space ships for preset {cfg.name!r} ({known}): pass --search-space FILE")

@@ -9,7 +9,6 @@ field name.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 TAG_STUDY = "cfcml.study"
 TAG_STUDY_PATH = "cfcml.study_path"
@@ -17,7 +16,6 @@ TAG_TRIAL = "cfcml.trial_id"
 TAG_FINAL = "cfcml.final_evaluation"
 TAG_HOLDOUT_DIGEST = "cfcml.holdout_ids_digest"
 HOLDOUT_ARTIFACT = "holdout_ids.json"
-SEARCH_SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"  # package data
 
 
 class StudyError(RuntimeError):
