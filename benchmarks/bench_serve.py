@@ -53,7 +53,7 @@ def saved_model(preset: str, work: Path) -> tuple[Path, Path]:
         preset, ["model.text_pretrained=none", "model.image_pretrained=none", f"data.cache_dir={work / 'cache'}"]
     )
     spec = load_spec(cfg.dataset)
-    size = 40 if spec.image_kind == "photo" else 18
+    size = 40 if spec.kind.spatial_dims == 2 else 18  # cases: photos are cheap, volumes not
     root = write_synthetic(
         spec.name, work / "cohort" / ("release_v0" if spec.name == "derm7pt" else spec.name), size, seed=0
     )

@@ -471,7 +471,7 @@ def run_hpo(
     from cfcml.platform.study import StudySpec, run_study
 
     name = f"hpo-vs-grid-{args.stamp}-s{seed}"
-    spec = StudySpec(
+    spec = StudySpec.of(
         preset=PRESET,
         data=str(data),
         dataset="men",
@@ -481,7 +481,7 @@ def run_hpo(
         num_samples=args.max_trials,
         epochs=epochs,
         budget_epochs=budget,
-        storage=str(work / "ray_results"),
+        location=str(work / "ray_results"),
         seed=seed,
         tracking_uri=os.environ["MLFLOW_TRACKING_URI"],
         experiment=EXPERIMENT,

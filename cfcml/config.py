@@ -268,6 +268,24 @@ def _finite(value: float) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
+ENCODER_KINDS = {"nnmamba3d": "volume", "swin_t": "photo"}  # model.image_encoder -> the image kind it reads
+
+
+def _check_volume_size(size) -> None:
+    _check(min(size) >= 2, "data.image_size", f"volumes need at least 2 voxels per axis, got {size}")
+
+
+def _check_photo_size(size) -> None:
+    _check(
+        size[0] == size[1] and size[0] % 32 == 0,
+        "data.image_size",
+        f"Swin needs square photos with a side divisible by 32, got {size}",
+    )
+
+
+_IMAGE_SIZE_CHECKS = {"volume": _check_volume_size, "photo": _check_photo_size}  # data.image_size, per image kind
+
+
 # (key, test, what is expected) for every bounded value; relations are checked below.
 _RANGES = [
     ("data.val_fraction", lambda v: 0 < v < 1, "a fraction in (0, 1)"),
@@ -352,32 +370,21 @@ def _validate(cfg: Config) -> None:
         f"but train.epochs = {t.epochs}",
     )
     spec = cohort_spec(cfg)
-    wants = {"nnmamba3d": "volume", "swin_t": "photo"}[m.image_encoder]
+    wants = ENCODER_KINDS[m.image_encoder]
     _check(
         wants == spec.image_kind,
         "model.image_encoder",
         f"the preset {cfg.name}'s encoder {m.image_encoder} reads {wants}s, but the {spec.name} cohort "
         f"({spec.source}) holds {spec.image_kind}s: choose a {spec.image_kind} preset",
     )
-    ndim = 3 if spec.image_kind == "volume" else 2
+    ndim = spec.kind.spatial_dims
     _check(
         len(cfg.data.image_size) == ndim,
         "data.image_size",
         f"the {spec.name} cohort holds {spec.image_kind}s, which need {ndim} sizes "
-        f"({'D, H, W' if ndim == 3 else 'H, W'}), got {cfg.data.image_size}",
+        f"({spec.kind.size_axes}), got {cfg.data.image_size}",
     )
-    if spec.image_kind == "photo":
-        _check(
-            cfg.data.image_size[0] == cfg.data.image_size[1] and cfg.data.image_size[0] % 32 == 0,
-            "data.image_size",
-            f"Swin needs square photos with a side divisible by 32, got {cfg.data.image_size}",
-        )
-    else:
-        _check(
-            min(cfg.data.image_size) >= 2,
-            "data.image_size",
-            f"volumes need at least 2 voxels per axis, got {cfg.data.image_size}",
-        )
+    _IMAGE_SIZE_CHECKS[spec.image_kind](cfg.data.image_size)
     _check(
         t.batch_size >= spec.num_classes,
         "train.batch_size",

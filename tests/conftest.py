@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -105,3 +106,24 @@ def ray_and_mlflow(prefix: str, env: dict[str, str], artifacts_destination: str 
         ray.stop()
         mlflow.stop()
         shutil.rmtree(state, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- study commands
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def study_command(job: str = "tune_men.py", *, sets=(), **options) -> list[str]:
+    """The command line of a study job (``jobs/<job>``) as a user types it: each keyword is an
+    option (``num_samples=2`` -> ``--num-samples 2``; True -> the bare flag, e.g.
+    ``no_register=True``; None or False -> left out), each of ``sets`` a ``--set`` override."""
+    cmd = [sys.executable, str(ROOT / "jobs" / job)]
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            cmd.append(flag)
+        elif value is not None and value is not False:
+            cmd += [flag, str(value)]
+    for item in sets:
+        cmd += ["--set", item]
+    return cmd

@@ -119,8 +119,42 @@ def test_readme_documents_each_file():
         "--allow-remote",
         "basic-auth",
         "MLFLOW_BACKEND_STORE_URI",
+        "start_ray_worker",
+        "cfcml.train_nodes",
+        "tests/platform/test_two_node.py",
+        "ray start --address",
     ):
         assert name in readme, name
+
+
+def _tune_commands(text: str) -> list[list[str]]:
+    """Every complete `python jobs/tune_men.py ...` command in ``text`` (continuation lines joined;
+    elided ones, with `...`, skipped), as argv after the script."""
+    import shlex
+
+    joined = text.replace("\\\n", " ")
+    commands = []
+    for line in joined.splitlines():
+        if "python jobs/tune_men.py" not in line:
+            continue
+        command = line.split("python jobs/tune_men.py", 1)[1].split("`")[0]
+        if "..." not in command:
+            commands.append(shlex.split(command))
+    return commands
+
+
+def test_documented_study_commands_parse():
+    """The RayJob's entrypoint and the multi-node commands in cluster/README.md are accepted by
+    the study's own parser (an option renamed in the code must be renamed there too)."""
+    from cfcml.platform.study.options import build_parser
+
+    job = load("cluster/kuberay-rayjob.yaml")
+    commands = _tune_commands(job["spec"]["entrypoint"]) + _tune_commands((ROOT / "cluster" / "README.md").read_text())
+    assert len(commands) >= 2
+    parser = build_parser("jobs/tune_men.py", {"dataset": "men", "preset": "men"})
+    for argv in commands:
+        args = parser.parse_args(argv)  # exits 2 (SystemExit) on an unknown option
+        assert args.preset == "men" and args.data is not None, argv
 
 
 @pytest.mark.parametrize(

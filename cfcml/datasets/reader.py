@@ -211,7 +211,7 @@ def _check(spec: DatasetSpec, root: Path, read: LayoutRead, opts: CheckOptions) 
                     raw=raw,
                 )
             )
-    if spec.mask_path and spec.image_kind == "volume" and todo:
+    if spec.mask_path and spec.kind.has_mask and todo:
         notes.append(f"ROI mask found for {masks} of {len(todo)} patient(s); the others are used whole")
     cohort = Cohort(spec, root, split_names, cases, notes)
     return cohort, problems
@@ -250,21 +250,30 @@ def _check_images(spec, root, items, opts: CheckOptions) -> dict[str, list[Probl
 
     def one(item):
         cid, images, mask = item
-        if spec.image_kind == "volume":
-            paths = {s: p for s, (p, _) in images.items()} | ({MASK: mask} if mask is not None else {})
-            rels = {s: r for s, (_, r) in images.items()} | ({MASK: _rel(mask, root)} if mask is not None else {})
-            return cid, check_series(paths, rels, cid, opts.deep)
-        out, done = [], set()
-        for s, (p, rel) in images.items():
-            if p in done:
-                continue  # one photo used for two series (Derm7pt rows with clinic == derm)
-            done.add(p)
-            out += check_photo(p, rel, cid, s, "decode" if opts.deep else "header", opts.min_photo_side)
-        return cid, out
+        return cid, _IMAGE_CHECKS[spec.image_kind](root, cid, images, mask, opts)
 
     workers = min(4, os.cpu_count() or 1) if opts.deep else 2
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return dict(pool.map(one, items))
+
+
+def _check_volumes(root, cid, images, mask, opts: CheckOptions) -> list[Problem]:
+    paths = {s: p for s, (p, _) in images.items()} | ({MASK: mask} if mask is not None else {})
+    rels = {s: r for s, (_, r) in images.items()} | ({MASK: _rel(mask, root)} if mask is not None else {})
+    return check_series(paths, rels, cid, opts.deep)
+
+
+def _check_photos(root, cid, images, mask, opts: CheckOptions) -> list[Problem]:
+    out, done = [], set()
+    for s, (p, rel) in images.items():
+        if p in done:
+            continue  # one photo used for two series (Derm7pt rows with clinic == derm)
+        done.add(p)
+        out += check_photo(p, rel, cid, s, "decode" if opts.deep else "header", opts.min_photo_side)
+    return out
+
+
+_IMAGE_CHECKS = {"volume": _check_volumes, "photo": _check_photos}  # one case's located images, per kind
 
 
 def _rel(path: Path, root: Path) -> str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-IMAGE_KINDS = ("volume", "photo")
+from .image_kinds import IMAGE_KINDS, KINDS, ImageKind
 
 
 @dataclass(frozen=True)
@@ -24,11 +24,15 @@ class CohortShape:
             raise ValueError(f"a cohort needs >= 2 classes, >= 1 image and >= 1 attribute, got {self}")
 
     @property
+    def kind(self) -> ImageKind:
+        return KINDS[self.image_kind]
+
+    @property
     def in_channels(self) -> int:
-        return 1 if self.image_kind == "volume" else 3
+        return self.kind.channels
 
     @property
     def shared_encoder(self) -> bool:
         """Photos of one patient share one 2D backbone (the paper's Derm7pt); each MRI series
         has its own 3D encoder (the paper's MEN)."""
-        return self.image_kind == "photo"
+        return self.kind.shared_encoder

@@ -53,9 +53,9 @@ from typing import Any
 
 import yaml
 
+from .image_kinds import IMAGE_KINDS, KINDS, ImageKind
 from .shape import CohortShape
 
-IMAGE_KINDS = ("volume", "photo")
 ATTRIBUTE_TYPES = ("numeric", "categorical")
 SPLIT_FILE_NAMES = ("train", "valid", "test")
 BUILTIN_DIR = "cfcml.datasets"
@@ -101,7 +101,7 @@ class DatasetSpec:
     name: str
     classes: tuple[str, ...]
     positive: str | None
-    image_kind: str
+    image_kind: str  # the kind's name, as in schemas, configs and MLflow tags; `kind` is the object
     series: tuple[str, ...]
     image_paths: dict[str, str]  # series -> path template
     mask_path: str | None
@@ -118,6 +118,11 @@ class DatasetSpec:
     raw: dict = field(default_factory=dict, compare=False, repr=False)  # the YAML as read
 
     # -- derived views
+    @property
+    def kind(self) -> ImageKind:
+        """What the cohort's image kind implies (dimensions, channels, ROI mask, ...)."""
+        return KINDS[self.image_kind]
+
     @property
     def num_classes(self) -> int:
         return len(self.classes)
@@ -405,8 +410,9 @@ def _read_images(img: _Reader) -> tuple[str, tuple[str, ...], dict[str, str], st
         paths = {s: _path_template(str(path[s]), img, f"path.{s}") for s in series}
     mask = img.text("mask", None)
     if mask is not None:
-        if kind != "volume":
-            img.fail("mask", "only volume cohorts have ROI masks")
+        if not KINDS[kind].has_mask:
+            with_masks = " and ".join(k.name for k in KINDS.values() if k.has_mask)
+            img.fail("mask", f"only {with_masks} cohorts have ROI masks")
         _path_template(mask, img, "mask")
     return kind, series, paths, mask
 

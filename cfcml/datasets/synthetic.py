@@ -93,7 +93,7 @@ def _attribute_cell(a, cue: float, r: np.random.Generator) -> str:
 
 
 def _suffix(spec) -> str:
-    return ".nii.gz" if spec.image_kind == "volume" else ".jpg"
+    return spec.kind.suffix
 
 
 def _path_for(template: str, row: dict, cid: str, series: str, suffix: str) -> str:
@@ -132,20 +132,25 @@ def _write_split(spec, out: Path, ids, labels, rng, folds: int) -> dict[str, dic
 
 def _write_image(spec, path: Path, view: float, r: np.random.Generator, series_index: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    if spec.image_kind == "volume":
-        import nibabel as nib  # ~1 s to import: only for volume cohorts
+    _WRITERS[spec.image_kind](path, view, r, series_index)
 
-        x, y, z = np.meshgrid(*[np.linspace(-1, 1, n) for n in VOLUME_SHAPE], indexing="ij")
-        head = (x**2 + y**2 + (z / 1.2) ** 2) < 0.85
-        c = r.uniform(-0.3, 0.3, 3)
-        radius = 0.25 + 0.05 * np.tanh(view)
-        lesion = ((x - c[0]) ** 2 + (y - c[1]) ** 2 + (z - c[2]) ** 2) < radius**2
-        tissue = 300.0 * (1 + 0.3 * series_index) * r.uniform(0.85, 1.15)
-        vol = head * tissue * (1 + 0.05 * r.standard_normal(VOLUME_SHAPE))
-        vol[lesion & head] *= 1.5 + 0.3 * view
-        affine = np.diag([1.5, 1.5, 4.0, 1.0])
-        nib.save(nib.Nifti1Image(np.clip(vol, 0, 32000).astype(np.int16), affine), str(path))
-        return
+
+def _write_volume(path: Path, view: float, r: np.random.Generator, series_index: int) -> None:
+    import nibabel as nib  # ~1 s to import: only for volume cohorts
+
+    x, y, z = np.meshgrid(*[np.linspace(-1, 1, n) for n in VOLUME_SHAPE], indexing="ij")
+    head = (x**2 + y**2 + (z / 1.2) ** 2) < 0.85
+    c = r.uniform(-0.3, 0.3, 3)
+    radius = 0.25 + 0.05 * np.tanh(view)
+    lesion = ((x - c[0]) ** 2 + (y - c[1]) ** 2 + (z - c[2]) ** 2) < radius**2
+    tissue = 300.0 * (1 + 0.3 * series_index) * r.uniform(0.85, 1.15)
+    vol = head * tissue * (1 + 0.05 * r.standard_normal(VOLUME_SHAPE))
+    vol[lesion & head] *= 1.5 + 0.3 * view
+    affine = np.diag([1.5, 1.5, 4.0, 1.0])
+    nib.save(nib.Nifti1Image(np.clip(vol, 0, 32000).astype(np.int16), affine), str(path))
+
+
+def _write_photo(path: Path, view: float, r: np.random.Generator, series_index: int) -> None:
     w, h = PHOTO_SIZE
     yy, xx = np.mgrid[0:h, 0:w]
     skin = np.array([200, 160, 140]) * r.uniform(0.85, 1.05)
@@ -165,3 +170,6 @@ def _write_mask(path: Path, r: np.random.Generator) -> None:
     m = np.zeros(VOLUME_SHAPE, dtype=np.uint8)
     m[4:-4, 4:-4, 1:-1] = 1
     nib.save(nib.Nifti1Image(m, np.diag([1.5, 1.5, 4.0, 1.0])), str(path))
+
+
+_WRITERS = {"volume": _write_volume, "photo": _write_photo}  # one synthetic image of each kind

@@ -60,6 +60,20 @@ def model_name(config: dict | None, default: str = "CFCML") -> str:
     return base + KIND_WORDS.get(model_kind(config), " (other)")
 
 
+def config_model(config: dict | None, folders: Sequence[Path], summary: dict) -> Model:
+    """The model a config dict trained (named and kinded by `model_name` / `model_kind`), as its run folders."""
+    return Model(model_name(config), model_kind(config), [Path(f) for f in folders], summary)
+
+
+def baseline_models(baselines: dict | None) -> list[Model]:
+    """The classical baselines (`engine.baselines.run_baselines`' result: {kind: summary with "label",
+    "folder"}) as attributes-only models, their run folders named as the summary's runs."""
+    return [
+        Model(b["label"], "attributes", [Path(b["folder"]) / r["name"] for r in b["runs"]], b)
+        for b in (baselines or {}).values()
+    ]
+
+
 def pooled_test(folders: Sequence[Path]) -> Pooled:
     """The runs' test predictions, one row per patient (mean probabilities over runs)."""
     sums: dict[str, np.ndarray] = {}

@@ -7,6 +7,9 @@ workers and never in the training step. The registered model calls the same buil
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 
 from ..config import Config
@@ -16,17 +19,17 @@ from ..datasets.photo_transforms import ImageCache, as_hw
 from ..datasets.samplers import ClassBalancedBatchSampler, DistributedClassBalancedBatchSampler
 from ..datasets.spec import DatasetSpec
 from ..datasets.tabular import numeric_stats, tabular_features
+from ..datasets.volume_augment import BatchVolumeAugment
 from ..datasets.volume_cache import make_volume_cache
 from ..datasets.volume_dataset import VolumeDataset
 from ..models.text import sentence_cache
 
 
-def make_dataset(cfg: Config, spec: DatasetSpec, cases: list[Case], train: bool, cache=None):
-    """One torch Dataset of `cases` for the cohort's image kind (volumes or photos)."""
-    if spec.image_kind == "volume":
-        return VolumeDataset(
-            cases, spec.series, cfg.data.image_size, train=train, cache=cache, aug_prob=cfg.data.aug_prob
-        )
+def _volume_dataset(cfg: Config, spec: DatasetSpec, cases: list[Case], train: bool, cache):
+    return VolumeDataset(cases, spec.series, cfg.data.image_size, train=train, cache=cache, aug_prob=cfg.data.aug_prob)
+
+
+def _photo_dataset(cfg: Config, spec: DatasetSpec, cases: list[Case], train: bool, cache):
     return PhotoDataset(
         cases,
         cfg.data.image_size,
@@ -38,16 +41,66 @@ def make_dataset(cfg: Config, spec: DatasetSpec, cases: list[Case], train: bool,
     )
 
 
+def _volume_cache(cfg: Config, spec: DatasetSpec, cases: list[Case]):
+    """In memory when the cohort fits, else on disk under cfg.data.cache_dir (keyed by content
+    hash, so runs and trials reuse it)."""
+    size = tuple(cfg.data.image_size)
+    key = ("volume", size, spec.series, cfg.data.cache_dir)
+    if key not in _CACHES:
+        _CACHES[key] = make_volume_cache(cases, size, spec.series, cfg.data.cache_dir)
+    return _CACHES[key]
+
+
+def _photo_cache(cfg: Config, spec: DatasetSpec, cases: list[Case]):
+    """Decoded uint8 images in memory."""
+    size = tuple(cfg.data.image_size)
+    key = ("photo", size)
+    if key not in _CACHES:
+        _CACHES[key] = ImageCache(as_hw(size))
+    return _CACHES[key]
+
+
+def _warm_volumes(cache, cfg: Config, cases: list[Case]) -> None:
+    cache.warm(cases, num_workers=cfg.data.num_workers)
+
+
+def _warm_photos(cache, cfg: Config, cases: list[Case]) -> None:
+    cache.warm([p for c in cases for p in c.images if p is not None])
+
+
+@dataclass(frozen=True)
+class KindLoaders:
+    """What the engine builds for one image kind: its Dataset, its shared decoded-image cache,
+    and how that cache is filled before DataLoader workers start."""
+
+    dataset: Callable  # (cfg, spec, cases, train, cache) -> torch Dataset
+    cache: Callable  # (cfg, spec, cases) -> the process-wide cache
+    warm: Callable  # (cache, cfg, cases) -> None
+    batch_augment: Callable | None = None  # (cfg) -> the on-device batch augmentation; None: per sample only
+
+
+def _volume_batch_augment(cfg: Config) -> BatchVolumeAugment:
+    return BatchVolumeAugment(cfg.data.image_size, prob=cfg.data.aug_prob)
+
+
+LOADERS = {
+    "volume": KindLoaders(_volume_dataset, _volume_cache, _warm_volumes, _volume_batch_augment),
+    "photo": KindLoaders(_photo_dataset, _photo_cache, _warm_photos),
+}
+
+
+def make_dataset(cfg: Config, spec: DatasetSpec, cases: list[Case], train: bool, cache=None):
+    """One torch Dataset of `cases` for the cohort's image kind (volumes or photos)."""
+    return LOADERS[spec.image_kind].dataset(cfg, spec, cases, train, cache)
+
+
 def make_datasets(cfg: Config, spec: DatasetSpec, split) -> dict:
     """{"train", "val", "test"} datasets of a run, sharing one cache that is filled here, in the
     main process, before any DataLoader worker starts (a worker's cache dies with it)."""
     parts = {"train": split.train, "val": split.val, "test": split.test}
     everyone = [c for cases in parts.values() for c in cases]
     cache = shared_cache(cfg, spec, everyone)
-    if spec.image_kind == "volume":
-        cache.warm(everyone, num_workers=cfg.data.num_workers)
-    else:
-        cache.warm([p for c in everyone for p in c.images if p is not None])
+    LOADERS[spec.image_kind].warm(cache, cfg, everyone)
     return {k: make_dataset(cfg, spec, v, train=(k == "train"), cache=cache) for k, v in parts.items()}
 
 
@@ -55,21 +108,8 @@ _CACHES: dict = {}
 
 
 def shared_cache(cfg: Config, spec: DatasetSpec, cases: list[Case]):
-    """One decoded-image cache per (kind, size, series), shared by the runs of one process.
-
-    Volumes: in memory when the cohort fits, else on disk under cfg.data.cache_dir (keyed by
-    content hash, so runs and trials reuse it). Photos: decoded uint8 images in memory.
-    """
-    size = tuple(cfg.data.image_size)
-    if spec.image_kind == "volume":
-        key = ("volume", size, spec.series, cfg.data.cache_dir)
-        if key not in _CACHES:
-            _CACHES[key] = make_volume_cache(cases, size, spec.series, cfg.data.cache_dir)
-        return _CACHES[key]
-    key = ("photo", size)
-    if key not in _CACHES:
-        _CACHES[key] = ImageCache(as_hw(size))
-    return _CACHES[key]
+    """One decoded-image cache per (kind, size, series), shared by the runs of one process."""
+    return LOADERS[spec.image_kind].cache(cfg, spec, cases)
 
 
 def make_train_sampler(cfg: Config, cases: list[Case], seed: int, rank: int = 0, world: int = 1):

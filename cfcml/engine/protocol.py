@@ -26,7 +26,7 @@ from ..config import Config, cohort_spec, config_from_dict
 from ..models.pretrained import check_pretrained
 from .checkpoint import load_checkpoint
 from .errors import RunMismatch
-from .evidence import Model, evidence_markdown, model_kind, model_name, paired_evidence
+from .evidence import Model, baseline_models, config_model, evidence_markdown, model_kind, model_name, paired_evidence
 from .identity import explain_mismatch, run_identity
 from .progress import Progress, queue_reporter, reporter_for
 from .run import LAST, _write_json, clear_run, finished_result, train_one
@@ -181,17 +181,14 @@ def check_run_folders(cfg: Config, cohort, out: Path, planned: list[dict], overw
 
 def _paired(cfg: Config, spec, out: Path, summary: dict, compare, other: dict | None) -> dict:
     """Paired evidence on patients: this model vs the --compare model and every baseline."""
-    this = Model(
-        model_name(cfg.to_dict()), model_kind(cfg.to_dict()), [out / r["name"] for r in summary["runs"]], summary
-    )
+    this = config_model(cfg.to_dict(), [out / r["name"] for r in summary["runs"]], summary)
     others = []
     if other is not None:
         name = f"{model_name(other.get('config'))} [{Path(compare).name}]"
         others.append(
             Model(name, model_kind(other.get("config")), [Path(compare) / r["name"] for r in other["runs"]], other)
         )
-    for b in summary.get("baselines", {}).values():
-        others.append(Model(b["label"], "attributes", [Path(b["folder"]) / r["name"] for r in b["runs"]], b))
+    others += baseline_models(summary.get("baselines"))
     return paired_evidence(this, others, spec)
 
 

@@ -17,22 +17,18 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from cfcml.datasets.reader import load_cohort
-from cfcml.datasets.tabular import num_features
-from cfcml.datasets.volume_augment import BankTooLarge, BatchVolumeAugment, DeviceBatches, bank_batches
+from cfcml.datasets.volume_augment import BankTooLarge, DeviceBatches, bank_batches
 
 from ..config import Config, cohort_spec, first_candidate_epoch, save_config
-from ..models.cfcml import build_model
 from ..models.pretrained import check_pretrained, pretrained_provenance
 from .checkpoint import (
     atomic_save,
@@ -46,42 +42,22 @@ from .checkpoint import (
 from .decision import run_decision
 from .errors import RunMismatch, TrainingFailed
 from .identity import explain_mismatch, run_identity
-from .loaders import build_tabular_inputs, make_datasets, make_train_sampler
-from .metrics import compute_metrics, higher_is_better
+from .inference import Env, predict, resolve_env, to_inputs
+from .loaders import LOADERS, build_tabular_inputs, make_datasets, make_train_sampler
+from .metrics import compute_metrics
 from .modality_dropout import build_modality_dropout
+from .run_model import BEST, run_architecture, selected_weights
 from .schedule import build_optimizer
+from .selection import better, patience_exhausted, selection_score
 from .splits import run_split
 
 log = logging.getLogger(__name__)
-LAST, BEST, METRICS, PREDICTIONS = "last.pt", "best.pt", "metrics.json", "predictions.npz"
+LAST, METRICS, PREDICTIONS = "last.pt", "metrics.json", "predictions.npz"  # BEST: see run_model
 RUN_FILES = (LAST, BEST, METRICS, PREDICTIONS, "config.yaml")
 
 # reporter(epoch, metrics, run_dir) is called after every epoch (rank 0 and others alike:
 # Ray Train wants every rank to report) — e.g. to forward metrics to Ray Tune or MLflow.
 Reporter = Callable[[int, dict, Path], None]
-
-
-@dataclass
-class Env:
-    device: torch.device
-    amp: bool  # bf16 autocast
-    rank: int = 0
-    world: int = 1
-
-
-def resolve_env(cfg: Config) -> Env:
-    t = cfg.train
-    want = t.device
-    if want == "auto":
-        want = "cuda" if torch.cuda.is_available() else "cpu"
-    if want.startswith("cuda") and not torch.cuda.is_available():
-        raise TrainingFailed(f"train.device={t.device}: this machine has no CUDA device (use cpu or auto)")
-    device = torch.device(want)
-    if device.type == "cuda" and device.index is None and dist.is_initialized():
-        device = torch.device("cuda", torch.cuda.current_device())
-    amp = (t.amp == "bf16") or (t.amp == "auto" and device.type == "cuda")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    return Env(device, amp, rank, world)
 
 
 def _loader(dataset, env: Env, cfg: Config, batch_sampler=None) -> DataLoader:
@@ -101,13 +77,14 @@ def _train_loader(dataset, sampler, spec, env: Env, cfg: Config):
     the batched path on a GPU (per-sample CPU pipelines cannot feed it) and on a CPU for
     splits under CPU_BANK_MAX_BYTES (tiny volumes: MONAI's per-call overhead dominates)."""
     mode = cfg.data.device_augment
-    if spec.image_kind != "volume" or mode == "never":
+    batch_augment = LOADERS[spec.image_kind].batch_augment
+    if batch_augment is None or mode == "never":
         return _loader(dataset, env, cfg, batch_sampler=sampler)
     if mode == "auto" and env.device.type != "cuda":
         need = len(dataset) * len(spec.series) * math.prod(cfg.data.image_size) * 4
         if need > CPU_BANK_MAX_BYTES:
             return _loader(dataset, env, cfg, batch_sampler=sampler)
-    augment = BatchVolumeAugment(cfg.data.image_size, prob=cfg.data.aug_prob)
+    augment = batch_augment(cfg)
     try:
         return bank_batches(dataset, sampler, env.device, augment)
     except BankTooLarge as e:
@@ -117,107 +94,11 @@ def _train_loader(dataset, sampler, spec, env: Env, cfg: Config):
         return _loader(dataset, env, cfg, batch_sampler=sampler)
 
 
-def _to_inputs(batch: dict, tabular_table: torch.Tensor | None, env: Env) -> tuple[dict, torch.Tensor]:
-    images = [x.to(env.device, non_blocking=True) for x in batch["images"]]
-    tabular = tabular_table[batch["index"]].to(env.device, non_blocking=True) if tabular_table is not None else None
-    return {"images": images, "tabular": tabular}, batch["label"].to(env.device)
-
-
-def fused_features(out: dict) -> torch.Tensor | None:
-    """The fused feature of a model output (the classifier's input), for t-SNE and reports."""
-    if out.get("fused") is not None:
-        return out["fused"]
-    feats = out.get("features")
-    return torch.cat([f.float() for f in feats], dim=1) if feats else None
-
-
-@torch.no_grad()
-def predict(model, loader, tabular_table, env: Env, keep: bool = False) -> dict:
-    """Predictions over this rank's loader, gathered across ranks, in dataset order.
-
-    -> {"labels" [N], "probs" [N, K], "loss" (mean CE)} and, with `keep`, "index" [N],
-    "logits" [N, K] and "features" [N, F] (fused features, when the model gives them).
-    """
-    model.eval()
-    parts = {"index": [], "labels": [], "logits": [], "features": []}
-    total = 0.0
-    for batch in loader:
-        inputs, y = _to_inputs(batch, tabular_table, env)
-        with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=env.amp):
-            out = model(**inputs)
-        logits = out["logits"].float()
-        if (y >= 0).all():  # prediction cases carry label -1: no loss to report
-            total += F.cross_entropy(logits, y, reduction="sum").item()
-        else:
-            total = math.nan
-        parts["index"].append(batch["index"].cpu())
-        parts["labels"].append(y.cpu())
-        parts["logits"].append(logits.cpu())
-        if keep and (f := fused_features(out)) is not None:
-            parts["features"].append(f.float().cpu())
-    arrays = {k: torch.cat(v).numpy() for k, v in parts.items() if v}
-    if env.world > 1:
-        gathered = [None] * env.world
-        dist.all_gather_object(gathered, (arrays, total))
-        arrays = {k: np.concatenate([a[k] for a, _ in gathered]) for k in arrays}
-        total = sum(t for _, t in gathered)
-    order = np.argsort(arrays["index"], kind="stable") if "index" in arrays else None
-    arrays = {k: v[order] for k, v in arrays.items()} if order is not None else arrays
-    n = len(arrays.get("labels", []))
-    logits = arrays.get("logits", np.zeros((0, 0), dtype=np.float32))
-    result = {
-        "labels": arrays.get("labels", np.zeros(0, dtype=np.int64)),
-        "probs": torch.from_numpy(logits).softmax(-1).numpy() if n else logits,
-        "loss": total / max(n, 1),
-    }
-    if keep:
-        result |= {k: arrays[k] for k in ("index", "logits", "features") if k in arrays}
-    return result
-
-
 def _shard(dataset, env: Env):
     """Evaluation share of this rank: every case exactly once across ranks (no padding)."""
     if env.world == 1:
         return dataset
     return torch.utils.data.Subset(dataset, list(range(env.rank, len(dataset), env.world)))
-
-
-def _better(metric: str, new: float, old: float | None) -> bool:
-    if old is None or (isinstance(old, float) and math.isnan(old)):
-        return not math.isnan(new)
-    return new > old if higher_is_better(metric) else new < old
-
-
-def selection_score(history: list[dict], metric: str, window: int, first_candidate: int = 0) -> float:
-    """The validation score the last epoch of `history` is selected on: the mean of `metric` over
-    the last `window` epochs (NaN epochs skipped), or NaN while that epoch is not a candidate —
-    before `first_candidate` (a full window, the LR warm-up over; see `first_candidate_epoch`).
-    A window > 1 keeps a one-epoch spike on a small validation set from picking the weights; the
-    weights kept are still those of the epoch itself."""
-    if len(history) - 1 < max(first_candidate, window - 1):
-        return math.nan  # a partly filled window would compete with full ones
-    values = [h[f"val_{metric}"] for h in history[-window:]]
-    values = [v for v in values if not math.isnan(v)]
-    return sum(values) / len(values) if values else math.nan
-
-
-def select_epoch(history: list[dict], metric: str, window: int, first_candidate: int = 0) -> int | None:
-    """The epoch a run with this validation history selects (None: no finite score yet); the
-    same rule `TrainingRun` applies one epoch at a time."""
-    best, value = None, None
-    for epoch in range(len(history)):
-        score = selection_score(history[: epoch + 1], metric, window, first_candidate)
-        if _better(metric, score, value):
-            best, value = epoch, score
-    return best
-
-
-def patience_exhausted(best_epoch: int | None, epochs_done: int, first_candidate: int, patience: int) -> bool:
-    """True when `patience` candidate epochs have passed without a better selection score."""
-    if patience <= 0 or epochs_done <= first_candidate:
-        return False
-    since = first_candidate - 1 if best_epoch is None else best_epoch
-    return epochs_done - 1 - since >= patience
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -304,8 +185,7 @@ class TrainingRun:
         self.tables, self.numeric_stats = build_tabular_inputs(cfg, self.spec, split)
         self.datasets = make_datasets(cfg, self.spec, split)
 
-        n_tab = num_features(self.spec) if cfg.model.tabular_embedding == "mlp" else None
-        self.model = build_model(cfg, self.shape, num_tabular_features=n_tab).to(env.device)
+        self.model = run_architecture(cfg, self.spec).to(env.device)
         self.train_model = self.model
         if env.world > 1:
             ids = [env.device.index] if env.device.type == "cuda" else None
@@ -380,23 +260,60 @@ class TrainingRun:
 
     def train_epoch(self) -> dict:
         """Train one epoch, validate, checkpoint; -> the epoch's record (train_*, val_* metrics)."""
-        cfg, env, t, epoch = self.cfg, self.env, self.cfg.train, self.epoch
-        seed_everything(_epoch_seed(self.seed, epoch) + env.rank)
-        self.sampler.set_epoch(epoch)
-        if isinstance(self.train_loader, DeviceBatches):  # batched augmentation on the device
-            self.train_loader.manual_seed(_epoch_seed(self.seed, epoch) + env.rank)
-        if hasattr(self.datasets["train"], "set_epoch"):
-            self.datasets["train"].set_epoch(_epoch_seed(self.seed, epoch) + env.rank)
-        drop = self.modality_dropout
-        drop_rng = drop.generator(_epoch_seed(self.seed, epoch) + env.rank) if drop is not None else None
-        self.train_model.train()
-        sums, n, t0 = {}, 0, time.time()
-        show_bar = self.progress and env.rank == 0 and sys.stderr.isatty()
-        bar = tqdm(
-            self.train_loader, desc=f"{self.split.name} epoch {epoch + 1}/{t.epochs}", leave=False, disable=not show_bar
+        t, epoch, t0 = self.cfg.train, self.epoch, time.time()
+        sums, n = self._train_steps()
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+
+        pred = predict(self.model, self.val_loader, self.tables["val"], self.env)
+        val = compute_metrics(self.spec, pred["labels"], pred["probs"], self.decision) | {"loss": pred["loss"]}
+        record = {"epoch": epoch, "lr": lr, "seconds": time.time() - t0}
+        record |= {f"train_{k}": v / max(n, 1) for k, v in sums.items()} | {f"val_{k}": v for k, v in val.items()}
+        self.history.append(record)
+        record["select_score"] = score = selection_score(
+            self.history, t.select_metric, t.select_window, self.first_candidate
         )
+        improved = better(t.select_metric, score, self.best["value"])
+        if improved:
+            self.best = {"epoch": epoch, "value": score}
+        if self.env.rank == 0:
+            self._save_checkpoints(val, improved)
+            log.info(
+                "%s epoch %d: val %s=%.4f, selection score %.4f (best epoch %s)",
+                self.split.name,
+                epoch + 1,
+                t.select_metric,
+                val[t.select_metric],
+                score,
+                self.best["epoch"],
+            )
+        self.epoch += 1
+        return record
+
+    def _seed_epoch(self) -> int:
+        """Seed every source of randomness of this epoch on this rank; -> the seed."""
+        seed = _epoch_seed(self.seed, self.epoch) + self.env.rank
+        seed_everything(seed)
+        self.sampler.set_epoch(self.epoch)
+        if isinstance(self.train_loader, DeviceBatches):  # batched augmentation on the device
+            self.train_loader.manual_seed(seed)
+        if hasattr(self.datasets["train"], "set_epoch"):
+            self.datasets["train"].set_epoch(seed)
+        return seed
+
+    def _train_steps(self) -> tuple[dict[str, float], int]:
+        """One pass over the training loader: -> (summed loss terms, steps)."""
+        env, epoch = self.env, self.epoch
+        seed = self._seed_epoch()
+        drop = self.modality_dropout
+        drop_rng = drop.generator(seed) if drop is not None else None
+        self.train_model.train()
+        sums, n = {}, 0
+        show_bar = self.progress and env.rank == 0 and sys.stderr.isatty()
+        desc = f"{self.split.name} epoch {epoch + 1}/{self.cfg.train.epochs}"
+        bar = tqdm(self.train_loader, desc=desc, leave=False, disable=not show_bar)
         for batch in bar:
-            inputs, y = _to_inputs(batch, self.tables["train"], env)
+            inputs, y = to_inputs(batch, self.tables["train"], env)
             if drop is not None:
                 inputs = drop(inputs, drop_rng)
             with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=env.amp):
@@ -415,58 +332,37 @@ class TrainingRun:
                 sums[k] = sums.get(k, 0.0) + v.item()
             n += 1
             bar.set_postfix(loss=f"{parts['loss'].item():.3f}")
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.scheduler.step()
+        return sums, n
 
-        pred = predict(self.model, self.val_loader, self.tables["val"], env)
-        val = compute_metrics(self.spec, pred["labels"], pred["probs"], self.decision) | {"loss": pred["loss"]}
-        record = {"epoch": epoch, "lr": lr, "seconds": time.time() - t0}
-        record |= {f"train_{k}": v / max(n, 1) for k, v in sums.items()} | {f"val_{k}": v for k, v in val.items()}
-        self.history.append(record)
-        record["select_score"] = score = selection_score(
-            self.history, t.select_metric, t.select_window, self.first_candidate
-        )
-        improved = _better(t.select_metric, score, self.best["value"])
+    def _save_checkpoints(self, val: dict, improved: bool) -> None:
+        """best.pt when the selection score improved, then last.pt (resume state), each atomically."""
+        config = self.cfg.to_dict()
         if improved:
-            self.best = {"epoch": epoch, "value": score}
-        if env.rank == 0:
-            if improved:
-                atomic_save(
-                    {
-                        "model": self.model.state_dict(),
-                        "config": cfg.to_dict(),
-                        "epoch": epoch,
-                        "val": val,
-                        "identity": self.identity,
-                    },
-                    self.out / BEST,
-                )
             atomic_save(
                 {
                     "model": self.model.state_dict(),
-                    "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(),
-                    "sampler": self.sampler.state_dict(),
-                    "epoch": epoch,
-                    "history": self.history,
-                    "best": self.best,
-                    "rng": rng_state(),
-                    "config": cfg.to_dict(),
+                    "config": config,
+                    "epoch": self.epoch,
+                    "val": val,
                     "identity": self.identity,
                 },
-                self.out / LAST,
+                self.out / BEST,
             )
-            log.info(
-                "%s epoch %d: val %s=%.4f, selection score %.4f (best epoch %s)",
-                self.split.name,
-                epoch + 1,
-                t.select_metric,
-                val[t.select_metric],
-                score,
-                self.best["epoch"],
-            )
-        self.epoch += 1
-        return record
+        atomic_save(
+            {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "sampler": self.sampler.state_dict(),
+                "epoch": self.epoch,
+                "history": self.history,
+                "best": self.best,
+                "rng": rng_state(),
+                "config": config,
+                "identity": self.identity,
+            },
+            self.out / LAST,
+        )
 
     def finish(self) -> dict:
         """Test once, with the weights of the epoch selected on validation; write the
@@ -481,8 +377,7 @@ class TrainingRun:
                 f"{self.split.name}: no epoch had a finite validation {self.cfg.train.select_metric}, "
                 f"so no weights were selected (see {out / LAST}); nothing to test"
             )
-        state = load_checkpoint(out / BEST, map_location=env.device, required=("model",))
-        load_state_checked(self.model, state["model"], out / BEST)
+        load_state_checked(self.model, selected_weights(out / BEST, env.device), out / BEST)
         test_loader = _loader(_shard(self.datasets["test"], env), env, self.cfg)
         test = predict(self.model, test_loader, self.tables["test"], env, keep=True)
         val = predict(self.model, self.val_loader, self.tables["val"], env, keep=True)

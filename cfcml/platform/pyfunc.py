@@ -65,14 +65,14 @@ REQUIREMENTS = (
 
 
 def input_columns(spec: DatasetSpec) -> list[str]:
-    return ["case_id", *spec.series, *(["mask"] if spec.image_kind == "volume" else []), *spec.attribute_names]
+    return ["case_id", *spec.series, *(["mask"] if spec.kind.has_mask else []), *spec.attribute_names]
 
 
 def case_record(spec: DatasetSpec, case: Case) -> dict:
     """One input row for the pyfunc from a cohort case (the table cells as written)."""
     row = {"case_id": case.case_id}
     row |= {s: "" if p is None else str(p) for s, p in zip(spec.series, case.images)}
-    if spec.image_kind == "volume":
+    if spec.kind.has_mask:
         row["mask"] = str(case.mask) if case.mask else ""
     row |= {a: str(case.raw.get(a, "")) for a in spec.attribute_names}
     return row
@@ -92,8 +92,8 @@ def example_frame(spec: DatasetSpec):
     import pandas as pd
 
     row = {"case_id": "example-1"}
-    row |= {s: f"/path/to/example-1/{s}{'.nii.gz' if spec.image_kind == 'volume' else '.jpg'}" for s in spec.series}
-    if spec.image_kind == "volume":
+    row |= {s: f"/path/to/example-1/{s}{spec.kind.suffix}" for s in spec.series}
+    if spec.kind.has_mask:
         row["mask"] = ""
     for a in spec.attributes:
         if a.type == "categorical":
@@ -134,7 +134,7 @@ def record_to_case(spec: DatasetSpec, row: dict) -> tuple[Case, list[str]]:
                 raise ValueError(f"{a.column}: {why}")
         shown.append(word)
     sentences = tuple(a.sentence_for(w) for a, w in zip(spec.attributes, shown))
-    mask = None if spec.image_kind != "volume" or _blank(row.get("mask")) else Path(str(row["mask"]).strip())
+    mask = None if not spec.kind.has_mask or _blank(row.get("mask")) else Path(str(row["mask"]).strip())
     return Case(
         case_id=cid,
         label=-1,
@@ -229,12 +229,10 @@ class PackagedModel:
         import yaml
 
         from cfcml.datasets.spec import remember
-        from cfcml.datasets.tabular import num_features
 
         from ..engine.decision import decision_from_dict
-        from ..engine.run import Env
-        from ..models.cfcml import build_model
-        from ..models.pretrained import without_pretrained_weights
+        from ..engine.inference import Env
+        from ..engine.run_model import ready_model
 
         package = Path(package)
         self.meta = json.loads((package / "meta.json").read_text())
@@ -251,13 +249,11 @@ class PackagedModel:
             with np.load(package / "sentences.npz", allow_pickle=False) as t:
                 self.table = {str(s): torch.from_numpy(e.copy()) for s, e in zip(t["sentences"], t["embeddings"])}
         self._encoder = None
-        n_tab = num_features(self.spec) if self.cfg.model.tabular_embedding == "mlp" else None
         self.models = []
         for r in self.meta["runs"]:
-            weights = torch.load(package / "weights" / f"{r['name']}.pt", map_location="cpu", weights_only=True)
-            model = build_model(without_pretrained_weights(self.cfg), self.spec.shape(), num_tabular_features=n_tab)
-            model.load_state_dict(weights)
-            self.models.append(model.to(self.env.device).eval())
+            path = package / "weights" / f"{r['name']}.pt"  # the selected weights alone (no optimizer, no RNG)
+            weights = torch.load(path, map_location="cpu", weights_only=True)
+            self.models.append(ready_model(self.cfg, self.spec, weights, self.env.device, path))
 
     def _embed(self, sentences: list[str]) -> torch.Tensor:
         unseen = sorted({s for s in sentences if s not in self.table})
@@ -287,7 +283,7 @@ class PackagedModel:
         temperature T each run's probabilities are softmax(logits / T) (T fitted on validation)."""
         from cfcml.engine.loaders import make_dataset
 
-        from ..engine.run import predict
+        from ..engine.inference import predict
         from ..report.stats import apply_temperature
 
         if not cases:

@@ -156,12 +156,12 @@ def study_report(
     A failure is logged and tagged (`cfcml.report_error`), not raised: the search's result
     still counts. Returns the report dict or None."""
     from ..report.build import build_report
-    from ..report.from_runs import inputs_from_runs, read_run
+    from ..report.from_runs import evidence_meta, inputs_from_runs, read_run
 
     run_ids = [r for r in run_ids if r]
     try:
         folders = [read_run(ckpt_dir / r["name"]) for r in runs]
-        meta = study_meta(summary, commit)
+        meta = study_meta(summary, commit) | evidence_meta(summary)  # baselines' AUCs, images-add sentence
         inputs = inputs_from_runs(folders, cohort, device="cpu", meta=meta)
         inputs.meta["selection_rule"] = f"{meta['trial_selection']}; {inputs.meta['selection_rule']}"
         report = build_report(inputs, out_dir, **options)

@@ -79,8 +79,7 @@ def resolve_model(model_uri: str, tracking_uri: str | None = None) -> ModelIdent
 def missing_treatment(packaged) -> dict[str, str]:
     """What the package does with each input left empty (`cfcml.platform.pyfunc`)."""
     spec, model = packaged.spec, packaged.cfg.model
-    kind = "series" if spec.image_kind == "volume" else "photo"
-    out = {s: f"scored without it: a blank (all-zero) {kind}" for s in spec.series}
+    out = {s: f"scored without it: a blank (all-zero) {spec.kind.word}" for s in spec.series}
     for a in spec.attributes:
         if not model.use_tabular:
             out[a.column] = "not used: this model does not read the attributes"

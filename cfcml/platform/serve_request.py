@@ -104,7 +104,7 @@ class RequestDecoder:
         self.root = None if data_root is None else Path(data_root).resolve(strict=True)
         self.limits = limits or Limits()
         self.columns = input_columns(spec)
-        self.images = [*spec.series, *([MASK] if spec.image_kind == "volume" else [])]
+        self.images = [*spec.series, *([MASK] if spec.kind.has_mask else [])]
         self.required = [c for c in self.columns if c != MASK]
         self.attributes = {a.column: a for a in spec.attributes}
 
@@ -273,20 +273,7 @@ class RequestDecoder:
 
     def _format(self, data: bytes) -> tuple[str, str | None]:
         """The file suffix the bytes need, or why they are not this cohort's image format."""
-        if self.spec.image_kind == "volume":
-            if data.startswith(GZIP_MAGIC):
-                return ".nii.gz", None
-            if len(data) >= 4 and (
-                int.from_bytes(data[:4], "little") in NIFTI_HEADER_SIZES
-                or int.from_bytes(data[:4], "big") in NIFTI_HEADER_SIZES
-            ):
-                return ".nii", None
-            return "", "expected a NIfTI volume (.nii or .nii.gz bytes)"
-        if data.startswith(PNG_MAGIC):
-            return ".png", None
-        if data.startswith(JPEG_MAGIC):
-            return ".jpg", None
-        return "", "expected a PNG or JPEG photo"
+        return _FORMATS[self.spec.image_kind](data)
 
     def _path(self, text: str) -> tuple[Path | None, str | None]:
         if self.root is None:
@@ -314,38 +301,65 @@ class RequestDecoder:
         present = {n: Path(row[n]) for n in self.images if row[n]}
         if not present:
             return []
-        if self.spec.image_kind == "volume":
-            too_big = []
-            for name, path in present.items():
-                try:
-                    shape, _ = read_grid(path, deep=False, is_mask=name == MASK)
-                except Exception:  # noqa: BLE001 - check_series below says what is wrong
-                    shape = None
-                if shape is not None and math.prod(shape) > self.limits.max_voxels:
-                    too_big.append(
-                        _Problem(
-                            name,
-                            f"{'x'.join(map(str, shape))} voxels: expected at most {self.limits.max_voxels} per volume",
-                        )
-                    )
-            if too_big:
-                return too_big
-            return check_series(present, dict.fromkeys(present, "request"), cid, deep=True)
-        problems = []
-        for name, path in present.items():
-            try:
-                from PIL import Image
+        return _IMAGE_CHECKS[self.spec.image_kind](present, cid, self.limits)
 
-                with Image.open(path) as im:
-                    w, h = im.size
-            except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt files
-                problems.append(_Problem(name, f"undecodable image ({short_error(e)}): expected a PNG or JPEG photo"))
-                continue
-            if w * h > self.limits.max_pixels:
-                problems.append(_Problem(name, f"{w}x{h} pixels: expected at most {self.limits.max_pixels} pixels"))
-                continue
-            problems += check_photo(path, "request", cid, name, "decode", DEFAULT_MIN_SIDE)
-        return problems
+
+def _volume_format(data: bytes) -> tuple[str, str | None]:
+    if data.startswith(GZIP_MAGIC):
+        return ".nii.gz", None
+    if len(data) >= 4 and (
+        int.from_bytes(data[:4], "little") in NIFTI_HEADER_SIZES
+        or int.from_bytes(data[:4], "big") in NIFTI_HEADER_SIZES
+    ):
+        return ".nii", None
+    return "", "expected a NIfTI volume (.nii or .nii.gz bytes)"
+
+
+def _photo_format(data: bytes) -> tuple[str, str | None]:
+    if data.startswith(PNG_MAGIC):
+        return ".png", None
+    if data.startswith(JPEG_MAGIC):
+        return ".jpg", None
+    return "", "expected a PNG or JPEG photo"
+
+
+def _check_volumes(present: dict[str, Path], cid: str, limits: Limits) -> list:
+    too_big = []
+    for name, path in present.items():
+        try:
+            shape, _ = read_grid(path, deep=False, is_mask=name == MASK)
+        except Exception:  # noqa: BLE001 - check_series below says what is wrong
+            shape = None
+        if shape is not None and math.prod(shape) > limits.max_voxels:
+            too_big.append(
+                _Problem(name, f"{'x'.join(map(str, shape))} voxels: expected at most {limits.max_voxels} per volume")
+            )
+    if too_big:
+        return too_big
+    return check_series(present, dict.fromkeys(present, "request"), cid, deep=True)
+
+
+def _check_photos(present: dict[str, Path], cid: str, limits: Limits) -> list:
+    problems = []
+    for name, path in present.items():
+        try:
+            from PIL import Image
+
+            with Image.open(path) as im:
+                w, h = im.size
+        except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt files
+            problems.append(_Problem(name, f"undecodable image ({short_error(e)}): expected a PNG or JPEG photo"))
+            continue
+        if w * h > limits.max_pixels:
+            problems.append(_Problem(name, f"{w}x{h} pixels: expected at most {limits.max_pixels} pixels"))
+            continue
+        problems += check_photo(path, "request", cid, name, "decode", DEFAULT_MIN_SIDE)
+    return problems
+
+
+# per image kind: the file suffix of inline bytes (or why they are refused), and the checks of a case's images
+_FORMATS = {"volume": _volume_format, "photo": _photo_format}
+_IMAGE_CHECKS = {"volume": _check_volumes, "photo": _check_photos}
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,8 @@ group (``FailureConfig(max_failures=...)``), or a resumed study re-launches the 
 workers download that checkpoint and every run continues from its ``last.pt``.
 
 Rank 0 also logs the per-epoch metrics of every run to the trial's MLflow run (``fold1/val_auc``,
-``cv_val_auc``, ...) and samples system metrics there.
+``cv_val_auc``, ...) and samples system metrics there, and tags it with the Ray node of every rank
+(``cfcml.train_nodes``: node ids by rank, comma-separated; rewritten when a restart moves them).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 STATE_FILE = "state.json"
 RUN_FILES = ("last.pt", "best.pt", "config.yaml")
 OBJECTIVE = "cv_val_auc"
+TAG_TRAIN_NODES = "cfcml.train_nodes"
 
 
 def _nanmean(values) -> float:
@@ -95,7 +97,7 @@ def cv_metrics(runs, records: list[dict], trained=None) -> dict:
 class _Tracker:
     """Rank 0's MLflow logging into the trial's run (no-op elsewhere or without MLflow).
 
-    Metrics go through a :class:`~cfcml.platform.tracking.MetricSender`: training never waits for
+    Metrics go through a :class:`~cfcml.platform.delivery.MetricSender`: training never waits for
     the tracking server, values it misses while away are sent when it is back, and what never
     arrives within ``spec["flush_timeout_s"]`` (default 120 s) after the last epoch is counted in
     the run's ``cfcml.metrics_lost`` tag."""
@@ -106,7 +108,7 @@ class _Tracker:
             return
         from mlflow.tracking import MlflowClient
 
-        from .tracking import MetricSender
+        from .delivery import MetricSender
 
         self.run_id = spec["run_id"]
         self.client = MlflowClient(spec.get("tracking_uri"))
@@ -127,6 +129,15 @@ class _Tracker:
             except Exception as e:  # noqa: BLE001 - optional telemetry must not fail training
                 log.warning("system metrics disabled: %s", redact(str(e)))
                 self.monitor = None
+
+    def tag(self, key: str, value: str) -> None:
+        """Set a tag on the trial's run; a tracking server that is away loses it, training goes on."""
+        if self.client is None:
+            return
+        try:
+            self.client.set_tag(self.run_id, key, value)
+        except Exception as e:  # noqa: BLE001 - a missing tag must not fail training
+            log.warning("tag %s not set: %s", key, redact(str(e)))
 
     def log(self, metrics: dict, step: int) -> None:
         if self.sender is not None:  # queued: sent in the background, retried while the server is away
@@ -174,6 +185,19 @@ def _maybe_inject_fault(fault: dict | None, rank: int, epoch: int) -> None:
     marker.write_text(json.dumps({"pid": os.getpid(), "epoch": epoch, "time": time.time(), "checkpoints": len(done)}))
     log.warning("fault injection: killing train worker rank %d (pid %d) during epoch %d", rank, os.getpid(), epoch)
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def train_nodes() -> list[str]:
+    """The Ray node id of every rank, by rank (a collective: every rank calls it)."""
+    import ray
+    import torch.distributed as dist
+
+    node = ray.get_runtime_context().get_node_id()
+    if not (dist.is_available() and dist.is_initialized()):
+        return [node]
+    nodes = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, node)
+    return [str(n) for n in nodes]
 
 
 def _restore(checkpoint, work: Path) -> dict:
@@ -253,6 +277,7 @@ def train_loop_per_worker(config: dict) -> None:
                 state["restarts"],
             )
         tracker = _Tracker(config.get("mlflow"), rank, resumed=checkpoint is not None)
+        tracker.tag(TAG_TRAIN_NODES, ",".join(train_nodes()))
         try:
             while not all(r.done for r in runs):
                 records, trained = [], [r for r in runs if not r.done]  # patience stops runs one by one

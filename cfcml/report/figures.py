@@ -214,36 +214,49 @@ def montage_slices(heat: np.ndarray, n: int = MONTAGE_SLICES) -> list[int]:
     return sorted(set(chosen.tolist()))
 
 
+def _volume_panels(e: Explanation, alpha: float) -> Figure:
+    """A slice montage per series ([D, H, W]): rows are series, columns the chosen slices."""
+    names = list(e.images)
+    vols = {s: _normalise(np.squeeze(e.images[s])) for s in names}
+    heats = {s: _match(e.heatmaps[s], vols[s].shape) for s in names}
+    slices = {s: montage_slices(heats[s]) for s in names}
+    cols = max(len(v) for v in slices.values())
+    fig = _figure(1.5 * cols + 0.6, 1.6 * len(names) + 0.4)
+    axes = np.asarray(fig.subplots(len(names), cols, squeeze=False))
+    for r, s in enumerate(names):
+        for c in range(cols):
+            ax = axes[r, c]
+            ax.set_axis_off()
+            if c < len(slices[s]):
+                k = slices[s][c]
+                ax.imshow(vols[s][k], cmap="gray", interpolation="nearest")
+                ax.imshow(heats[s][k], cmap="jet", alpha=alpha, vmin=0, vmax=1, interpolation="bilinear")
+                ax.set_title(f"{s} z={k}", fontsize=7)
+    return fig
+
+
+def _photo_panels(e: Explanation, alpha: float) -> Figure:
+    """One panel per photo."""
+    names = list(e.images)
+    fig = _figure(3.0 * len(names), 3.3)
+    axes = np.asarray(fig.subplots(1, len(names), squeeze=False))
+    for c, s in enumerate(names):
+        img = _as_photo(e.images[s])
+        ax = axes[0, c]
+        ax.set_axis_off()
+        ax.imshow(img, cmap="gray" if img.ndim == 2 else None)
+        ax.imshow(_match(e.heatmaps[s], img.shape[:2]), cmap="jet", alpha=alpha, vmin=0, vmax=1)
+        ax.set_title(s, fontsize=8)
+    return fig
+
+
+EXPLANATION_PANELS = {"volume": _volume_panels, "photo": _photo_panels}  # image kind -> its Grad-CAM figure
+
+
 def explanation_figure(e: Explanation, alpha: float = 0.45) -> bytes:
     """Grad-CAM over the input: a slice montage per series (volume, [D, H, W]) or one panel per
     photo, the image in grey / colour with the heatmap in `jet` on top."""
-    names = list(e.images)
     title = f"{e.case_id}: true {e.true}, predicted {e.pred} ({'correct' if e.correct else 'wrong'})"
-    if e.kind == "volume":
-        vols = {s: _normalise(np.squeeze(e.images[s])) for s in names}
-        heats = {s: _match(e.heatmaps[s], vols[s].shape) for s in names}
-        slices = {s: montage_slices(heats[s]) for s in names}
-        cols = max(len(v) for v in slices.values())
-        fig = _figure(1.5 * cols + 0.6, 1.6 * len(names) + 0.4)
-        axes = np.asarray(fig.subplots(len(names), cols, squeeze=False))
-        for r, s in enumerate(names):
-            for c in range(cols):
-                ax = axes[r, c]
-                ax.set_axis_off()
-                if c < len(slices[s]):
-                    k = slices[s][c]
-                    ax.imshow(vols[s][k], cmap="gray", interpolation="nearest")
-                    ax.imshow(heats[s][k], cmap="jet", alpha=alpha, vmin=0, vmax=1, interpolation="bilinear")
-                    ax.set_title(f"{s} z={k}", fontsize=7)
-    else:
-        fig = _figure(3.0 * len(names), 3.3)
-        axes = np.asarray(fig.subplots(1, len(names), squeeze=False))
-        for c, s in enumerate(names):
-            img = _as_photo(e.images[s])
-            ax = axes[0, c]
-            ax.set_axis_off()
-            ax.imshow(img, cmap="gray" if img.ndim == 2 else None)
-            ax.imshow(_match(e.heatmaps[s], img.shape[:2]), cmap="jet", alpha=alpha, vmin=0, vmax=1)
-            ax.set_title(s, fontsize=8)
+    fig = EXPLANATION_PANELS[e.kind](e, alpha)
     fig.suptitle(title, fontsize=9)
     return _png(fig)

@@ -37,15 +37,14 @@ import yaml
 from ..config import cohort_spec, config_from_dict
 from ..datasets import SYNTHETIC_MARKER
 from ..datasets.reader import load_cohort
-from ..datasets.tabular import num_features, numeric_stats
-from ..engine.checkpoint import load_checkpoint, load_state_checked
+from ..datasets.tabular import numeric_stats
 from ..engine.decision import pooled_decision
+from ..engine.inference import Env, predict
 from ..engine.loaders import make_dataset, tabular_inputs
 from ..engine.modality_dropout import MISSING_WORD
-from ..engine.run import Env, predict
+from ..engine.run_model import ready_model_from_run
 from ..engine.splits import run_split
-from ..models.cfcml import build_model, stage_grids
-from ..models.pretrained import without_pretrained_weights
+from ..models.cfcml import stage_grids
 from ..util.redact import redact
 from .build import build_report
 from .explain import cam_stage, select_cases
@@ -205,12 +204,7 @@ def load_run_model(folder: RunFolder, cohort, device: str = "cpu") -> LoadedRun:
         if [str(c) for c in saved["test_case_ids"]] != [c.case_id for c in split.test]:
             raise ReportError(f"{folder.path}: the saved test cases are not this cohort's {folder.name} test part")
     mlp = cfg.model.use_tabular and cfg.model.tabular_embedding == "mlp"
-    model = build_model(
-        without_pretrained_weights(cfg), spec.shape(), num_tabular_features=num_features(spec) if mlp else None
-    )
-    state = load_checkpoint(folder.path / "best.pt", map_location=device, required=("model",))
-    load_state_checked(model, state["model"], folder.path / "best.pt")
-    model = model.to(torch.device(device)).eval()
+    _, model = ready_model_from_run(folder.path, spec, device, cfg=cfg)
     stats = numeric_stats(spec, split.train) if mlp else None
     run = LoadedRun(folder, split, model, stats)
     run.test_dataset = make_dataset(cfg, spec, split.test, train=False)
@@ -248,7 +242,7 @@ def without_attribute(case, spec, index: int):
 
 def removals(spec, cfg) -> list[tuple[str, str, int]]:
     """(row name, "series" | "attribute", index) of every input the model reads."""
-    word = "series" if spec.image_kind == "volume" else "photo"
+    word = spec.kind.word
     out = [(f"{word} {s}", "series", i) for i, s in enumerate(spec.series)] if cfg.model.use_images else []
     if cfg.model.use_tabular:
         out += [(f"attribute {a.column}", "attribute", i) for i, a in enumerate(spec.attributes)]
@@ -317,8 +311,11 @@ def explain_cases(
             heatmaps += grad_cam(forward, encoder, pred, output_size=size, output_index=stage)
         if len(heatmaps) != len(spec.series):
             raise RuntimeError(f"Grad-CAM gave {len(heatmaps)} heatmaps for {len(spec.series)} image inputs")
-        kind = "volume" if spec.image_kind == "volume" else "photo"
-        pics = {s: (x[0, 0] if kind == "volume" else x[0]).detach().cpu().numpy() for s, x in zip(spec.series, images)}
+        # one [C, *spatial] tensor per input: single-channel volumes as [D, H, W], photos as [3, H, W]
+        pics = {
+            s: (x[0, 0] if spec.kind.channels == 1 else x[0]).detach().cpu().numpy()
+            for s, x in zip(spec.series, images)
+        }
         heats = {s: h[0].cpu().numpy() for s, h in zip(spec.series, heatmaps)}
         out.append(
             Explanation(
@@ -326,7 +323,7 @@ def explain_cases(
                 true=int(test.labels[row]),
                 pred=pred,
                 correct=pred == int(test.labels[row]),
-                kind=kind,
+                kind=spec.image_kind,
                 images=pics,
                 heatmaps=heats,
             )

@@ -15,8 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from ..datasets.image_kinds import IMAGE_KINDS
+
 ATTRIBUTE_TYPES = ("numeric", "categorical")
-EXPLANATION_KINDS = ("volume", "photo")
+EXPLANATION_KINDS = IMAGE_KINDS
 SPLIT_NAMES = ("val", "test")
 
 

@@ -73,22 +73,30 @@ def _attributes(rng, cohort: CohortInfo, case_ids) -> dict:
     return out
 
 
+def _volume_pictures(rng) -> tuple[dict, dict]:
+    zz, yy, xx = np.meshgrid(np.arange(8), np.arange(16), np.arange(16), indexing="ij")
+    blob = np.exp(-((zz - 4) ** 2 / 4 + (yy - 6) ** 2 / 10 + (xx - 9) ** 2 / 10))
+    images = {s: rng.normal(size=(8, 16, 16)) + 3 * blob for s in ("T1C", "FLAIR_C", "ADC")}
+    return images, {s: blob for s in images}
+
+
+def _photo_pictures(rng) -> tuple[dict, dict]:
+    yy, xx = np.meshgrid(np.arange(8), np.arange(8), indexing="ij")
+    heat = np.exp(-((yy - 3) ** 2 + (xx - 4) ** 2) / 6)  # coarser than the photo: resized when drawn
+    images = {s: rng.uniform(size=(32, 32, 3)) for s in ("clinic", "derm")}
+    return images, {s: heat for s in images}
+
+
+_PICTURES = {"volume": _volume_pictures, "photo": _photo_pictures}  # image kind -> (images, heatmaps) of one case
+
+
 def _explanations(rng, test: SplitPredictions, classes, kind: str) -> list[Explanation]:
     pred = test.probs.argmax(1)
     right = np.flatnonzero(pred == test.labels)[:2].tolist()
     wrong = np.flatnonzero(pred != test.labels)[:1].tolist()
     out = []
     for i in right + wrong:
-        if kind == "volume":
-            zz, yy, xx = np.meshgrid(np.arange(8), np.arange(16), np.arange(16), indexing="ij")
-            blob = np.exp(-((zz - 4) ** 2 / 4 + (yy - 6) ** 2 / 10 + (xx - 9) ** 2 / 10))
-            images = {s: rng.normal(size=(8, 16, 16)) + 3 * blob for s in ("T1C", "FLAIR_C", "ADC")}
-            heatmaps = {s: blob for s in images}
-        else:
-            yy, xx = np.meshgrid(np.arange(8), np.arange(8), indexing="ij")
-            heat = np.exp(-((yy - 3) ** 2 + (xx - 4) ** 2) / 6)  # coarser than the photo: resized when drawn
-            images = {s: rng.uniform(size=(32, 32, 3)) for s in ("clinic", "derm")}
-            heatmaps = {s: heat for s in images}
+        images, heatmaps = _PICTURES[kind](rng)
         out.append(
             Explanation(
                 case_id=test.case_ids[i],

@@ -1,7 +1,6 @@
 """One front door: `cfcml tune` (options generated from StudySpec), the jobs/ shims over it, `cfcml dev`."""
 
 import argparse
-import dataclasses
 import runpy
 import shlex
 import sys
@@ -17,7 +16,8 @@ from cfcml.platform.study import options as study_options
 from cfcml.platform.study import run as study_run
 
 ROOT = Path(__file__).resolve().parents[2]
-FIELDS = dataclasses.fields(StudySpec)
+SPEC_FIELDS = study_options.study_fields()  # (part, field, type) of every leaf field
+FIELDS = [f for _, f, _ in SPEC_FIELDS]
 
 
 @pytest.fixture
@@ -58,7 +58,7 @@ def test_every_study_spec_field_has_an_option_with_help():
 
 def _non_default_argv(tmp_path) -> tuple[list[str], dict]:
     """An argv that sets every StudySpec field away from its default, and the values expected."""
-    hints = typing.get_type_hints(StudySpec)
+    hints = {f.name: tp for _, f, tp in SPEC_FIELDS}
     actions = _actions(study_options.build_parser())
     special = {
         "preset": "derm7pt-smoke",
@@ -89,7 +89,8 @@ def _non_default_argv(tmp_path) -> tuple[list[str], dict]:
 def test_generated_options_reach_every_field_of_the_spec(tmp_path):
     argv, expected = _non_default_argv(tmp_path)
     spec = study_options.study_spec(study_options.build_parser().parse_args(argv))
-    got = dataclasses.asdict(spec)
+    got = spec.flat()
+    assert StudySpec.of(**got) == spec
     defaults = {f.name: study_options.field_default(f) for f in FIELDS}
     assert got == expected
     assert all(got[name] != defaults[name] for name in got), "an option did not move its field off the default"
@@ -130,8 +131,8 @@ STUDY_TEST = shlex.split(
 
 
 def _spec(**changes) -> StudySpec:
-    base = {"storage": str(Path("~/ray_results/cfcml").expanduser()), "dataset": "men"}
-    return StudySpec(**(base | changes))
+    base = {"location": str(Path("~/ray_results/cfcml").expanduser()), "dataset": "men"}
+    return StudySpec.of(**(base | changes))
 
 
 @pytest.mark.parametrize(
@@ -146,7 +147,7 @@ def _spec(**changes) -> StudySpec:
                 name="men-smoke-1",
                 num_samples=3,
                 epochs=15,
-                storage="/s/ray_results",
+                location="/s/ray_results",
                 tracking_uri="http://127.0.0.1:5000",
                 git_commit="abc",
                 overrides=["data.cache_dir=/s/cache"],
@@ -162,7 +163,7 @@ def _spec(**changes) -> StudySpec:
                 num_samples=2,
                 epochs=2,
                 search_runs=2,
-                storage="/t/st",
+                location="/t/st",
                 tracking_uri="http://127.0.0.1:9",
                 ray_address="127.0.0.1:6379",
                 search_space="/t/space.yaml",
@@ -219,7 +220,7 @@ def test_jobs_take_their_defaults_from_the_environment(captured, monkeypatch, tm
     out = tmp_path / "summary.json"
     assert _run_job("tune_derm7pt.py", ["--data", str(tmp_path), "--json-out", str(out)], monkeypatch) == 0
     (spec,) = captured
-    assert (spec.tracking_uri, spec.git_commit, spec.dataset, spec.preset) == (
+    assert (spec.tracking.tracking_uri, spec.tracking.git_commit, spec.dataset, spec.preset) == (
         "http://127.0.0.1:5999",
         "feedbeef",
         "derm7pt",

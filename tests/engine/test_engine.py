@@ -146,7 +146,7 @@ def test_a_failed_parallel_run_is_named_and_finished_runs_are_kept(derm_cohort, 
 
 
 def test_selection_window_ignores_a_one_epoch_spike():
-    from cfcml.engine.run import selection_score
+    from cfcml.engine.selection import selection_score
 
     history = [{"val_auc": v} for v in (0.5, 0.9, 0.5, 0.8, 0.8, 0.8)]
     spiky = [selection_score(history[: i + 1], "auc", 1) for i in range(6)]
@@ -159,7 +159,7 @@ def test_selection_window_ignores_a_one_epoch_spike():
 
 
 def test_run_selects_on_the_windowed_validation_score(derm_cohort, cache_dir, tmp_path):
-    from cfcml.engine.run import select_epoch, selection_score
+    from cfcml.engine.selection import select_epoch, selection_score
 
     saved = train_one(
         _cfg(cache_dir, "train.select_window=2", "train.epochs=4", "train.select_min_epoch=2"),

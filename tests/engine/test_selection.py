@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cfcml.config import ConfigError, TrainConfig, build_config, first_candidate_epoch, parse_overrides
-from cfcml.engine.run import patience_exhausted, select_epoch, selection_score
+from cfcml.engine.selection import patience_exhausted, select_epoch, selection_score
 from cfcml.platform.search_control import check_first_rung, latest_first_candidate
 from cfcml.platform.search_space import Param
 

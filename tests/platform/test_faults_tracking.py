@@ -16,12 +16,11 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import ray_and_mlflow
+from conftest import ray_and_mlflow, study_command
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.services]
@@ -74,7 +73,7 @@ def test_metric_sender_holds_metrics_through_an_outage_and_counts_what_it_droppe
     below what piled up reports exactly the dropped values in ``cfcml.metrics_lost``."""
     from mlflow.tracking import MlflowClient
 
-    from cfcml.platform.tracking import TAG_METRICS_LOST, MetricSender
+    from cfcml.platform.delivery import TAG_METRICS_LOST, MetricSender
 
     for key, value in SHORT_RETRIES.items():
         monkeypatch.setenv(key, value)
@@ -119,7 +118,7 @@ def test_metric_sender_holds_metrics_through_an_outage_and_counts_what_it_droppe
 
 
 def test_call_with_retry_backs_off_to_a_bound_and_gives_up_at_the_deadline():
-    from cfcml.platform.tracking import call_with_retry
+    from cfcml.platform.delivery import call_with_retry
 
     now, sleeps, calls = [0.0], [], []
 
@@ -162,11 +161,11 @@ def test_study_with_an_unreachable_tracking_server_stops_in_seconds_and_starts_n
     from cfcml.platform.study import StudyError, StudySpec, run_study
 
     url = f"http://127.0.0.1:{free_port()}"
-    spec = StudySpec(
+    spec = StudySpec.of(
         preset="men-smoke",
         data=str(tmp_path / "no-data"),
         name="unreachable",
-        storage=str(tmp_path / "ray_results"),
+        location=str(tmp_path / "ray_results"),
         tracking_uri=url,
         optuna_storage=f"sqlite:///{tmp_path / 'optuna.db'}",
         ray_address="127.0.0.1:1",
@@ -209,8 +208,8 @@ def test_study_survives_the_tracking_server_being_killed_and_restarted(cohort, t
     import optuna
     from mlflow.tracking import MlflowClient
 
+    from cfcml.platform.delivery import TAG_METRICS_LOST
     from cfcml.platform.study import TAG_TRIAL
-    from cfcml.platform.tracking import TAG_METRICS_LOST
 
     epochs, study = 12, "outage"
     env = {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true", **SHORT_RETRIES}
@@ -223,38 +222,22 @@ def test_study_survives_the_tracking_server_being_killed_and_restarted(cohort, t
         current = server
         try:
             url, optuna_url = server.url, f"sqlite:///{tmp_path / 'optuna.db'}"
-            cmd = [
-                sys.executable,
-                str(ROOT / "jobs" / "tune_men.py"),
-                "--preset",
-                "men-smoke",
-                "--data",
-                str(cohort),
-                "--name",
-                study,
-                "--num-samples",
-                "2",
-                "--epochs",
-                str(epochs),
-                "--search-runs",
-                "1",
-                "--storage",
-                str(tmp_path / "ray_results"),
-                "--tracking-uri",
-                url,
-                "--ray-address",
-                ray.address,
-                "--search-space",
-                str(space),
-                "--optuna-storage",
-                optuna_url,
-                "--no-register",
-                "--system-metrics-interval",
-                "2",
-                "--set",
-                f"data.cache_dir={tmp_path / 'cache'}",
-                *[a for s in SMALL for a in ("--set", s)],
-            ]
+            cmd = study_command(
+                preset="men-smoke",
+                data=cohort,
+                name=study,
+                num_samples=2,
+                epochs=epochs,
+                search_runs=1,
+                storage=tmp_path / "ray_results",
+                tracking_uri=url,
+                ray_address=ray.address,
+                search_space=space,
+                optuna_storage=optuna_url,
+                no_register=True,
+                system_metrics_interval=2,
+                sets=[f"data.cache_dir={tmp_path / 'cache'}", *SMALL],
+            )
             run_env = {**os.environ, **ray.client_env, **env, "PYTHONUNBUFFERED": "1"}
             client = MlflowClient(url)
             with open(tmp_path / "study.log", "w") as log:

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ray_and_mlflow
+from conftest import ray_and_mlflow, study_command
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.services, pytest.mark.slow]
@@ -203,43 +203,24 @@ def test_study_end_to_end_with_fault_interrupt_resume_registry_and_predict(
     study, marker = "e2e", tmp_path / "fault-marker.json"
     optuna_url = f"sqlite:///{tmp_path / 'optuna.db'}"
     space = _space(tmp_path)
-    cmd = [
-        sys.executable,
-        str(ROOT / "jobs" / "tune_men.py"),
-        "--preset",
-        "men-smoke",
-        "--data",
-        str(cohort),
-        "--name",
-        study,
-        "--num-samples",
-        "2",
-        "--epochs",
-        "2",
-        "--search-runs",
-        "2",
-        "--storage",
-        stack["storage"],
-        "--tracking-uri",
-        url,
-        "--ray-address",
-        stack["ray"].address,
-        "--search-space",
-        str(space),
-        "--optuna-storage",
-        optuna_url,
-        "--git-commit",
-        "test-commit",
-        "--inject-fault",
-        f"2:{marker}:120",
-        "--set",
-        f"data.cache_dir={cache_dir}",
-        *[a for s in SMALL for a in ("--set", s)],
-        "--json-out",
-        str(tmp_path / "summary.json"),
-        "--system-metrics-interval",
-        "2",
-    ]
+    cmd = study_command(
+        preset="men-smoke",
+        data=cohort,
+        name=study,
+        num_samples=2,
+        epochs=2,
+        search_runs=2,
+        storage=stack["storage"],
+        tracking_uri=url,
+        ray_address=stack["ray"].address,
+        search_space=space,
+        optuna_storage=optuna_url,
+        git_commit="test-commit",
+        inject_fault=f"2:{marker}:120",
+        json_out=tmp_path / "summary.json",
+        system_metrics_interval=2,
+        sets=[f"data.cache_dir={cache_dir}", *SMALL],
+    )
     env = {**os.environ, **client_env, "PYTHONUNBUFFERED": "1"}
 
     # phase 1: start, wait until one trial has finished, then Ctrl+C
@@ -342,6 +323,21 @@ def test_study_end_to_end_with_fault_interrupt_resume_registry_and_predict(
         assert "val_auc" in child.data.metrics  # the objective, for the promotion gate
     table = Path(client.download_artifacts(parent.info.run_id, "best_trial/test_summary.md", str(tmp_path))).read_text()
     assert "| CFCML (ours) |" in table and "ACC_G2inv" in table and "± " in table  # the paper's layout
+    # the classical baselines on the best trial's runs, paired with it on the same test patients
+    from cfcml.engine.baselines import LABELS
+
+    for kind, label in LABELS.items():
+        assert f"| {label} |" in table and f"| CFCML vs {label} |" in table
+        assert 0 <= parent.data.metrics[f"baseline_{kind}_test_auc_mean"] <= 1
+    sentence = parent.data.tags["cfcml.images_add"]
+    assert "### Paired evidence on patients" in table and f"**Do the images add to the table?** {sentence}" in table
+    assert summary["paired"]["images_add"]["sentence"] == sentence and set(summary["baselines"]) == set(LABELS)
+    assert report["meta"]["images_add"] == sentence and set(report["meta"]["baselines"]) == set(LABELS.values())
+    saved = json.loads(
+        Path(client.download_artifacts(parent.info.run_id, "best_trial/test_summary.json", str(tmp_path))).read_text()
+    )
+    assert [p["b"] for p in saved["paired"]["pairs"]] == list(LABELS.values())
+    assert all(p["test"] == "paired bootstrap" for p in saved["paired"]["pairs"])  # 3 classes: no DeLong
 
     # the finished trial was not re-run: its epochs were logged once, before the interrupt
     history = client.get_metric_history(done_first.info.run_id, "cv_val_auc")
@@ -476,36 +472,23 @@ def test_a_cohort_described_only_by_a_schema_tunes_registers_and_predicts(stack,
     data = tmp_path / "glioma"
     assert cfcml_main(["synth", "--dataset", str(schema), "--out", str(data), "--patients", "48"]) == 0
     url = stack["mlflow"].url
-    cmd = [
-        sys.executable,
-        str(ROOT / "jobs" / "tune.py"),
-        "--dataset",
-        str(schema),
-        "--preset",
-        "men-smoke",
-        "--data",
-        str(data),
-        "--name",
-        "glioma",
-        "--num-samples",
-        "2",
-        "--epochs",
-        "1",
-        "--search-runs",
-        "1",
-        "--storage",
-        str(tmp_path / "ray_results"),
-        "--tracking-uri",
-        url,
-        "--ray-address",
-        stack["ray"].address,
-        "--set",
-        f"data.cache_dir={cache_dir}",
-        *[a for s in [*SMALL, "train.batch_size=6"] for a in ("--set", s)],
-        "--json-out",
-        str(tmp_path / "summary.json"),
-        "--no-system-metrics",
-    ]
+    cmd = study_command(
+        "tune.py",
+        dataset=schema,
+        preset="men-smoke",
+        data=data,
+        name="glioma",
+        num_samples=2,
+        epochs=1,
+        search_runs=1,
+        storage=tmp_path / "ray_results",
+        tracking_uri=url,
+        ray_address=stack["ray"].address,
+        json_out=tmp_path / "summary.json",
+        no_system_metrics=True,
+        holdout=0.25,
+        sets=[f"data.cache_dir={cache_dir}", *SMALL, "train.batch_size=6"],
+    )
     out = subprocess.run(
         cmd, check=False, capture_output=True, text=True, env={**os.environ, **client_env}, cwd=tmp_path, timeout=600
     )
@@ -515,6 +498,22 @@ def test_a_cohort_described_only_by_a_schema_tunes_registers_and_predicts(stack,
     assert set(summary["test"]) >= {"sen", "spe", "auprc", "auprc_label", "auc"}  # the binary metric set
     client = MlflowClient(url)
     assert client.get_experiment_by_name("cfcml-glioma-demo") is not None
+
+    # --holdout through Ray: 12 of 48 patients held back, recorded on the parent run, never in a
+    # trial, and the registered package measured on them as itself
+    from cfcml.engine.splits import ids_digest
+
+    mv = client.get_model_version_by_alias("cfcml-glioma-demo", "challenger")
+    parent_id = client.get_run(mv.run_id).data.tags["mlflow.parentRunId"]
+    parent = client.get_run(parent_id)
+    held = json.loads(Path(client.download_artifacts(parent_id, "holdout_ids.json", str(tmp_path))).read_text())
+    assert parent.data.params["holdout"] == "0.25" and len(held["ids"]) == 12
+    assert parent.data.tags["cfcml.holdout_ids_digest"] == held["ids_digest"] == ids_digest(held["ids"])
+    assert mv.tags["evaluation.kind"] == "holdout" and mv.tags["evaluation.n"] == "12" and "holdout_auc" in mv.tags
+    assert mv.tags["evaluation.ids_digest"] == held["ids_digest"]
+    evaluation = json.loads(Path(client.download_artifacts(parent_id, "evaluation.json", str(tmp_path))).read_text())
+    assert evaluation["kind"] == "holdout" and sorted(evaluation["ids"]) == sorted(held["ids"])
+    assert float(mv.tags["holdout_auc"]) == pytest.approx(evaluation["metrics"]["auc"], abs=1e-5)
     preds_path = tmp_path / "preds.csv"
     assert (
         cfcml_main(

@@ -105,15 +105,15 @@ def test_storage_uris_keep_their_query_last():
 
 
 def test_concurrency_follows_resources():
-    spec = StudySpec(preset="men-smoke", data=".", num_samples=10)
+    spec = StudySpec.of(preset="men-smoke", data=".", num_samples=10)
     assert plan_concurrency({"CPU": 2.0}, spec) == 2
-    spec.workers_per_trial = 2
+    spec.resources.workers_per_trial = 2
     assert plan_concurrency({"CPU": 8.0}, spec) == 4
-    spec.max_concurrent = 3
+    spec.resources.max_concurrent = 3
     assert plan_concurrency({"CPU": 8.0}, spec) == 3
-    spec.gpus_per_worker, spec.max_concurrent = 1.0, None
+    spec.resources.gpus_per_worker, spec.resources.max_concurrent = 1.0, None
     assert plan_concurrency({"CPU": 64.0, "GPU": 4.0}, spec) == 2
-    spec.workers_per_trial = 8
+    spec.resources.workers_per_trial = 8
     with pytest.raises(Exception, match="lower --workers-per-trial"):
         plan_concurrency({"CPU": 64.0, "GPU": 4.0}, spec)
 
@@ -194,5 +194,5 @@ def test_gpus_per_worker_defaults_to_the_hardware_the_cluster_has():
     with pytest.raises(SystemExit):
         parser.parse_args(["--gpus-per-worker", "-1"])
     assert (
-        plan_concurrency({"CPU": 2.0}, StudySpec(preset="men-smoke", data=".", num_samples=4)) == 2
+        plan_concurrency({"CPU": 2.0}, StudySpec.of(preset="men-smoke", data=".", num_samples=4)) == 2
     )  # auto on a CPU cluster

@@ -399,6 +399,39 @@ def test_unauthenticated_ray_on_a_network_address_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize(
+    ("node_ip", "auth_mode", "error", "match"),
+    [
+        ("127.0.0.1", "token", "ServiceError", r"a head on 127\.0\.0\.1 is single-node.*node_ip="),
+        (
+            "192.0.2.10",
+            "disabled",
+            "ServiceRefused",
+            r"without authentication \(RAY_AUTH_MODE=disabled\) on 192\.0\.2\.10",
+        ),
+    ],
+)
+def test_a_worker_node_is_refused_a_loopback_or_open_head(tmp_path, node_ip, auth_mode, error, match):
+    """Ray runs worker nodes only in multi-node mode, where a loopback head is unreachable; and a
+    worker node on a network address without authentication would run anyone's code."""
+    from cfcml.platform.services import ServiceRefused, start_ray_worker
+
+    head = Service(
+        name="ray",
+        pid=0,
+        url="http://127.0.0.1:1",
+        address=f"{node_ip}:6379",
+        port=1,
+        log_path=str(tmp_path / "ray.log"),
+        marker="none",
+        client_env={"RAY_AUTH_MODE": auth_mode},
+        extra={"node_ip": node_ip},
+    )
+    with pytest.raises({"ServiceError": ServiceError, "ServiceRefused": ServiceRefused}[error], match=match):
+        start_ray_worker(head, tmp_path / "worker", num_cpus=1)
+    assert load_service(tmp_path / "worker", "ray-worker") is None and not (tmp_path / "worker").exists()
+
+
+@pytest.mark.parametrize(
     ("script", "args", "env", "match"),
     [
         ("mlflow/start.sh", ["--host", "0.0.0.0"], {}, "refusing to serve MLflow on 0.0.0.0"),

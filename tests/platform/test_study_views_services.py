@@ -13,11 +13,10 @@ import json
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import ray_and_mlflow
+from conftest import ray_and_mlflow, study_command
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.services, pytest.mark.slow]
@@ -43,48 +42,30 @@ def test_study_views_pruned_trials_and_budget(services, tmp_path):
     smoke = re.sub(r"grace_period: \d+", "grace_period: 1", (ROOT / "search_spaces" / "smoke.yaml").read_text())
     space.write_text(smoke + "sampler: {n_startup_trials: 2}\n")  # a rung at epoch 1 of 2
     url, study, optuna_url = services["mlflow"].url, "views", f"sqlite:///{tmp_path / 'optuna.db'}"
-    cmd = [
-        sys.executable,
-        str(ROOT / "jobs" / "tune_men.py"),
-        "--preset",
-        "men-smoke",
-        "--data",
-        str(cohort),
-        "--name",
-        study,
-        "--num-samples",
-        "6",
-        "--epochs",
-        "2",
-        "--search-runs",
-        "1",
-        "--budget-epochs",
-        str(BUDGET),
-        "--storage",
-        str(tmp_path / "ray"),
-        "--tracking-uri",
-        url,
-        "--ray-address",
-        services["ray"].address,
-        "--search-space",
-        str(space),
-        "--optuna-storage",
-        optuna_url,
-        "--no-register",
-        "--no-system-metrics",
-        "--set",
-        f"data.cache_dir={tmp_path / 'cache'}",
-        "--set",
-        "data.image_size=[4,16,16]",
-        "--set",
-        "data.aug_prob=0.0",
-        "--set",
-        "train.select_min_epoch=0",
-        "--set",
-        "train.select_window=1",
-        "--json-out",
-        str(tmp_path / "summary.json"),
-    ]
+    cmd = study_command(
+        preset="men-smoke",
+        data=cohort,
+        name=study,
+        num_samples=6,
+        epochs=2,
+        search_runs=1,
+        budget_epochs=BUDGET,
+        storage=tmp_path / "ray",
+        tracking_uri=url,
+        ray_address=services["ray"].address,
+        search_space=space,
+        optuna_storage=optuna_url,
+        no_register=True,
+        no_system_metrics=True,
+        json_out=tmp_path / "summary.json",
+        sets=[
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "data.image_size=[4,16,16]",
+            "data.aug_prob=0.0",
+            "train.select_min_epoch=0",
+            "train.select_window=1",
+        ],
+    )
     env = {**os.environ, **services["env"], "PYTHONUNBUFFERED": "1"}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=840, check=False)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]

@@ -61,33 +61,8 @@ def _table_path(root: Path, problems: list[Problem]) -> Path | None:
 def read(spec: DatasetSpec, root: Path) -> LayoutRead:
     problems: list[Problem] = []
     folds = fold_dirs(root)
-    k = max(folds)
-    for f in range(1, k + 1):
-        if f not in folds:
-            problems.append(
-                Problem(f"{f}fold", None, "fold", f"fold folder {f}fold is missing (found {sorted(folds)})")
-            )
-
-    # where each patient sits: {id: [(fold, part, grade index, folder)]}
-    spots: dict[str, list] = {}
-    for f, fdir in sorted(folds.items()):
-        for part in ("train", "test"):
-            for g, gname in enumerate(GRADE_DIRS):
-                gdir = fdir / part / gname
-                for p in sorted(gdir.iterdir()) if gdir.is_dir() else []:
-                    if p.is_dir():
-                        spots.setdefault(_nfc(p.name), []).append((f, part, g, p))
-            others = [p.name for p in (fdir / part).iterdir()] if (fdir / part).is_dir() else []
-            for name in sorted(set(others) - set(GRADE_DIRS)):
-                problems.append(
-                    Problem(
-                        f"{fdir.name}/{part}/{name}",
-                        None,
-                        "grade",
-                        f"grade folder '{name}' is not one of {', '.join(GRADE_DIRS)}",
-                    )
-                )
-
+    _check_fold_numbers(folds, problems)
+    spots = _patient_folders(folds, problems)
     path = _table_path(root, problems)
     table = read_table(path, path.name, problems) if path is not None else None
     wanted = [spec.id_column, *spec.attribute_names]
@@ -107,51 +82,78 @@ def read(spec: DatasetSpec, root: Path) -> LayoutRead:
     for i, r in enumerate(table.rows):
         cells = resolve_cells(r, table.column, wanted)
         cid, where = cells[spec.id_column].strip(), table.where(i)
-        here = spots.get(_nfc(cid), [])  # NFC: macOS may store `MÉN0001` decomposed
         if not cid or id_problem(cid):
             rows.append(RowInput(where, cells, i))  # the common checks report the empty or refused id
             continue
-        if not here:
-            problems.append(Problem(where, cid, None, "patient has no image folder under any <k>fold/"))
+        here = spots.get(_nfc(cid), [])  # NFC: macOS may store `MÉN0001` decomposed
+        placed = _place(cid, where, here, root)
+        if isinstance(placed, Problem):
+            problems.append(placed)
             continue
-        tests = [s for s in here if s[1] == "test"]
-        grades = {s[2] for s in here}
-        if len(grades) > 1:
-            names = ", ".join(GRADE_DIRS[g] for g in sorted(grades))
+        fold, g, folder = placed
+        table_grade = r.get(grade_col, "").strip() if grade_col is not None else ""
+        table_label = spec.class_of(r[grade_col]) if table_grade else None
+        if table_label is not None and table_label != g:
+            message = f"table grade {spec.classes[table_label]} disagrees with folder {GRADE_DIRS[g]}"
+            problems.append(Problem(where, cid, spec.label_column, message))
+            continue
+        images = {s: folder / SERIES_FILES[s] for s in spec.series}
+        rows.append(RowInput(where, cells, i, images=images, fold=fold, label_text=GRADE_DIRS[g]))
+    return LayoutRead(rows, table.rel, problems, folds_preset=True, fold_where="<k>fold/test")
+
+
+def _check_fold_numbers(folds: dict[int, Path], problems: list[Problem]) -> None:
+    for f in range(1, max(folds) + 1):
+        if f not in folds:
             problems.append(
-                Problem(_rel(here[0][3], root), cid, "grade", f"patient sits in different Grade folders: {names}")
+                Problem(f"{f}fold", None, "fold", f"fold folder {f}fold is missing (found {sorted(folds)})")
             )
-            continue
-        if len(tests) != 1:
-            msg = (
-                "missing fold assignment: not in any <k>fold/test folder"
-                if not tests
-                else f"in the test folders of several folds ({', '.join(str(s[0]) for s in tests)})"
-            )
-            problems.append(Problem(_rel(here[0][3], root), cid, "fold", msg))
-            continue
-        fold, _, g, folder = tests[0]
-        if any(s[0] == fold and s[1] == "train" for s in here):
-            problems.append(
-                Problem(_rel(folder, root), cid, "fold", f"patient is in both {fold}fold/train and {fold}fold/test")
-            )
-            continue
-        label_text = GRADE_DIRS[g]
-        if grade_col is not None and r.get(grade_col, "").strip():
-            table_label = spec.class_of(r[grade_col])
-            if table_label is not None and table_label != g:
+
+
+def _patient_folders(folds: dict[int, Path], problems: list[Problem]) -> dict[str, list]:
+    """Where each patient sits: {id: [(fold, part, grade index, folder)]}; unknown grade
+    folders are problems."""
+    spots: dict[str, list] = {}
+    for f, fdir in sorted(folds.items()):
+        for part in ("train", "test"):
+            for g, gname in enumerate(GRADE_DIRS):
+                gdir = fdir / part / gname
+                for p in sorted(gdir.iterdir()) if gdir.is_dir() else []:
+                    if p.is_dir():
+                        spots.setdefault(_nfc(p.name), []).append((f, part, g, p))
+            others = [p.name for p in (fdir / part).iterdir()] if (fdir / part).is_dir() else []
+            for name in sorted(set(others) - set(GRADE_DIRS)):
                 problems.append(
                     Problem(
-                        where,
-                        cid,
-                        spec.label_column,
-                        f"table grade {spec.classes[table_label]} disagrees with folder {GRADE_DIRS[g]}",
+                        f"{fdir.name}/{part}/{name}",
+                        None,
+                        "grade",
+                        f"grade folder '{name}' is not one of {', '.join(GRADE_DIRS)}",
                     )
                 )
-                continue
-        images = {s: folder / SERIES_FILES[s] for s in spec.series}
-        rows.append(RowInput(where, cells, i, images=images, fold=fold, label_text=label_text))
-    return LayoutRead(rows, table.rel, problems, folds_preset=True, fold_where="<k>fold/test")
+    return spots
+
+
+def _place(cid: str, where: str, here: list, root: Path) -> tuple[int, int, Path] | Problem:
+    """(test fold, grade index, folder) of a patient from the folders it sits in, or the problem."""
+    if not here:
+        return Problem(where, cid, None, "patient has no image folder under any <k>fold/")
+    tests = [s for s in here if s[1] == "test"]
+    grades = {s[2] for s in here}
+    if len(grades) > 1:
+        names = ", ".join(GRADE_DIRS[g] for g in sorted(grades))
+        return Problem(_rel(here[0][3], root), cid, "grade", f"patient sits in different Grade folders: {names}")
+    if len(tests) != 1:
+        msg = (
+            "missing fold assignment: not in any <k>fold/test folder"
+            if not tests
+            else f"in the test folders of several folds ({', '.join(str(s[0]) for s in tests)})"
+        )
+        return Problem(_rel(here[0][3], root), cid, "fold", msg)
+    fold, _, g, folder = tests[0]
+    if any(s[0] == fold and s[1] == "train" for s in here):
+        return Problem(_rel(folder, root), cid, "fold", f"patient is in both {fold}fold/train and {fold}fold/test")
+    return fold, g, folder
 
 
 def _nfc(text: str) -> str:

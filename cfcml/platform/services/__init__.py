@@ -41,6 +41,7 @@ from .ray_head import (
     ray_auth_headers,
     ray_token_path,
     start_ray_head,
+    start_ray_worker,
 )
 from .s3 import MOTO_CLIENT_ENV, start_moto_s3
 from .service import Service, ServiceAlreadyRunning, load_service, state_path
@@ -82,6 +83,7 @@ __all__ = [
     "start_mlflow_server",
     "start_moto_s3",
     "start_ray_head",
+    "start_ray_worker",
     "state_path",
     "venv_bin",
 ]

@@ -37,7 +37,8 @@ class _TrialCloser:
     def _finish(self, trial_id: str, status: str, *, epochs: int, tags: dict, metrics: dict, now: int) -> None:
         from mlflow.entities import Metric, RunTag
 
-        from ..tracking import call_with_retry, terminate_run
+        from ..delivery import call_with_retry
+        from ..tracking import terminate_run
 
         def close() -> str | None:  # idempotent: MLflow stores a metric with the same timestamp once
             run_id = find_child_run(self.client, self.experiment_id, self.parent_run_id, trial_id)

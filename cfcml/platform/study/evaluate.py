@@ -1,14 +1,20 @@
 """Testing the best trial once: each of its runs from its checkpoint (:func:`evaluate_best`), in
-the driver or as a Ray task on the hardware the trials used (:func:`_evaluate_task`)."""
+the driver or as a Ray task on the hardware the trials used (:func:`_evaluate_task`). With
+tabular attributes, the classical baselines (`engine.baselines`) are fitted on exactly the
+same runs and the best trial is paired with each on the same test patients (`engine.evidence`)."""
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from pathlib import Path
 
 from ...config import Config
+from ...engine.protocol import BASELINES_DIR
 from ...engine.splits import without_cases
 from .storage import storage_filesystem
+
+log = logging.getLogger(__name__)
 
 
 def _evaluate_task(
@@ -38,14 +44,46 @@ def _evaluate_task(
         files = {
             f"{r['name']}/{n}": (Path(tmp) / r["name"] / n).read_bytes() for r in runs for n in (PREDICTIONS, METRICS)
         }
+        files |= {
+            path.relative_to(tmp).as_posix(): path.read_bytes()
+            for path in sorted((Path(tmp) / BASELINES_DIR).rglob("*"))
+            if path.is_file()
+        }
     return result, files
+
+
+def receive(result: dict, files: dict[str, bytes], ckpt_dir: Path) -> dict:
+    """In the driver: `_evaluate_task`'s files written under `ckpt_dir` (the runs' predictions and
+    metrics, the baselines' folders), and the baselines' folders in `result` pointed there."""
+    for rel, blob in files.items():
+        (ckpt_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+        (ckpt_dir / rel).write_bytes(blob)
+    for kind, b in result.get("baselines", {}).items():  # the task's folder was its own temporary one
+        b["folder"] = str(ckpt_dir / BASELINES_DIR / kind)
+    return result
+
+
+def baselines_and_evidence(cfg: Config, cohort, runs: list[dict], ckpt_dir: Path, summary: dict) -> dict:
+    """{"baselines": run_baselines' result (files in ckpt_dir/baselines/), "paired": the best trial
+    vs each baseline on the same test patients}; {} for a cohort without tabular attributes."""
+    if not cohort.spec.attributes:
+        return {}
+    from ...engine.baselines import run_baselines  # scikit-learn takes seconds to import
+    from ...engine.evidence import baseline_models, config_model, paired_evidence
+
+    baselines = run_baselines(cfg, cohort, runs, ckpt_dir / BASELINES_DIR, report=log.info)
+    this = config_model(cfg.to_dict(), [ckpt_dir / r["name"] for r in runs], summary)
+    return {"baselines": baselines, "paired": paired_evidence(this, baseline_models(baselines), cohort.spec)}
 
 
 def evaluate_best(cfg: Config, data: str, cohort, runs: list[dict], ckpt_dir: Path, device: str = "cpu") -> dict:
     """Test the best trial once: each run from its checkpoint, with the weights of its epoch
-    selected on validation; also its validation predictions (for plots)."""
+    selected on validation; also its validation predictions (for plots). With tabular attributes
+    also the classical baselines on the same runs ("baselines", rows of the markdown table) and
+    the paired evidence on patients ("paired", a section of the markdown)."""
     import numpy as np
 
+    from ...engine.evidence import evidence_markdown
     from ...engine.metrics import metric_names
     from ...engine.run import PREDICTIONS, TrainingRun
     from ...engine.summary import markdown_table, summarize_runs
@@ -71,12 +109,16 @@ def evaluate_best(cfg: Config, data: str, cohort, runs: list[dict], ckpt_dir: Pa
         )
     summary = summarize_runs([{k: v for k, v in r.items() if k != "numeric_stats"} for r in per_run])
     spec = cohort.spec
+    evidence = baselines_and_evidence(cfg, cohort, runs, ckpt_dir, summary)
     md = markdown_table(
         summary,
         spec,
         title=f"best trial: test results (%, mean ± std over {len(per_run)} {spec.run_unit}; "
         "epochs selected on validation, test evaluated once)",
+        extra_rows=[(b["label"], b) for b in evidence.get("baselines", {}).values()],
     )
+    if evidence:
+        md += "\n" + evidence_markdown(evidence["paired"], spec.run_unit)
     pooled = {k: (np.concatenate(v[0]), np.concatenate(v[1])) for k, v in preds.items()}
     return {
         "runs": per_run,
@@ -84,4 +126,5 @@ def evaluate_best(cfg: Config, data: str, cohort, runs: list[dict], ckpt_dir: Pa
         "markdown": md,
         "pooled": pooled,
         "metric_names": metric_names(spec.classes),
+        **evidence,
     }

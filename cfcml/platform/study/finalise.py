@@ -16,11 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...config import Config
+from ...engine.decision import Decision, pooled_decision, recorded_train_counts
 from ...models.pretrained import pretrained_provenance
 from ..redact import redact
 from ..train_loop import OBJECTIVE
 from .config import resolve_trial_config
-from .evaluate import _evaluate_task, evaluate_best
+from .evaluate import _evaluate_task, evaluate_best, receive
 from .measure import calibration_meta, describe_model, evaluation_metrics, measure_package, study_meta_for
 from .parent import Tracking
 from .plots import log_figure, plot_confusion, plot_curves, plot_roc
@@ -29,6 +30,8 @@ from .records import find_child_run
 from .spec import TAG_FINAL, StudyError
 
 log = logging.getLogger(__name__)
+
+TAG_IMAGES_ADD = "cfcml.images_add"  # the parent run's answer to "do the images add to the table?"
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,11 @@ class Measured:
     report: dict | None
 
 
+def baseline_record(baseline: dict) -> dict:
+    """A baseline's summary (`run_baselines`) without its local folder, for files and the study summary."""
+    return {k: v for k, v in baseline.items() if k != "folder"}
+
+
 class Finaliser:
     def __init__(self, plan: StudyPlan, tracking: Tracking):
         self.plan, self.spec, self.tracking = plan, plan.spec, tracking
@@ -72,14 +80,18 @@ class Finaliser:
         if parent_tags.get(TAG_FINAL) == "done":
             log.info("the best trial was already evaluated and registered; nothing left to do")
             return summary | json.loads(parent_tags.get("cfcml.final_summary", "{}"))
-        work = Path(self.spec.work_dir) if self.spec.work_dir else Path(tempfile.mkdtemp(prefix="cfcml-study-"))
+        work = (
+            Path(self.spec.storage.work_dir)
+            if self.spec.storage.work_dir
+            else Path(tempfile.mkdtemp(prefix="cfcml-study-"))
+        )
         try:
             summary = self.evaluate_and_register(best, summary, work)
             final = {k: summary[k] for k in ("model_name", "model_version", "model_uri", "evaluation") if k in summary}
             self.client.set_tag(self.parent_id, "cfcml.final_summary", json.dumps(final))
             self.client.set_tag(self.parent_id, TAG_FINAL, "done")
         finally:
-            if not self.spec.work_dir:
+            if not self.spec.storage.work_dir:
                 shutil.rmtree(work, ignore_errors=True)
         return summary
 
@@ -142,9 +154,12 @@ class Finaliser:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         ray.train.Checkpoint(best.checkpoint_path, filesystem=plan.fs).to_directory(str(ckpt_dir))
         test = self.evaluate(best, ckpt_dir)
-        self.log_test(best, test)
+        self.log_test(best, test, decision=self.decision(best, ckpt_dir))
         summary["test"] = {k: v for k, v in test["summary"]["metrics"].items()}
         summary["test_markdown"] = test["markdown"]
+        if test.get("baselines"):  # the report's card reads "paired" (report.from_runs.evidence_meta)
+            summary["baselines"] = {kind: baseline_record(b) for kind, b in test["baselines"].items()}
+            summary["paired"] = test["paired"]
         report = study_report(
             plan.cohort,
             plan.runs,
@@ -155,7 +170,7 @@ class Finaliser:
             summary=summary,
             commit=self.tracking.commit,
         )
-        if self.spec.register:
+        if self.spec.tracking.register:
             summary |= self.register(best, test, ckpt_dir, work, summary, report=report)
         return summary
 
@@ -166,13 +181,15 @@ class Finaliser:
         on CPUs, else as a Ray task holding a GPU; its predictions and metrics files come back
         into `ckpt_dir` either way."""
         plan, spec = self.plan, self.spec
-        if not spec.gpus_per_worker:
+        if not spec.resources.gpus_per_worker:
             return evaluate_best(best.cfg, spec.data, plan.cohort, plan.runs, ckpt_dir, device="cpu")
         import ray
 
         from ...datasets.spec import shipped
 
-        task = ray.remote(num_gpus=min(1.0, spec.gpus_per_worker), num_cpus=spec.cpus_per_worker)(_evaluate_task)
+        task = ray.remote(num_gpus=min(1.0, spec.resources.gpus_per_worker), num_cpus=spec.resources.cpus_per_worker)(
+            _evaluate_task
+        )
         result, files = ray.get(
             task.remote(
                 cfg_dict=best.cfg.to_dict(),
@@ -184,17 +201,24 @@ class Finaliser:
                 holdout=[c.case_id for c in plan.held],
             )
         )
-        for rel, blob in files.items():
-            (ckpt_dir / rel).write_bytes(blob)
-        return result
+        return receive(result, files, ckpt_dir)
 
-    def log_test(self, best: Best, test: dict) -> None:
-        """The test metrics (mean/std and per run), summary and plots on the parent and best runs."""
+    def decision(self, best: Best, ckpt_dir: Path) -> Decision:
+        """The study's hard-label rule with the training class counts of the best trial's runs together."""
+        counts = [recorded_train_counts(ckpt_dir / r["name"]) for r in self.plan.runs]
+        return pooled_decision(best.cfg.predict.decision, counts)
+
+    def log_test(self, best: Best, test: dict, decision: Decision | None = None) -> None:
+        """The test metrics (mean/std and per run), summary and plots (confusion matrices under
+        `decision`, None: balanced) on the parent and best runs; the baselines' test metrics
+        (`baseline_<kind>_test_<metric>_<mean|std>`) and the answer to "do the images add to the
+        table?" (tag `cfcml.images_add`) on the parent run."""
         from mlflow.entities import Metric
 
         from ...config import cohort_spec
 
         classes = cohort_spec(best.cfg).classes
+        self._log_baselines(test)
         for run_id in [self.parent_id] + ([best.run_id] if best.run_id else []):
             now = int(time.time() * 1000)
             metrics = []
@@ -209,16 +233,40 @@ class Finaliser:
                     if not math.isnan(v)
                 ]
             self.client.log_batch(run_id, metrics=metrics)
-            self._log_test_files(run_id, test, classes)
+            self._log_test_files(run_id, test, classes, decision)
 
-    def _log_test_files(self, run_id: str, test: dict, classes) -> None:
+    def _log_baselines(self, test: dict) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [
+            Metric(f"baseline_{kind}_test_{name}_{stat}", float(stats[stat]), now, 0)
+            for kind, b in (test.get("baselines") or {}).items()
+            for name, stats in b["metrics"].items()
+            for stat in ("mean", "std")
+            if not math.isnan(stats[stat])
+        ]
+        if metrics:
+            self.client.log_batch(self.parent_id, metrics=metrics)
+        images_add = (test.get("paired") or {}).get("images_add")
+        if images_add:
+            self.client.set_tag(self.parent_id, TAG_IMAGES_ADD, images_add["sentence"])
+
+    def _log_test_files(self, run_id: str, test: dict, classes, decision: Decision | None = None) -> None:
         client = self.client
         client.log_text(run_id, test["markdown"] + "\n", "best_trial/test_summary.md")
+        evidence = {}
+        if test.get("baselines"):
+            evidence = {
+                "baselines": {kind: baseline_record(b) for kind, b in test["baselines"].items()},
+                "paired": test["paired"],
+            }
         client.log_text(
             run_id,
             json.dumps(
                 {k: v for k, v in test["summary"].items() if k != "runs"}
-                | {"runs": [{k: v for k, v in r.items() if k != "numeric_stats"} for r in test["runs"]]},
+                | {"runs": [{k: v for k, v in r.items() if k != "numeric_stats"} for r in test["runs"]]}
+                | evidence,
                 indent=2,
                 default=float,
             ),
@@ -226,7 +274,7 @@ class Finaliser:
         )
         for split, (y, p) in test["pooled"].items():
             label = "test (pooled over folds)" if split == "test" else "validation at the selected epochs"
-            figure = plot_confusion(y, p, classes, f"confusion matrix, {label}")
+            figure = plot_confusion(y, p, classes, f"confusion matrix, {label}", decision)
             log_figure(client, run_id, figure, f"plots/confusion_{split}.png")
             log_figure(client, run_id, plot_roc(y, p, classes, f"ROC, {label}"), f"plots/roc_{split}.png")
 
@@ -259,7 +307,7 @@ class Finaliser:
         measured = Measured(evalset=evalset, record=record, report=own_report)
         write_evaluation(record, package)
         suffix = "" if best.cfg.model.method == "cfcml" else f"-{best.cfg.model.method}"  # never meets CFCML's gate
-        model_name = self.spec.model_name or f"cfcml-{plan.cohort.spec.name}{suffix}"
+        model_name = self.spec.tracking.model_name or f"cfcml-{plan.cohort.spec.name}{suffix}"
         info, protocol = self._log_model(best, package, model_name, summary, evalset)
         version = str(info.registered_model_version)
         self._publish(best, info, measured, model_name, protocol)
@@ -317,10 +365,12 @@ class Finaliser:
         from ..tracking import mlflow_run
 
         plan, digest = self.plan, self.tracking.digest
-        opened = mlflow_run(run_id=best.run_id, nested=True, tracking_uri=self.spec.tracking_uri)
+        opened = mlflow_run(run_id=best.run_id, nested=True, tracking_uri=self.spec.tracking.tracking_uri)
         with opened if best.run_id else nullcontext():
             mlflow.log_param("data.digest", digest)  # the promotion gate compares it between versions
-            protocol = protocol_record(best.cfg, plan.runs, self.spec.holdout)  # and the protocol (protocol_digest)
+            protocol = protocol_record(
+                best.cfg, plan.runs, self.spec.search.holdout
+            )  # and the protocol (protocol_digest)
             mlflow.log_params(protocol)
             info = log_model(
                 package,

@@ -1,6 +1,8 @@
 """`cfcml tune` and the `jobs/tune*.py` scripts: command-line options generated from `StudySpec`.
 
-Every field of :class:`cfcml.platform.study.StudySpec` becomes one option (``--<field-name>``;
+Every leaf field of :class:`cfcml.platform.study.StudySpec` (its own fields and those of its parts:
+search, resources, budget, storage, tracking; each part is a group in ``--help``) becomes one
+option (``--<field-name>``;
 a boolean that defaults to true becomes ``--no-<field-name>``), typed from the field's type and
 defaulting to the field's default. :data:`OPTIONS` only adds what a type cannot say: the help
 text (a field's ``metadata={"help": ...}`` wins), a flag whose name differs from the field, a
@@ -30,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from . import run as study_run
-from .spec import StudyError, StudyInterrupted, StudySpec
+from .spec import PARTS, StudyError, StudyInterrupted, StudySpec
 
 
 @dataclass(frozen=True)
@@ -103,12 +105,14 @@ OPTIONS: dict[str, Option] = {
         "cap on epochs summed over every fold/seed of every trial (stopped ones included); "
         "the search ends when no further trial fits"
     ),
-    "storage": Option(
+    "location": Option(
         "Ray storage: a local path or s3://bucket/path[?endpoint_override=host:port&scheme=http]",
+        flag="--storage",
+        metavar="PATH|URI",
         default=os.path.expanduser,
     ),
     "resume": Option("continue an interrupted study (finished trials are kept)"),
-    "seed": Option("TPE sampler seed"),
+    "seed": Option("seed of the TPE sampler and of --holdout"),
     "max_failures": Option("Ray Train worker-group restarts per trial"),
     "search_runs": Option("train only the first N folds (MEN) / seeds (Derm7pt) per trial (default: all)"),
     "tracking_uri": Option("MLflow server (default: $MLFLOW_TRACKING_URI)", default=_env("MLFLOW_TRACKING_URI")),
@@ -157,7 +161,7 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, tp: Any, given: Mapping[str, Any]) -> None:
+def _add_field(parser, f: dataclasses.Field, tp: Any, given: Mapping[str, Any]) -> None:
     opt = option_for(f)
     default = given[f.name] if f.name in given else field_default(f)
     if opt.default is not None and default is not dataclasses.MISSING:
@@ -187,14 +191,31 @@ def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, tp: Any, g
     parser.add_argument(opt.flag or _flag(f.name), metavar=opt.metavar, **kw)
 
 
+def study_fields() -> list[tuple[str | None, dataclasses.Field, Any]]:
+    """Every leaf field of StudySpec in order, as (part name or None, field, type)."""
+    out = []
+    hints = typing.get_type_hints(StudySpec)
+    for f in dataclasses.fields(StudySpec):
+        if f.name in PARTS:
+            part = PARTS[f.name]
+            part_hints = typing.get_type_hints(part)
+            out += [(f.name, g, part_hints[g.name]) for g in dataclasses.fields(part)]
+        else:
+            out.append((None, f, hints[f.name]))
+    return out
+
+
 def add_study_options(
     parser: argparse.ArgumentParser, defaults: Mapping[str, Any] | None = None, synth_size: int = 60
 ) -> None:
-    """One option per StudySpec field (``defaults``: a job's own defaults, e.g. its cohort), then
-    the command's own three."""
-    hints = typing.get_type_hints(StudySpec)
-    for f in dataclasses.fields(StudySpec):
-        _add_field(parser, f, hints[f.name], defaults or {})
+    """One option per StudySpec leaf field, each part of the spec an option group (``defaults``:
+    a job's own defaults, e.g. its cohort), then the command's own three."""
+    groups = {
+        name: parser.add_argument_group(name, (part.__doc__ or "").strip().splitlines()[0])
+        for name, part in PARTS.items()
+    }
+    for part, f, tp in study_fields():
+        _add_field(groups[part] if part else parser, f, tp, defaults or {})
     parser.add_argument("--synth-dir", type=Path, default=None, help="default ~/.cache/cfcml/synthetic/<cohort name>")
     parser.add_argument(
         "--synth-size",
@@ -232,8 +253,8 @@ def study_spec(args: argparse.Namespace) -> StudySpec:
         if not (data / schema.table_file).exists():
             print(f"no --data: writing a synthetic {schema.name} cohort ({args.synth_size}) to {data}", flush=True)
             write_synthetic(schema, data, args.synth_size, 0)
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(StudySpec)}
-    return StudySpec(**(values | {"dataset": cohort, "data": str(data)}))
+    values = {f.name: getattr(args, f.name) for _, f, _ in study_fields()}
+    return StudySpec.of(**(values | {"dataset": cohort, "data": str(data)}))
 
 
 def _report(summary: dict, json_out: Path | None) -> None:

@@ -39,10 +39,10 @@ def connect(plan: StudyPlan) -> Tracking:
     from ..tracking import end_running_children, sweep_stale_runs
 
     spec = plan.spec
-    tracking_uri = spec.tracking_uri or mlflow.get_tracking_uri()
+    tracking_uri = spec.tracking.tracking_uri or mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
-    experiment = spec.experiment or f"cfcml-{plan.cohort_spec.name}"
+    experiment = spec.tracking.experiment or f"cfcml-{plan.cohort_spec.name}"
     experiment_id = ensure_experiment(client, experiment)  # tagged as model training
     sweep_stale_runs(client, experiment_id, tags={TAG_STUDY: plan.name})  # runs whose driver died (SIGKILL, OOM)
     parent_id = find_parent_run(client, experiment_id, redact(plan.study_path)) if plan.restoring else None
@@ -53,7 +53,7 @@ def connect(plan: StudyPlan) -> Tracking:
         tracking_uri=tracking_uri,
         experiment_id=experiment_id,
         digest=plan.full.digest(),
-        commit=spec.git_commit or git_commit(),
+        commit=spec.tracking.git_commit or git_commit(),
         parent_id=parent_id,
     )
 
@@ -67,8 +67,8 @@ def parent_run(plan: StudyPlan, tracking: Tracking):
     from ..tracking import mlflow_run
 
     spec = plan.spec
-    if spec.system_metrics:
-        mlflow.system_metrics.set_system_metrics_sampling_interval(spec.system_metrics_interval)
+    if spec.tracking.system_metrics:
+        mlflow.system_metrics.set_system_metrics_sampling_interval(spec.tracking.system_metrics_interval)
     tags = {
         TAG_STUDY: plan.name,
         TAG_STUDY_PATH: redact(plan.study_path),
@@ -84,7 +84,7 @@ def parent_run(plan: StudyPlan, tracking: Tracking):
         run_id=tracking.parent_id,
         tracking_uri=tracking.tracking_uri,
         tags=tags,
-        log_system_metrics=spec.system_metrics,
+        log_system_metrics=spec.tracking.system_metrics,
     ) as parent:
         tracking = dataclasses.replace(tracking, parent_id=parent.info.run_id)
         log_cohort(tracking.client, tracking.parent_id, plan.full, plan.data)  # the study's dataset (once per digest)
@@ -100,22 +100,22 @@ def study_params(plan: StudyPlan) -> dict:
         "preset": spec.preset,
         "dataset": plan.cohort_spec.name,
         "data": redact(plan.data),
-        "num_samples": spec.num_samples,
+        "num_samples": spec.search.num_samples,
         "max_concurrent_trials": plan.concurrent,
-        "workers_per_trial": spec.workers_per_trial,
-        "cpus_per_worker": spec.cpus_per_worker,
-        "gpus_per_worker": spec.gpus_per_worker,
+        "workers_per_trial": spec.resources.workers_per_trial,
+        "cpus_per_worker": spec.resources.cpus_per_worker,
+        "gpus_per_worker": spec.resources.gpus_per_worker,
         "epochs": cfg.train.epochs,
         "search_runs": ",".join(r["name"] for r in plan.runs),
-        "seed": spec.seed,
+        "seed": spec.search.seed,
         "sampler": f"optuna.TPESampler({', '.join(f'{k}={v}' for k, v in space.sampler.items())})",
-        "budget_epochs": spec.budget_epochs or "none",
+        "budget_epochs": spec.budget.budget_epochs or "none",
         "scheduler": f"ASHA(time_attr=epoch, grace_period={space.asha['grace_period']}, "
         f"reduction_factor={space.asha['reduction_factor']})",
         "metric": space.metric,
         "mode": space.mode,
-        "max_failures": spec.max_failures,
-        "overrides": redact(" ".join(spec.overrides)) or "none",
+        "max_failures": spec.resources.max_failures,
+        "overrides": redact(" ".join(spec.search.overrides)) or "none",
         **{f"pretrained.{k}": v for k, v in pretrained_provenance(cfg).items()},
         **{f"space.{k}": v for k, v in space.describe().items()},
     }

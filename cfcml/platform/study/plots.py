@@ -1,7 +1,9 @@
-"""The study's figures: objective / loss curves, confusion matrix, ROC (matplotlib, Agg)."""
+"""The study's figures: objective / loss curves, confusion matrix (under the study's `predict.decision`),
+ROC (matplotlib, Agg)."""
 
 from __future__ import annotations
 
+from ...engine.decision import Decision
 from ..train_loop import OBJECTIVE
 
 
@@ -31,12 +33,24 @@ def plot_curves(series: dict[str, list[tuple[int, float]]], title: str, ylabel: 
     return fig
 
 
-def plot_confusion(y, p, classes, title: str):
-    import numpy as np
+def confusion_counts(y, p, num_classes: int, decision: Decision | None = None):
+    """[K, K] counts (rows true, columns predicted) of the hard labels `decision` gives the
+    probabilities `p` [N, K] (None: balanced, the argmax)."""
     from sklearn.metrics import confusion_matrix
 
+    predicted = (decision or Decision()).labels(p)
+    return confusion_matrix(y, predicted, labels=list(range(num_classes)))
+
+
+def plot_confusion(y, p, classes, title: str, decision: Decision | None = None):
+    """The confusion matrix of the hard labels under `decision` (None: balanced, the argmax);
+    the title names a prior rule and its training priors."""
     plt = _plt()
-    cm = confusion_matrix(y, np.asarray(p).argmax(1), labels=list(range(len(classes))))
+    decision = decision or Decision()
+    cm = confusion_counts(y, p, len(classes), decision)
+    if decision.rule == "prior":
+        priors = ", ".join(f"{c} {x:.2f}" for c, x in zip(classes, decision.priors))
+        title = f"{title}\ndecision: prior (training class mix {priors})"
     fig, ax = plt.subplots(figsize=(4.2, 3.8))
     ax.imshow(cm, cmap="Blues")
     for i in range(len(classes)):

@@ -52,9 +52,9 @@ def check_tracking_server(spec: StudySpec) -> None:
     from ..tracking_server import TrackingServerError
     from ..tracking_server import check_tracking_server as check
 
-    if spec.tracking_uri and spec.tracking_uri.split("://", 1)[0].lower() in ("http", "https"):
+    if spec.tracking.tracking_uri and spec.tracking.tracking_uri.split("://", 1)[0].lower() in ("http", "https"):
         try:
-            check(spec.tracking_uri)
+            check(spec.tracking.tracking_uri)
         except TrackingServerError as e:
             raise StudyError(str(e)) from None
 
@@ -62,11 +62,11 @@ def check_tracking_server(spec: StudySpec) -> None:
 def study_config(spec: StudySpec) -> tuple[Config, dict]:
     """(the study's config, its overrides as a nested dict); a relative cache folder made
     absolute, as trials run in other working directories."""
-    items = list(spec.overrides)
+    items = list(spec.search.overrides)
     if spec.dataset:
         items.insert(0, f"dataset={json.dumps(spec.dataset)}")
     overrides = parse_overrides(items)
-    cfg = resolve_trial_config(spec.preset, overrides, {}, spec.epochs)
+    cfg = resolve_trial_config(spec.preset, overrides, {}, spec.budget.epochs)
     if not Path(cfg.data.cache_dir).is_absolute():
         cfg.data.cache_dir = str(Path(cfg.data.cache_dir).resolve())
         overrides = merge(overrides, {"data": {"cache_dir": cfg.data.cache_dir}})
@@ -82,7 +82,7 @@ def _cohort(spec: StudySpec, cfg: Config, data: str):
     cohort_spec = load_spec(cfg.dataset)
     full = load_cohort(cohort_spec, data)
     try:  # `cohort` is what the study sees; `held`: patients nothing in it ever sees
-        cohort, held = hold_out(full, spec.holdout, spec.seed)
+        cohort, held = hold_out(full, spec.search.holdout, spec.search.seed)
     except ConfigError as e:
         raise StudyError(str(e)) from None
     return cohort_spec, full, cohort, held
@@ -93,13 +93,13 @@ def _restoring(spec: StudySpec, study_path: str) -> bool:
     from ray import tune
 
     exists = tune.Tuner.can_restore(study_path)
-    if exists and not spec.resume:
+    if exists and not spec.storage.resume:
         raise StudyError(
             f"a study already exists at {redact(study_path)}: pass --resume to continue it, or another --name"
         )
-    if spec.resume and not exists:
+    if spec.storage.resume and not exists:
         log.warning("nothing to resume at %s: starting the study", redact(study_path))
-    return spec.resume and exists
+    return spec.storage.resume and exists
 
 
 def _refuse_existing_optuna_study(name: str, url: str) -> None:
@@ -116,18 +116,18 @@ def prepare(spec: StudySpec) -> StudyPlan:
     from ...engine.protocol import protocol_runs
 
     cfg, overrides = study_config(spec)
-    space_file = Path(spec.search_space) if spec.search_space else default_search_space(cfg)
+    space_file = Path(spec.search.search_space) if spec.search.search_space else default_search_space(cfg)
     space = load_search_space(space_file, cfg)
     first = space.first_point(cfg)
     data = str(Path(spec.data).expanduser().resolve())
     cohort_spec, full, cohort, held = _cohort(spec, cfg, data)
-    runs = protocol_runs(cfg, cohort)[: spec.search_runs or None]
+    runs = protocol_runs(cfg, cohort)[: spec.search.search_runs or None]
     name = spec.name or cfg.name
-    storage = normalize_storage(spec.storage)
+    storage = normalize_storage(spec.storage.location)
     study_path = join_uri(storage, name)
     fs, _ = storage_filesystem(study_path)
     restoring = _restoring(spec, study_path)
-    url = optuna_url(spec.optuna_storage, storage, name)
+    url = optuna_url(spec.storage.optuna_storage, storage, name)
     if not restoring:
         _refuse_existing_optuna_study(name, url)
     return StudyPlan(
@@ -155,18 +155,21 @@ def prepare(spec: StudySpec) -> StudyPlan:
 
 def plan_concurrency(resources: dict, spec: StudySpec) -> int:
     """Trials that fit at once: trials x workers x (CPU, GPU) per worker within the cluster."""
-    w, gpus = max(1, spec.workers_per_trial), spec.gpus_per_worker or 0.0  # None (auto) is resolved before
-    limits = [spec.num_samples]
-    if spec.cpus_per_worker > 0:
-        limits.append(int(resources.get("CPU", 0) // (w * spec.cpus_per_worker)))
+    w, gpus = (
+        max(1, spec.resources.workers_per_trial),
+        spec.resources.gpus_per_worker or 0.0,
+    )  # None (auto) is resolved before
+    limits = [spec.search.num_samples]
+    if spec.resources.cpus_per_worker > 0:
+        limits.append(int(resources.get("CPU", 0) // (w * spec.resources.cpus_per_worker)))
     if gpus > 0:
         limits.append(int(resources.get("GPU", 0) // (w * gpus)))
-    if spec.max_concurrent:
-        limits.append(spec.max_concurrent)
+    if spec.resources.max_concurrent:
+        limits.append(spec.resources.max_concurrent)
     fit = min(limits)
     if fit < 1:
         raise StudyError(
-            f"one trial needs {w} worker(s) x {spec.cpus_per_worker:g} CPU / {gpus:g} GPU, the cluster "
+            f"one trial needs {w} worker(s) x {spec.resources.cpus_per_worker:g} CPU / {gpus:g} GPU, the cluster "
             f"has {resources.get('CPU', 0):g} CPU / {resources.get('GPU', 0):g} GPU: lower --workers-per-trial"
         )
     return fit
@@ -179,11 +182,17 @@ def start_ray(plan: StudyPlan) -> StudyPlan:
 
     spec = plan.spec
     if not ray.is_initialized():
-        ray.init(address=spec.ray_address, log_to_driver=True)
+        ray.init(address=spec.resources.ray_address, log_to_driver=True)
     resources = ray.cluster_resources()
-    if spec.gpus_per_worker is None:  # "auto": use the hardware the cluster has
-        spec = dataclasses.replace(spec, gpus_per_worker=1.0 if resources.get("GPU", 0) >= 1 else 0.0)
+    if spec.resources.gpus_per_worker is None:  # "auto": use the hardware the cluster has
+        gpus = 1.0 if resources.get("GPU", 0) >= 1 else 0.0
+        spec = dataclasses.replace(spec, resources=dataclasses.replace(spec.resources, gpus_per_worker=gpus))
     concurrent = plan_concurrency(resources, spec)
-    log.info("cluster %s: up to %d concurrent trial(s) of %d worker(s)", resources, concurrent, spec.workers_per_trial)
+    log.info(
+        "cluster %s: up to %d concurrent trial(s) of %d worker(s)",
+        resources,
+        concurrent,
+        spec.resources.workers_per_trial,
+    )
     warm_caches(plan.cfg, plan.full)
     return dataclasses.replace(plan, spec=spec, concurrent=concurrent)

@@ -41,7 +41,7 @@ def record_holdout(client, parent_id: str, spec, held: list) -> None:
                 f"{digest[:12]}): resume it with its own --holdout and --seed"
             )
         return
-    client.log_param(parent_id, "holdout", spec.holdout)
+    client.log_param(parent_id, "holdout", spec.search.holdout)
     client.set_tag(parent_id, TAG_HOLDOUT_DIGEST, digest)
-    record = {"fraction": spec.holdout, "seed": spec.seed, "ids": ids, "ids_digest": digest}
+    record = {"fraction": spec.search.holdout, "seed": spec.search.seed, "ids": ids, "ids_digest": digest}
     client.log_text(parent_id, json.dumps(record, indent=2), HOLDOUT_ARTIFACT)

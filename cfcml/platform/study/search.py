@@ -61,13 +61,13 @@ def trial_context(plan: StudyPlan, tracking: Tracking, rungs: Rungs) -> TrialCon
         tracking_uri=tracking.tracking_uri,
         experiment_id=tracking.experiment_id,
         parent_run_id=tracking.parent_id,
-        workers=spec.workers_per_trial,
-        cpus_per_worker=spec.cpus_per_worker,
-        gpus_per_worker=spec.gpus_per_worker,
-        max_failures=spec.max_failures,
+        workers=spec.resources.workers_per_trial,
+        cpus_per_worker=spec.resources.cpus_per_worker,
+        gpus_per_worker=spec.resources.gpus_per_worker,
+        max_failures=spec.resources.max_failures,
         train_storage=plan.train_storage,
-        system_metrics=spec.system_metrics,
-        system_metrics_interval=spec.system_metrics_interval,
+        system_metrics=spec.tracking.system_metrics,
+        system_metrics_interval=spec.tracking.system_metrics_interval,
         fault=spec.fault and {**spec.fault, "params": plan.first},  # the first trial (the preset's point)
         holdout=[c.case_id for c in plan.held] or None,
         decisions=rungs.decisions,
@@ -86,7 +86,7 @@ def _new_tuner(plan: StudyPlan, tracking: Tracking, trainable, rungs: Rungs, bud
         metric=space.metric,
         mode=space.mode,
         points_to_evaluate=[plan.first],
-        sampler=optuna.samplers.TPESampler(seed=spec.seed, **space.sampler),
+        sampler=optuna.samplers.TPESampler(seed=spec.search.seed, **space.sampler),
         study_name=plan.name,
         storage=optuna.storages.RDBStorage(plan.optuna_url),
         max_epochs=epochs,
@@ -104,7 +104,7 @@ def _new_tuner(plan: StudyPlan, tracking: Tracking, trainable, rungs: Rungs, bud
     callback = _study_callback_cls()(
         tracking.tracking_uri, tracking.experiment_id, tracking.parent_id, epochs, names, rungs.epochs
     )
-    progress = study_progress_callback(spec.num_samples, epochs, space.metric, spec.quiet)
+    progress = study_progress_callback(spec.search.num_samples, epochs, space.metric, spec.quiet)
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
@@ -112,7 +112,7 @@ def _new_tuner(plan: StudyPlan, tracking: Tracking, trainable, rungs: Rungs, bud
             mode=space.mode,
             search_alg=searcher,
             scheduler=scheduler,
-            num_samples=spec.num_samples,
+            num_samples=spec.search.num_samples,
             max_concurrent_trials=plan.concurrent,
         ),
         run_config=tune.RunConfig(
@@ -134,17 +134,20 @@ def make_tuner(plan: StudyPlan, tracking: Tracking):
     rungs = plan_rungs(plan)
     ctx = trial_context(plan, tracking, rungs).to_dict()
     # the trial driver only waits on its Train run: it takes no CPU (a token of memory, as Tune
-    # refuses an empty request), so CPUs/GPUs go to Train workers and concurrency is set before
-    trainable = tune.with_resources(tune.with_parameters(_trial, ctx=ctx), {"CPU": 0, "memory": 2**20})
+    # refuses an empty request), so CPUs/GPUs go to Train workers and concurrency is set before.
+    # It runs on the head node, and so does the Train controller it starts (Ray puts that on the
+    # driver's node): a worker node that dies takes a trial's workers, never the trial
+    head = {"node:__internal_head__": 0.001}
+    trainable = tune.with_resources(tune.with_parameters(_trial, ctx=ctx), {"CPU": 0, "memory": 2**20, **head})
     if plan.restoring:  # a restored study restores its budget with the searcher
         tuner = tune.Tuner.restore(
             plan.study_path, trainable=trainable, resume_unfinished=True, resume_errored=False, restart_errored=False
         )
         return tuner, None
     budget = None
-    if plan.spec.budget_epochs:
+    if plan.spec.budget.budget_epochs:
         epochs = plan.cfg.train.epochs
-        budget = sc.EpochBudget(plan.spec.budget_epochs, len(plan.runs), [*rungs.epochs, epochs])
+        budget = sc.EpochBudget(plan.spec.budget.budget_epochs, len(plan.runs), [*rungs.epochs, epochs])
     return _new_tuner(plan, tracking, trainable, rungs, budget), budget
 
 
@@ -178,8 +181,8 @@ def search(plan: StudyPlan, tracking: Tracking):
     finished, unfinished = trial_counts(plan.name, plan.optuna_url)
     # a budget ends the search before num_samples: then only trials left open mean an interrupt
     spec, name = plan.spec, plan.name
-    ended_by_budget = bool(spec.budget_epochs) and not unfinished and (budget is None or budget.exhausted)
-    if unfinished or (finished < spec.num_samples and not ended_by_budget):
+    ended_by_budget = bool(spec.budget.budget_epochs) and not unfinished and (budget is None or budget.exhausted)
+    if unfinished or (finished < spec.search.num_samples and not ended_by_budget):
         mlflow.set_tag("cfcml.status", "interrupted")
         raise StudyInterrupted(
             f"study {name} interrupted; continue it with --resume (same --name {name} and --storage)"

@@ -55,7 +55,8 @@ def _open_trial_run(client, context: TrialContext, trial_id: str, params: dict, 
     import yaml
     from mlflow.entities import Param
 
-    from ..tracking import call_with_retry, open_supervised_run
+    from ..delivery import call_with_retry
+    from ..tracking import open_supervised_run
 
     def open_run() -> str:  # retried whole while the server is away: a try finds the run an earlier one made
         existing = find_child_run(client, context.experiment_id, context.parent_run_id, trial_id)
