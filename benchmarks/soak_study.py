@@ -91,6 +91,15 @@ class Sampler(threading.Thread):
                 log.info("trial %d: %s", sample["trials"], sample)
 
 
+def _disconnect_ray() -> None:
+    """Leave the Ray cluster before its head is stopped (a connected driver is killed by its core
+    worker when the head's GCS has been gone for 60 s)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 def start_services(state: Path, cpus: int) -> list:
     from cfcml.platform.services import start_mlflow_server, start_ray_head
 
@@ -143,7 +152,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="soak-", dir="/tmp"))  # short: Ray's socket paths
     work.mkdir(parents=True, exist_ok=True)
-    services = []
+    services, sampler = [], None
     try:
         if args.tracking_uri and args.ray_address:
             os.environ["MLFLOW_TRACKING_URI"], os.environ["RAY_ADDRESS"] = args.tracking_uri, args.ray_address
@@ -166,7 +175,7 @@ def main(argv=None) -> int:
             "train.select_min_epoch=0",
             "train.select_window=1",
         ]
-        spec = StudySpec(
+        spec = StudySpec.of(
             preset="men-smoke",
             data=str(data),
             dataset="men",
@@ -175,7 +184,7 @@ def main(argv=None) -> int:
             search_space=str(write_space(work / "space.yaml")),
             num_samples=args.trials,
             epochs=args.epochs,
-            storage=str(work / "ray_results"),
+            location=str(work / "ray_results"),
             search_runs=1,
             tracking_uri=os.environ["MLFLOW_TRACKING_URI"],
             experiment="cfcml-soak",
@@ -222,7 +231,16 @@ def main(argv=None) -> int:
         )
         if args.json:
             args.json.write_text(json.dumps({"summary": summary, "samples": samples}, indent=1) + "\n")
+    except BaseException:
+        # logged now: once the Ray head below is stopped, this driver's Ray core worker ends the
+        # process within a minute, before Python could print the traceback
+        log.exception("soak failed")
+        if args.json and sampler is not None:  # what was measured before the failure is kept
+            failed = {"error": "see the log", "early": sampler.snapshot, "samples": list(sampler.samples)}
+            args.json.write_text(json.dumps(failed, indent=1) + "\n")
+        raise
     finally:
+        _disconnect_ray()
         for service in services:
             service.stop()
     return 0
