@@ -131,39 +131,8 @@ def _check(spec: DatasetSpec, root: Path, read: LayoutRead, opts: CheckOptions) 
         return None, problems
     parser = RowParser(spec)
     notes: list[str] = []
-    dropped: Counter = Counter()
 
-    # ids and labels first: rows of other classes (when the schema drops them) are not read further
-    kept: list[tuple[RowInput, str, int | None]] = []  # (row, id, label or None when invalid)
-    labels_by_index: dict[int, int | None] = {}  # every row not dropped, valid id or not (class coverage)
-    seen: dict[str, str] = {}
-    refused: dict[str, int | None] = {}  # ids refused as folder names -> label: not judged again (folders, folds)
-    for row in read.rows:
-        text = row.label_text if row.label_text is not None else row.cells.get(spec.label_column, "")
-        label = spec.class_of(text)
-        if label is None and spec.other_labels == "drop":
-            dropped[text.strip() or "(empty)"] += 1
-            continue
-        labels_by_index[row.index] = label
-        cid, bad = parser.case_id(row.cells, row.where)
-        if bad:
-            problems.append(bad)
-            refused[bad.case or ""] = label
-            continue
-        if _nfc(cid) in seen:  # NFC: `MÉN0001` typed composed and decomposed name one folder on macOS
-            problems.append(Problem(row.where, cid, spec.id_column, f"duplicate case id (first on {seen[_nfc(cid)]})"))
-            continue
-        seen[_nfc(cid)] = row.where
-        if label is None:
-            problems.append(label_problem(spec, text, row.where, cid))
-        kept.append((row, cid, label))
-    if dropped:
-        shown = ", ".join(f"{k} {n}" for k, n in dropped.most_common(8)) + (", ..." if len(dropped) > 8 else "")
-        notes.append(
-            f"{read.table_rel}: {sum(dropped.values())} row(s) dropped: {spec.label_column} is none of "
-            f"{', '.join(spec.classes)} ({shown})"
-        )
-
+    kept, labels_by_index, refused = _ids_and_labels(spec, parser, read, problems, notes)
     split_of, split_names = _assign_splits(
         spec=spec,
         root=root,
@@ -215,6 +184,44 @@ def _check(spec: DatasetSpec, root: Path, read: LayoutRead, opts: CheckOptions) 
         notes.append(f"ROI mask found for {masks} of {len(todo)} patient(s); the others are used whole")
     cohort = Cohort(spec, root, split_names, cases, notes)
     return cohort, problems
+
+
+def _ids_and_labels(spec, parser, read: LayoutRead, problems: list[Problem], notes: list[str]):
+    """Ids and labels first: rows of other classes (when the schema drops them) are not read
+    further. -> (kept [(row, id, label or None when invalid)], {row index: label} of every row not
+    dropped, valid id or not (class coverage), {refused id: label}: ids refused as folder names,
+    not judged again (folders, folds))."""
+    kept: list[tuple[RowInput, str, int | None]] = []
+    labels_by_index: dict[int, int | None] = {}
+    seen: dict[str, str] = {}
+    refused: dict[str, int | None] = {}
+    dropped: Counter = Counter()
+    for row in read.rows:
+        text = row.label_text if row.label_text is not None else row.cells.get(spec.label_column, "")
+        label = spec.class_of(text)
+        if label is None and spec.other_labels == "drop":
+            dropped[text.strip() or "(empty)"] += 1
+            continue
+        labels_by_index[row.index] = label
+        cid, bad = parser.case_id(row.cells, row.where)
+        if bad:
+            problems.append(bad)
+            refused[bad.case or ""] = label
+            continue
+        if _nfc(cid) in seen:  # NFC: `MÉN0001` typed composed and decomposed name one folder on macOS
+            problems.append(Problem(row.where, cid, spec.id_column, f"duplicate case id (first on {seen[_nfc(cid)]})"))
+            continue
+        seen[_nfc(cid)] = row.where
+        if label is None:
+            problems.append(label_problem(spec, text, row.where, cid))
+        kept.append((row, cid, label))
+    if dropped:
+        shown = ", ".join(f"{k} {n}" for k, n in dropped.most_common(8)) + (", ..." if len(dropped) > 8 else "")
+        notes.append(
+            f"{read.table_rel}: {sum(dropped.values())} row(s) dropped: {spec.label_column} is none of "
+            f"{', '.join(spec.classes)} ({shown})"
+        )
+    return kept, labels_by_index, refused
 
 
 def _locate_images(spec, parser, row: RowInput, cid, root, finder, problems):

@@ -40,10 +40,18 @@ TAG_REPORT_ERROR = "cfcml.report_error"
 
 
 def ensure_experiment(client, name: str) -> str:
-    """The experiment's id (created if missing), tagged as model training."""
+    """The experiment's id (created if missing), tagged as model training. Two studies starting
+    at once may both find it missing: the one whose create loses reads the winner's."""
+    from mlflow.exceptions import MlflowException
+
     exp = client.get_experiment_by_name(name)
     if exp is None:
-        return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
+        try:
+            return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
+        except MlflowException:
+            exp = client.get_experiment_by_name(name)  # created concurrently by another study
+            if exp is None:
+                raise
     if exp.tags.get(EXPERIMENT_KIND_TAG) != MODEL_TRAINING:
         client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
     return exp.experiment_id

@@ -219,6 +219,56 @@ def _checkpoint_dir(runs, state: dict, into: Path) -> Path:
     return into
 
 
+def _training_runs(cfg, config: dict, work: Path, cohort, resume: bool) -> list:
+    """One TrainingRun per fold/seed of the trial, in this worker's scratch folder."""
+    from ..engine.run import TrainingRun
+
+    return [
+        TrainingRun(
+            cfg, config["data"], work / r["name"], fold=r.get("fold"), seed=r.get("seed"), resume=resume, cohort=cohort
+        )
+        for r in config["runs"]
+    ]
+
+
+def _train_round(runs: list, fault: dict | None, rank: int, state: dict) -> dict:
+    """One epoch of every run not done yet (patience stops runs one by one): -> the trial's metrics."""
+    records, trained = [], [r for r in runs if not r.done]
+    for i, run in enumerate(trained):
+        records.append(run.train_epoch())
+        if i == 0:
+            _maybe_inject_fault(fault, rank, run.epoch)
+    metrics = cv_metrics(runs, records, trained)
+    metrics["restarts"] = state["restarts"]
+    metrics["resumed_from_epoch"] = state["resumed_from_epoch"] or 0
+    return metrics
+
+
+def _report(runs: list, metrics: dict, state: dict, rank: int) -> None:
+    """The epoch's metrics to Ray Train; rank 0 adds the checkpoint of every run."""
+    import ray.train
+
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="cfcml-ckpt-"))
+    try:
+        _checkpoint_dir(runs, state, tmp)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _told_to_stop(config: dict, epoch: int) -> bool:
+    """At one of ASHA's rungs (or the budget's), wait for the study's decision: True on STOP."""
+    from .search_control import await_decision
+
+    decisions = config.get("decisions") or {}
+    if epoch not in decisions.get("epochs", ()):
+        return False
+    return await_decision(decisions["board"], config.get("trial_id"), epoch) == "STOP"
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point. `config` (built by cfcml.platform.study):
 
@@ -238,9 +288,7 @@ def train_loop_per_worker(config: dict) -> None:
     from cfcml.datasets.spec import remember
 
     from ..config import config_from_dict
-    from ..engine.run import TrainingRun
     from ..engine.splits import without_cases
-    from .search_control import await_decision
 
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
@@ -255,18 +303,7 @@ def train_loop_per_worker(config: dict) -> None:
         state = _restore(checkpoint, work)
     try:
         cohort = without_cases(load_cohort(spec, config["data"]), config.get("holdout"))  # the study's held-back ids
-        runs = [
-            TrainingRun(
-                cfg,
-                config["data"],
-                work / r["name"],
-                fold=r.get("fold"),
-                seed=r.get("seed"),
-                resume=checkpoint is not None,
-                cohort=cohort,
-            )
-            for r in config["runs"]
-        ]
+        runs = _training_runs(cfg, config, work, cohort, resume=checkpoint is not None)
         if checkpoint is not None:
             state["resumed_from_epoch"] = runs[0].epoch + 1  # 1-based: the epoch it continues with
             log.info(
@@ -280,31 +317,14 @@ def train_loop_per_worker(config: dict) -> None:
         tracker.tag(TAG_TRAIN_NODES, ",".join(train_nodes()))
         try:
             while not all(r.done for r in runs):
-                records, trained = [], [r for r in runs if not r.done]  # patience stops runs one by one
-                for i, run in enumerate(trained):
-                    records.append(run.train_epoch())
-                    if i == 0:
-                        _maybe_inject_fault(config.get("fault"), rank, run.epoch)
-                metrics = cv_metrics(runs, records, trained)
-                metrics["restarts"] = state["restarts"]
-                metrics["resumed_from_epoch"] = state["resumed_from_epoch"] or 0
+                metrics = _train_round(runs, config.get("fault"), rank, state)
                 tracker.log(metrics, metrics["epoch"])
                 if all(r.done for r in runs):
                     # Tune ends a trial at its last report and its workers with it: deliver (or
                     # count as lost) the queued metrics first, while this process still lives
                     tracker.close()
-                if rank == 0:
-                    tmp = Path(tempfile.mkdtemp(prefix="cfcml-ckpt-"))
-                    try:
-                        _checkpoint_dir(runs, state, tmp)
-                        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)))
-                    finally:
-                        shutil.rmtree(tmp, ignore_errors=True)
-                else:
-                    ray.train.report(metrics, checkpoint=None)
-                decisions = config.get("decisions") or {}
-                at_rung = metrics["epoch"] in decisions.get("epochs", ())  # wait for ASHA / the budget there
-                if at_rung and await_decision(decisions["board"], config.get("trial_id"), metrics["epoch"]) == "STOP":
+                _report(runs, metrics, state, rank)
+                if _told_to_stop(config, metrics["epoch"]):
                     log.info("rank %d: trial stopped at epoch %d", rank, metrics["epoch"])
                     break
         finally:
