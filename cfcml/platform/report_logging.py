@@ -116,13 +116,23 @@ def log_cohort(client, run_id: str, cohort, data_root: str):
     dataset name and digest). Returns the dataset."""
     from mlflow.entities import DatasetInput, InputTag
 
+    from .delivery import call_with_retry
+
     dataset = cohort_dataset(cohort, data_root)
     tags = [InputTag("mlflow.data.context", DATASET_CONTEXT)]
     tags += [
         InputTag(f"counts.{split}", ", ".join(f"{c} {n}" for c, n in per_class.items()))
         for split, per_class in cohort.counts().items()
     ]
-    client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=tags)])
+    # two studies logging the same cohort at once race on the server's insert of the dataset
+    # (UNIQUE constraint on experiment, name, digest); a retry finds the winner's row and links it
+    call_with_retry(
+        lambda: client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=tags)]),
+        f"log the cohort {cohort.spec.name} as an input of run {run_id}",
+        deadline_s=15.0,
+        first_delay_s=0.5,
+        max_delay_s=4.0,
+    )
     return dataset
 
 
