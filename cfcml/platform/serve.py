@@ -143,9 +143,17 @@ class Scorer:
         }
 
 
+DRAIN_LIMIT = 8  # an oversized body up to this many times the limit is read to the end before the 400
+
+
 async def _read_body(request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
+        if int(declared) <= DRAIN_LIMIT * limit:
+            # read (and drop) what the client is still sending: answering before it has finished
+            # makes its send fail with a broken pipe instead of showing it the 400
+            async for _ in request.stream():
+                pass
         raise bad(f"the request body is {int(declared)} bytes; at most {limit} are accepted (--max-request-mb)")
     body = bytearray()
     async for chunk in request.stream():
