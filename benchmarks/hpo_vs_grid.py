@@ -528,19 +528,13 @@ def warm_sentence_cache(data: Path, overrides: list[str]) -> None:
     warm_caches(cfg, load_cohort(cfg.dataset, data))
 
 
-def start_services(state: Path, cpus: int):
+def start_services(state: Path, cpus: int) -> list:
     """A local MLflow server and Ray head (as `make run` starts them); their client environment
     is exported so that run_study and MlflowClient find them."""
-    from cfcml.platform.services import start_mlflow_server, start_ray_head
+    from cfcml.platform.services import stack_client_env, start_tracking_and_ray
 
-    env = {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1"}
-    mlflow = start_mlflow_server(state / "mlflow", env=env)
-    try:
-        ray = start_ray_head(state / "ray", num_cpus=cpus, auth_mode="token", env=env)
-    except BaseException:
-        mlflow.stop()
-        raise
-    os.environ.update({**mlflow.client_env, **ray.client_env, "RAY_ADDRESS": ray.address})
+    mlflow, ray = start_tracking_and_ray(state, cpus, {"HF_HUB_OFFLINE": "1"})
+    os.environ.update(stack_client_env(mlflow, ray))
     return [ray, mlflow]
 
 

@@ -85,21 +85,29 @@ def moto_s3():
     service.stop()
 
 
+def s3_client(s3):
+    """A boto3 S3 client for a moto service, with the service's own credentials."""
+    import boto3
+
+    env = s3.client_env
+    return boto3.client(
+        "s3",
+        endpoint_url=s3.url,
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        region_name=env["AWS_DEFAULT_REGION"],
+    )
+
+
 @contextmanager
 def ray_and_mlflow(prefix: str, env: dict[str, str], artifacts_destination: str | None = None):
     """A Ray head (2 CPUs, token auth) and an MLflow server as `make run` starts them, in a
     fresh state dir under /tmp (short: Ray's socket paths); yields (state, mlflow, ray) and
     stops both by process id."""
-    from cfcml.platform.services import start_mlflow_server, start_ray_head
+    from cfcml.platform.services import start_tracking_and_ray
 
     state = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
-    env = {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true", **env}
-    mlflow = start_mlflow_server(state / "mlflow", artifacts_destination=artifacts_destination, env=env)
-    try:
-        ray = start_ray_head(state / "ray", num_cpus=2, auth_mode="token", env=env)
-    except BaseException:
-        mlflow.stop()
-        raise
+    mlflow, ray = start_tracking_and_ray(state, 2, env, artifacts_destination)
     try:
         yield state, mlflow, ray
     finally:

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ray_and_mlflow, study_command
+from conftest import ray_and_mlflow, s3_client, study_command
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.services, pytest.mark.slow]
@@ -41,15 +41,7 @@ SMALL = [
 def stack(moto_s3):
     """Ray head (2 CPUs, token auth) + MLflow server with proxied S3 artifacts, both started
     with the S3 credentials so that Train workers and the server can reach the bucket."""
-    import boto3
-
-    boto3.client(
-        "s3",
-        endpoint_url=moto_s3.url,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    ).create_bucket(Bucket=BUCKET)
+    s3_client(moto_s3).create_bucket(Bucket=BUCKET)
     env = {**moto_s3.client_env, "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true"}
     with ray_and_mlflow("cfp-", env, artifacts_destination=f"s3://{BUCKET}/mlflow") as (state, mlflow, ray):
         port = moto_s3.url.rsplit(":", 1)[1]

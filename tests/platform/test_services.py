@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from conftest import s3_client
 
 from cfcml.platform.services import (
     Service,
@@ -120,34 +121,23 @@ def test_session_mlflow_server_is_local_and_healthy(mlflow_server):
 
 
 def test_moto_start_stop(moto_s3):
-    import boto3
-
     # a private instance, so the session one stays up
     from cfcml.platform.services import start_moto_s3
 
     with start_moto_s3() as s3:
         assert s3.url.startswith("http://127.0.0.1:")
         assert listening_addresses(s3.port) == {"127.0.0.1"}
-        client = boto3.client("s3", endpoint_url=s3.url, **_aws(s3.client_env))
+        client = s3_client(s3)
         client.create_bucket(Bucket="probe")
         assert [b["Name"] for b in client.list_buckets()["Buckets"]] == ["probe"]
     assert_gone(s3)
 
 
-def _aws(env: dict[str, str]) -> dict[str, str]:
-    return {
-        "aws_access_key_id": env["AWS_ACCESS_KEY_ID"],
-        "aws_secret_access_key": env["AWS_SECRET_ACCESS_KEY"],
-        "region_name": env["AWS_DEFAULT_REGION"],
-    }
-
-
 def test_mlflow_scripts_with_proxied_s3_artifacts(moto_s3, tmp_path):
     """mlflow/start.sh + S3 artifacts via the server (client has no S3 settings) + stop.sh."""
-    import boto3
     from mlflow import MlflowClient
 
-    s3 = boto3.client("s3", endpoint_url=moto_s3.url, **_aws(moto_s3.client_env))
+    s3 = s3_client(moto_s3)
     bucket = f"mlflow-{uuid.uuid4().hex[:8]}"
     s3.create_bucket(Bucket=bucket)
     state = tmp_path / "state"

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import s3_client
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.services, pytest.mark.slow]
@@ -91,17 +92,9 @@ def cluster(moto_s3, tmp_path_factory):
     import shutil
     import tempfile
 
-    import boto3
-
     from cfcml.platform.services import start_mlflow_server, start_ray_head
 
-    boto3.client(
-        "s3",
-        endpoint_url=moto_s3.url,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    ).create_bucket(Bucket=BUCKET)
+    s3_client(moto_s3).create_bucket(Bucket=BUCKET)
     env = {**moto_s3.client_env, "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true"}
     state = Path(tempfile.mkdtemp(prefix="c2n-", dir="/tmp"))  # short: Ray's socket paths
     services, info = [], {}

@@ -45,6 +45,7 @@ from .ray_head import (
 )
 from .s3 import MOTO_CLIENT_ENV, start_moto_s3
 from .service import Service, ServiceAlreadyRunning, load_service, state_path
+from .stack import QUIET_ENV, stack_client_env, start_tracking_and_ray
 
 __all__ = [
     "DEFAULT_STATE_DIR",
@@ -55,6 +56,7 @@ __all__ = [
     "MLFLOW_ADMIN_USER",
     "MLFLOW_DEFAULT_PORT",
     "MOTO_CLIENT_ENV",
+    "QUIET_ENV",
     "RAY_AUTH_MODES",
     "RAY_DEFAULT_DASHBOARD_PORT",
     "RAY_DEFAULT_PORT",
@@ -80,10 +82,12 @@ __all__ = [
     "ray_token_path",
     "repo_root",
     "run_dev",
+    "stack_client_env",
     "start_mlflow_server",
     "start_moto_s3",
     "start_ray_head",
     "start_ray_worker",
+    "start_tracking_and_ray",
     "state_path",
     "venv_bin",
 ]

@@ -150,6 +150,15 @@ def _command(*, port: int, dashboard_port: int, node_ip: str, num_cpus: int, tem
     return cmd + _node_options(num_cpus, temp_dir, **optional)
 
 
+def _node_state(state_dir: str | os.PathLike, name: str, num_cpus: int | None) -> tuple[Path, Path, int]:
+    """A node's state folder (made; refused while a node of this name runs there), its Ray temp dir
+    and its CPU count (all of this machine's when not given)."""
+    state = Path(state_dir).resolve()
+    state.mkdir(parents=True, exist_ok=True)
+    check_not_running(state, name)
+    return state, _temp_dir(state), int(num_cpus) if num_cpus else (os.cpu_count() or 1)
+
+
 def start_ray_head(
     state_dir: str | os.PathLike,
     num_cpus: int | None = None,
@@ -181,11 +190,7 @@ def start_ray_head(
     Waits for the "Ray runtime started" line and the dashboard's ``/api/version``.
     """
     _refuse_unsafe(auth_mode, node_ip)
-    state = Path(state_dir).resolve()
-    state.mkdir(parents=True, exist_ok=True)
-    check_not_running(state, name)
-    temp_dir = _temp_dir(state)
-    num_cpus = int(num_cpus) if num_cpus else (os.cpu_count() or 1)
+    state, temp_dir, num_cpus = _node_state(state_dir, name, num_cpus)
     port = int(port) if port else free_port(LOCALHOST)
     dashboard_port = int(dashboard_port) if dashboard_port else free_port(LOCALHOST)
     require_free(port, LOCALHOST, "ray head (GCS)")
@@ -264,11 +269,7 @@ def start_ray_worker(
     node_ip = node_ip or head_ip
     auth_mode = head.client_env.get("RAY_AUTH_MODE", "token")
     _refuse_unsafe(auth_mode, node_ip)
-    state = Path(state_dir).resolve()
-    state.mkdir(parents=True, exist_ok=True)
-    check_not_running(state, name)
-    temp_dir = _temp_dir(state)
-    num_cpus = int(num_cpus) if num_cpus else (os.cpu_count() or 1)
+    state, temp_dir, num_cpus = _node_state(state_dir, name, num_cpus)
     full_env = base_env(env)
     for key in _CLIENT_ONLY_ENV:
         full_env.pop(key, None)
