@@ -44,9 +44,8 @@ def saved_model(preset: str, work: Path) -> tuple[Path, Path]:
     from cfcml.datasets import write_synthetic
     from cfcml.datasets.reader import load_cohort
     from cfcml.datasets.spec import load_spec
-    from cfcml.datasets.tabular import num_features
     from cfcml.engine.checkpoint import atomic_save
-    from cfcml.models.cfcml import build_model
+    from cfcml.engine.run_model import run_architecture
     from cfcml.platform.pyfunc import PACKAGE_ARTIFACT, build_package, model_signature
 
     cfg = build_config(
@@ -59,8 +58,7 @@ def saved_model(preset: str, work: Path) -> tuple[Path, Path]:
     )
     cohort = load_cohort(spec, root)
     torch.manual_seed(0)
-    n_tab = num_features(spec) if cfg.model.tabular_embedding == "mlp" else None
-    model = build_model(cfg, spec.shape(), num_tabular_features=n_tab)
+    model = run_architecture(cfg, spec)
     atomic_save({"model": model.state_dict()}, work / "best.pt")
     package = build_package(cfg, [{"name": "run1", "weights": work / "best.pt"}], cohort, work / "package")
     folder = work / "model"

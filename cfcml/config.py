@@ -19,6 +19,7 @@ import yaml
 
 from .datasets.spec import DatasetSpec, SpecError, load_spec
 from .models import methods as _methods  # noqa: F401  (importing the package registers the built-in methods)
+from .models.encoders import encoder_choices, image_encoder
 from .models.registry import foreign_method_args, method_args_type, method_choices, method_config_problems
 from .util.errors import ConfigError
 from .util.metric_names import metric_names
@@ -41,7 +42,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     method: str = "cfcml"  # a registered method: cfcml | etmc | ccml | dmd | mvcnet | glomo | mrim | mrim_plus | ...
-    image_encoder: str = "nnmamba3d"  # nnmamba3d | swin_t
+    image_encoder: str = "nnmamba3d"  # a registered image encoder (cfcml.models.encoders): nnmamba3d | swin_t
     image_channels: int = 16  # nnMamba base width C
     mamba_d_state: int = 16  # nnMamba's SSM state size N
     scan_impl: str = "auto"  # auto (mamba-ssm kernels on CUDA if installed, else chunked) | chunked | logdepth
@@ -52,7 +53,7 @@ class ModelConfig:
     swin_detach_early_stages: bool = False  # the authors' behaviour: only stage 4 trains Swin
     text_encoder: str = "clip"  # clip (open_clip ViT-B-32 text tower)
     text_pretrained: str = "openai"  # an open_clip tag | TAG:/path/to/file (a bare path is openai) | none
-    tabular_embedding: str = "clip"  # clip | mlp (Fig. 9 ablation)
+    tabular_embedding: str = "clip"  # a registered tabular embedding: clip | mlp (Fig. 9 ablation)
     token_mapping: str = "conv1d"  # conv1d | perceiver (Fig. 10 ablation)
     n_image_tokens: int = 48
     n_tabular_tokens: int = 16
@@ -129,11 +130,9 @@ CHOICES = {
     "data.color": {"rgb_imagenet", "bgr_255"},
     "data.augment": {"authors", "default"},
     "data.device_augment": {"auto", "always", "never"},
-    "model.image_encoder": {"nnmamba3d", "swin_t"},
     "model.scan_impl": {"auto", "chunked", "logdepth"},
     "model.text_encoder": {"clip"},
     "model.swin_variant": {"tiny", "micro"},
-    "model.tabular_embedding": {"clip", "mlp"},
     "model.token_mapping": {"conv1d", "perceiver"},
     "model.sg_stage": {1, 2, 3, 4},
     "train.amp": {"auto", "bf16", "fp32"},
@@ -143,8 +142,9 @@ CHOICES = {
 
 
 def choices() -> dict[str, set]:
-    """Every key with a fixed set of values: the table above and the method registry's."""
-    return {**CHOICES, **method_choices()}
+    """Every key with a fixed set of values: the table above, the encoder registry's
+    (`model.image_encoder`, `model.tabular_embedding`) and the method registry's."""
+    return {**CHOICES, **encoder_choices(), **method_choices()}
 
 
 def preset_names() -> list[str]:
@@ -268,9 +268,6 @@ def _finite(value: float) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
-ENCODER_KINDS = {"nnmamba3d": "volume", "swin_t": "photo"}  # model.image_encoder -> the image kind it reads
-
-
 def _check_volume_size(size) -> None:
     _check(min(size) >= 2, "data.image_size", f"volumes need at least 2 voxels per axis, got {size}")
 
@@ -370,7 +367,7 @@ def _validate(cfg: Config) -> None:
         f"but train.epochs = {t.epochs}",
     )
     spec = cohort_spec(cfg)
-    wants = ENCODER_KINDS[m.image_encoder]
+    wants = image_encoder(cfg).kind.name
     _check(
         wants == spec.image_kind,
         "model.image_encoder",

@@ -22,6 +22,7 @@ from ..datasets.tabular import numeric_stats, tabular_features
 from ..datasets.volume_augment import BatchVolumeAugment
 from ..datasets.volume_cache import make_volume_cache
 from ..datasets.volume_dataset import VolumeDataset
+from ..models.encoders import tabular_embedding, uses_attribute_features
 from ..models.text import sentence_cache
 
 
@@ -142,7 +143,7 @@ def tabular_inputs(
     or MLP features [N, F] scaled with `numeric_stats` (fitted on the training part)."""
     if not cfg.model.use_tabular:
         return None
-    if cfg.model.tabular_embedding == "mlp":
+    if tabular_embedding(cfg).reads_features:
         return torch.from_numpy(tabular_features(spec, cases, stats=numeric_stats))
     return sentence_embeddings(cfg, cases)
 
@@ -151,5 +152,5 @@ def build_tabular_inputs(cfg: Config, spec: DatasetSpec, split) -> tuple[dict, d
     """-> ({"train"|"val"|"test": tensor indexed by dataset position or None}, numeric scaling
     statistics of the training part (MLP embedding) or None)."""
     parts = {"train": split.train, "val": split.val, "test": split.test}
-    stats = numeric_stats(spec, split.train) if cfg.model.use_tabular and cfg.model.tabular_embedding == "mlp" else None
+    stats = numeric_stats(spec, split.train) if uses_attribute_features(cfg) else None
     return {k: tabular_inputs(cfg, spec, v, stats) for k, v in parts.items()}, stats

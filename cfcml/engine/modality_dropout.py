@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..models.encoders import tabular_embedding
 from ..models.text import sentence_cache
 
 MISSING_WORD = "unknown"  # what an empty attribute becomes in its sentence (the registered model's word)
@@ -107,7 +108,7 @@ def build_modality_dropout(cfg, spec) -> ModalityDropout | None:
     num_attributes = len(spec.attributes) if m.use_tabular else 0
     unknown = columns = None
     if num_attributes:
-        if m.tabular_embedding == "clip":
+        if tabular_embedding(cfg).uses_text_tower:
             unknown = unknown_embeddings(cfg, spec)
         else:
             columns = torch.tensor(feature_columns(spec), dtype=torch.long)

@@ -19,6 +19,7 @@ from ..config import Config, config_from_dict
 from ..datasets.spec import DatasetSpec
 from ..datasets.tabular import num_features
 from ..models.cfcml import build_model
+from ..models.encoders import tabular_embedding
 from ..models.pretrained import without_pretrained_weights
 from .checkpoint import load_checkpoint, load_state_checked
 
@@ -28,7 +29,7 @@ CONFIG = "config.yaml"  # in a run folder: the resolved config
 
 def run_architecture(cfg: Config, spec: DatasetSpec) -> torch.nn.Module:
     """The run's model, freshly initialised (pretrained encoders loaded as `cfg` says)."""
-    n_tab = num_features(spec) if cfg.model.tabular_embedding == "mlp" else None
+    n_tab = num_features(spec) if tabular_embedding(cfg).reads_features else None
     return build_model(cfg, spec.shape(), num_tabular_features=n_tab)
 
 

@@ -13,33 +13,24 @@ import torch
 from torch import nn
 
 from .cie import GranularityCIE, GranularityFusion
-from .nnmamba import NNMambaEncoder3D
+from .encoders import image_encoder, tabular_embedding
 from .objective import cfcml_objective
 from .registry import method_class, register_method
 from .shape import CohortShape
-from .text import CLIP_TEXT_DIM, MLPTabularEmbedding, TabularTextProjection
 from .tokens import flatten_tokens, make_token_map
 
 if TYPE_CHECKING:  # a model reads the Config it is given; only the engine and above import the config module
     from ..config import Config
 
-STAGE_STRIDES = {"nnmamba3d": (2, 4, 8, 16), "swin_t": (4, 8, 16, 32)}
-
 
 def stage_grids(encoder: str, image_size: list[int]) -> list[tuple[int, ...]]:
-    """The spatial grid of each stage map for an input grid (stride-2 steps round up)."""
-    return [tuple(math.ceil(s / stride) for s in image_size) for stride in STAGE_STRIDES[encoder]]
+    """The spatial grid of each stage map of the named image encoder for an input grid."""
+    return image_encoder(encoder).grids(image_size)
 
 
 def build_image_encoder(cfg: Config) -> nn.Module:
-    m = cfg.model
-    if m.image_encoder == "nnmamba3d":
-        return NNMambaEncoder3D(1, m.image_channels, d_state=m.mamba_d_state, scan_impl=m.scan_impl)
-    from .swin import SwinEncoder2D  # imports timm (heavy): only for photo cohorts
-
-    if cfg.data.image_size[0] != cfg.data.image_size[1]:
-        raise ValueError(f"Swin needs square images, got data.image_size={cfg.data.image_size}")
-    return SwinEncoder2D(cfg.data.image_size[0], m.swin_variant, m.image_pretrained, m.swin_detach_early_stages)
+    """A fresh image encoder of the kind `model.image_encoder` names (`cfcml.models.encoders`)."""
+    return image_encoder(cfg).build(cfg)
 
 
 # no search_space: CFCML tunes with its preset's (search_spaces/<preset>.yaml)
@@ -63,10 +54,12 @@ class CFCML(nn.Module):
         num_modalities = self.num_images + int(m.use_tabular)
         dim = m.dim
 
+        encoder = image_encoder(cfg)
+        self.pretrained_backbone = encoder.pretrained_backbone  # trained at backbone_lr_mult x LR
         if m.use_images:
             n_enc = 1 if shape.shared_encoder else self.num_images
-            self.encoders = nn.ModuleList(build_image_encoder(cfg) for _ in range(n_enc))
-            grids = stage_grids(m.image_encoder, cfg.data.image_size)
+            self.encoders = nn.ModuleList(encoder.build(cfg) for _ in range(n_enc))
+            grids = encoder.grids(cfg.data.image_size)
             channels = self.encoders[0].stage_channels
             self.token_grids = [math.prod(grids[s]) for s in self.stages]
             # token_maps[j][g]: modality j, granularity g (one per modality even with a shared encoder)
@@ -78,12 +71,7 @@ class CFCML(nn.Module):
                 for _ in range(self.num_images)
             )
         if m.use_tabular:
-            if m.tabular_embedding == "clip":
-                self.tabular_embed = TabularTextProjection(CLIP_TEXT_DIM, dim)
-            else:
-                if not num_tabular_features:
-                    raise ValueError("model.tabular_embedding=mlp needs the number of encoded tabular features")
-                self.tabular_embed = MLPTabularEmbedding(num_tabular_features, shape.num_attributes, dim)
+            self.tabular_embed = tabular_embedding(cfg).build(num_tabular_features, shape.num_attributes, dim)
             # One map t -> n_t, shared by all granularities (the tabular tokens have one granularity).
             self.tabular_token_map = make_token_map(
                 m.token_mapping, shape.num_attributes, m.n_tabular_tokens, dim, dim, m.heads
@@ -105,11 +93,9 @@ class CFCML(nn.Module):
 
     def backbone_parameters(self) -> list[nn.Parameter]:
         """Parameters of pretrained-capable 2D backbones (trained at backbone_lr_mult x LR)."""
-        from .swin import SwinEncoder2D  # timm is heavy: imported only where a photo cohort's Swin is used
-
-        if not self.use_images:
+        if not self.use_images or not self.pretrained_backbone:
             return []
-        return [p for e in self.encoders if isinstance(e, SwinEncoder2D) for p in e.parameters()]
+        return [p for e in self.encoders for p in e.parameters()]
 
     def _image_tokens(self, images: list[torch.Tensor]) -> list[list[torch.Tensor]]:
         """-> tokens[j][g] [B, n_i, C_t] for each image modality j and used granularity g."""

@@ -22,41 +22,12 @@ from typing import TYPE_CHECKING
 
 from ..util.errors import ConfigError
 from ..util.file_hash import file_sha256
+from .encoders import trains_pretrained_backbone, uses_text_tower
+from .image_weights import RANDOM_INIT, REQUIRED, SWIN_CHECKPOINT_HELP, image_weights_kind
 from .text import TextEncoderUnavailable, parse_text_pretrained, resolve_weights
 
 if TYPE_CHECKING:  # models read the Config they are given; only the engine and above import the config module
     from ..config import Config
-
-REQUIRED = "required"
-RANDOM_INIT = "none"
-CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
-SWIN_CHECKPOINT_HELP = (
-    "pass a local ImageNet checkpoint with --set model.image_pretrained=/path/to/swin_tiny_patch4_window7_224.pth "
-    "(the file the authors used; a timm .safetensors/.pth of swin_tiny_patch4_window7_224 works too), or a timm "
-    "hub name such as --set model.image_pretrained=swin_tiny_patch4_window7_224.ms_in1k (needs the model hub), "
-    "or --set model.image_pretrained=none to train Swin-T from random weights on purpose"
-)
-
-
-def image_weights_kind(spec: str) -> str:
-    """'required' | 'none' | 'file' | 'hub' for a `model.image_pretrained` value."""
-    spec = str(spec).strip()
-    if spec in (REQUIRED, RANDOM_INIT):
-        return spec
-    path = Path(spec).expanduser()
-    if path.is_file():
-        return "file"
-    if spec.startswith(("/", "./", "../", "~")) or spec.lower().endswith(CHECKPOINT_SUFFIXES):
-        raise ConfigError(f"model.image_pretrained={spec!r}: no such checkpoint file; {SWIN_CHECKPOINT_HELP}")
-    return "hub"
-
-
-def _uses_swin(cfg: Config) -> bool:
-    return cfg.model.use_images and cfg.model.image_encoder == "swin_t"
-
-
-def _uses_text_tower(cfg: Config) -> bool:
-    return cfg.model.use_tabular and cfg.model.tabular_embedding == "clip"
 
 
 def check_pretrained(cfg: Config) -> None:
@@ -64,7 +35,7 @@ def check_pretrained(cfg: Config) -> None:
 
     Needs no network: hub names are checked for form only (the download fails on its own).
     """
-    if _uses_swin(cfg):
+    if trains_pretrained_backbone(cfg):
         spec = cfg.model.image_pretrained
         kind = image_weights_kind(spec)
         if kind == REQUIRED:
@@ -79,7 +50,7 @@ def check_pretrained(cfg: Config) -> None:
                 parse_model_name(spec)
             except ValueError as e:
                 raise ConfigError(f"model.image_pretrained={spec!r}: {e}; {SWIN_CHECKPOINT_HELP}") from None
-    if _uses_text_tower(cfg):
+    if uses_text_tower(cfg):
         try:
             weights = parse_text_pretrained(cfg.model.text_pretrained)
         except TextEncoderUnavailable as e:
@@ -102,7 +73,7 @@ def pretrained_provenance(cfg: Config) -> dict[str, str]:
     """
     if not cfg.model.use_images:
         image = "unused"
-    elif not _uses_swin(cfg):
+    elif not trains_pretrained_backbone(cfg):
         image = RANDOM_INIT
     else:
         spec = cfg.model.image_pretrained
@@ -115,7 +86,7 @@ def pretrained_provenance(cfg: Config) -> dict[str, str]:
             image = f"hub:{spec}"
         else:
             image = RANDOM_INIT
-    if not _uses_text_tower(cfg):
+    if not uses_text_tower(cfg):
         text = "unused"
     else:
         weights, path = resolve_weights(cfg.model.text_pretrained)

@@ -11,7 +11,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from ..datasets.spec import load_spec
-from .cfcml import count_params, stage_grids
+from .cfcml import count_params
+from .encoders import image_encoder, tabular_embedding, uses_text_tower
 from .methods import build_method
 from .pretrained import without_pretrained_weights
 from .registry import method_entry
@@ -42,19 +43,15 @@ _CPU_SDPA = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _count_
 
 
 def swin_head_params(cfg: Config) -> int:
-    """Swin-T's ImageNet head, which the paper's Derm7pt counts include and our features-only
-    Swin lacks (docs/baselines.md §1.3; the final norm, which the paper also counts, we keep): 0.77 M."""
-    if cfg.model.image_encoder != "swin_t" or not cfg.model.use_images:
-        return 0
-    from .swin import SWIN_VARIANTS  # timm is heavy: imported only where a photo cohort's Swin is used
-
-    features = SWIN_VARIANTS[cfg.model.swin_variant]["embed_dim"] * 8
-    return features * 1000 + 1000
+    """The head the paper counts and our features-only encoder lacks: Swin-T's ImageNet head, which
+    the paper's Derm7pt counts include (docs/baselines.md §1.3; the final norm, which the paper
+    also counts, we keep): 0.77 M. 0 for encoders without one (`ImageEncoder.head_params`)."""
+    return image_encoder(cfg).head_params(cfg) if cfg.model.use_images else 0
 
 
 def frozen_text_params(cfg: Config) -> int:
     """Parameters of the frozen text tower, counted on the meta device (nothing allocated)."""
-    if not cfg.model.use_tabular or cfg.model.tabular_embedding != "clip":
+    if not uses_text_tower(cfg):
         return 0
     import open_clip  # open_clip takes seconds to import: only when the text tower is counted
     from open_clip.model import _build_text_tower
@@ -67,10 +64,7 @@ def frozen_text_params(cfg: Config) -> int:
 
 def example_inputs(cfg: Config, shape: CohortShape, batch: int = 1, num_tabular_features: int = 16) -> dict:
     images = [torch.randn(batch, shape.in_channels, *cfg.data.image_size) for _ in range(shape.num_images)]
-    if cfg.model.tabular_embedding == "clip":
-        tabular = torch.randn(batch, shape.num_attributes, 512)
-    else:
-        tabular = torch.randn(batch, num_tabular_features)
+    tabular = tabular_embedding(cfg).example(batch, shape.num_attributes, num_tabular_features)
     return {"images": images if cfg.model.use_images else None, "tabular": tabular if cfg.model.use_tabular else None}
 
 
@@ -99,7 +93,7 @@ def summarize(cfg: Config, shape: CohortShape | None = None, paper: dict | None 
         model(**example_inputs(cfg, shape))
     stages = []
     if cfg.model.use_images:
-        grids = stage_grids(cfg.model.image_encoder, cfg.data.image_size)
+        grids = image_encoder(cfg).grids(cfg.data.image_size)
         for s, (c, grid) in enumerate(zip(model.encoders[0].stage_channels, grids), start=1):
             if not method_entry(cfg.model.method).on_cfcml and s != 4:
                 continue  # comparison methods read stage 4 only

@@ -17,7 +17,7 @@ from timm.models.swin_transformer import checkpoint_filter_fn
 from torch import nn
 
 from ..util.errors import ConfigError
-from .pretrained import REQUIRED, SWIN_CHECKPOINT_HELP, image_weights_kind
+from .image_weights import REQUIRED, SWIN_CHECKPOINT_HELP, image_weights_kind
 
 # `tiny` is the paper's Swin-T; `micro` is a narrow, shallow Swin for smoke presets.
 SWIN_VARIANTS = {

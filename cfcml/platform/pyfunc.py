@@ -39,6 +39,7 @@ from cfcml.datasets.spec import DatasetSpec
 
 from ..config import Config, config_from_dict, save_config
 from ..engine.modality_dropout import MISSING_WORD  # what an empty attribute becomes in its sentence
+from ..models.encoders import tabular_embedding, uses_text_tower
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +207,7 @@ def build_package(
                 "train_counts": r.get("train_counts") or recorded_train_counts(Path(r["weights"]).parent),
             }
         )
-    if cfg.model.use_tabular and cfg.model.tabular_embedding == "clip":
+    if uses_text_tower(cfg):
         sentences, emb = sentence_table(cfg, cohort.cases, cohort.spec)
         np.savez(out / "sentences.npz", sentences=np.array(sentences, dtype=str), embeddings=emb)
     meta = {
@@ -272,7 +273,7 @@ class PackagedModel:
 
         if not self.cfg.model.use_tabular:
             return None
-        if self.cfg.model.tabular_embedding == "mlp":
+        if tabular_embedding(self.cfg).reads_features:
             stats = {k: tuple(v) for k, v in (run.get("numeric_stats") or {}).items()}
             return torch.from_numpy(tabular_features(self.spec, cases, stats=stats))
         flat = [s for c in cases for s in c.sentences]

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cfcml.engine.modality_dropout import MISSING_WORD
+from cfcml.models.encoders import tabular_embedding
 
 from .predict import PredictError, load_model
 from .redact import redact
@@ -83,7 +84,7 @@ def missing_treatment(packaged) -> dict[str, str]:
     for a in spec.attributes:
         if not model.use_tabular:
             out[a.column] = "not used: this model does not read the attributes"
-        elif model.tabular_embedding == "mlp":
+        elif tabular_embedding(packaged.cfg).reads_features:
             out[a.column] = "scored without it: its feature columns are zero"
         else:
             out[a.column] = f"scored as {a.sentence_for(MISSING_WORD)!r}"

@@ -44,7 +44,7 @@ from ..engine.loaders import make_dataset, tabular_inputs
 from ..engine.modality_dropout import MISSING_WORD
 from ..engine.run_model import ready_model_from_run
 from ..engine.splits import run_split
-from ..models.cfcml import stage_grids
+from ..models.encoders import image_encoder, uses_attribute_features
 from ..util.redact import redact
 from .build import build_report
 from .explain import cam_stage, select_cases
@@ -203,7 +203,7 @@ def load_run_model(folder: RunFolder, cohort, device: str = "cpu") -> LoadedRun:
     with np.load(folder.path / "predictions.npz", allow_pickle=False) as saved:
         if [str(c) for c in saved["test_case_ids"]] != [c.case_id for c in split.test]:
             raise ReportError(f"{folder.path}: the saved test cases are not this cohort's {folder.name} test part")
-    mlp = cfg.model.use_tabular and cfg.model.tabular_embedding == "mlp"
+    mlp = uses_attribute_features(cfg)
     _, model = ready_model_from_run(folder.path, spec, device, cfg=cfg)
     stats = numeric_stats(spec, split.train) if mlp else None
     run = LoadedRun(folder, split, model, stats)
@@ -296,7 +296,7 @@ def explain_cases(
         return []
     by_run = {r.folder.name: r for r in loaded}
     size = tuple(cfg.data.image_size)
-    stage = cam_stage(stage_grids(cfg.model.image_encoder, list(size)))
+    stage = cam_stage(image_encoder(cfg).grids(list(size)))
     hard = runs_decision([r.folder for r in loaded]).labels(test.probs)
     out = []
     for row in select_cases(test.labels, test.probs, n_correct, n_wrong, pred=hard):

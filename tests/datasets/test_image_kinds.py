@@ -15,6 +15,7 @@ from cfcml.datasets.image_kinds import IMAGE_KINDS, KINDS, PHOTO, VOLUME
 from cfcml.datasets.shape import CohortShape
 from cfcml.datasets.spec import SpecError, load_spec, spec_from_dict
 from cfcml.engine.loaders import LOADERS
+from cfcml.models.encoders import IMAGE_ENCODERS
 from cfcml.platform import serve_request
 from cfcml.platform.pyfunc import example_frame, input_columns
 from cfcml.report import figures
@@ -45,8 +46,7 @@ def test_every_layer_registers_every_kind():
     for where, table in registries.items():
         assert set(table) == set(IMAGE_KINDS), where
     assert set(EXPLANATION_KINDS) == set(IMAGE_KINDS)
-    assert set(config.ENCODER_KINDS.values()) == set(IMAGE_KINDS)
-    assert set(config.ENCODER_KINDS) == config.CHOICES["model.image_encoder"]
+    assert {e.kind.name for e in IMAGE_ENCODERS.values()} == set(IMAGE_KINDS)  # an image encoder for every kind
     assert all(name == kind.name for name, kind in KINDS.items())
 
 

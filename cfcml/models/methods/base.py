@@ -25,9 +25,8 @@ import torch.distributed as dist
 from torch import nn
 
 from ..ccrm import gather_with_grad
-from ..cfcml import build_image_encoder, stage_grids
+from ..encoders import image_encoder, tabular_embedding
 from ..shape import CohortShape
-from ..text import CLIP_TEXT_DIM, MLPTabularEmbedding, TabularTextProjection
 from ..tokens import flatten_tokens
 
 if TYPE_CHECKING:  # a method reads the Config it is given; only the engine and above import the config module
@@ -60,28 +59,23 @@ class FusionMethod(nn.Module):
         self.dim, self.num_classes = m.dim, shape.num_classes
         self.num_images = shape.num_images
         self.num_modalities = shape.num_images + 1
+        encoder = image_encoder(cfg)
+        self.pretrained_backbone = encoder.pretrained_backbone  # trained at backbone_lr_mult x LR
         n_enc = 1 if shape.shared_encoder else shape.num_images
-        self.encoders = nn.ModuleList(build_image_encoder(cfg) for _ in range(n_enc))
+        self.encoders = nn.ModuleList(encoder.build(cfg) for _ in range(n_enc))
         c4 = self.encoders[0].stage_channels[3]
         self.image_proj = (
             nn.ModuleList(nn.Sequential(nn.Linear(c4, m.dim), nn.ReLU()) for _ in range(shape.num_images))
             if c4 != m.dim
             else None
         )
-        self.image_tokens = math.prod(stage_grids(m.image_encoder, cfg.data.image_size)[3])
-        if m.tabular_embedding == "clip":
-            self.tabular_embed = TabularTextProjection(CLIP_TEXT_DIM, m.dim)
-        else:
-            if not num_tabular_features:
-                raise ValueError("model.tabular_embedding=mlp needs the number of encoded tabular features")
-            self.tabular_embed = MLPTabularEmbedding(num_tabular_features, shape.num_attributes, m.dim)
+        self.image_tokens = math.prod(encoder.grids(cfg.data.image_size)[3])
+        self.tabular_embed = tabular_embedding(cfg).build(num_tabular_features, shape.num_attributes, m.dim)
         self.num_tokens = [self.image_tokens] * shape.num_images + [shape.num_attributes]
 
     def backbone_parameters(self) -> list[nn.Parameter]:
         """Parameters of pretrained-capable 2D backbones (trained at backbone_lr_mult x LR)."""
-        from ..swin import SwinEncoder2D  # timm is heavy: imported only where a photo cohort's Swin is used
-
-        return [p for e in self.encoders if isinstance(e, SwinEncoder2D) for p in e.parameters()]
+        return [p for e in self.encoders for p in e.parameters()] if self.pretrained_backbone else []
 
     def encode(self, images: list[torch.Tensor], tabular: torch.Tensor) -> list[torch.Tensor]:
         """-> M token tensors [B, N_j, d]: the images' stage-4 tokens, then the attribute tokens."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ...config import Config, build_config, parse_overrides
+from ...models.encoders import uses_text_tower
 from ...models.registry import SEARCH_SPACES_DIR, search_space_path
 from .spec import StudyError
 
@@ -55,7 +56,7 @@ def default_search_space(cfg: Config) -> Path:
 def warm_caches(cfg: Config, cohort) -> None:
     """Fill the on-disk sentence-embedding cache once in the driver, so that no trial builds
     the text encoder (concurrent trials would each build it)."""
-    if cfg.model.use_tabular and cfg.model.tabular_embedding == "clip":
+    if uses_text_tower(cfg):
         from ...models.text import sentence_cache
 
         sentence_cache(cfg.data.cache_dir, cfg.model.text_pretrained).embed(
