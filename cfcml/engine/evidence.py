@@ -24,6 +24,11 @@ from .paired import compare_auc
 from .run import PREDICTIONS
 from .summary import wilcoxon_compare
 
+# How a patient's pooled prediction is formed, by the protocol's run unit (`DatasetSpec.run_unit`).
+POOLING = {
+    "folds": "K-fold cohort: each patient's prediction from the fold that tested it",
+    "seeds": "a fixed split: each patient's mean probability over the seeds",
+}
 KIND_WORDS = {"fused": "", "attributes": " (attributes only)", "images": " (images only)"}
 
 
@@ -202,9 +207,8 @@ def evidence_markdown(evidence: dict, unit: str) -> str:
     lines += [
         "",
         (
-            "_Patients pooled over the runs (a fixed split: each patient's mean probability over the seeds); "
-            "the CI resamples patients within each class; DeLong's test for two classes, the bootstrap's p for "
-            "more (macro one-vs-rest AUC)._"
+            f"_Patients pooled over the runs ({POOLING[unit]}); the CI resamples patients within each class; "
+            "DeLong's test for two classes, the bootstrap's p for more (macro one-vs-rest AUC)._"
         ),
     ]
     if evidence.get("images_add"):

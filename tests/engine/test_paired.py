@@ -117,3 +117,14 @@ def test_mismatched_inputs_are_refused():
         paired_bootstrap_auc([0, 1, 0], np.ones((3, 2)), np.ones((4, 2)))
     with pytest.raises(ValueError, match="binary labels"):
         delong_test([0, 1, 2], [0.1, 0.2, 0.3], [0.3, 0.2, 0.1])
+
+
+@pytest.mark.parametrize("unit, words", [("folds", "the fold that tested it"), ("seeds", "over the seeds")])
+def test_the_evidence_table_says_how_patients_were_pooled_for_its_protocol(unit, words):
+    from cfcml.engine.evidence import POOLING, evidence_markdown
+
+    pair = {"a": "CFCML", "b": "LogReg (attributes)", "auc_a": 0.8, "auc_b": 0.7, "difference": 0.1}
+    pair |= {"ci": (0.02, 0.18), "p": 0.01, "test": "DeLong", "wilcoxon_p_auc": 0.25}
+    text = evidence_markdown({"pairs": [pair], "images_add": None}, unit)
+    assert words in text and all(other not in text for u, other in POOLING.items() if u != unit)
+    assert f"p (Wilcoxon over {unit})" in text
