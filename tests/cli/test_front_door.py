@@ -290,3 +290,24 @@ def test_dev_start_without_a_name_starts_the_make_run_stack_with_env_defaults(tm
     with pytest.raises(SystemExit):
         cfcml_main(["dev", "start", "mlflow"])
     assert "invalid int value: 'not-a-port'" in capsys.readouterr().err
+
+
+def test_tune_help_is_quick_to_read(tmp_path):
+    """`cfcml tune --help` reads only the study's spec and options: torch, Ray and MLflow stay
+    unimported (they took seconds before the user saw the help)."""
+    import subprocess
+
+    probe = (
+        "import sys\n"
+        "from cfcml.cli.main import main\n"
+        "try:\n"
+        "    main(['tune', '--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print('HEAVY', sorted(m for m in ('torch', 'ray', 'mlflow', 'monai') if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], check=True, capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert "--num-samples" in out.stdout, out.stderr
+    assert "HEAVY []" in out.stdout

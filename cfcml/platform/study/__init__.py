@@ -22,49 +22,44 @@ Shape of a study (Ray 2.60, Train V2; see docs/platform.md), module by module:
   with alias ``challenger``.
 """
 
-from .config import default_search_space, resolve_trial_config, warm_caches
-from .context import LoopConfig, TrialContext
-from .evaluate import evaluate_best
-from .measure import describe_model, evaluation_metrics, measure_package
-from .prepare import plan_concurrency
-from .records import find_child_run, find_parent_run, record_holdout
-from .run import run_study
-from .spec import (
-    TAG_FINAL,
-    TAG_HOLDOUT_DIGEST,
-    TAG_STUDY,
-    TAG_STUDY_PATH,
-    TAG_TRIAL,
-    StudyError,
-    StudyInterrupted,
-    StudySpec,
-)
-from .storage import join_uri, normalize_storage, storage_filesystem
+import importlib
 
-__all__ = [
-    "TAG_FINAL",
-    "TAG_HOLDOUT_DIGEST",
-    "TAG_STUDY",
-    "TAG_STUDY_PATH",
-    "TAG_TRIAL",
-    "LoopConfig",
-    "StudyError",
-    "StudyInterrupted",
-    "StudySpec",
-    "TrialContext",
-    "default_search_space",
-    "describe_model",
-    "evaluate_best",
-    "evaluation_metrics",
-    "find_child_run",
-    "find_parent_run",
-    "join_uri",
-    "measure_package",
-    "normalize_storage",
-    "plan_concurrency",
-    "record_holdout",
-    "resolve_trial_config",
-    "run_study",
-    "storage_filesystem",
-    "warm_caches",
-]
+# name -> the submodule that defines it. Imported on first use (PEP 562), so that `cfcml tune --help`
+# (which reads only .spec and .options) does not import torch, MONAI, Ray and MLflow.
+_EXPORTS = {
+    "default_search_space": "config",
+    "resolve_trial_config": "config",
+    "warm_caches": "config",
+    "LoopConfig": "context",
+    "TrialContext": "context",
+    "evaluate_best": "evaluate",
+    "describe_model": "measure",
+    "evaluation_metrics": "measure",
+    "measure_package": "measure",
+    "plan_concurrency": "prepare",
+    "find_child_run": "records",
+    "find_parent_run": "records",
+    "record_holdout": "records",
+    "run_study": "run",
+    "TAG_FINAL": "spec",
+    "TAG_HOLDOUT_DIGEST": "spec",
+    "TAG_STUDY": "spec",
+    "TAG_STUDY_PATH": "spec",
+    "TAG_TRIAL": "spec",
+    "StudyError": "spec",
+    "StudyInterrupted": "spec",
+    "StudySpec": "spec",
+    "join_uri": "storage",
+    "normalize_storage": "storage",
+    "storage_filesystem": "storage",
+}
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

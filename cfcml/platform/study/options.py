@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import run as study_run
 from .spec import PARTS, StudyError, StudyInterrupted, StudySpec
 
 
@@ -291,6 +290,7 @@ def run(args: argparse.Namespace) -> int:
     from ...datasets.cohort import CohortError
     from ...datasets.spec import SpecError
     from ..redact import redact
+    from . import run as study_run  # imports torch, Ray and MLflow: only when a study runs, not for --help
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
