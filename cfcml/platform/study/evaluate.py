@@ -9,9 +9,15 @@ import logging
 import tempfile
 from pathlib import Path
 
-from ...config import Config
+from ...config import Config, config_from_dict
+from ...datasets.reader import load_cohort
+from ...datasets.spec import remember
+from ...engine.evidence import baseline_models, config_model, evidence_markdown, paired_evidence
+from ...engine.metrics import metric_names
 from ...engine.protocol import BASELINES_DIR
+from ...engine.run import METRICS, PREDICTIONS, TrainingRun
 from ...engine.splits import without_cases
+from ...engine.summary import markdown_table, summarize_runs
 from .storage import storage_filesystem
 
 log = logging.getLogger(__name__)
@@ -28,11 +34,6 @@ def _evaluate_task(
 ) -> tuple[dict, dict]:
     """Ray task body: fetch the best trial's checkpoint, evaluate it on this node's device."""
     import ray.train
-
-    from ...config import config_from_dict
-    from ...datasets.reader import load_cohort
-    from ...datasets.spec import remember
-    from ...engine.run import METRICS, PREDICTIONS
 
     spec = remember(cohort_spec)
     cfg = config_from_dict(cfg_dict)
@@ -69,7 +70,6 @@ def baselines_and_evidence(cfg: Config, cohort, runs: list[dict], ckpt_dir: Path
     if not cohort.spec.attributes:
         return {}
     from ...engine.baselines import run_baselines  # scikit-learn takes seconds to import
-    from ...engine.evidence import baseline_models, config_model, paired_evidence
 
     baselines = run_baselines(cfg, cohort, runs, ckpt_dir / BASELINES_DIR, report=log.info)
     this = config_model(cfg.to_dict(), [ckpt_dir / r["name"] for r in runs], summary)
@@ -82,11 +82,6 @@ def evaluate_best(cfg: Config, data: str, cohort, runs: list[dict], ckpt_dir: Pa
     also the classical baselines on the same runs ("baselines", rows of the markdown table) and
     the paired evidence on patients ("paired", a section of the markdown)."""
     import numpy as np
-
-    from ...engine.evidence import evidence_markdown
-    from ...engine.metrics import metric_names
-    from ...engine.run import PREDICTIONS, TrainingRun
-    from ...engine.summary import markdown_table, summarize_runs
 
     cfg.train.device = device
     per_run, preds = [], {"test": ([], []), "val": ([], [])}

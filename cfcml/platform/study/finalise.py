@@ -15,10 +15,16 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-from ...config import Config
+from ...config import Config, cohort_spec
+from ...datasets.spec import shipped
 from ...engine.decision import Decision, pooled_decision, recorded_train_counts
 from ...models.pretrained import pretrained_provenance
+from ..artifact_eval import evaluation_set, member_seen_ids, write_evaluation
+from ..protocol_digest import protocol_record
+from ..pyfunc import ALIAS, build_package, log_model, package_versions, tag_version
 from ..redact import redact
+from ..report_logging import cohort_dataset, link_model, package_meta, study_report, version_tags
+from ..tracking import mlflow_run
 from ..train_loop import OBJECTIVE
 from .config import resolve_trial_config
 from .evaluate import _evaluate_task, evaluate_best, receive
@@ -147,8 +153,6 @@ class Finaliser:
     def evaluate_and_register(self, best: Best, summary: dict, work: Path) -> dict:
         import ray.train
 
-        from ..report_logging import study_report
-
         plan = self.plan
         ckpt_dir = work / "best_checkpoint"
         shutil.rmtree(ckpt_dir, ignore_errors=True)
@@ -185,8 +189,6 @@ class Finaliser:
             return evaluate_best(best.cfg, spec.data, plan.cohort, plan.runs, ckpt_dir, device="cpu")
         import ray
 
-        from ...datasets.spec import shipped
-
         task = ray.remote(num_gpus=min(1.0, spec.resources.gpus_per_worker), num_cpus=spec.resources.cpus_per_worker)(
             _evaluate_task
         )
@@ -214,8 +216,6 @@ class Finaliser:
         (`baseline_<kind>_test_<metric>_<mean|std>`) and the answer to "do the images add to the
         table?" (tag `cfcml.images_add`) on the parent run."""
         from mlflow.entities import Metric
-
-        from ...config import cohort_spec
 
         classes = cohort_spec(best.cfg).classes
         self._log_baselines(test)
@@ -286,8 +286,6 @@ class Finaliser:
         evaluation.json inside it, and register it: the version's metrics, tags, card and report
         are the package's own (or, without untouched patients, say that they are a single fold
         model's cross-validated estimate)."""
-        from ..artifact_eval import evaluation_set, write_evaluation
-        from ..pyfunc import ALIAS
 
         plan = self.plan
         evalset = evaluation_set(plan.full, plan.cohort, list(plan.held), self.tracking.digest)
@@ -330,9 +328,6 @@ class Finaliser:
         }
 
     def _build_package(self, best: Best, test: dict, ckpt_dir: Path, work: Path, summary: dict, evalset) -> Path:
-        from ..artifact_eval import member_seen_ids
-        from ..pyfunc import build_package
-        from ..report_logging import package_meta
 
         plan, cfg = self.plan, best.cfg
         by_name = {r["name"]: r for r in test["runs"]}
@@ -360,10 +355,6 @@ class Finaliser:
         the protocol the promotion gate compares: -> (model info, protocol params)."""
         import mlflow
 
-        from ..protocol_digest import protocol_record
-        from ..pyfunc import log_model
-        from ..tracking import mlflow_run
-
         plan, digest = self.plan, self.tracking.digest
         opened = mlflow_run(run_id=best.run_id, nested=True, tracking_uri=self.spec.tracking.tracking_uri)
         with opened if best.run_id else nullcontext():
@@ -389,9 +380,6 @@ class Finaliser:
         """The version's metrics on the parent run (and the model), evaluation.json, the
         version's tags and alias, and its card."""
         import mlflow
-
-        from ..pyfunc import ALIAS, package_versions, tag_version
-        from ..report_logging import cohort_dataset, link_model, version_tags
 
         full, record, kind = self.plan.full, measured.record, measured.evalset.kind
         version = str(info.registered_model_version)

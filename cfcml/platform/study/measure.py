@@ -10,7 +10,24 @@ import shutil
 from pathlib import Path
 
 from ...config import Config
+from ...engine.decision import decision_from_dict
+from ...report.build import build_report
+from ...report.card import REGISTRY_DESCRIPTION_MAX, model_card_markdown
+from ...report.from_runs import pooled_predictions, read_run
+from ...report.inputs import SplitPredictions
+from ..artifact_eval import (
+    ESTIMATES,
+    METRIC_PREFIX,
+    artifact_report_inputs,
+    ensemble_temperature,
+    evaluation_record,
+    metric_names_for,
+    score_frame,
+)
+from ..predict import load_model
+from ..pyfunc import save_model
 from ..redact import redact
+from ..report_logging import study_meta
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +36,6 @@ def calibration_meta(cfg: Config, ckpt_dir: Path, runs: list[dict], package_meta
     """The package's temperature: fitted on the ensemble's own validation probabilities where
     every member selected on the same patients (a `files` cohort's valid split); with folds
     (no patient is unseen by every member) on the members' pooled validation logits, as said."""
-    from ..artifact_eval import ensemble_temperature
 
     if not cfg.report.temperature:
         return {}
@@ -34,8 +50,6 @@ def calibration_meta(cfg: Config, ckpt_dir: Path, runs: list[dict], package_meta
 
 def study_meta_for(summary: dict, commit: str, cfg: Config, evalset) -> dict:
     """Report header facts for the package's own report."""
-    from ..artifact_eval import ESTIMATES
-    from ..report_logging import study_meta
 
     return study_meta(summary, commit) | {
         "preset": cfg.name,
@@ -62,13 +76,6 @@ def measure_package(
     its report takes thresholds from the ensemble's validation-side probabilities (a `files`
     cohort's valid split scored by the package; with folds, the members' own validation parts).
     Without (out_of_fold), the members' pooled out-of-fold predictions and their report."""
-    from ...engine.decision import decision_from_dict
-    from ...report.build import build_report
-    from ...report.from_runs import pooled_predictions, read_run
-    from ...report.inputs import SplitPredictions
-    from ..artifact_eval import artifact_report_inputs, evaluation_record, score_frame
-    from ..predict import load_model
-    from ..pyfunc import save_model
 
     folders = [read_run(ckpt_dir / r["name"]) for r in runs]
     decision = decision_from_dict(json.loads((Path(package) / "meta.json").read_text()).get("decision"))
@@ -98,7 +105,6 @@ def measure_package(
 def evaluation_metrics(record: dict, report: dict | None) -> dict[str, float]:
     """The version's metrics: ``<kind>_<metric>`` from evaluation.json, with the report's
     bootstrap CI as ``<kind>_<metric>_ci_low`` / ``_ci_high`` where it has one."""
-    from ..artifact_eval import METRIC_PREFIX, metric_names_for
 
     out = metric_names_for(record["kind"], record["metrics"])
     if report is not None and record["kind"] != "out_of_fold":
@@ -112,8 +118,6 @@ def evaluation_metrics(record: dict, report: dict | None) -> dict[str, float]:
 
 def describe_model(client, name: str, version: str, report: dict | None, kind: str) -> None:
     """The model card as the version's description, opening with what its numbers estimate."""
-    from ...report.card import REGISTRY_DESCRIPTION_MAX, model_card_markdown
-    from ..artifact_eval import ESTIMATES
 
     if kind == "out_of_fold":
         lead = (

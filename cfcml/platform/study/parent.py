@@ -11,7 +11,10 @@ from pathlib import Path
 
 from ...config import save_config
 from ...models.pretrained import pretrained_provenance
+from ..pyfunc import git_commit, package_versions
 from ..redact import redact
+from ..report_logging import ensure_experiment, log_cohort
+from ..tracking import end_running_children, mlflow_run, sweep_stale_runs
 from .prepare import StudyPlan
 from .records import find_parent_run, record_holdout
 from .spec import TAG_STUDY, TAG_STUDY_PATH
@@ -33,10 +36,6 @@ def connect(plan: StudyPlan) -> Tracking:
     """The experiment (stale runs swept); on resume the parent run found and its dead trials ended."""
     import mlflow
     from mlflow.tracking import MlflowClient
-
-    from ..pyfunc import git_commit
-    from ..report_logging import ensure_experiment
-    from ..tracking import end_running_children, sweep_stale_runs
 
     spec = plan.spec
     tracking_uri = spec.tracking.tracking_uri or mlflow.get_tracking_uri()
@@ -62,9 +61,6 @@ def connect(plan: StudyPlan) -> Tracking:
 def parent_run(plan: StudyPlan, tracking: Tracking):
     """The parent run, open (new, or the resumed study's): yields `tracking` with its id."""
     import mlflow
-
-    from ..report_logging import log_cohort
-    from ..tracking import mlflow_run
 
     spec = plan.spec
     if spec.tracking.system_metrics:
@@ -124,8 +120,6 @@ def study_params(plan: StudyPlan) -> dict:
 def log_study_start(plan: StudyPlan) -> None:
     """A new study's parameters, search space, config, Optuna pointer and package versions."""
     import mlflow
-
-    from ..pyfunc import package_versions
 
     name, url = plan.name, redact(plan.optuna_url)
     mlflow.log_params(study_params(plan))

@@ -10,10 +10,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...config import Config, ConfigError, parse_overrides
+from ...datasets.reader import load_cohort
+from ...datasets.spec import load_spec
+from ...engine.protocol import protocol_runs
 from ...engine.splits import hold_out
 from ...models.pretrained import check_pretrained
 from ..redact import redact
 from ..search_space import SearchSpace, load_search_space
+from ..tracking_server import TrackingServerError
+from ..tracking_server import check_tracking_server as check
 from .config import default_search_space, merge, resolve_trial_config, warm_caches
 from .spec import StudyError, StudySpec
 from .storage import join_uri, normalize_storage, optuna_url, storage_filesystem
@@ -49,8 +54,6 @@ class StudyPlan:
 
 def check_tracking_server(spec: StudySpec) -> None:
     """A server that does not answer: one line in seconds, before Ray or Optuna start anything."""
-    from ..tracking_server import TrackingServerError
-    from ..tracking_server import check_tracking_server as check
 
     if spec.tracking.tracking_uri and spec.tracking.tracking_uri.split("://", 1)[0].lower() in ("http", "https"):
         try:
@@ -75,8 +78,6 @@ def study_config(spec: StudySpec) -> tuple[Config, dict]:
 
 def _cohort(spec: StudySpec, cfg: Config, data: str):
     """(schema, the whole cohort, what the study sees, the held-back patients)."""
-    from ...datasets.reader import load_cohort
-    from ...datasets.spec import load_spec
 
     check_pretrained(cfg)  # refuse in the driver, before any trial starts
     cohort_spec = load_spec(cfg.dataset)
@@ -113,7 +114,6 @@ def _refuse_existing_optuna_study(name: str, url: str) -> None:
 
 
 def prepare(spec: StudySpec) -> StudyPlan:
-    from ...engine.protocol import protocol_runs
 
     cfg, overrides = study_config(spec)
     space_file = Path(spec.search.search_space) if spec.search.search_space else default_search_space(cfg)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from ...datasets.spec import shipped
+from ..tracking import end_running_children
 from .callback import _study_callback_cls
 from .context import TrialContext
 from .parent import Tracking
@@ -47,7 +49,6 @@ def plan_rungs(plan: StudyPlan) -> Rungs:
 
 
 def trial_context(plan: StudyPlan, tracking: Tracking, rungs: Rungs) -> TrialContext:
-    from ...datasets.spec import shipped
 
     spec = plan.spec
     return TrialContext(
@@ -168,8 +169,6 @@ def search(plan: StudyPlan, tracking: Tracking):
     """Run the search (in the open parent run): -> (Tune's results, the epoch budget or None);
     raises StudyInterrupted when trials were left unfinished."""
     import mlflow
-
-    from ..tracking import end_running_children
 
     tuner, budget = make_tuner(plan, tracking)
     t0 = time.time()

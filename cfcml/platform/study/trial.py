@@ -8,8 +8,10 @@ and the trial's parameters as nested dicts), opens the trial's MLflow child run 
 from __future__ import annotations
 
 from ...config import Config
+from ..delivery import call_with_retry
 from ..search_space import trial_run_name
-from ..train_loop import OBJECTIVE
+from ..tracking import open_supervised_run, tag_error
+from ..train_loop import OBJECTIVE, train_loop_per_worker
 from .callback import _report_counter_cls
 from .config import resolve_trial_config
 from .context import LoopConfig, TrialContext
@@ -20,8 +22,6 @@ from .spec import TAG_STUDY, TAG_TRIAL
 def _trial(config: dict, ctx: dict) -> None:
     """Tune function trainable (``ctx``: a :class:`TrialContext` as a dict)."""
     from ray import tune
-
-    from ..tracking import tag_error
 
     context = TrialContext.from_dict(ctx)
     trial_id = tune.get_context().get_trial_id()
@@ -54,9 +54,6 @@ def _open_trial_run(client, context: TrialContext, trial_id: str, params: dict, 
     """The trial's child run (found again after a restart), its parameters and config logged once."""
     import yaml
     from mlflow.entities import Param
-
-    from ..delivery import call_with_retry
-    from ..tracking import open_supervised_run
 
     def open_run() -> str:  # retried whole while the server is away: a try finds the run an earlier one made
         existing = find_child_run(client, context.experiment_id, context.parent_run_id, trial_id)
@@ -104,8 +101,6 @@ def _fit_trial(cfg: Config, params: dict, trial_id: str, context: TrialContext, 
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
     from ray.util.queue import Queue
-
-    from ..train_loop import train_loop_per_worker
 
     gpus = context.gpus_per_worker
     reports = Queue(actor_options={"num_cpus": 0})  # filled by the Train controller as reports reach Tune
