@@ -1,6 +1,9 @@
 """The numbers of a clinical report: metrics with bootstrap CIs, curves, calibration, operating points.
 
-Pure numpy/scipy. Conventions:
+Pure numpy/scipy. The paper's metric set itself (`classification_metrics`, `confusion`,
+`average_precision`) is defined once, in `cfcml.engine.metrics` (the numbers of a run's
+metrics.json), and re-exported here; this module adds its CIs (`metrics_with_ci`), the
+ROC/PR curves with bootstrap bands, calibration and operating points. Conventions:
 
 * ``labels`` [N] int class indices, ``probs`` [N, K]; hard predictions follow the report's
   ``decision`` (`cfcml.engine.decision`: argmax, or argmax after the training-prior logit
@@ -27,6 +30,11 @@ from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, softmax
 
 from ..engine.decision import Decision
+from ..engine.metrics import (  # the one definition of the metric set, so metrics.json and the report agree
+    average_precision,
+    classification_metrics,
+    confusion,  # noqa: F401 - part of the report's statistics API
+)
 from ..engine.resample import (  # N_BOOTSTRAP, bootstrap_weights: part of the report's statistics API
     CI_LEVEL,
     N_BOOTSTRAP,  # noqa: F401
@@ -39,10 +47,7 @@ from ..engine.resample import (  # N_BOOTSTRAP, bootstrap_weights: part of the r
     safe_div,
     weight_rows,
 )
-from ..util.metric_names import (  # one definition, so metrics.json and the report agree
-    class_key,
-    metric_names,  # noqa: F401 - part of the report's statistics API
-)
+from ..util.metric_names import metric_names  # noqa: F401 - part of the report's statistics API
 
 N_BINS = 15  # reliability bins (Guo et al. 2017)
 GRID_SIZE = 101  # points of the FPR / recall grid of the CI bands
@@ -55,19 +60,6 @@ def with_ci(point: float, samples, level: float = CI_LEVEL) -> dict:
     """{"value", "ci": [lo, hi], "n_valid"} (NaN stays NaN; the JSON writer makes it null)."""
     lo, hi, n_valid = percentile_ci(samples, level)
     return {"value": float(point), "ci": [lo, hi], "n_valid": n_valid}
-
-
-def average_precision(y_bin, score, weights=None):
-    """Average precision, scikit-learn's definition sum_k (R_k - R_{k-1}) P_k; NaN unless both
-    classes are present (as the engine's AUPRC)."""
-    if len(np.asarray(score)) == 0:
-        return per_row(np.array([np.nan]), weights)
-    tp, fp, _ = cumulative_counts(y_bin, score, weights)
-    precision = np.nan_to_num(safe_div(tp, tp + fp))  # 0/0 only where the recall step is 0 too
-    recall = safe_div(tp, tp[:, -1:])
-    ap = np.sum(np.diff(np.hstack([np.zeros((len(tp), 1)), recall]), axis=1) * precision, axis=1)
-    ap[(tp[:, -1] <= 0) | (fp[:, -1] <= 0)] = np.nan
-    return per_row(ap, weights)
 
 
 def _step_at(x, y, grid, side: str) -> np.ndarray:
@@ -160,74 +152,6 @@ def _band(curves: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
 
 
 # --------------------------------------------------------------------------- the metric set
-def confusion(labels, pred, num_classes: int, weights=None) -> np.ndarray:
-    """Weighted confusion matrices [B, K, K] (rows: true class, columns: predicted)."""
-    labels = np.asarray(labels).reshape(-1).astype(np.int64)
-    pred = np.asarray(pred).reshape(-1).astype(np.int64)
-    onehot = np.zeros((len(labels), num_classes * num_classes))
-    onehot[np.arange(len(labels)), labels * num_classes + pred] = 1.0
-    return (weight_rows(weights, len(labels)) @ onehot).reshape(-1, num_classes, num_classes)
-
-
-def classification_metrics(
-    labels, probs, classes: Sequence[str], positive: str | None = None, weights=None, decision: Decision | None = None
-) -> dict:
-    """The paper's metric set (`metric_names(classes)`); floats, or [B] arrays with weights.
-
-    Binary (positive class p): sen = recall of p, spe = recall of the other class, acc,
-    g_mean = sqrt(sen * spe), balanced_acc, auprc = average precision of P(p), auprc_label =
-    average precision of the hard prediction (the paper's definition), auc. 3+ classes: acc,
-    balanced_acc (mean recall over the classes present), acc_<class> (recall), weighted_f1 / macro_f1 (scikit-learn's defaults: labels present in
-    y or prediction, zero_division=0) and auc = mean one-vs-rest AUC over the classes present
-    (scikit-learn's macro OvR when all are present; NaN with fewer than two).
-    """
-    labels = np.asarray(labels).reshape(-1).astype(np.int64)
-    probs = np.asarray(probs, dtype=np.float64)
-    k = len(classes)
-    pred = (decision or Decision()).labels(probs.reshape(len(probs), k))  # hard labels: `decision` (None: argmax)
-    c = confusion(labels, pred, k, weights)
-    support, predicted, tp = c.sum(axis=2), c.sum(axis=1), np.diagonal(c, axis1=1, axis2=2)
-    recall = safe_div(tp, support)
-    acc = safe_div(tp.sum(axis=1), support.sum(axis=1))
-    if k == 2:
-        pos = list(classes).index(positive)
-        sen, spe = recall[:, pos], recall[:, 1 - pos]
-        y_pos = (labels == pos).astype(np.float64)
-        w = weights if weights is None else weight_rows(weights, len(labels))
-        values = {
-            "sen": sen,
-            "spe": spe,
-            "acc": acc,
-            "g_mean": np.sqrt(sen * spe),
-            "balanced_acc": (sen + spe) / 2.0,
-            "auprc": average_precision(y_pos, probs[:, pos], w),
-            "auprc_label": average_precision(y_pos, (pred == pos).astype(np.float64), w),
-            "auc": roc_auc(y_pos, probs[:, pos], w),
-        }
-    else:
-        present = (support + predicted) > 0
-        f1 = np.where(present, safe_div(2.0 * tp, support + predicted), 0.0)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # mean of nothing (empty input)
-            per_class_auc = np.array(
-                [
-                    np.atleast_1d(
-                        roc_auc((labels == j).astype(np.float64), probs[:, j], weight_rows(weights, len(labels)))
-                    )
-                    for j in range(k)
-                ]
-            )
-            values = {
-                "acc": acc,
-                "balanced_acc": np.nanmean(recall, axis=1),
-                **{f"acc_{class_key(name)}": recall[:, j] for j, name in enumerate(classes)},
-                "weighted_f1": safe_div((f1 * support).sum(axis=1), support.sum(axis=1)),
-                "macro_f1": safe_div((f1 * present).sum(axis=1), present.sum(axis=1)),
-                "auc": np.nanmean(per_class_auc, axis=0),
-            }
-    return {name: per_row(v, weights) for name, v in values.items()}
-
-
 def metrics_with_ci(
     labels,
     probs,

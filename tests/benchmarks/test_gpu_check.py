@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
 LINE = re.compile(r"^(PASS|FAIL|SKIP) ([\w-]+): (.+)$")
 CHECKS = [
