@@ -6,9 +6,11 @@ share no disk would have them.
 Every trial runs 2 DDP workers of 1 CPU: they can only be placed one per node, and each rank's
 node id reaches the trial's MLflow run (tag `cfcml.train_nodes`). The worker node is killed
 (its raylet, SIGKILL by pid) while the second trial trains: the trial cannot continue on the
-head's single CPU, so Ray Train waits for the resources and the study keeps running, no trial
-failed; Ctrl+C then stops it cleanly (exit 130, every MLflow run closed). The node rejoins and
-`--resume` finishes the study without re-running the finished trial, evaluates and registers.
+head's single CPU, so Ray Train waits for the resources; the study's node watch sees the lost node
+and the infeasible worker group and, after `--node-loss-timeout`, stops the study cleanly by
+itself (exit 75, no trial failed, every MLflow run closed, the reason on the parent run). The
+node rejoins and `--resume` finishes the study without re-running the finished trial, evaluates
+and registers.
 
 Sized for a 2-core machine: 45 patients, 4x16x16 volumes, 1 fold, 3 epochs, 2 trials.
 """
@@ -33,6 +35,7 @@ pytestmark = [pytest.mark.services, pytest.mark.slow]
 BUCKET = "cfcml-two-node"
 EPOCHS = 3
 STUDY = "twonode"
+NODE_LOSS_TIMEOUT = 20
 SMALL = ["data.image_size=[4,16,16]", "data.aug_prob=0.0", "train.select_min_epoch=0", "train.select_window=1"]
 
 
@@ -188,7 +191,7 @@ def test_study_spans_two_nodes_survives_losing_one_and_resumes(cluster, tmp_path
     cmd += ["--tracking-uri", url, "--ray-address", head.address, "--search-space", str(_space(tmp_path))]
     cmd += ["--optuna-storage", optuna_url, "--git-commit", "test-commit", "--no-system-metrics"]
     cmd += ["--set", f"data.cache_dir={tmp_path / 'cache'}", *[a for s in SMALL for a in ("--set", s)]]
-    cmd += ["--json-out", str(tmp_path / "summary.json")]
+    cmd += ["--json-out", str(tmp_path / "summary.json"), "--node-loss-timeout", str(NODE_LOSS_TIMEOUT)]
     env = {**os.environ, **cluster["client_env"], "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_API_SERVER_ADDRESS", None)
     nodes = alive_nodes(head)
@@ -212,20 +215,22 @@ def test_study_spans_two_nodes_survives_losing_one_and_resumes(cluster, tmp_path
             print(f"phase 1: worker node killed at {killed_at - t0:.0f} s")
             cluster["worker"].stop()  # the rest of its process group (`ray start --block` tears down)
             assert _wait(lambda: "worker_node" not in alive_nodes(head), 90), "the head still lists the worker node"
-            time.sleep(20)  # Ray Train restarts the worker group and waits for a second CPU
-            still_running = proc.poll() is None
-            proc.send_signal(signal.SIGINT)
-            rc1 = proc.wait(timeout=180)
+            lost_at = time.time()
+            _wait(lambda: proc.poll() is not None, 300)  # the node watch stops the study by itself
+            rc1 = proc.poll()
         finally:
             if proc.poll() is None:
                 proc.kill()
     phase1 = log_path.read_text()
-    assert still_running, f"the study ended when the node died (rc {proc.returncode}):\n{phase1[-4000:]}"
-    assert rc1 == 130, f"an interrupted study exits 130, got {rc1}:\n{phase1[-4000:]}"
     interrupted_at = time.time()
+    assert rc1 == 75, f"a study stopped for a lost node exits 75, got {rc1}:\n{phase1[-4000:]}"
+    assert interrupted_at - lost_at >= NODE_LOSS_TIMEOUT - 5, "stopped before the trial waited the timeout"
+    assert "lost Ray node" in phase1 and "--resume" in phase1, phase1[-4000:]
     first, second = _children(client)
     assert first.info.status == "FINISHED" and client.get_run(second.info.run_id).info.status == "KILLED"
     assert all(r.info.status != "RUNNING" for r in _runs(client))  # every MLflow run closed
+    parent = next(r for r in _runs(client) if not r.data.tags.get("mlflow.parentRunId"))
+    assert "lost Ray node" in parent.data.tags["cfcml.stop_reason"]
     # the two DDP ranks of a trial ran on different nodes, one per node
     assert sorted(first.data.tags[TAG_TRAIN_NODES].split(",")) == sorted(nodes.values())
 

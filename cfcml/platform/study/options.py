@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .spec import PARTS, StudyError, StudyInterrupted, StudySpec
+from .spec import PARTS, NodeLost, StudyError, StudyInterrupted, StudySpec
 
 
 @dataclass(frozen=True)
@@ -113,6 +113,11 @@ OPTIONS: dict[str, Option] = {
     "resume": Option("continue an interrupted study (finished trials are kept)"),
     "seed": Option("seed of the TPE sampler and of --holdout"),
     "max_failures": Option("Ray Train worker-group restarts per trial"),
+    "node_loss_timeout": Option(
+        "after a Ray node is lost, seconds to wait for trials the remaining nodes cannot place before "
+        "the study stops cleanly (exit 75) for --resume; 0: wait for a new node indefinitely (autoscaler)",
+        metavar="SECONDS",
+    ),
     "search_runs": Option("train only the first N folds (MEN) / seeds (Derm7pt) per trial (default: all)"),
     "tracking_uri": Option("MLflow server (default: $MLFLOW_TRACKING_URI)", default=_env("MLFLOW_TRACKING_URI")),
     "experiment": Option("MLflow experiment (default cfcml-<cohort name>)"),
@@ -285,7 +290,8 @@ def _stop_signals_as_interrupt():
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the study of parsed options: 0 done, 2 bad input (one line on stderr), 130 interrupted."""
+    """Run the study of parsed options: 0 done, 2 bad input (one line on stderr), 130 interrupted,
+    75 stopped after losing a node (EX_TEMPFAIL: resume once the cluster has room again)."""
     from ...config import ConfigError
     from ...datasets.cohort import CohortError
     from ...datasets.spec import SpecError
@@ -299,6 +305,9 @@ def run(args: argparse.Namespace) -> int:
         spec = study_spec(args)
         with _stop_signals_as_interrupt():
             summary = study_run.run_study(spec)
+    except NodeLost as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return 75
     except StudyInterrupted as e:
         print(f"interrupted: {e}", file=sys.stderr)
         return 130

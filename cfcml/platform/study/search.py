@@ -9,12 +9,13 @@ from dataclasses import dataclass
 
 from ...datasets.spec import shipped
 from ..tracking import end_running_children
+from . import node_watch
 from .callback import _study_callback_cls
 from .context import TrialContext
 from .parent import Tracking
 from .prepare import StudyPlan
 from .progress import study_progress_callback
-from .spec import StudyError, StudyInterrupted
+from .spec import NodeLost, StudyError, StudyInterrupted
 from .trial import _trial
 
 
@@ -119,7 +120,7 @@ def _new_tuner(plan: StudyPlan, tracking: Tracking, trainable, rungs: Rungs, bud
         run_config=tune.RunConfig(
             name=plan.name,
             storage_path=plan.storage,
-            callbacks=[c for c in (callback, progress) if c],
+            callbacks=[c for c in (callback, progress, node_watch.node_watch_callback()) if c],
             verbose=1,
             stop=sc.BudgetStopper(budget, rungs.board) if budget else None,
         ),
@@ -171,6 +172,7 @@ def search(plan: StudyPlan, tracking: Tracking):
     import mlflow
 
     tuner, budget = make_tuner(plan, tracking)
+    node_watch.arm(plan.spec.resources.node_loss_timeout)
     t0 = time.time()
     try:
         results = tuner.fit()
@@ -183,6 +185,12 @@ def search(plan: StudyPlan, tracking: Tracking):
     ended_by_budget = bool(spec.budget.budget_epochs) and not unfinished and (budget is None or budget.exhausted)
     if unfinished or (finished < spec.search.num_samples and not ended_by_budget):
         mlflow.set_tag("cfcml.status", "interrupted")
+        if node_watch.stop_reason():
+            mlflow.set_tag("cfcml.stop_reason", node_watch.stop_reason())
+            raise NodeLost(
+                f"study {name} stopped: {node_watch.stop_reason()}; once the cluster has room again, "
+                f"continue it with --resume (same --name {name} and --storage)"
+            )
         raise StudyInterrupted(
             f"study {name} interrupted; continue it with --resume (same --name {name} and --storage)"
         )

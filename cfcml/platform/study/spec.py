@@ -28,6 +28,11 @@ class StudyInterrupted(KeyboardInterrupt):
     """The search was stopped (SIGINT/SIGTERM) before every trial finished: resume it."""
 
 
+class NodeLost(StudyInterrupted):
+    """The search was stopped because a lost node left trials the remaining nodes cannot place:
+    resume it once the node (or a replacement) is back."""
+
+
 @dataclass
 class Search:
     """What is searched: the search space, how many trials, on which runs and patients."""
@@ -50,6 +55,7 @@ class Resources:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float | None = None  # None: 1 when the cluster has GPUs, else 0
     max_failures: int = 2  # Ray Train worker-group restarts per trial
+    node_loss_timeout: float = 600.0  # s a lost node's trials may wait for room before the study stops (0: forever)
 
 
 @dataclass
