@@ -1,10 +1,15 @@
-"""Argument types and the arguments several commands share."""
+"""Argument types and the arguments several commands share.
+
+What needs the cohort schemas or the config (numpy, torch) is imported when it is called, so
+`cfcml --help` and argument errors never load them."""
 
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
+
+from ..util.errors import ConfigError
 
 
 def add_preset_args(p: argparse.ArgumentParser) -> None:
@@ -69,8 +74,6 @@ def config_from_args(args):
 
 
 def dataset_of(args) -> str:
-    from ..config import ConfigError
-
     if args.dataset and args.dataset_opt and args.dataset != args.dataset_opt:
         raise ConfigError(f"two cohorts named: {args.dataset} and --dataset {args.dataset_opt}")
     name = args.dataset_opt or args.dataset

@@ -1,4 +1,7 @@
-"""One function per command: each turns parsed arguments into a library call and an exit status."""
+"""One function per command: each turns parsed arguments into a library call and an exit status.
+
+Each command imports its implementation when it runs, so `cfcml --help` and argument errors
+answer in well under a second without loading torch, Ray or MLflow."""
 
 from __future__ import annotations
 
@@ -6,6 +9,13 @@ import json
 import sys
 from pathlib import Path
 
+from ..platform.redact import one_line
+from ..platform.tracking_server import (
+    TrackingServerError,
+    check_tracking_server,
+    cli_mlflow_client,
+    resolve_tracking_uri,
+)
 from .args import config_from_args, dataset_arg, dataset_of
 from .errors import EXIT_BAD_INPUT, EXIT_REFUSED
 
@@ -159,14 +169,7 @@ def cmd_promote(args) -> int:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from ..platform.redact import one_line
     from ..platform.registry import PromotionError, promote
-    from ..platform.tracking_server import (
-        TrackingServerError,
-        check_tracking_server,
-        cli_mlflow_client,
-        resolve_tracking_uri,
-    )
 
     try:
         uri = resolve_tracking_uri(args.tracking_uri)

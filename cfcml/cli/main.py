@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import sys
+import traceback
+import warnings
 
+from ..platform.redact import redact
 from .errors import EXIT_BAD_INPUT, EXIT_INTERNAL, bad_input_errors, error_line, quiet_showwarning
 from .parser import build_parser
 
@@ -11,10 +14,7 @@ from .parser import build_parser
 def main(argv: list[str] | None = None) -> int:
     """Run the command; every error becomes one line on stderr and exit status 2 (bad input)
     or 1 (internal error), with the traceback only under ``--debug`` (accepted anywhere)."""
-    import traceback
-    import warnings
-
-    from ..datasets.cohort import CohortError
+    from ..datasets.cohort import CohortError  # numpy, PIL: not before a command runs
 
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
@@ -40,8 +40,6 @@ def main(argv: list[str] | None = None) -> int:
             hint = "" if debug else " (cfcml --debug ... shows the traceback)"
             print(f"error: internal error: {type(e).__name__}: {error_line(e)}{hint}", file=sys.stderr)
         elif isinstance(e, CohortError):  # every problem on its own line: fix them all at once
-            from ..platform.redact import redact
-
             print(f"error: {redact(str(e))}", file=sys.stderr)
         else:
             print(f"error: {error_line(e)}", file=sys.stderr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..platform import services  # `dev`'s options live with the services they start (no torch, Ray, MLflow)
 from . import commands
 from .args import add_dataset_choice, add_preset_args, count, megabytes, positive_int
 
@@ -203,8 +204,6 @@ def _add_tune(sub, tune_options: bool) -> None:
 
 
 def _add_dev(sub) -> None:
-    from ..platform import services  # its options live with the services they start
-
     p = sub.add_parser("dev", help="start, stop or list the local Ray head, MLflow server and S3")
     p.description = services.DESCRIPTION
     services.add_dev_arguments(p)

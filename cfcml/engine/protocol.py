@@ -24,6 +24,7 @@ from cfcml.datasets.reader import load_cohort
 
 from ..config import Config, cohort_spec, config_from_dict
 from ..models.pretrained import check_pretrained
+from .baselines import run_baselines
 from .checkpoint import load_checkpoint
 from .errors import RunMismatch
 from .evidence import Model, baseline_models, config_model, evidence_markdown, model_kind, model_name, paired_evidence
@@ -126,12 +127,12 @@ def _train_in_parallel(
         futures = {
             pool.submit(
                 _train_in_worker,
-                cfg.to_dict(),
-                str(data_root),
-                str(out / r["name"]),
-                r.get("fold"),
-                r.get("seed"),
-                resume,
+                cfg_dict=cfg.to_dict(),
+                data_root=str(data_root),
+                run_dir=str(out / r["name"]),
+                fold=r.get("fold"),
+                seed=r.get("seed"),
+                resume=resume,
             ): r["name"]
             for r in pending
         }
@@ -232,8 +233,6 @@ def run_protocol(
         )
     summary, other = _summarize(planned, results, compare)
     if baselines:
-        from .baselines import run_baselines  # scikit-learn takes seconds to import: only with --baselines
-
         summary["baselines"] = run_baselines(cfg, cohort, planned, out / BASELINES_DIR, report=report)
     summary["markdown"] = _markdown(cfg, spec, summary)
     if baselines or compare:

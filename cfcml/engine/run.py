@@ -279,13 +279,15 @@ class TrainingRun:
         if self.env.rank == 0:
             self._save_checkpoints(val, improved)
             log.info(
-                "%s epoch %d: val %s=%.4f, selection score %.4f (best epoch %s)",
-                self.split.name,
-                epoch + 1,
-                t.select_metric,
-                val[t.select_metric],
-                score,
-                self.best["epoch"],
+                "%(run)s epoch %(epoch)d: val %(metric)s=%(value).4f, selection score %(score).4f (best epoch %(best)s)",
+                {
+                    "run": self.split.name,
+                    "epoch": epoch + 1,
+                    "metric": t.select_metric,
+                    "value": val[t.select_metric],
+                    "score": score,
+                    "best": self.best["epoch"],
+                },
             )
         self.epoch += 1
         return record

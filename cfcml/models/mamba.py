@@ -162,6 +162,7 @@ class Mamba(nn.Module):
         if self.in_proj.bias is not None:
             xz = xz + self.in_proj.bias.to(xz.dtype)[:, None]
         if fused.mamba_inner_fn is not None:
+            # mamba-ssm's kernel takes its tensors positionally: mirrored as its API has them
             return fused.mamba_inner_fn(
                 xz,
                 self.conv1d.weight,

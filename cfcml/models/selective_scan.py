@@ -46,6 +46,7 @@ _LOG2E = 1.0 / math.log(2.0)
 # ------------------------------------------------------------------------- chunked scan
 
 
+# Positional, like the mamba-ssm kernels this file stands in for: the recurrence's symbols, in order.
 def _chunk_states(delta, x, B, A2, h0, a, h, a_steps, h_steps) -> None:
     """Decays and states of one chunk of n steps, written into ``a`` and ``h`` ([Bt, n, N, D]).
 
@@ -269,6 +270,7 @@ def selective_scan(
     Returns y [B, D, L] in u's dtype (and the last state [B, D, N] if return_last_state).
     """
     t = lambda v: None if v is None else v.transpose(1, 2)
+    # positional, in the order of mamba-ssm's selective_scan_fn, which this mirrors
     out = selective_scan_bld(
         t(u), t(delta), A, t(B), t(C), D, t(z), delta_bias, delta_softplus, return_last_state, impl, chunk_size
     )

@@ -23,10 +23,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from scipy.optimize import minimize_scalar
+from scipy.special import softmax
 
 from cfcml.datasets.cohort import Case, Cohort
 
+from ..engine.metrics import compute_metrics
 from ..engine.splits import ids_digest, run_split, seen_ids
+from ..report.inputs import CohortInfo, ReportInputs, SplitPredictions
+from ..report.stats import TEMPERATURE_BOUNDS
+from .pyfunc import cohort_frame
 
 EVALUATION_FILE = "evaluation.json"
 KINDS = ("holdout", "test_split", "out_of_fold")
@@ -75,8 +81,6 @@ def metric_names_for(kind: str, metrics: dict) -> dict[str, float]:
 
 def score_frame(model, cohort: Cohort, cases: list[Case]) -> tuple[list[str], np.ndarray, np.ndarray]:
     """(ids, labels, [N, K] probabilities) of `cases` scored by a loaded pyfunc, as `cfcml predict` does."""
-    from .pyfunc import cohort_frame
-
     preds = model.predict(cohort_frame(cohort, cases))
     probs = preds[[f"prob_{c}" for c in cohort.classes]].to_numpy(dtype=np.float64)
     if not np.isfinite(probs).all():
@@ -90,8 +94,6 @@ def score_frame(model, cohort: Cohort, cases: list[Case]) -> tuple[list[str], np
 def evaluation_record(evalset: EvaluationSet, spec, ids: list[str], labels, probs, decision=None) -> dict:
     """The content of evaluation.json for predictions on `ids` (hard labels by the package's
     `decision`, a `cfcml.engine.decision.Decision`; None: argmax)."""
-    from ..engine.metrics import compute_metrics
-
     metrics = {k: float(v) for k, v in compute_metrics(spec, np.asarray(labels), np.asarray(probs), decision).items()}
     return {
         "kind": evalset.kind,
@@ -118,11 +120,6 @@ def ensemble_temperature(run_dirs: list[Path]) -> float | None:
     members of softmax(logits / T), on the validation cases that every member selected on and
     none trained on (a `files` cohort's valid split). None when the members' validation cases
     differ (cross-validation: no such case)."""
-    from scipy.optimize import minimize_scalar
-    from scipy.special import softmax
-
-    from ..report.stats import TEMPERATURE_BOUNDS
-
     members = []
     for d in run_dirs:
         with np.load(Path(d) / "predictions.npz", allow_pickle=False) as saved:
@@ -146,8 +143,6 @@ def ensemble_temperature(run_dirs: list[Path]) -> float | None:
 def artifact_report_inputs(cohort: Cohort, record: dict, labels, probs, val, meta: dict):
     """ReportInputs whose test split is the shipped model's own predictions on the evaluation
     ids and whose validation split (`val`, SplitPredictions or None) chooses thresholds."""
-    from ..report.inputs import CohortInfo, ReportInputs, SplitPredictions
-
     spec = cohort.spec
     attrs = [{"column": a.column, "type": a.type} for a in spec.attributes]
     info = CohortInfo(spec.name, list(spec.classes), spec.positive, attrs)

@@ -3,6 +3,8 @@
 Failures to get the model — no tracking server given, an unreachable server or a closed
 port, an unknown model/alias/run, a path without a model, refused credentials — raise
 :class:`PredictError` with one redacted line, within seconds (MLflow's retries are cut short).
+MLflow and the packaged model's code (`.pyfunc`: torch) are imported only once a model is to
+be loaded, so a wrong path or an unreachable server is reported before their seconds of import.
 """
 
 from __future__ import annotations
@@ -12,6 +14,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+
+from cfcml.datasets.reader import load_cohort
+from cfcml.datasets.spec import load_spec
+
+from ..engine.metrics import compute_metrics
 from .redact import one_line, redact
 from .tracking_server import TrackingServerError, check_tracking_server, cli_mlflow_client, resolve_tracking_uri
 
@@ -98,12 +106,6 @@ def predict_cohort(
     Cases are scored `batch_cases` at a time and appended to a temporary file renamed into
     place at the end (a reader never sees half a file); `echo` gets the closing line (cases/s,
     seen ids, metrics)."""
-    import numpy as np
-
-    from cfcml.datasets.reader import load_cohort
-    from cfcml.datasets.spec import load_spec
-
-    from ..engine.metrics import compute_metrics
     from .pyfunc import cohort_frame
 
     model = load_model(model_uri, tracking_uri)

@@ -31,15 +31,28 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
+import yaml
+from mlflow.models import ModelSignature
+from mlflow.types.schema import ColSpec, Schema
 
+import cfcml
 from cfcml.datasets.cohort import Case, Cohort
 from cfcml.datasets.rows import parse_attribute
-from cfcml.datasets.spec import DatasetSpec
+from cfcml.datasets.spec import DatasetSpec, remember
+from cfcml.datasets.tabular import tabular_features
+from cfcml.engine.loaders import make_dataset
 
 from ..config import Config, config_from_dict, save_config
+from ..engine.checkpoint import atomic_save, load_checkpoint
+from ..engine.decision import decision_from_dict, pooled_decision, recorded_train_counts
+from ..engine.inference import Env, predict
 from ..engine.modality_dropout import MISSING_WORD  # what an empty attribute becomes in its sentence
+from ..engine.run_model import ready_model
 from ..models.encoders import tabular_embedding, uses_text_tower
+from ..models.text import ClipTextEncoder, sentence_cache
+from ..report.stats import apply_temperature
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +93,6 @@ def case_record(spec: DatasetSpec, case: Case) -> dict:
 
 
 def cohort_frame(cohort: Cohort, cases: list[Case] | None = None):
-    """The pyfunc input DataFrame for (some of) a cohort's cases."""
-    import pandas as pd
 
     rows = [case_record(cohort.spec, c) for c in (cohort.cases if cases is None else cases)]
     return pd.DataFrame(rows, columns=input_columns(cohort.spec))
@@ -90,8 +101,6 @@ def cohort_frame(cohort: Cohort, cases: list[Case] | None = None):
 def example_frame(spec: DatasetSpec):
     """A synthetic input example (no patient's data): made-up paths, the first word of each
     categorical attribute, the middle of each numeric range."""
-    import pandas as pd
-
     row = {"case_id": "example-1"}
     row |= {s: f"/path/to/example-1/{s}{spec.kind.suffix}" for s in spec.series}
     if spec.kind.has_mask:
@@ -149,9 +158,6 @@ def record_to_case(spec: DatasetSpec, row: dict) -> tuple[Case, list[str]]:
 
 
 def model_signature(spec: DatasetSpec):
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import ColSpec, Schema
-
     # only the id is required: a patient may lack a series or an attribute
     inputs = [ColSpec("string", c, required=c == "case_id") for c in input_columns(spec)]
     outputs = [
@@ -171,8 +177,6 @@ def model_signature(spec: DatasetSpec):
 def sentence_table(cfg: Config, cases: list[Case], spec: DatasetSpec) -> tuple[list[str], np.ndarray]:
     """Every distinct sentence of `cases` (and each attribute's "unknown" sentence) with its
     frozen text-encoder embedding, through the on-disk cache (the vectors training used)."""
-    from ..models.text import sentence_cache
-
     sentences = sorted(
         {s for c in cases for s in c.sentences} | {a.sentence_for(MISSING_WORD) for a in spec.attributes}
     )
@@ -188,9 +192,6 @@ def build_package(
     `runs`: ``[{"name": "fold1", "weights": Path to best.pt, "numeric_stats": {...} or None}, ...]``
     (``numeric_stats``: the MLP embedding's scaling, fitted on that run's training part).
     """
-    from ..engine.checkpoint import atomic_save, load_checkpoint
-    from ..engine.decision import pooled_decision, recorded_train_counts
-
     out = Path(out_dir)
     (out / "weights").mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
@@ -227,14 +228,6 @@ class PackagedModel:
     """A model directory loaded for prediction (plain Python; the MLflow wrapper delegates here)."""
 
     def __init__(self, package: str | Path, device: str | None = None):
-        import yaml
-
-        from cfcml.datasets.spec import remember
-
-        from ..engine.decision import decision_from_dict
-        from ..engine.inference import Env
-        from ..engine.run_model import ready_model
-
         package = Path(package)
         self.meta = json.loads((package / "meta.json").read_text())
         shipped = json.loads((package / "cohort.json").read_text())
@@ -260,8 +253,6 @@ class PackagedModel:
         unseen = sorted({s for s in sentences if s not in self.table})
         if unseen:
             if self._encoder is None:
-                from ..models.text import ClipTextEncoder
-
                 log.info("%d sentence(s) not in the packaged table: building the text encoder", len(unseen))
                 self._encoder = ClipTextEncoder(self.cfg.model.text_pretrained)
             for s, e in zip(unseen, self._encoder.encode(unseen)):
@@ -269,8 +260,6 @@ class PackagedModel:
         return torch.stack([self.table[s] for s in sentences])
 
     def _tabular(self, cases: list[Case], run: dict) -> torch.Tensor | None:
-        from cfcml.datasets.tabular import tabular_features
-
         if not self.cfg.model.use_tabular:
             return None
         if tabular_embedding(self.cfg).reads_features:
@@ -282,11 +271,6 @@ class PackagedModel:
     def predict_cases(self, cases: list[Case]) -> np.ndarray:
         """[N, K] class probabilities, averaged over the packaged runs; with a packaged
         temperature T each run's probabilities are softmax(logits / T) (T fitted on validation)."""
-        from cfcml.engine.loaders import make_dataset
-
-        from ..engine.inference import predict
-        from ..report.stats import apply_temperature
-
         if not cases:
             return np.zeros((0, self.spec.num_classes), dtype=np.float32)
         dataset = make_dataset(self.cfg, self.spec, cases, train=False)
@@ -301,8 +285,6 @@ class PackagedModel:
 
     def predict_frame(self, frame):
         """The output DataFrame for an input DataFrame (one row each, in order)."""
-        import pandas as pd
-
         rows = frame.to_dict("records")
         cases, status, missing = [], [], []
         for row in rows:
@@ -352,8 +334,6 @@ with warnings.catch_warnings():
             self.model = PackagedModel(context.artifacts[PACKAGE_ARTIFACT])
 
         def predict(self, context, model_input, params=None):
-            import pandas as pd
-
             frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
             return self.model.predict_frame(frame)
 
@@ -425,8 +405,6 @@ def save_model(package_dir: str | Path, spec: DatasetSpec, path: str | Path, met
 
 
 def _model_arguments(package_dir: str | Path, spec: DatasetSpec, metadata: dict | None) -> dict:
-    import cfcml
-
     return {
         "python_model": str(Path(__file__).with_name("mlflow_model.py")),
         "artifacts": {PACKAGE_ARTIFACT: str(package_dir)},

@@ -27,6 +27,19 @@ import math
 import warnings
 from pathlib import Path
 
+import mlflow
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import DatasetInput, InputTag, LoggedModelOutput
+from mlflow.exceptions import MlflowException
+from mlflow.types import ColSpec, Schema
+
+from ..report.build import build_report
+from ..report.card import REGISTRY_DESCRIPTION_MAX, model_card_markdown
+from ..report.from_runs import evidence_meta, inputs_from_runs, pooled_predictions, read_run
+from ..report.stats import fit_temperature
+from .delivery import call_with_retry
+from .pyfunc import input_columns, package_versions
 from .redact import one_line, redact
 
 log = logging.getLogger(__name__)
@@ -42,8 +55,6 @@ TAG_REPORT_ERROR = "cfcml.report_error"
 def ensure_experiment(client, name: str) -> str:
     """The experiment's id (created if missing), tagged as model training. Two studies starting
     at once may both find it missing: the one whose create loses reads the winner's."""
-    from mlflow.exceptions import MlflowException
-
     exp = client.get_experiment_by_name(name)
     if exp is None:
         try:
@@ -76,11 +87,6 @@ def cohort_profile(cohort) -> dict:
 
 def cohort_dataset(cohort, data_root: str):
     """An `mlflow.data` dataset describing the cohort (no data is uploaded)."""
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
-    from mlflow.data.meta_dataset import MetaDataset
-    from mlflow.types import ColSpec, Schema
-
-    from .pyfunc import input_columns
 
     class CohortDataset(MetaDataset):
         """A MetaDataset with a profile (MetaDataset has none)."""
@@ -114,10 +120,6 @@ def cohort_dataset(cohort, data_root: str):
 def log_cohort(client, run_id: str, cohort, data_root: str):
     """Log the cohort as a dataset input of `run_id` (idempotent: MLflow keeps one input per
     dataset name and digest). Returns the dataset."""
-    from mlflow.entities import DatasetInput, InputTag
-
-    from .delivery import call_with_retry
-
     dataset = cohort_dataset(cohort, data_root)
     tags = [InputTag("mlflow.data.context", DATASET_CONTEXT)]
     tags += [
@@ -141,8 +143,6 @@ def log_cohort(client, run_id: str, cohort, data_root: str):
 
 def study_meta(summary: dict, commit: str) -> dict:
     """Report facts of the study (`_after_search`'s summary): what was searched and chosen."""
-    from .pyfunc import package_versions
-
     return {
         "commit": commit,
         "study": summary.get("study"),
@@ -173,9 +173,6 @@ def study_report(
     by `evaluate_best`) and log it under `report/` of every run in `run_ids` (None skipped).
     A failure is logged and tagged (`cfcml.report_error`), not raised: the search's result
     still counts. Returns the report dict or None."""
-    from ..report.build import build_report
-    from ..report.from_runs import evidence_meta, inputs_from_runs, read_run
-
     run_ids = [r for r in run_ids if r]
     try:
         folders = [read_run(ckpt_dir / r["name"]) for r in runs]
@@ -211,9 +208,6 @@ def link_model(client, parent_run_id: str, model_id: str, report: dict | None, d
     (logged on the parent run, attached to the model, evaluated on `dataset`, the cohort's
     `cohort_dataset`). The model already carries the trial's parameters: `log_model` copies
     those of the run it is logged in."""
-    import mlflow
-    from mlflow.entities import LoggedModelOutput
-
     client.log_outputs(parent_run_id, [LoggedModelOutput(model_id, step=0)])
     metrics = model_metrics(report) if report else {}
     if metrics:
@@ -224,9 +218,6 @@ def package_meta(cfg, ckpt_dir: Path, runs: list[dict]) -> dict:
     """What the package's meta.json gets for calibration: with `report.temperature` on, the
     temperature fitted (minimum NLL) on the pooled validation logits of the packaged runs (the
     report's own `temperature`); else nothing, and the model returns the runs' probabilities."""
-    from ..report.from_runs import pooled_predictions, read_run
-    from ..report.stats import fit_temperature
-
     if not cfg.report.temperature:
         return {}
     val = pooled_predictions([read_run(ckpt_dir / r["name"]) for r in runs], "val")
@@ -251,8 +242,6 @@ def version_tags(trial_id: str, digest: str, commit: str, pretrained: dict, cfcm
 
 def describe_version(client, name: str, version: str, report: dict | None) -> str | None:
     """The model card as the version's description (Markdown, within MLflow's limit)."""
-    from ..report.card import REGISTRY_DESCRIPTION_MAX, model_card_markdown
-
     if report is None:
         return None
     card = model_card_markdown(report, REGISTRY_DESCRIPTION_MAX)

@@ -31,6 +31,15 @@ import time
 import warnings
 from dataclasses import dataclass, field
 
+import ray
+from optuna.trial import TrialState
+from ray.tune import Stopper
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import Searcher
+from ray.tune.search.optuna import OptunaSearch
+
+from ..config import first_candidate_epoch
+
 log = logging.getLogger(__name__)
 
 STOPPED_BY_KEY = "cfcml_stopped_by"  # written into the stopping result, read by the MLflow callback
@@ -137,7 +146,6 @@ def open_board(name: str):
     the budget post what they decided at a rung, Train workers wait for it (:func:`await_decision`).
     Without it a stopped trial's workers train on until Tune's kill arrives — seconds, i.e. one
     or two more epochs on a small model, at every stop."""
-    import ray
 
     @ray.remote(num_cpus=0, max_restarts=0)
     class DecisionBoard:
@@ -160,8 +168,6 @@ def post_decision(name: str | None, trial_id: str, epoch: int, decision: str) ->
     if not name:
         return
     try:
-        import ray
-
         handle = _boards.get(name) or ray.get_actor(name, namespace=BOARD_NAMESPACE)
         _boards[name] = handle
         handle.post.remote(trial_id, int(epoch), decision)
@@ -176,8 +182,6 @@ def await_decision(
     or None when there is no board or it said nothing within `timeout` seconds (then train on)."""
     if not name:
         return None
-    import ray
-
     try:
         board = ray.get_actor(name, namespace=BOARD_NAMESPACE)
     except ValueError:
@@ -196,13 +200,7 @@ def await_decision(
     return None
 
 
-def _stopper_base():
-    from ray.tune import Stopper
-
-    return Stopper
-
-
-class BudgetStopper(_stopper_base()):
+class BudgetStopper(Stopper):
     """Stops a trial at a milestone when its next segment could overrun the study's epoch budget."""
 
     def __init__(self, budget: EpochBudget, board: str | None = None):
@@ -224,13 +222,7 @@ class BudgetStopper(_stopper_base()):
         return False  # running trials stop at their next milestone instead
 
 
-def _asha_base():
-    from ray.tune.schedulers import ASHAScheduler
-
-    return ASHAScheduler
-
-
-class RungSyncASHA(_asha_base()):
+class RungSyncASHA(ASHAScheduler):
     """ASHA that posts its decision at every rung (below max_t) to the decision board, where the
     trial's Train workers wait for it: a stopped trial trains no epoch past its rung."""
 
@@ -249,13 +241,7 @@ class RungSyncASHA(_asha_base()):
         return decision
 
 
-def _optuna_search_base():
-    from ray.tune.search.optuna import OptunaSearch
-
-    return OptunaSearch
-
-
-class PrunedAwareOptunaSearch(_optuna_search_base()):
+class PrunedAwareOptunaSearch(OptunaSearch):
     """``OptunaSearch`` that records trials stopped before ``max_epochs`` as PRUNED and stops
     proposing trials once the epoch budget (if any) has no room for another one."""
 
@@ -265,8 +251,6 @@ class PrunedAwareOptunaSearch(_optuna_search_base()):
         self.budget = budget
 
     def suggest(self, trial_id: str):
-        from ray.tune.search import Searcher
-
         if self.budget is not None and trial_id not in self._ot_trials:
             if self.budget.exhausted:
                 return Searcher.FINISHED
@@ -303,8 +287,6 @@ class PrunedAwareOptunaSearch(_optuna_search_base()):
         pruned = not error and value is not None and epochs is not None and int(epochs) < self.max_epochs
         if not pruned or not known:
             return super().on_trial_complete(trial_id, result=result, error=error)
-        from optuna.trial import TrialState
-
         trial = self._ot_trials[trial_id]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -362,8 +344,6 @@ def trial_outcome(status: str, last_result: dict, max_epochs: int, rungs: list[i
 def latest_first_candidate(train, params) -> int:
     """The latest first candidate epoch (0-based) any trial can have: the config's, with the
     searched selection/warm-up keys at the top of their ranges."""
-    from ..config import first_candidate_epoch
-
     keys = ("warmup_epochs", "select_window", "select_min_epoch")
     highs = {
         p.name.split(".", 1)[1]: p.high if p.type != "categorical" else max(p.choices)

@@ -28,12 +28,20 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
+import uvicorn
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from mlflow import MlflowClient
+from mlflow.pyfunc import scoring_server
+
 from cfcml.engine.modality_dropout import MISSING_WORD
 from cfcml.models.encoders import tabular_embedding
 
-from .predict import PredictError, load_model
+from .predict import PredictError, _mlflow_reason, load_model
 from .redact import redact
-from .serve_request import Limits, RequestDecoder, RequestError, bad
+from .serve_request import FieldError, Limits, RequestDecoder, RequestError, bad
+from .tracking_server import TrackingServerError, check_tracking_server, cli_mlflow_client, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +67,6 @@ def resolve_model(model_uri: str, tracking_uri: str | None = None) -> ModelIdent
         return ModelIdentity(model_uri)
     if m["version"]:
         return ModelIdentity(model_uri, m["name"], m["version"])
-    from mlflow import MlflowClient
-
-    from .tracking_server import TrackingServerError, check_tracking_server, cli_mlflow_client, resolve_tracking_uri
-
     try:
         uri = resolve_tracking_uri(tracking_uri)
         check_tracking_server(uri)
@@ -71,8 +75,6 @@ def resolve_model(model_uri: str, tracking_uri: str | None = None) -> ModelIdent
     except TrackingServerError as e:
         raise PredictError(f"cannot load {redact(model_uri)}: {e}") from None
     except Exception as e:  # noqa: BLE001 - MLflow raises many types; each becomes one line
-        from .predict import _mlflow_reason
-
         raise PredictError(f"cannot load {redact(model_uri)}: {_mlflow_reason(e)}") from None
     return ModelIdentity(f"models:/{m['name']}/{version}", m["name"], version, m["alias"])
 
@@ -104,8 +106,6 @@ class Scorer:
         self._lock = threading.Lock()  # one prediction at a time: the package's sentence table is shared
 
     def score(self, payload) -> dict:
-        import pandas as pd
-
         with tempfile.TemporaryDirectory(prefix="cfcml-serve-") as tmp:
             cases = self.decoder.decode(payload, Path(tmp))
             frame = pd.DataFrame([c.row for c in cases], columns=self.decoder.columns)
@@ -113,8 +113,6 @@ class Scorer:
                 out = self.pyfunc.predict(frame)
         refused = [(i, c, s) for i, (c, s) in enumerate(zip(cases, out["status"])) if s != "ok"]
         if refused:  # checked inputs the package still could not score: the case's fault, say which
-            from .serve_request import FieldError
-
             raise RequestError([FieldError(s.removeprefix("not scored: "), c.row["case_id"], i) for i, c, s in refused])
         names = [*self.spec.series, *self.spec.attribute_names]
         predictions = []
@@ -180,10 +178,6 @@ def parse_json(body: bytes, content_type: str | None):
 
 def create_app(scorer: Scorer):
     """MLflow's scoring app for the pyfunc, with our ``/invocations`` and ``GET /model``."""
-    from fastapi import Request
-    from fastapi.responses import JSONResponse
-    from mlflow.pyfunc import scoring_server
-
     app = scoring_server.init(scorer.pyfunc)
     app.router.routes[:] = [r for r in app.router.routes if getattr(r, "path", None) != "/invocations"]
     limit = scorer.decoder.limits.max_bytes
@@ -231,8 +225,6 @@ def serve(
     limits: Limits | None = None,
 ) -> int:
     """Load the model and serve it until interrupted (uvicorn, one process)."""
-    import uvicorn
-
     if data_root is not None and not Path(data_root).is_dir():
         raise NotADirectoryError(f"--data-root {data_root} is not a folder")
     identity = resolve_model(model_uri, tracking_uri)

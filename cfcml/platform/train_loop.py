@@ -18,6 +18,11 @@ workers download that checkpoint and every run continues from its ``last.pt``.
 Rank 0 also logs the per-epoch metrics of every run to the trial's MLflow run (``fold1/val_auc``,
 ``cv_val_auc``, ...) and samples system metrics there, and tags it with the Ray node of every rank
 (``cfcml.train_nodes``: node ids by rank, comma-separated; rewritten when a restart moves them).
+
+Ray (also through `.search_control`), MLflow (also through `.delivery`) and the training run
+(`cfcml.engine.run`, which loads MONAI and with it MLflow) are imported inside the functions a
+worker runs: the study's callback and plots import this module for ``OBJECTIVE`` and stay free
+of Ray and MLflow.
 """
 
 from __future__ import annotations
@@ -32,7 +37,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.distributed as dist
 
+from cfcml.datasets.reader import load_cohort
+from cfcml.datasets.spec import remember
+
+from ..config import config_from_dict
+from ..engine.splits import without_cases
 from .redact import redact
 
 log = logging.getLogger(__name__)
@@ -190,7 +202,6 @@ def _maybe_inject_fault(fault: dict | None, rank: int, epoch: int) -> None:
 def train_nodes() -> list[str]:
     """The Ray node id of every rank, by rank (a collective: every rank calls it)."""
     import ray
-    import torch.distributed as dist
 
     node = ray.get_runtime_context().get_node_id()
     if not (dist.is_available() and dist.is_initialized()):
@@ -282,13 +293,6 @@ def train_loop_per_worker(config: dict) -> None:
     - ``fault``: tests only, see :func:`_maybe_inject_fault`.
     """
     import ray.train
-    import torch
-
-    from cfcml.datasets.reader import load_cohort
-    from cfcml.datasets.spec import remember
-
-    from ..config import config_from_dict
-    from ..engine.splits import without_cases
 
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
