@@ -164,7 +164,7 @@ def _write_photo(path: Path, view: float, r: np.random.Generator, series_index: 
 
 
 def _write_mask(path: Path, r: np.random.Generator) -> None:
-    import nibabel as nib
+    import nibabel as nib  # ~1 s to import: only for volume cohorts
 
     path.parent.mkdir(parents=True, exist_ok=True)
     m = np.zeros(VOLUME_SHAPE, dtype=np.uint8)

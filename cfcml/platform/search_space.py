@@ -56,7 +56,7 @@ class Param:
     choices: list | None = None
 
     def distribution(self):
-        import optuna.distributions as d
+        import optuna.distributions as d  # Optuna only when a study builds its searcher
 
         if self.type == "int":
             return d.IntDistribution(int(self.low), int(self.high), step=int(self.step or 1), log=self.log)

@@ -28,6 +28,8 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from PIL import Image
+
 from cfcml.datasets.photo_checks import DEFAULT_MIN_SIDE, check_photo
 from cfcml.datasets.rows import parse_attribute
 from cfcml.datasets.spec import DatasetSpec
@@ -343,8 +345,6 @@ def _check_photos(present: dict[str, Path], cid: str, limits: Limits) -> list:
     problems = []
     for name, path in present.items():
         try:
-            from PIL import Image
-
             with Image.open(path) as im:
                 w, h = im.size
         except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt files

@@ -116,7 +116,7 @@ def owner_alive(tags: dict[str, str]) -> bool | None:
 def _active_stack_ids() -> list[str] | None:
     """Run ids on this thread's fluent active-run stack (None if MLflow hides it)."""
     try:
-        from mlflow.tracking import fluent
+        from mlflow.tracking import fluent  # private module: imported where a moved API is caught
 
         return [r.info.run_id for r in fluent._active_run_stack.get()]
     except Exception:  # noqa: BLE001 - private API moved: fall back to active_run()

@@ -41,6 +41,7 @@ def resolve_tracking_uri(tracking_uri: str | None) -> str:
     ``mlflow.set_tracking_uri``); raises :class:`TrackingServerError` when there is none."""
     if tracking_uri:
         return tracking_uri
+    # MLflow (seconds to import) only here: the CLI imports this module for every command
     from mlflow.tracking._tracking_service.utils import is_tracking_uri_set
 
     if is_tracking_uri_set():

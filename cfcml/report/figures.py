@@ -152,7 +152,7 @@ def subgroup_figure(subgroups: Sequence[dict], metric: str = "auc") -> bytes:
 def tsne_embedding(features: np.ndarray, seed: int = 0) -> tuple[np.ndarray, float]:
     """(coords [N, 2], perplexity): seeded t-SNE of features [N, D]; perplexity 30, lowered to
     (N - 1) / 3 for small N (it must stay below N)."""
-    from sklearn.manifold import TSNE
+    from sklearn.manifold import TSNE  # scikit-learn and threadpoolctl: only for the t-SNE panel
     from threadpoolctl import threadpool_limits
 
     x = np.asarray(features, dtype=np.float64)
@@ -196,7 +196,7 @@ def _match(heat: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """The heatmap resampled (linearly) onto the image grid when their shapes differ."""
     heat = np.squeeze(np.asarray(heat, dtype=np.float64))
     if heat.shape != shape:
-        from scipy.ndimage import zoom
+        from scipy.ndimage import zoom  # scipy.ndimage takes ~1 s: only when shapes differ
 
         heat = zoom(heat, [s / h for s, h in zip(shape, heat.shape)], order=1)
     return _normalise(heat)

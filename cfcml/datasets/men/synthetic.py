@@ -253,7 +253,7 @@ def write_synthetic_men(
     Deterministic for a given (patients, seed, folds, shape, mask_fraction). `shape` is the
     T1C voxel grid (X, Y, Z); the other series use their own grids over the same space.
     """
-    import nibabel as nib
+    import nibabel as nib  # ~1 s to import: only when volumes are written
 
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -288,7 +288,7 @@ def write_synthetic_men(
 
 
 def _nifti(arr, affine):
-    import nibabel as nib
+    import nibabel as nib  # ~1 s to import: only when volumes are written
 
     img = nib.Nifti1Image(arr, affine)
     img.header.set_xyzt_units("mm")
@@ -346,7 +346,7 @@ def measure_signal(patients: int = 796, seed: int = 0, shape=(48, 48, 12)) -> di
     per modality alone, for the three image series together, and for everything fused.
     """
     # scikit-learn takes seconds to import: only this self-check (benchmarks, tests) needs it
-    from sklearn.linear_model import LogisticRegression
+    from sklearn.linear_model import LogisticRegression  # scikit-learn: only for this signal check
     from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
     from sklearn.pipeline import make_pipeline
