@@ -93,7 +93,7 @@ def case_record(spec: DatasetSpec, case: Case) -> dict:
 
 
 def cohort_frame(cohort: Cohort, cases: list[Case] | None = None):
-
+    """The pyfunc input DataFrame for (some of) a cohort's cases."""
     rows = [case_record(cohort.spec, c) for c in (cohort.cases if cases is None else cases)]
     return pd.DataFrame(rows, columns=input_columns(cohort.spec))
 

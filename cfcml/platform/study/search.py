@@ -185,10 +185,10 @@ def search(plan: StudyPlan, tracking: Tracking):
     ended_by_budget = bool(spec.budget.budget_epochs) and not unfinished and (budget is None or budget.exhausted)
     if unfinished or (finished < spec.search.num_samples and not ended_by_budget):
         mlflow.set_tag("cfcml.status", "interrupted")
-        if node_watch.stop_reason():
-            mlflow.set_tag("cfcml.stop_reason", node_watch.stop_reason())
+        if reason := node_watch.stop_reason():
+            mlflow.set_tag("cfcml.stop_reason", reason)
             raise NodeLost(
-                f"study {name} stopped: {node_watch.stop_reason()}; once the cluster has room again, "
+                f"study {name} stopped: {reason}; once the cluster has room again, "
                 f"continue it with --resume (same --name {name} and --storage)"
             )
         raise StudyInterrupted(
